@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the host packages the project needs on a fresh Debian bookworm machine:
+# QEMU 10 from bookworm-backports (system emulator, qemu-storage-daemon, qemu-img, qemu-nbd),
+# fio and the pieces used to build the tiny test guest. Idempotent; safe to run every time.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
+qemu-img --version 2>/dev/null | grep -q 'version 10\.' || need+=(qemu-utils)
+for p in fio busybox-static e2fsprogs cpio zstd kmod; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+src=/etc/apt/sources.list.d/bookworm-backports.sources
+if [ ! -f "$src" ]; then
+    # Same mirror as the machine's own Debian source.
+    uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    [ -n "$uri" ] || uri=http://deb.debian.org/debian
+    cat >"$src" <<SRC
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+apt-get update -qq
+apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
+apt-get install -y -qq fio busybox-static e2fsprogs cpio zstd kmod >/dev/null

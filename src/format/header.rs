@@ -1,0 +1,274 @@
+//! The image header: geometry, region offsets, base image reference, flags.
+
+use super::{checksum, get_u32, get_u64, put_u32, put_u64, FormatError, SECTOR};
+
+pub const MAGIC: &[u8; 8] = b"FVDIMAGE";
+pub const VERSION: u32 = 1;
+
+/// Incompatible feature: the F2 chunk table is in use (compact / thin layout).
+pub const INCOMPAT_COMPACT: u64 = 1 << 0;
+/// Incompatible features this program understands.
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_COMPACT;
+
+/// Compatible feature: copy data read from the base image into this image.
+pub const COMPAT_COPY_ON_READ: u64 = 1 << 0;
+/// Compatible feature: prefetch the base image in the background while served.
+pub const COMPAT_PREFETCH: u64 = 1 << 1;
+
+/// Flag: the image was closed cleanly (journal empty, metadata copy current).
+pub const FLAG_CLEAN: u64 = 1 << 0;
+/// Flag: every block is present in this image; the base image is no longer read.
+pub const FLAG_BASE_NOT_NEEDED: u64 = 1 << 1;
+
+/// Longest base image path that fits the header.
+pub const MAX_BASE_PATH: usize = 2048;
+
+// Field offsets inside a header slot.
+const O_MAGIC: usize = 0;
+const O_VERSION: usize = 8;
+const O_HEADER_SIZE: usize = 12;
+const O_GENERATION: usize = 16;
+const O_INCOMPAT: usize = 24;
+const O_COMPAT: usize = 32;
+const O_VIRTUAL_SIZE: usize = 40;
+const O_BLOCK_SIZE: usize = 48;
+const O_CHUNK_SIZE: usize = 52;
+const O_FLAGS: usize = 56;
+const O_META0: usize = 64;
+const O_META1: usize = 72;
+const O_META_LEN: usize = 80;
+const O_BITMAP_SECTORS: usize = 88;
+const O_TABLE_SECTORS: usize = 96;
+const O_ACTIVE_META: usize = 104;
+const O_JOURNAL_OFFSET: usize = 112;
+const O_JOURNAL_LEN: usize = 120;
+const O_JOURNAL_EPOCH: usize = 128;
+const O_DATA_OFFSET: usize = 136;
+const O_BASE_FORMAT: usize = 144;
+const O_BASE_PATH_LEN: usize = 148;
+const O_BASE_SIZE: usize = 152;
+const O_BASE_PATH: usize = 160;
+const O_CRC: usize = SECTOR - 4;
+
+/// Format of the base (backing) image.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseFormat {
+    Raw,
+    Fvd,
+}
+
+impl BaseFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseFormat::Raw => "raw",
+            BaseFormat::Fvd => "fvd",
+        }
+    }
+}
+
+/// Reference to the base image: where it is, what format, and its size when this image was made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseRef {
+    pub path: String,
+    pub format: BaseFormat,
+    pub size: u64,
+}
+
+/// The decoded header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub generation: u64,
+    pub incompat: u64,
+    pub compat: u64,
+    pub virtual_size: u64,
+    pub block_size: u32,
+    pub chunk_size: u32,
+    pub flags: u64,
+    pub meta_offset: [u64; 2],
+    pub meta_len: u64,
+    pub bitmap_sectors: u64,
+    pub table_sectors: u64,
+    pub active_meta: u32,
+    pub journal_offset: u64,
+    pub journal_len: u64,
+    pub journal_epoch: u64,
+    pub data_offset: u64,
+    pub base: Option<BaseRef>,
+}
+
+impl Header {
+    pub fn compact(&self) -> bool {
+        self.incompat & INCOMPAT_COMPACT != 0
+    }
+    pub fn clean(&self) -> bool {
+        self.flags & FLAG_CLEAN != 0
+    }
+    /// Byte offset of the header slot this generation is written to.
+    pub fn slot_offset(&self) -> u64 {
+        (self.generation % 2) * SECTOR as u64
+    }
+    pub fn geometry(&self) -> crate::units::Geometry {
+        crate::units::Geometry {
+            virtual_size: self.virtual_size,
+            block_size: self.block_size as u64,
+            chunk_size: self.chunk_size as u64,
+        }
+    }
+
+    /// Encodes into one 4 KiB slot with a trailing crc32c.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SECTOR];
+        b[O_MAGIC..O_MAGIC + 8].copy_from_slice(MAGIC);
+        put_u32(&mut b, O_VERSION, VERSION);
+        put_u32(&mut b, O_HEADER_SIZE, SECTOR as u32);
+        put_u64(&mut b, O_GENERATION, self.generation);
+        put_u64(&mut b, O_INCOMPAT, self.incompat);
+        put_u64(&mut b, O_COMPAT, self.compat);
+        put_u64(&mut b, O_VIRTUAL_SIZE, self.virtual_size);
+        put_u32(&mut b, O_BLOCK_SIZE, self.block_size);
+        put_u32(&mut b, O_CHUNK_SIZE, self.chunk_size);
+        put_u64(&mut b, O_FLAGS, self.flags);
+        put_u64(&mut b, O_META0, self.meta_offset[0]);
+        put_u64(&mut b, O_META1, self.meta_offset[1]);
+        put_u64(&mut b, O_META_LEN, self.meta_len);
+        put_u64(&mut b, O_BITMAP_SECTORS, self.bitmap_sectors);
+        put_u64(&mut b, O_TABLE_SECTORS, self.table_sectors);
+        put_u32(&mut b, O_ACTIVE_META, self.active_meta);
+        put_u64(&mut b, O_JOURNAL_OFFSET, self.journal_offset);
+        put_u64(&mut b, O_JOURNAL_LEN, self.journal_len);
+        put_u64(&mut b, O_JOURNAL_EPOCH, self.journal_epoch);
+        put_u64(&mut b, O_DATA_OFFSET, self.data_offset);
+        if let Some(base) = &self.base {
+            let fmt = match base.format {
+                BaseFormat::Raw => 1,
+                BaseFormat::Fvd => 2,
+            };
+            put_u32(&mut b, O_BASE_FORMAT, fmt);
+            let p = base.path.as_bytes();
+            assert!(p.len() <= MAX_BASE_PATH, "base path checked by the caller");
+            put_u32(&mut b, O_BASE_PATH_LEN, p.len() as u32);
+            put_u64(&mut b, O_BASE_SIZE, base.size);
+            b[O_BASE_PATH..O_BASE_PATH + p.len()].copy_from_slice(p);
+        }
+        let crc = checksum(&b[..O_CRC]);
+        put_u32(&mut b, O_CRC, crc);
+        b
+    }
+
+    /// Decodes one slot. Checks magic, checksum, version, features and internal consistency.
+    pub fn decode(b: &[u8]) -> Result<Header, FormatError> {
+        if b.len() < SECTOR || &b[O_MAGIC..O_MAGIC + 8] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        if checksum(&b[..O_CRC]) != get_u32(b, O_CRC) {
+            return Err(FormatError::HeaderChecksum);
+        }
+        let version = get_u32(b, O_VERSION);
+        if version != VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let incompat = get_u64(b, O_INCOMPAT);
+        if incompat & !INCOMPAT_KNOWN != 0 {
+            return Err(FormatError::UnknownIncompatFeatures(incompat & !INCOMPAT_KNOWN));
+        }
+        let base = match get_u32(b, O_BASE_FORMAT) {
+            0 => None,
+            f @ (1 | 2) => {
+                let len = get_u32(b, O_BASE_PATH_LEN) as usize;
+                if len == 0 || len > MAX_BASE_PATH {
+                    return Err(FormatError::InvalidHeader("bad base path length".into()));
+                }
+                let path = std::str::from_utf8(&b[O_BASE_PATH..O_BASE_PATH + len])
+                    .map_err(|_| FormatError::InvalidHeader("base path is not UTF-8".into()))?;
+                Some(BaseRef {
+                    path: path.to_string(),
+                    format: if f == 1 { BaseFormat::Raw } else { BaseFormat::Fvd },
+                    size: get_u64(b, O_BASE_SIZE),
+                })
+            }
+            f => return Err(FormatError::InvalidHeader(format!("unknown base format {f}"))),
+        };
+        let h = Header {
+            generation: get_u64(b, O_GENERATION),
+            incompat,
+            compat: get_u64(b, O_COMPAT),
+            virtual_size: get_u64(b, O_VIRTUAL_SIZE),
+            block_size: get_u32(b, O_BLOCK_SIZE),
+            chunk_size: get_u32(b, O_CHUNK_SIZE),
+            flags: get_u64(b, O_FLAGS),
+            meta_offset: [get_u64(b, O_META0), get_u64(b, O_META1)],
+            meta_len: get_u64(b, O_META_LEN),
+            bitmap_sectors: get_u64(b, O_BITMAP_SECTORS),
+            table_sectors: get_u64(b, O_TABLE_SECTORS),
+            active_meta: get_u32(b, O_ACTIVE_META),
+            journal_offset: get_u64(b, O_JOURNAL_OFFSET),
+            journal_len: get_u64(b, O_JOURNAL_LEN),
+            journal_epoch: get_u64(b, O_JOURNAL_EPOCH),
+            data_offset: get_u64(b, O_DATA_OFFSET),
+            base,
+        };
+        h.validate()?;
+        Ok(h)
+    }
+
+    /// Checks that sizes are sane and regions are ordered and do not overlap, so that nothing
+    /// later computes an offset from garbage.
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let bad = |m: &str| Err(FormatError::InvalidHeader(m.to_string()));
+        let bs = self.block_size as u64;
+        let cs = self.chunk_size as u64;
+        if !bs.is_power_of_two() || !(4096..=(1 << 24)).contains(&bs) {
+            return bad("block size must be a power of two between 4 KiB and 16 MiB");
+        }
+        if !cs.is_power_of_two() || cs < bs || cs > (1 << 30) {
+            return bad("chunk size must be a power of two, at least the block size, at most 1 GiB");
+        }
+        if self.virtual_size == 0 || self.virtual_size % 512 != 0 || self.virtual_size > (1 << 56) {
+            return bad("virtual size must be a non-zero multiple of 512 bytes, at most 64 PiB");
+        }
+        let geo = self.geometry();
+        let l = super::layout::Layout::compute(&geo, self.compact(), self.journal_len);
+        if self.bitmap_sectors != l.bitmap_sectors || self.table_sectors != l.table_sectors {
+            return bad("metadata sector counts do not match the geometry");
+        }
+        if self.meta_len < (self.bitmap_sectors + self.table_sectors) * SECTOR as u64 {
+            return bad("metadata region too small");
+        }
+        if self.active_meta > 1 {
+            return bad("active metadata copy must be 0 or 1");
+        }
+        let aligned = |v: u64| v % SECTOR as u64 == 0;
+        let regions = [
+            (self.meta_offset[0], self.meta_len),
+            (self.meta_offset[1], self.meta_len),
+            (self.journal_offset, self.journal_len),
+        ];
+        let mut end = 2 * SECTOR as u64;
+        for (off, len) in regions {
+            if !aligned(off) || !aligned(len) || off < end {
+                return bad("metadata regions overlap or are misaligned");
+            }
+            end = off.checked_add(len).ok_or(FormatError::InvalidHeader("region overflow".into()))?;
+        }
+        if self.journal_len < SECTOR as u64 {
+            return bad("journal too small");
+        }
+        if self.data_offset < end || self.data_offset % cs != 0 {
+            return bad("data area overlaps metadata or is not chunk-aligned");
+        }
+        Ok(())
+    }
+}
+
+/// Picks the current header from the two slots: the valid one with the highest generation.
+pub fn pick_header(slot0: &[u8], slot1: &[u8]) -> Result<Header, FormatError> {
+    match (Header::decode(slot0), Header::decode(slot1)) {
+        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
+        (Ok(a), Err(_)) => Ok(a),
+        (Err(_), Ok(b)) => Ok(b),
+        // Report the more specific problem: a magic mismatch in one slot is expected for a torn
+        // first write, so prefer the other slot's error.
+        (Err(FormatError::BadMagic), Err(e)) | (Err(e), Err(_)) => Err(e),
+    }
+}

@@ -1,0 +1,132 @@
+//! Journal (F3) sectors. Each 4 KiB sector is self-checking: magic, epoch, sequence number and a
+//! crc32c. Replay accepts sector `i` only if it carries the current epoch and sequence `i`, so torn
+//! writes and records left over from earlier epochs are ignored.
+
+use super::{checksum, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, SECTOR};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"FVDJ");
+const O_MAGIC: usize = 0;
+const O_COUNT: usize = 4;
+const O_EPOCH: usize = 8;
+const O_SEQ: usize = 16;
+const O_ENTRIES: usize = 24;
+const ENTRY_SIZE: usize = 16;
+const O_CRC: usize = SECTOR - 4;
+/// Records per journal sector.
+pub const ENTRIES_PER_SECTOR: usize = (O_CRC - O_ENTRIES) / ENTRY_SIZE;
+
+const KIND_SET: u64 = 1;
+const KIND_CLEAR: u64 = 2;
+const KIND_MAP: u64 = 3;
+const KIND_UNMAP: u64 = 4;
+const INDEX_MASK: u64 = (1 << 56) - 1;
+
+/// One metadata change. Replaying a sequence of entries in order is idempotent.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum JournalEntry {
+    /// Blocks `[start, start + count)` now hold their data in this image.
+    SetBits { start: u64, count: u64 },
+    /// Blocks `[start, start + count)` read from the base image (or as zeros) again.
+    ClearBits { start: u64, count: u64 },
+    /// Virtual chunk `chunk` is stored in physical chunk `phys`.
+    Map { chunk: u64, phys: u32 },
+    /// Virtual chunk `chunk` no longer has a physical chunk.
+    Unmap { chunk: u64 },
+}
+
+impl JournalEntry {
+    fn encode(&self, out: &mut [u8]) {
+        let (kind, a, b) = match *self {
+            JournalEntry::SetBits { start, count } => (KIND_SET, start, count),
+            JournalEntry::ClearBits { start, count } => (KIND_CLEAR, start, count),
+            JournalEntry::Map { chunk, phys } => (KIND_MAP, chunk, phys as u64),
+            JournalEntry::Unmap { chunk } => (KIND_UNMAP, chunk, 0),
+        };
+        debug_assert!(a <= INDEX_MASK);
+        put_u64(out, 0, kind << 56 | a);
+        put_u64(out, 8, b);
+    }
+
+    fn decode(b: &[u8]) -> Option<JournalEntry> {
+        let w0 = get_u64(b, 0);
+        let w1 = get_u64(b, 8);
+        let a = w0 & INDEX_MASK;
+        Some(match w0 >> 56 {
+            KIND_SET => JournalEntry::SetBits { start: a, count: w1 },
+            KIND_CLEAR => JournalEntry::ClearBits { start: a, count: w1 },
+            KIND_MAP => JournalEntry::Map { chunk: a, phys: u32::try_from(w1).ok()? },
+            KIND_UNMAP => JournalEntry::Unmap { chunk: a },
+            _ => return None,
+        })
+    }
+}
+
+/// Encodes `entries` into consecutive sectors starting at sequence number `seq`.
+pub fn encode(entries: &[JournalEntry], epoch: u64, seq: u64) -> Vec<u8> {
+    let nsec = entries.len().div_ceil(ENTRIES_PER_SECTOR).max(1);
+    let mut out = vec![0u8; nsec * SECTOR];
+    for (i, chunk) in entries.chunks(ENTRIES_PER_SECTOR).enumerate() {
+        let s = &mut out[i * SECTOR..(i + 1) * SECTOR];
+        put_u32(s, O_MAGIC, MAGIC);
+        put_u16(s, O_COUNT, chunk.len() as u16);
+        put_u64(s, O_EPOCH, epoch);
+        put_u64(s, O_SEQ, seq + i as u64);
+        for (j, e) in chunk.iter().enumerate() {
+            e.encode(&mut s[O_ENTRIES + j * ENTRY_SIZE..]);
+        }
+        let crc = checksum(&s[..O_CRC]);
+        put_u32(s, O_CRC, crc);
+    }
+    out
+}
+
+/// Number of sectors `encode` produces for `n` entries.
+pub fn sectors_for(n: usize) -> u64 {
+    n.div_ceil(ENTRIES_PER_SECTOR).max(1) as u64
+}
+
+/// Decodes sector `seq` of epoch `epoch`; `None` if it is torn, stale or not a journal sector.
+pub fn decode(sector: &[u8], epoch: u64, seq: u64) -> Option<Vec<JournalEntry>> {
+    if get_u32(sector, O_MAGIC) != MAGIC
+        || get_u64(sector, O_EPOCH) != epoch
+        || get_u64(sector, O_SEQ) != seq
+        || checksum(&sector[..O_CRC]) != get_u32(sector, O_CRC)
+    {
+        return None;
+    }
+    let n = get_u16(sector, O_COUNT) as usize;
+    if n > ENTRIES_PER_SECTOR {
+        return None;
+    }
+    (0..n).map(|j| JournalEntry::decode(&sector[O_ENTRIES + j * ENTRY_SIZE..])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejects_stale_or_torn() {
+        let entries: Vec<JournalEntry> = (0..600u64)
+            .map(|i| match i % 4 {
+                0 => JournalEntry::SetBits { start: i, count: i + 1 },
+                1 => JournalEntry::ClearBits { start: i * 3, count: 1 },
+                2 => JournalEntry::Map { chunk: i, phys: i as u32 * 2 },
+                _ => JournalEntry::Unmap { chunk: i },
+            })
+            .collect();
+        let bytes = encode(&entries, 7, 10);
+        assert_eq!(bytes.len() as u64, sectors_for(entries.len()) * SECTOR as u64);
+        let mut back = Vec::new();
+        for (i, s) in bytes.chunks(SECTOR).enumerate() {
+            back.extend(decode(s, 7, 10 + i as u64).unwrap());
+        }
+        assert_eq!(back, entries);
+        assert!(decode(&bytes[..SECTOR], 6, 10).is_none(), "stale epoch accepted");
+        assert!(decode(&bytes[..SECTOR], 7, 11).is_none(), "wrong position accepted");
+        let mut torn = bytes[..SECTOR].to_vec();
+        torn[2000..].fill(0);
+        assert!(decode(&torn, 7, 10).is_none(), "torn sector accepted");
+        assert!(decode(&vec![0u8; SECTOR], 0, 0).is_none());
+    }
+}

@@ -1,0 +1,179 @@
+//! Files and block devices on the host, opened with O_DIRECT and locked against a second writer.
+
+use super::IoFile;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An open host file or block device, shared between I/O channels.
+#[derive(Clone, Debug)]
+pub struct HostFile(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    file: File,
+    path: PathBuf,
+    block_device: bool,
+    read_only: bool,
+    align: u32,
+    mem_align: u32,
+}
+
+/// How to open a host file.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    ReadOnly,
+    ReadWrite,
+    /// Create (or truncate) a regular file, or open an existing block device, read-write.
+    Create,
+}
+
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKGETSIZE64: libc::c_ulong = 0x80081272;
+
+impl HostFile {
+    /// Opens `path` with O_DIRECT. Read-write opens take an exclusive OFD lock and read-only
+    /// opens a shared one, so a second writer gets a clear error instead of corrupting the image.
+    pub fn open(path: &Path, mode: OpenMode) -> io::Result<HostFile> {
+        Self::open_with(path, mode, true)
+    }
+
+    /// Like [`HostFile::open`], choosing whether to use O_DIRECT (tests of filesystems that lack it).
+    pub fn open_with(path: &Path, mode: OpenMode, direct: bool) -> io::Result<HostFile> {
+        let mut o = OpenOptions::new();
+        o.read(true);
+        let read_only = mode == OpenMode::ReadOnly;
+        if !read_only {
+            o.write(true);
+        }
+        if mode == OpenMode::Create {
+            let is_bdev = std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+            if !is_bdev {
+                o.create(true).truncate(true);
+            }
+        }
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        o.custom_flags(flags);
+        let file = o.open(path).map_err(|e| annotate(e, path, "open"))?;
+        let meta = file.metadata()?;
+        let block_device = meta.file_type().is_block_device();
+        lock(&file, read_only).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is in use by another process (locked)", path.display()),
+                )
+            } else {
+                annotate(e, path, "lock")
+            }
+        })?;
+        let (align, mem_align) = if block_device {
+            let mut lbs: libc::c_int = 512;
+            // SAFETY: BLKSSZGET writes one c_int into the pointed-to variable.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut lbs) };
+            let lbs = if r == 0 && lbs >= 512 { lbs as u32 } else { 512 };
+            (lbs, lbs.max(512))
+        } else {
+            dio_alignment(&file).unwrap_or((512, 512))
+        };
+        Ok(HostFile(Arc::new(Inner {
+            file,
+            path: path.to_path_buf(),
+            block_device,
+            read_only,
+            align: if direct { align } else { 1 },
+            mem_align: if direct { mem_align } else { 1 },
+        })))
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0.file.as_raw_fd()
+    }
+
+    pub fn file(&self) -> &File {
+        &self.0.file
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    /// Grows a regular file to `size` bytes (no-op for devices or if already that large).
+    pub fn ensure_len(&self, size: u64) -> io::Result<()> {
+        if !self.0.block_device && self.0.file.metadata()?.len() < size {
+            self.0.file.set_len(size)?;
+        }
+        Ok(())
+    }
+}
+
+impl IoFile for HostFile {
+    fn size(&self) -> io::Result<u64> {
+        if self.0.block_device {
+            let mut sz: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 into the pointed-to variable.
+            let r = unsafe { libc::ioctl(self.fd(), BLKGETSIZE64, &mut sz) };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(sz)
+        } else {
+            Ok(self.0.file.metadata()?.len())
+        }
+    }
+    fn alignment(&self) -> u32 {
+        self.0.align
+    }
+    fn mem_alignment(&self) -> u32 {
+        self.0.mem_align
+    }
+    fn is_block_device(&self) -> bool {
+        self.0.block_device
+    }
+    fn is_read_only(&self) -> bool {
+        self.0.read_only
+    }
+}
+
+fn annotate(e: io::Error, path: &Path, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
+}
+
+fn lock(file: &File, shared: bool) -> io::Result<()> {
+    // SAFETY: zero is a valid bit pattern for `struct flock`.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if shared { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK reads the flock struct we pass and does not retain the pointer.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// O_DIRECT (offset, memory) alignment of a regular file, from statx(STATX_DIOALIGN).
+fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: zero is a valid bit pattern for `struct statx`.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx writes into `stx`; the empty path with AT_EMPTY_PATH refers to the fd itself.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_offset_align.max(512), stx.stx_dio_mem_align.max(512)))
+}
