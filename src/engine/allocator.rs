@@ -52,9 +52,9 @@ impl Allocator {
     }
 
     fn refresh_capacity<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
-        let size = store.file.size().map_err(|source| EngineError::Io {
+        let size = store.file.size().map_err(|error| EngineError::Io {
             context: "size of device",
-            source,
+            error,
         })?;
         self.capacity = Some(size.saturating_sub(self.data_offset) / self.chunk_size);
         Ok(())

@@ -69,7 +69,7 @@ impl<I: Io> Image<I> {
     /// Clears the bits of the whole blocks in the range and punches their storage.
     async fn drop_blocks(&self, io: &I, off: u64, len: u64) -> Result<()> {
         let bs = self.geo.block_size;
-        let first = off.next_multiple_of(bs) / bs;
+        let first = off.div_ceil(bs);
         let end = (off + len) / bs;
         if first >= end {
             return Ok(());

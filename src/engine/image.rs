@@ -139,9 +139,9 @@ impl<I: Io> Image<I> {
             } else {
                 l.data_offset + geo.block_count() * p.block_size
             };
-            let have = store.file.size().map_err(|source| EngineError::Io {
+            let have = store.file.size().map_err(|error| EngineError::Io {
                 context: "size of device",
-                source,
+                error,
             })?;
             if have < need {
                 return Err(EngineError::NoSpace(format!(
@@ -201,6 +201,17 @@ impl<I: Io> Image<I> {
         base: Option<Base<I>>,
         read_only: bool,
     ) -> Result<Image<I>> {
+        Ok(Self::open_inner(io, file, base, read_only, false).await?.0)
+    }
+
+    /// Opens; with `repair`, inconsistencies are fixed (and returned) instead of refused.
+    pub(super) async fn open_inner(
+        io: &I,
+        file: I::File,
+        base: Option<Base<I>>,
+        read_only: bool,
+        repair: bool,
+    ) -> Result<(Image<I>, Vec<super::check::Problem>)> {
         let store = Storage::<I>::new(file);
         let c = Counters::default();
         let raw = read_region(io, &store, &c, 0, 2 * SECTOR as u64).await?;
@@ -216,9 +227,9 @@ impl<I: Io> Image<I> {
         let geo = header.geometry();
         if store.file.is_block_device() && !header.compact() {
             let need = header.data_offset + geo.block_count() * geo.block_size;
-            let have = store.file.size().map_err(|source| EngineError::Io {
+            let have = store.file.size().map_err(|error| EngineError::Io {
                 context: "size of device",
-                source,
+                error,
             })?;
             if have < need {
                 return Err(EngineError::Corrupt(format!(
@@ -244,6 +255,22 @@ impl<I: Io> Image<I> {
         committed.load(active, &meta)?;
         let (entries, tail) = replay(io, &store, &c, &header).await?;
         committed.apply(&entries)?;
+        let dev_size = if store.file.is_block_device() {
+            store.file.size().ok()
+        } else {
+            None
+        };
+        let problems = super::check::find_problems(&committed, &header, dev_size);
+        if !problems.is_empty() {
+            if !repair || read_only {
+                return Err(EngineError::Corrupt(format!(
+                    "{} (and {} more); run 'fvd check --repair'",
+                    problems[0],
+                    problems.len() - 1
+                )));
+            }
+            super::check::fix_problems(&mut committed, &header, &problems);
+        }
         let live = LiveMetadata::from_committed(geo, &committed);
         let alloc = Allocator::from_table(&committed.table, &header, &store)?;
         let lock_all_writes = store.align > 512;
@@ -272,7 +299,7 @@ impl<I: Io> Image<I> {
         };
         if !read_only {
             let mut fs = img.flush_state.lock().await;
-            if !entries.is_empty() {
+            if !entries.is_empty() || !problems.is_empty() {
                 // Fold the replayed records into the inactive copy so the journal starts empty.
                 img.checkpoint(io, &mut fs, false).await?;
             } else {
@@ -286,7 +313,7 @@ impl<I: Io> Image<I> {
                 fs.tail = 0;
             }
         }
-        Ok(img)
+        Ok((img, problems))
     }
 
     /// Flushes, checkpoints and marks the image clean. Further writes fail.
@@ -374,7 +401,7 @@ impl<I: Io> Image<I> {
         if self.failed.load(Ordering::Acquire) {
             return Err(EngineError::Io {
                 context: "image failed after a flush error; reopen it",
-                source: std::io::Error::from_raw_os_error(libc::EIO),
+                error: std::io::Error::from_raw_os_error(libc::EIO),
             });
         }
         if self.closed.load(Ordering::Acquire) {
@@ -385,7 +412,7 @@ impl<I: Io> Image<I> {
 }
 
 /// Reads the journal of the header's epoch; returns its entries and the number of valid sectors.
-async fn replay<I: Io>(
+pub(super) async fn replay<I: Io>(
     io: &I,
     store: &Storage<I>,
     c: &Counters,
