@@ -21,6 +21,7 @@ pub mod metadata;
 pub mod prefetch;
 pub mod raw;
 pub mod read;
+pub mod space;
 pub mod storage;
 pub mod write;
 
