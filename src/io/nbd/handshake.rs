@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
