@@ -28,7 +28,7 @@ impl QemuNbd {
     /// `None` if it exited during startup (e.g. the TCP port was taken meanwhile).
     fn start(
         dir: &Path,
-        file: &Path,
+        image: &[String],
         export: &str,
         listen: &[String],
         uri: String,
@@ -38,11 +38,11 @@ impl QemuNbd {
         let pid_file = dir.join(format!("qemu-nbd-{n}.pid"));
         let log = dir.join(format!("qemu-nbd-{n}.log"));
         let mut child = Command::new("qemu-nbd")
-            .args(["--read-only", "--persistent", "--shared=0", "--format=raw"])
+            .args(["--read-only", "--persistent", "--shared=0"])
             .arg(format!("--export-name={export}"))
             .arg(format!("--pid-file={}", pid_file.display()))
             .args(listen)
-            .arg(file)
+            .args(image)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
@@ -67,10 +67,14 @@ impl QemuNbd {
     }
 
     fn unix(dir: &Path, file: &Path, export: &str) -> Self {
+        Self::unix_image(dir, &raw_image(file), export)
+    }
+
+    fn unix_image(dir: &Path, image: &[String], export: &str) -> Self {
         let sock = dir.join(format!("{export}.sock"));
         let uri = format!("nbd+unix:///{export}?socket={}", sock.display());
         let listen = [format!("--socket={}", sock.display())];
-        Self::start(dir, file, export, &listen, uri).expect("qemu-nbd failed to start")
+        Self::start(dir, image, export, &listen, uri).expect("qemu-nbd failed to start")
     }
 
     fn tcp(dir: &Path, file: &Path, export: &str) -> Self {
@@ -82,7 +86,7 @@ impl QemuNbd {
                 .port();
             let listen = ["--bind=127.0.0.1".into(), format!("--port={port}")];
             let uri = format!("nbd://127.0.0.1:{port}/{export}");
-            if let Some(s) = Self::start(dir, file, export, &listen, uri) {
+            if let Some(s) = Self::start(dir, &raw_image(file), export, &listen, uri) {
                 return s;
             }
         }
@@ -92,6 +96,10 @@ impl QemuNbd {
     fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+fn raw_image(file: &Path) -> Vec<String> {
+    vec!["--format=raw".into(), file.display().to_string()]
 }
 
 impl Drop for QemuNbd {
@@ -383,6 +391,39 @@ fn bad_uris_and_unreachable_exports_fail_clearly() {
     let e = guarded(move || block_on(engine::open_disk(&SyncIo, &img, true)).err());
     let e = e.expect("open should fail").to_string();
     assert!(e.contains("connect to NBD base"), "{e}");
+}
+
+#[test]
+fn unaligned_reads_from_a_server_with_a_minimum_block_size() {
+    let dir = tmpdir();
+    let p = dir.path();
+    let (base_path, base) = base_file(p, 1 << 20);
+    // blkdebug's request alignment is what qemu-nbd advertises as the minimum block size.
+    let image = [
+        "--image-opts".to_string(),
+        format!(
+            "driver=blkdebug,align=4096,image.driver=file,image.filename={}",
+            base_path.display()
+        ),
+    ];
+    let srv = QemuNbd::unix_image(p, &image, "aligned");
+    let uri = srv.uri.clone();
+    guarded(move || {
+        let c = NbdClient::connect(&uri).unwrap();
+        assert_eq!(c.export().min_block, 4096, "{:?}", c.export());
+        for (off, n) in [
+            (1usize, 1usize),
+            (4095, 2),
+            (1000, 9000),
+            ((1 << 20) - 3, 3),
+        ] {
+            assert!(
+                nbd_read(&c, off as u64, n).unwrap() == base[off..off + n],
+                "{off}+{n}"
+            );
+        }
+    });
+    drop(srv);
 }
 
 /// Waits until `pid` (our child, not yet reaped) has exited.
