@@ -38,6 +38,12 @@ pub struct Args {
     /// Table chunk size (power of two, at least the block size).
     #[arg(long, value_parser = size_arg, default_value = "1M")]
     chunk_size: u64,
+    /// Copy data read from the base image into this image.
+    #[arg(long)]
+    copy_on_read: bool,
+    /// Prefetch the base image in the background while served.
+    #[arg(long)]
+    prefetch: bool,
     /// Journal size.
     #[arg(long, value_parser = size_arg, default_value = "16M")]
     journal_size: u64,
@@ -102,7 +108,15 @@ pub fn run(a: Args) -> Result<i32> {
         journal_size: a.journal_size,
         compact: a.compact || !a.no_compact,
         base,
-        compat: 0,
+        compat: if a.copy_on_read {
+            crate::format::header::COMPAT_COPY_ON_READ
+        } else {
+            0
+        } | if a.prefetch {
+            crate::format::header::COMPAT_PREFETCH
+        } else {
+            0
+        },
     };
     // Validate geometry by building the header before creating the file.
     validate(&params)?;

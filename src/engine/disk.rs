@@ -62,6 +62,12 @@ impl<I: Io> Disk<I> {
     pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
         both!(self, d => d.write_zeroes(io, off, len, unmap).await)
     }
+    /// Background work queued by requests (copy-on-read); run after completing them.
+    pub async fn run_deferred(&self, io: &I) {
+        if let Disk::Fvd(d) = self {
+            d.run_deferred(io).await
+        }
+    }
     pub async fn close(&self, io: &I) -> Result<()> {
         match self {
             Disk::Fvd(d) => d.close(io).await,
