@@ -321,6 +321,26 @@ fn tcp_base_with_concurrent_reads_from_tasks_and_threads() {
 }
 
 #[test]
+fn stream_copies_the_export_and_drop_base_detaches_it() {
+    let dir = tmpdir();
+    let p = dir.path();
+    let len = 3 << 20;
+    let (base_path, base) = base_file(p, len);
+    let srv = QemuNbd::tcp(p, &base_path, "shared");
+    fvd_ok(p, &["create", "img.fvd", "-b", &srv.uri]);
+    let img = p.join("img.fvd");
+    let pp = p.to_path_buf();
+    guarded(move || fvd_ok(&pp, &["stream", "img.fvd", "-q", "--drop-base"]));
+    // The image no longer needs the server.
+    drop(srv);
+    let info: serde_json::Value =
+        serde_json::from_str(&fvd_ok(p, &["info", "img.fvd", "--output", "json"])).unwrap();
+    assert!(info["fvd"]["base"].is_null(), "{info}");
+    let got = guarded(move || disk_read(&open(&img, true), 0, len).unwrap());
+    assert!(got == base);
+}
+
+#[test]
 fn bad_uris_and_unreachable_exports_fail_clearly() {
     let dir = tmpdir();
     let p = dir.path();
