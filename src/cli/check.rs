@@ -19,6 +19,9 @@ pub struct Args {
     repair: bool,
     #[arg(long, value_enum, default_value_t)]
     output: Output,
+    /// Open without locking (read-only check of an image a server has open).
+    #[arg(short = 'U', long, conflicts_with = "repair")]
+    force_share: bool,
 }
 
 pub fn run(a: Args) -> Result<i32> {

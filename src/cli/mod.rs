@@ -50,6 +50,15 @@ pub enum Output {
     Json,
 }
 
+/// Read-only open mode, unlocked with --force-share.
+pub fn ro_mode(force_share: bool) -> crate::io::host_file::OpenMode {
+    if force_share {
+        crate::io::host_file::OpenMode::ReadOnlyShared
+    } else {
+        crate::io::host_file::OpenMode::ReadOnly
+    }
+}
+
 /// Parses a qemu-img style size for clap.
 pub fn size_arg(s: &str) -> Result<u64, String> {
     crate::units::parse_size(s)

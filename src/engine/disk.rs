@@ -121,11 +121,25 @@ pub async fn open_disk<I: Io<File = HostFile>>(
     path: &Path,
     read_only: bool,
 ) -> Result<Disk<I>> {
-    let mode = if read_only {
-        OpenMode::ReadOnly
-    } else {
-        OpenMode::ReadWrite
-    };
+    open_disk_with(
+        io,
+        path,
+        if read_only {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        },
+    )
+    .await
+}
+
+/// Like [`open_disk`] with an explicit open mode (e.g. [`OpenMode::ReadOnlyShared`]).
+pub async fn open_disk_with<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+    mode: OpenMode,
+) -> Result<Disk<I>> {
+    let read_only = mode != OpenMode::ReadWrite;
     let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
         context: "open image",
         error,
@@ -142,16 +156,29 @@ pub async fn open_image<I: Io<File = HostFile>>(
     path: &Path,
     read_only: bool,
 ) -> Result<Image<I>> {
-    let mode = if read_only {
-        OpenMode::ReadOnly
-    } else {
-        OpenMode::ReadWrite
-    };
+    open_image_with(
+        io,
+        path,
+        if read_only {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        },
+    )
+    .await
+}
+
+/// Like [`open_image`] with an explicit open mode.
+pub async fn open_image_with<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+    mode: OpenMode,
+) -> Result<Image<I>> {
     let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
         context: "open image",
         error,
     })?;
-    open_fvd_file(io, file, read_only, 0).await
+    open_fvd_file(io, file, mode != OpenMode::ReadWrite, 0).await
 }
 
 /// Base chains deeper than this are refused (and loops are caught by it).
