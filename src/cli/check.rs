@@ -26,7 +26,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<i32> {
     let io = SyncIo;
-    let file = HostFile::open(&a.image, OpenMode::ReadOnly)
+    let file = HostFile::open(&a.image, super::ro_mode(a.force_share))
         .with_context(|| format!("cannot open {}", a.image.display()))?;
     if block_on(engine::probe(&io, &file))? != engine::Format::Fvd {
         bail!("{} is not an FVD image", a.image.display());
