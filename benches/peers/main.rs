@@ -4,6 +4,7 @@
 //! cargo bench --bench peers -- [--quick] [--storage tmpfs|disk|both] [--only W1,W2]
 //!     [--targets T1,T2] [--reps N] [--no-probes] [--keep] [--out FILE]
 //! ```
+//! Environment: FVD_BIN=path measures that fvd binary instead of this crate's.
 //! Prints markdown tables: each target's median figure and fvd's ratio to it, server-side host
 //! I/O per guest request, CPU and peak RSS, the goal checks, journal replay time and the RSS of
 //! a 1 TiB image. See docs/PERFORMANCE.md.
@@ -109,7 +110,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let fvd = PathBuf::from(env!("CARGO_BIN_EXE_fvd"));
+    // FVD_BIN: measure another build of fvd (e.g. a branch under test) with this harness.
+    let fvd = std::env::var_os("FVD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fvd")));
     let serve_ok = Command::new(&fvd)
         .args(["serve", "--help"])
         .output()

@@ -80,7 +80,9 @@ impl Ctx {
         match t.format() {
             Format::Fvd { .. } => {
                 let mut c = Command::new(&self.fvd);
+                // One queue, like the qemu-storage-daemon exports (the client uses one anyway).
                 c.arg("serve").arg(image).arg("--socket").arg(&sock);
+                c.args(["--num-queues", "1"]);
                 Server::start(c, &sock, &log)
             }
             f => {
