@@ -10,4 +10,5 @@
 
 pub mod format;
 pub mod io;
+pub mod server;
 pub mod units;

@@ -1,0 +1,4 @@
+//! The vhost-user-blk server.
+
+pub mod config;
+pub mod request;
