@@ -32,6 +32,8 @@ enum Command {
     Map(map::Args),
     /// Convert an image (raw or FVD, probed) to FVD or raw.
     Convert(convert::Args),
+    /// Serve an image to a VM over a vhost-user-blk socket.
+    Serve(crate::server::cli::ServeArgs),
 }
 
 /// `--output` of the inspecting commands.
@@ -68,13 +70,17 @@ pub fn main() -> i32 {
             return 2;
         }
     };
-    init_logging(None);
+    init_logging(match &cli.command {
+        Command::Serve(a) => a.log_level.as_deref(),
+        _ => None,
+    });
     let r = match cli.command {
         Command::Create(a) => create::run(a),
         Command::Info(a) => info::run(a),
         Command::Check(a) => check::run(a),
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Serve(a) => crate::server::cli::run(a).map(|()| 0),
     };
     match r {
         Ok(code) => code,
