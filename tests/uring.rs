@@ -239,6 +239,8 @@ fn dropped_in_flight_future_keeps_slot_until_cqe() {
         io.submit().unwrap();
         assert_eq!(io.in_flight(), 2);
     }
+    // Nothing was reaped yet, so the dropped futures' slots must still hold their buffers.
+    assert_eq!(io.in_flight(), 2);
     // Both futures are gone; their buffers stay with the slots until the CQEs arrive.
     while io.in_flight() > 0 {
         wait_readable(io.eventfd(), -1);
@@ -268,9 +270,11 @@ fn dropping_ring_with_orphaned_ops_waits_for_them() {
     io.submit().unwrap();
     // Some operations are in the kernel, some still in the overflow list.
     assert_eq!(io.in_flight(), 16);
-    drop(futs);
-    // Last handle, with every slot orphaned: waits for the kernel before freeing the buffers.
+    // The futures own what they need, so they outlive the handle.
     drop(io);
+    // The last one gone leaves every slot orphaned: teardown waits for the kernel before
+    // freeing the buffers.
+    drop(futs);
 }
 
 #[test]

@@ -215,37 +215,25 @@ impl std::fmt::Debug for UringIo {
     }
 }
 
+// The methods return the concrete `UringOp` so callers holding a `UringIo` get futures that own
+// everything they need ('static), not ones tied to `&self`.
+#[allow(refining_impl_trait)]
 impl Io for UringIo {
     type File = HostFile;
 
-    fn read(
-        &self,
-        file: &HostFile,
-        off: PhysOffset,
-        buf: Buf,
-    ) -> impl Future<Output = io::Result<()>> + Send {
+    fn read(&self, file: &HostFile, off: PhysOffset, buf: Buf) -> UringOp {
         self.op(Kind::Read(buf), file, off.0)
     }
 
-    fn write(
-        &self,
-        file: &HostFile,
-        off: PhysOffset,
-        buf: Buf,
-    ) -> impl Future<Output = io::Result<()>> + Send {
+    fn write(&self, file: &HostFile, off: PhysOffset, buf: Buf) -> UringOp {
         self.op(Kind::Write(buf), file, off.0)
     }
 
-    fn flush(&self, file: &HostFile) -> impl Future<Output = io::Result<()>> + Send {
+    fn flush(&self, file: &HostFile) -> UringOp {
         self.op(Kind::Flush, file, 0)
     }
 
-    fn punch_hole(
-        &self,
-        file: &HostFile,
-        off: PhysOffset,
-        len: u64,
-    ) -> impl Future<Output = io::Result<()>> + Send {
+    fn punch_hole(&self, file: &HostFile, off: PhysOffset, len: u64) -> UringOp {
         self.op(Kind::Punch(len), file, off.0)
     }
 }
@@ -380,7 +368,9 @@ fn build_sqe(p: &mut Pending, idx: usize) -> squeue::Entry {
 }
 
 /// Future of one operation: queues its SQE on first poll, resolves once `reap` saw the CQE.
-struct UringOp {
+/// Owns a clone of the file and the ring state, so it may outlive the `UringIo` handle.
+#[must_use = "futures do nothing unless polled"]
+pub struct UringOp {
     shared: Arc<Shared>,
     state: OpState,
 }
