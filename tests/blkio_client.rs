@@ -21,11 +21,21 @@ struct Client {
 }
 
 fn connect(socket: &Path, num_queues: i32, read_only: bool) -> blkio::Result<Client> {
+    connect_with(socket, num_queues, read_only, 256)
+}
+
+fn connect_with(
+    socket: &Path,
+    num_queues: i32,
+    read_only: bool,
+    queue_size: i32,
+) -> blkio::Result<Client> {
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
     b.set_str("path", socket.to_str().unwrap())?;
     b.set_bool("read-only", read_only)?;
     b.connect()?;
     b.set_i32("num-queues", num_queues)?;
+    b.set_i32("queue-size", queue_size)?;
     let queues = b.start()?.queues;
     let max_seg = b.get_i32("max-segment-len")? as usize;
     let region = b.alloc_mem_region(REGION)?;
@@ -376,4 +386,81 @@ fn terminate_while_client_connected_and_once() {
     assert_eq!(c.read(0, 0, 4096), pattern(1, 0, 4096));
     drop(c);
     assert!(srv.wait().success(), "--once exits after the first client");
+}
+
+#[test]
+fn socket_mode_banner_and_a_second_server_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "16M");
+    let other = create_image(d.path(), "other.fvd", "16M");
+    let sock = d.path().join("s.sock");
+    let mut srv = ServerProc::start(&img, &sock, &["--num-queues", "3", "--queue-size", "128"]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let hint = format!("path={}", sock.display());
+    assert!(srv.banner.contains(&hint), "{}", srv.banner);
+    assert!(srv
+        .banner
+        .contains("vhost-user-blk-pci,chardev=fvd0,num-queues=3,queue-size=128"));
+    assert!(srv.banner.contains(&format!(
+        "--disk vhost_user=true,socket={},num_queues=3,queue_size=128",
+        sock.display()
+    )));
+    assert!(srv.banner.contains("share=on") && srv.banner.contains("shared=on"));
+
+    // Another server on the live socket, or on the image in use: one error line, exit non-zero.
+    for (image, socket) in [(&other, sock.clone()), (&img, d.path().join("t.sock"))] {
+        let o = serve_support::fvd()
+            .arg("serve")
+            .arg(image)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains("in use"), "{err}");
+    }
+    assert!(srv.alive());
+    let mut c = connect_with(&sock, 3, false, 128).unwrap();
+    c.write(2, 0, &pattern(2, 0, 512));
+    assert_eq!(c.read(0, 0, 512), pattern(2, 0, 512));
+    drop(c);
+
+    let g = d.path().join("g.sock");
+    let srv2 = ServerProc::start(&other, &g, &["--socket-mode", "0660"]);
+    assert_eq!(
+        std::fs::metadata(&g).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    assert!(srv2.terminate().success());
+    assert!(srv.terminate().success());
+}
+
+#[test]
+fn restart_after_sigkill_replaces_the_stale_socket() {
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "16M");
+    let sock = d.path().join("s.sock");
+    let srv = ServerProc::start(&img, &sock, &[]);
+    let mut c = connect(&sock, 1, false).unwrap();
+    c.write(0, 3 << 20, &pattern(8, 3 << 20, 65536));
+    assert_eq!(c.run(0, Req::Flush, 0, 0, 0), 0);
+    // SAFETY: kill with a pid we spawned and have not reaped.
+    unsafe { libc::kill(srv.pid(), libc::SIGKILL) };
+    assert!(!srv.wait().success());
+    drop(c);
+    assert!(sock.exists(), "a killed server leaves its socket behind");
+
+    let srv = ServerProc::start(&img, &sock, &[]);
+    let mut c = connect(&sock, 1, false).unwrap();
+    assert_eq!(
+        c.read(0, 3 << 20, 65536),
+        pattern(8, 3 << 20, 65536),
+        "flushed data survives SIGKILL"
+    );
+    drop(c);
+    assert!(srv.terminate().success());
 }

@@ -69,6 +69,7 @@ pub struct Server {
     device: DeviceConfig,
     serial: [u8; ID_LEN],
     listener: Listener,
+    stop: Stop,
 }
 
 impl Server {
@@ -116,6 +117,15 @@ impl Server {
                 return Err(ServeError::Socket(e));
             }
         };
+        // Signals are handled from here on, before anyone is told the server is ready.
+        let stop = match Stop::install(&listener) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = control.block_on(disk.close(control.io()));
+                listener.remove();
+                return Err(ServeError::Socket(format!("signals: {e}")));
+            }
+        };
         Ok(Server {
             cfg,
             disk,
@@ -123,6 +133,7 @@ impl Server {
             device,
             serial,
             listener,
+            stop,
         })
     }
 
@@ -133,10 +144,8 @@ impl Server {
     /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then
     /// closes the disk and removes the socket.
     pub fn run(self) -> Result<(), ServeError> {
-        let stop = Stop::install(&self.listener)
-            .map_err(|e| ServeError::Socket(format!("signals: {e}")))?;
-        let served = self.serve_loop(&stop);
-        stop.uninstall();
+        let served = self.serve_loop(&self.stop);
+        self.stop.uninstall();
         let closed = self.control.block_on(self.disk.close(self.control.io()));
         self.listener.remove();
         served?;
