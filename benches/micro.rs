@@ -1,5 +1,5 @@
-//! Micro-benchmarks of the engine's per-request software costs:
-//! journal sector encode/decode, block/chunk lookups, and the read path (planning + one pread)
+//! Micro-benchmarks of the per-request software costs: virtio-blk request parsing, journal
+//! sector encode/decode, block/chunk lookups, and the engine read path (planning + one pread)
 //! against a bare pread of the same bytes, on /dev/shm so the device costs almost nothing.
 //!
 //! `cargo bench --bench micro`
@@ -12,7 +12,12 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::{rw_all, SyncIo};
 use fvd::io::{Buf, HostFile};
+use fvd::server::request::{parse, Limits};
 use fvd::units::{BlockIndex, ChunkIndex};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -31,6 +36,46 @@ fn sector_entries() -> Vec<JournalEntry> {
             },
         })
         .collect()
+}
+
+/// The chains a Linux guest sends: header, one data buffer, status byte.
+fn bench_parse(c: &mut Criterion) {
+    let mem: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("guest memory");
+    let lim = Limits {
+        capacity: 1 << 40,
+        read_only: false,
+        seg_max: 126,
+        size_max: 1 << 20,
+        discard: true,
+        max_discard_sectors: 1 << 22,
+        max_discard_seg: 1,
+    };
+    let mut g = c.benchmark_group("virtio_blk_parse");
+    for (name, ty, len) in [
+        ("read_4k", VIRTIO_BLK_T_IN, 4096u32),
+        ("write_4k", VIRTIO_BLK_T_OUT, 4096),
+        ("read_1m", VIRTIO_BLK_T_IN, 1 << 20),
+    ] {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&8u64.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(0)).expect("header");
+        let w = if ty == VIRTIO_BLK_T_IN {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
+        let chain = [
+            Descriptor::new(0, 16, 0, 0),
+            Descriptor::new(1 << 20, len, w, 0),
+            Descriptor::new(4096, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        g.bench_function(name, |b| {
+            b.iter(|| parse(black_box(chain), &mem, &lim).expect("valid chain"))
+        });
+    }
+    g.finish();
 }
 
 fn bench_journal(c: &mut Criterion) {
@@ -133,6 +178,7 @@ fn cleanup(dir: &Path) {
 }
 
 fn benches(c: &mut Criterion) {
+    bench_parse(c);
     bench_journal(c);
     let fx = fixture();
     bench_mapping(c, &fx);
