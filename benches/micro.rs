@@ -14,13 +14,13 @@ use fvd::io::sync::{rw_all, SyncIo};
 use fvd::io::{Buf, HostFile};
 use fvd::server::request::{parse, Limits};
 use fvd::units::{BlockIndex, ChunkIndex};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
 
 fn sector_entries() -> Vec<JournalEntry> {
     let mut rng = SmallRng::seed_from_u64(1);

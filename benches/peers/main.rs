@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench --bench peers -- [--quick] [--storage tmpfs|disk|both] [--only W1,W2]
-//!     [--targets T1,T2] [--reps N] [--no-probes] [--keep] [--out FILE]
+//!     [--targets T1,T2] [--reps N] [--alloc-gib N] [--no-probes] [--keep] [--out FILE]
 //! ```
 //! Environment: FVD_BIN=path measures that fvd binary instead of this crate's.
 //! Prints markdown tables: each target's median figure and fvd's ratio to it, server-side host
@@ -34,6 +34,7 @@ struct Args {
     only: Vec<String>,
     targets: Vec<Target>,
     reps: Option<usize>,
+    alloc_gib: Option<u64>,
     probes: bool,
     keep: bool,
     out: Option<PathBuf>,
@@ -46,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
         only: vec![],
         targets: Target::ALL.to_vec(),
         reps: None,
+        alloc_gib: None,
         probes: true,
         keep: false,
         out: None,
@@ -75,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
                     .collect();
             }
             "--reps" => a.reps = Some(val()?.parse().map_err(|_| "bad --reps")?),
+            "--alloc-gib" => a.alloc_gib = Some(val()?.parse().map_err(|_| "bad --alloc-gib")?),
             "--out" => a.out = Some(PathBuf::from(val()?)),
             s => return Err(format!("unknown argument {s}")),
         }
@@ -127,6 +130,7 @@ fn main() {
     let sizes = Sizes::new(a.quick);
     let sizes = Sizes {
         reps: a.reps.unwrap_or(sizes.reps),
+        alloc: a.alloc_gib.map_or(sizes.alloc, |g| g << 30),
         ..sizes
     };
     let ws: Vec<Workload> = workloads::all()
@@ -271,6 +275,8 @@ fn run_storage(
         sizes.reps
     );
     md.push_str(&report::main_table(&res, ws, targets));
+    md.push('\n');
+    md.push_str(&report::cpu_table(&res, ws, targets));
     md.push('\n');
     md.push_str(&report::server_table(&res, ws, targets));
     md.push('\n');

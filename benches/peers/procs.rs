@@ -2,6 +2,7 @@
 //! (qemu-img, fio), and perf counting a server's host I/O.
 
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -110,20 +111,51 @@ pub fn status_field(pid: u32, name: &str) -> Option<u64> {
     line[name.len()..].split_whitespace().next()?.parse().ok()
 }
 
-/// Runs a tool to completion; returns its stdout.
-pub fn run_tool(cmd: &mut Command) -> Result<String, String> {
-    let o = cmd
+/// Runs a tool to completion; returns its stdout and the CPU time (user + system, seconds) it
+/// and its threads used, from wait4().
+pub fn run_tool(cmd: &mut Command) -> Result<(String, f64), String> {
+    let mut child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
-    if !o.status.success() {
-        return Err(format!(
-            "{cmd:?} failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ));
+    let mut so = child.stdout.take().ok_or("no stdout")?;
+    let mut se = child.stderr.take().ok_or("no stderr")?;
+    let errt = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = se.read_to_string(&mut err);
+        err
+    });
+    let mut out = String::new();
+    so.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let err = errt.join().unwrap_or_default();
+    let mut status = 0i32;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own unreaped child with valid out-pointers; the Child is not waited
+    // on again (dropping a Child does not wait).
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    if r < 0 {
+        return Err(format!("wait4: {}", std::io::Error::last_os_error()));
     }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        return Err(format!("{cmd:?} failed (status {status}): {}", err.trim()));
+    }
+    Ok((out, tv_secs(ru.ru_utime) + tv_secs(ru.ru_stime)))
+}
+
+fn tv_secs(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 * 1e-6
+}
+
+/// CPU time (user + system, seconds) of the calling thread.
+pub fn thread_cpu_secs() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage with a valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    tv_secs(ru.ru_utime) + tv_secs(ru.ru_stime)
 }
 
 /// Write and flush operations a process submits to the kernel, counted by `perf stat` on

@@ -34,6 +34,7 @@ pub struct Cell {
     pub max: f64,
     pub rss_kib: u64,
     pub cpu_us: Option<f64>,
+    pub total_cpu_us: Option<f64>,
     /// perf-counted host I/O per guest request (counting run).
     pub amp: Option<Amp>,
     /// The same from fvd's engine counters.
@@ -49,6 +50,7 @@ impl Results {
         let mut v: Vec<f64> = s.iter().map(|x| x.value).collect();
         let value = median(&mut v);
         let mut cpu: Vec<f64> = s.iter().filter_map(|x| x.cpu_us).collect();
+        let mut total: Vec<f64> = s.iter().filter_map(|x| x.total_cpu_us).collect();
         let counted = self.counted.get(&(w.to_string(), t));
         Some(Cell {
             value,
@@ -56,6 +58,7 @@ impl Results {
             max: v[v.len() - 1],
             rss_kib: s.iter().map(|x| x.rss_kib).max().unwrap_or(0),
             cpu_us: (!cpu.is_empty()).then(|| median(&mut cpu)),
+            total_cpu_us: (!total.is_empty()).then(|| median(&mut total)),
             amp: counted.and_then(|c| c.amp),
             engine_amp: counted.and_then(|c| c.engine_amp),
         })
@@ -109,6 +112,30 @@ pub fn main_table(r: &Results, ws: &[Workload], ts: &[Target]) -> String {
                 }
             };
             let _ = write!(s, " {cell} |");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// CPU time per request of everything involved: blkio client + server for the vhost-user
+/// targets, the whole process for qemu-img bench and fio. Contention inflates wall-clock figures
+/// far more than CPU time, so this is the steadier comparison on a busy machine.
+pub fn cpu_table(r: &Results, ws: &[Workload], ts: &[Target]) -> String {
+    let mut s = String::from("| workload (CPU µs / request) |");
+    for t in ts {
+        let _ = write!(s, " {} |", t.name());
+    }
+    let _ = write!(s, "\n|---|");
+    for _ in ts {
+        let _ = write!(s, "---|");
+    }
+    s.push('\n');
+    for w in ws {
+        let _ = write!(s, "| {} |", w.name);
+        for &t in ts {
+            let v = r.cell(w.name, t).and_then(|c| c.total_cpu_us);
+            let _ = write!(s, " {} |", v.map_or("–".to_string(), |x| format!("{x:.1}")));
         }
         s.push('\n');
     }

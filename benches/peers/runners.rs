@@ -2,7 +2,7 @@
 //! in-process references (qemu-img bench, fio) with the same sizes, depths and flush interval.
 
 use crate::client::{Client, Job, Op, Outcome, Pattern};
-use crate::procs::{run_tool, IoCounter, Server};
+use crate::procs::{run_tool, thread_cpu_secs, IoCounter, Server};
 use crate::workloads::{Format, Kind, Plan, Target, Workload, IMG_RANDOM_STEP, M1};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,8 @@ pub struct Sample {
     pub rss_kib: u64,
     /// Server CPU time per request, microseconds (vhost-user servers only).
     pub cpu_us: Option<f64>,
+    /// All CPU time per request, microseconds: client + server, or the whole tool process.
+    pub total_cpu_us: Option<f64>,
     /// Counted by perf on the server process (counting runs only).
     pub amp: Option<Amp>,
     /// From fvd's engine counters, when the server exposes them (counting runs only).
@@ -143,7 +145,9 @@ impl Ctx {
         };
         let engine0 = crate::fvd_stats::read(&srv);
         let cpu0 = srv.cpu_secs();
+        let client0 = thread_cpu_secs();
         let o = c.run(&plan.measure, 3)?;
+        let client = thread_cpu_secs() - client0;
         let cpu = srv.cpu_secs() - cpu0;
         let engine1 = crate::fvd_stats::read(&srv);
         let host = counter.map(IoCounter::finish).transpose()?;
@@ -180,6 +184,7 @@ impl Ctx {
             value: figure(w, &o),
             rss_kib,
             cpu_us: Some(cpu * 1e6 / o.ops.max(1) as f64),
+            total_cpu_us: Some((cpu + client) * 1e6 / o.ops.max(1) as f64),
             amp,
             engine_amp,
         })
@@ -205,9 +210,9 @@ impl Ctx {
         c
     }
 
-    /// Runs one qemu-img bench job; returns its duration in seconds.
-    fn img_job(fmt: &str, j: &Job, count: u64, image: &Path) -> Result<f64, String> {
-        let out = run_tool(&mut Self::img_cmd(fmt, j, count, image))?;
+    /// Runs one qemu-img bench job; returns its duration and CPU time in seconds.
+    fn img_job(fmt: &str, j: &Job, count: u64, image: &Path) -> Result<(f64, f64), String> {
+        let (out, cpu) = run_tool(&mut Self::img_cmd(fmt, j, count, image))?;
         // "Run completed in 0.481 seconds."
         let secs = out
             .split("Run completed in ")
@@ -215,7 +220,7 @@ impl Ctx {
             .and_then(|r| r.split_whitespace().next())
             .and_then(|v| v.parse::<f64>().ok())
             .ok_or_else(|| format!("qemu-img bench output not understood: {out}"))?;
-        Ok(secs)
+        Ok((secs, cpu))
     }
 
     fn run_img(
@@ -239,14 +244,14 @@ impl Ctx {
                     None => {
                         // Calibrate (this also warms up): a short run gives the rate.
                         let probe = if j.bs >= M1 { 500 } else { 20_000 };
-                        let secs = Self::img_job(fmt, j, probe, image)?;
+                        let (secs, _) = Self::img_job(fmt, j, probe, image)?;
                         (probe as f64 / secs * time.as_secs_f64()) as u64
                     }
                 };
                 n.max(1000)
             }
         };
-        let secs = Self::img_job(fmt, j, count, image)?;
+        let (secs, cpu) = Self::img_job(fmt, j, count, image)?;
         if let Some(time) = j.time {
             let rate = count as f64 / secs;
             self.img_counts
@@ -260,11 +265,12 @@ impl Ctx {
         };
         Ok(Sample {
             value: figure(w, &o),
+            total_cpu_us: Some(cpu * 1e6 / count as f64),
             ..Sample::default()
         })
     }
 
-    fn fio_cmd(&self, j: &Job, image: &Path, ramp: bool) -> Command {
+    fn fio_cmd(&self, j: &Job, image: &Path) -> Command {
         let mut c = Command::new("fio");
         c.args([
             "--name=bench",
@@ -294,10 +300,8 @@ impl Ctx {
         match j.time {
             Some(t) => {
                 c.arg(format!("--runtime={}ms", t.as_millis()));
+                // No ramp time: its I/O would count in the CPU time but not in the figures.
                 c.arg("--time_based");
-                if ramp {
-                    c.arg(format!("--ramp_time={}ms", self.warmup.as_millis()));
-                }
             }
             None => {
                 c.arg(format!("--number_ios={}", j.count));
@@ -313,9 +317,9 @@ impl Ctx {
 
     fn run_fio(&mut self, w: &Workload, plan: &Plan, image: &Path) -> Result<Sample, String> {
         for j in &plan.prepare {
-            run_tool(&mut self.fio_cmd(j, image, false))?;
+            run_tool(&mut self.fio_cmd(j, image))?;
         }
-        let out = run_tool(&mut self.fio_cmd(&plan.measure, image, w.kind == Kind::Steady))?;
+        let (out, cpu) = run_tool(&mut self.fio_cmd(&plan.measure, image))?;
         let v: serde_json::Value = serde_json::from_str(&out)
             .map_err(|e| format!("fio json: {e}: {}", &out[..out.len().min(200)]))?;
         let d = &v["jobs"][0][if w.op == Op::Read { "read" } else { "write" }];
@@ -324,8 +328,10 @@ impl Ctx {
         } else {
             d["iops"].as_f64().unwrap_or(0.0)
         };
+        let ios = d["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
         Ok(Sample {
             value,
+            total_cpu_us: Some(cpu * 1e6 / ios),
             ..Sample::default()
         })
     }
