@@ -135,6 +135,10 @@ impl Worker {
                 0
             };
             done.lock().push((head, len));
+            // Copy-on-read work runs after the guest has its answer.
+            if matches!(req.op, Op::Read { .. }) {
+                ctx.disk.run_deferred(&io).await;
+            }
         });
     }
 
