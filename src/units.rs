@@ -152,7 +152,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'T' => 1 << 40,
                 'P' => 1 << 50,
                 'E' => 1 << 60,
-                _ => return Err(format!("invalid size suffix in '{s}' (use K, M, G, T, P, E)")),
+                _ => {
+                    return Err(format!(
+                        "invalid size suffix in '{s}' (use K, M, G, T, P, E)"
+                    ))
+                }
             };
             (&t[..i], m)
         }
@@ -194,7 +198,11 @@ mod tests {
 
     #[test]
     fn geometry_maps_offsets() {
-        let g = Geometry { virtual_size: (10 << 20) + 512, block_size: 65536, chunk_size: 1 << 20 };
+        let g = Geometry {
+            virtual_size: (10 << 20) + 512,
+            block_size: 65536,
+            chunk_size: 1 << 20,
+        };
         assert_eq!(g.block_of(VirtOffset(65535)), BlockIndex(0));
         assert_eq!(g.block_of(VirtOffset(65536)), BlockIndex(1));
         assert_eq!(g.chunk_of_block(BlockIndex(16)), ChunkIndex(1));
