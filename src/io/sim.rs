@@ -15,8 +15,10 @@
 //!   addresses of [`IoFile::mem_alignment`]; otherwise the op fails with EINVAL at submission,
 //!   which catches engine bugs a page-cache-backed test would hide.
 //! * A flush covers the writes that completed before it was submitted; they are durable once it
-//!   completes. [`SimWorld::power_loss`] keeps, per 512-byte sector, the durable content or any
-//!   unflushed version at random (torn, reordered writes) and may lose unflushed file growth.
+//!   completes. [`SimWorld::power_loss`] decides per unflushed write whether it reached the media
+//!   (whole, not at all, or torn per 512-byte sector); each sector keeps its newest version that
+//!   did, else its durable content, so any of {durable, each unflushed version} may survive
+//!   (torn and reordered writes). Unflushed file growth may be lost.
 //! * Injected errors ([`SimConfig`]) fail ops with EIO: a failed read scribbles on its buffer, a
 //!   failed write or punch applies a random subset of its sectors, a failed flush makes a random
 //!   subset of what it covered durable.
@@ -177,6 +179,15 @@ impl SimWorld {
     /// Number of submitted, not yet completed ops.
     pub fn pending(&self) -> usize {
         self.state.lock().pending.len()
+    }
+
+    /// Number of submitted, not yet completed flushes (tests aim power losses at these windows).
+    pub fn pending_flushes(&self) -> usize {
+        let st = self.state.lock();
+        st.pending
+            .iter()
+            .filter(|op| matches!(op.kind, OpKind::Flush { .. }))
+            .count()
     }
 
     pub fn counters(&self) -> SimCounters {

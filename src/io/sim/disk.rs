@@ -3,8 +3,10 @@
 //! The current (volatile) contents live in a sparse map of 64 KiB pieces. For durability, every
 //! 512-byte sector written since it was last made durable keeps its durable content plus each
 //! unflushed version, tagged with the completion sequence number of the write that produced it.
-//! A flush makes the versions older than its cut-off durable; a power loss picks, per sector, one
-//! of {durable, each unflushed version} at random, which yields torn and reordered writes.
+//! A flush makes the versions older than its cut-off durable. A power loss decides per unflushed
+//! write whether it reached the media (whole, not at all, or torn); every sector then holds its
+//! newest version that did, else its durable content. Any of {durable, each unflushed version}
+//! can survive, so torn and reordered writes happen.
 
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -20,6 +22,13 @@ struct Dirty {
     durable: Sector,
     /// (completion sequence number, content after that write), oldest first.
     versions: Vec<(u64, Sector)>,
+}
+
+#[derive(Copy, Clone)]
+enum Fate {
+    Kept,
+    Lost,
+    Torn,
 }
 
 pub(super) struct Disk {
@@ -160,17 +169,36 @@ impl Disk {
         }
     }
 
-    /// Power loss: each dirty sector keeps its durable content or one of its unflushed versions;
-    /// growth since the last flush may be lost.
+    /// Power loss. Each unflushed write (or punch) reached the media entirely, not at all, or
+    /// (rarely) torn sector by sector; each dirty sector keeps its newest version that reached
+    /// the media, else its durable content. Growth since the last flush may be lost.
     pub fn power_loss(&mut self, rng: &mut SmallRng) {
+        // A per-crash bias, so some crashes keep almost everything and some almost nothing.
+        let keep_p = rng.gen_range(0.0..1.0);
+        let mut fates: HashMap<u64, Fate> = HashMap::new();
         let dirty = std::mem::take(&mut self.dirty);
         for (lba, d) in dirty {
-            let pick = rng.gen_range(0..=d.versions.len());
-            let content = if pick == 0 {
-                d.durable
-            } else {
-                d.versions.into_iter().nth(pick - 1).unwrap().1
-            };
+            let mut content = d.durable;
+            for (seq, version) in d.versions.into_iter().rev() {
+                let fate = *fates.entry(seq).or_insert_with(|| {
+                    if rng.gen_bool(0.1) {
+                        Fate::Torn
+                    } else if rng.gen_bool(keep_p) {
+                        Fate::Kept
+                    } else {
+                        Fate::Lost
+                    }
+                });
+                let reached = match fate {
+                    Fate::Kept => true,
+                    Fate::Lost => false,
+                    Fate::Torn => rng.gen_bool(0.5),
+                };
+                if reached {
+                    content = version;
+                    break;
+                }
+            }
             self.store(lba * SECTOR, &content[..]);
         }
         if !self.fixed_size && self.size > self.durable_size && rng.gen_bool(0.5) {

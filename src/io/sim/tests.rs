@@ -203,7 +203,7 @@ fn flush_covers_only_writes_completed_before_its_submission() {
 #[test]
 fn power_loss_tears_multi_sector_writes_and_drops_pending_ops() {
     let mut torn = false;
-    for seed in 0..32 {
+    for seed in 0..64 {
         let world = SimWorld::new(seed, SimConfig::default());
         let disk = world.create_disk(1 << 16, 512);
         let io = world.io();
