@@ -1,0 +1,7 @@
+//! Support code of the randomized differential tester (tests/sim_engine.rs).
+
+pub mod driver;
+pub mod model;
+pub mod ops;
+pub mod pattern;
+pub mod scenario;
