@@ -20,8 +20,8 @@
 //!   did, else its durable content, so any of {durable, each unflushed version} may survive
 //!   (torn and reordered writes). Unflushed file growth may be lost.
 //! * Injected errors ([`SimConfig`]) fail ops with EIO: a failed read scribbles on its buffer, a
-//!   failed write or punch applies a random subset of its sectors, a failed flush makes a random
-//!   subset of what it covered durable.
+//!   failed write or punch applies none, all or a random subset of its sectors, a failed flush
+//!   makes a random subset of what it covered durable.
 //!
 //! Power loss: every pending op is dropped without its effect; its future resolves to EIO and its
 //! task is woken (so a task still alive fails instead of hanging). Every [`SimIo`] obtained before
@@ -322,8 +322,13 @@ impl State {
     ) -> io::Result<()> {
         let seq = self.write_seq;
         if failed {
+            // A failed write may have reached the disk not at all, entirely, or in part.
             self.counters.injected_errors += 1;
-            self.disks[disk].write(off, data, seq, Some(&mut self.faults));
+            match self.faults.gen_range(0..3) {
+                0 => {}
+                1 => self.disks[disk].write(off, data, seq, None),
+                _ => self.disks[disk].write(off, data, seq, Some(&mut self.faults)),
+            }
             return Err(err(libc::EIO));
         }
         self.disks[disk].write(off, data, seq, None);
