@@ -12,6 +12,7 @@ use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::Executor;
 use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
 use fvd::io::Buf;
+use fvd::units::{BlockIndex, ChunkIndex};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -153,9 +154,27 @@ fn open(
 impl Run {
     fn check_failure(&self) -> Result<(), String> {
         match self.shared.failure.lock().take() {
-            Some(f) => Err(f),
+            Some(f) => Err(format!("{f}{}", self.diagnose())),
             None => Ok(()),
         }
+    }
+
+    /// With `FVD_SIM_TRACE_LBA`: the engine's view of that sector.
+    fn diagnose(&self) -> String {
+        let Some(lba) = std::env::var("FVD_SIM_TRACE_LBA")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return String::new();
+        };
+        let off = lba * 512;
+        let b = BlockIndex(off / self.sc.block_size);
+        let c = ChunkIndex(off / self.sc.chunk_size);
+        let mut s = format!("\n  block {} present {}", b.0, self.img.block_present(b));
+        if self.sc.compact {
+            s += &format!(", chunk {} -> phys {:?}", c.0, self.img.chunk_phys(c));
+        }
+        s
     }
 
     fn drive(&mut self, ops: u64) -> Result<(), String> {

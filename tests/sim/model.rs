@@ -25,6 +25,8 @@ struct Cand {
 }
 
 pub struct Model {
+    /// `FVD_SIM_TRACE_LBA`: log every op touching this sector (debugging a failure).
+    trace: Option<u64>,
     tick: u64,
     sectors: Vec<Vec<Cand>>,
     base_sectors: u64,
@@ -54,12 +56,21 @@ impl Model {
             dead: OPEN,
         };
         Model {
+            trace: std::env::var("FVD_SIM_TRACE_LBA")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             tick: 1,
             sectors: vec![vec![c]; vsectors as usize],
             base_sectors,
             has_base,
             pins: BTreeMap::new(),
             last_ok_flush: 0,
+        }
+    }
+
+    fn log(&self, what: &str, lba: u64, n: u64, extra: &str) {
+        if self.trace.is_some_and(|t| (lba..lba + n).contains(&t)) {
+            eprintln!("[{}] {what} [{lba}, +{n}) {extra}", self.tick);
         }
     }
 
@@ -90,6 +101,7 @@ impl Model {
     /// A write (`val` = its id) or WRITE ZEROES (`val` = ZERO) of sectors `[lba, lba + n)` starts.
     pub fn write_begin(&mut self, lba: u64, n: u64, val: u64) -> Ticket {
         let t = self.next();
+        self.log("write begin", lba, n, &name(val));
         for s in lba..lba + n {
             self.sectors[s as usize].push(Cand {
                 op: t,
@@ -110,6 +122,7 @@ impl Model {
     /// A DISCARD starts: the sectors may become zero or base data, or stay.
     pub fn discard_begin(&mut self, lba: u64, n: u64) -> Ticket {
         let t = self.next();
+        self.log("discard begin", lba, n, "");
         for s in lba..lba + n {
             let v = &mut self.sectors[s as usize];
             v.push(Cand {
@@ -140,6 +153,7 @@ impl Model {
     /// A write, write-zeroes or discard ends. `kills`: it returned Ok and overwrites.
     pub fn end(&mut self, tk: Ticket, kills: bool) {
         let now = self.next();
+        self.log("end", tk.lba, tk.n, &format!("op {} kills {kills}", tk.op));
         let horizon = self.horizon();
         for s in tk.lba..tk.lba + tk.n {
             let v = &mut self.sectors[s as usize];
@@ -156,6 +170,7 @@ impl Model {
 
     pub fn read_begin(&mut self, lba: u64, n: u64) -> Ticket {
         let t = self.next();
+        self.log("read begin", lba, n, "");
         self.pin(t);
         Ticket {
             op: t,
