@@ -16,12 +16,16 @@ macro_rules! offset_type {
         #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(pub u64);
 
-        impl $name {
-            /// Offset `len` bytes further on.
+        /// Offset `len` bytes further on.
+        impl std::ops::Add<u64> for $name {
+            type Output = Self;
             #[inline]
-            pub fn add(self, len: u64) -> Self {
+            fn add(self, len: u64) -> Self {
                 Self(self.0 + len)
             }
+        }
+
+        impl $name {
             /// Bytes from `earlier` to `self`.
             #[inline]
             pub fn since(self, earlier: Self) -> u64 {

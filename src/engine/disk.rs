@@ -14,6 +14,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
+// One Disk exists per served image, so the size difference between variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
 pub enum Disk<I: Io> {
     Fvd(Image<I>),
     Raw(RawDisk<I>),
@@ -59,6 +61,12 @@ impl<I: Io> Disk<I> {
     pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
         both!(self, d => d.write_zeroes(io, off, len, unmap).await)
     }
+    /// Background work queued by requests (copy-on-read); run after completing them.
+    pub async fn run_deferred(&self, io: &I) {
+        if let Disk::Fvd(d) = self {
+            d.run_deferred(io).await
+        }
+    }
     pub async fn close(&self, io: &I) -> Result<()> {
         match self {
             Disk::Fvd(d) => d.close(io).await,
@@ -87,9 +95,9 @@ pub enum Format {
 
 /// FVD if the file starts with the FVD magic (in either header slot), raw otherwise.
 pub async fn probe<I: Io<File = HostFile>>(io: &I, file: &HostFile) -> Result<Format> {
-    if file.size().map_err(|source| EngineError::Io {
+    if file.size().map_err(|error| EngineError::Io {
         context: "size of image",
-        source,
+        error,
     })? < 8192
     {
         return Ok(Format::Raw);
@@ -117,9 +125,9 @@ pub async fn open_disk<I: Io<File = HostFile>>(
     } else {
         OpenMode::ReadWrite
     };
-    let file = HostFile::open(path, mode).map_err(|source| EngineError::Io {
+    let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
         context: "open image",
-        source,
+        error,
     })?;
     match probe(io, &file).await? {
         Format::Fvd => Ok(Disk::Fvd(open_fvd_file(io, file, read_only, 0).await?)),
@@ -138,9 +146,9 @@ pub async fn open_image<I: Io<File = HostFile>>(
     } else {
         OpenMode::ReadWrite
     };
-    let file = HostFile::open(path, mode).map_err(|source| EngineError::Io {
+    let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
         context: "open image",
-        source,
+        error,
     })?;
     open_fvd_file(io, file, read_only, 0).await
 }
@@ -155,41 +163,62 @@ fn open_fvd_file<'a, I: Io<File = HostFile>>(
     depth: usize,
 ) -> Pin<Box<dyn Future<Output = Result<Image<I>>> + Send + 'a>> {
     Box::pin(async move {
-        let h = Image::<I>::read_header(io, &file).await?;
-        let base = match &h.base {
-            None => None,
-            Some(b) => {
-                if depth >= MAX_CHAIN {
-                    return Err(EngineError::Invalid(format!(
-                        "base chain deeper than {MAX_CHAIN} (a loop?)"
-                    )));
-                }
-                let path = resolve_base(file.path(), &b.path);
-                let bf = HostFile::open(&path, OpenMode::ReadOnly).map_err(|source| {
-                    EngineError::Io {
-                        context: "open base image",
-                        source,
-                    }
-                })?;
-                Some(match b.format {
-                    BaseFormat::Raw => {
-                        let size = bf.size().map_err(|source| EngineError::Io {
-                            context: "size of base",
-                            source,
-                        })?;
-                        Base::Raw {
-                            store: Storage::new(bf),
-                            size,
-                        }
-                    }
-                    BaseFormat::Fvd => {
-                        Base::Fvd(Box::new(open_fvd_file(io, bf, true, depth + 1).await?))
-                    }
-                })
-            }
-        };
+        let base = open_base_of(io, &file, depth).await?;
         Image::open(io, file, base, read_only).await
     })
+}
+
+/// Opens the base image named in `file`'s header, if any.
+async fn open_base_of<I: Io<File = HostFile>>(
+    io: &I,
+    file: &HostFile,
+    depth: usize,
+) -> Result<Option<Base<I>>> {
+    let h = Image::<I>::read_header(io, file).await?;
+    Ok(match &h.base {
+        None => None,
+        Some(b) => {
+            if depth >= MAX_CHAIN {
+                return Err(EngineError::Invalid(format!(
+                    "base chain deeper than {MAX_CHAIN} (a loop?)"
+                )));
+            }
+            let path = resolve_base(file.path(), &b.path);
+            let bf =
+                HostFile::open(&path, OpenMode::ReadOnly).map_err(|error| EngineError::Io {
+                    context: "open base image",
+                    error,
+                })?;
+            Some(match b.format {
+                BaseFormat::Raw => {
+                    let size = bf.size().map_err(|error| EngineError::Io {
+                        context: "size of base",
+                        error,
+                    })?;
+                    Base::Raw {
+                        store: Storage::new(bf),
+                        size,
+                    }
+                }
+                BaseFormat::Fvd => {
+                    Base::Fvd(Box::new(open_fvd_file(io, bf, true, depth + 1).await?))
+                }
+            })
+        }
+    })
+}
+
+/// `fvd check --repair`: replays the journal, fixes inconsistencies, closes cleanly.
+pub async fn repair_image<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+) -> Result<Vec<super::check::Problem>> {
+    let file = HostFile::open(path, OpenMode::ReadWrite).map_err(|error| EngineError::Io {
+        context: "open image",
+        error,
+    })?;
+    let base = open_base_of(io, &file, 0).await?;
+    Image::repair(io, file, base).await
 }
 
 /// Relative base paths are relative to the image's directory, as in qemu-img.

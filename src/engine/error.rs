@@ -6,11 +6,10 @@ use std::io;
 /// Everything that can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         context: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(transparent)]
     Format(#[from] FormatError),
@@ -32,7 +31,7 @@ impl EngineError {
     /// The errno that best describes this error (for logs and completions).
     pub fn errno(&self) -> i32 {
         match self {
-            EngineError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            EngineError::Io { error, .. } => error.raw_os_error().unwrap_or(libc::EIO),
             EngineError::Format(_) | EngineError::Corrupt(_) => libc::EUCLEAN,
             EngineError::OutOfRange { .. } | EngineError::Invalid(_) => libc::EINVAL,
             EngineError::ReadOnly => libc::EROFS,
@@ -48,7 +47,7 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, context: &'static str) -> std::result::Result<T, EngineError> {
-        self.map_err(|source| EngineError::Io { context, source })
+        self.map_err(|error| EngineError::Io { context, error })
     }
 }
 

@@ -60,6 +60,9 @@ pub struct Image<I: Io> {
     pub(super) read_only: bool,
     pub(super) live: LiveMetadata,
     pub(super) pending: Mutex<Vec<JournalEntry>>,
+    /// Physical chunks unmapped since the last flush: allocatable once their unmap is durable.
+    /// Locked after `pending` when both are needed.
+    pub(super) freed: Mutex<Vec<u32>>,
     pub(super) locks: BlockLocks,
     pub(super) alloc: Mutex<Allocator>,
     pub(super) flush_state: futures::lock::Mutex<FlushState>,
@@ -73,6 +76,11 @@ pub struct Image<I: Io> {
     pub(super) failed: AtomicBool,
     pub(super) closed: AtomicBool,
     pub(super) header_snapshot: Mutex<Header>,
+    /// Copy-on-read on for this open image.
+    pub(super) cor: AtomicBool,
+    pub(super) cor_jobs: Mutex<Vec<super::fill::CorJob>>,
+    pub(super) cor_inflight: std::sync::atomic::AtomicU64,
+    pub(super) prefetch_cursor: std::sync::atomic::AtomicU64,
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
@@ -139,9 +147,9 @@ impl<I: Io> Image<I> {
             } else {
                 l.data_offset + geo.block_count() * p.block_size
             };
-            let have = store.file.size().map_err(|source| EngineError::Io {
+            let have = store.file.size().map_err(|error| EngineError::Io {
                 context: "size of device",
-                source,
+                error,
             })?;
             if have < need {
                 return Err(EngineError::NoSpace(format!(
@@ -201,6 +209,17 @@ impl<I: Io> Image<I> {
         base: Option<Base<I>>,
         read_only: bool,
     ) -> Result<Image<I>> {
+        Ok(Self::open_inner(io, file, base, read_only, false).await?.0)
+    }
+
+    /// Opens; with `repair`, inconsistencies are fixed (and returned) instead of refused.
+    pub(super) async fn open_inner(
+        io: &I,
+        file: I::File,
+        base: Option<Base<I>>,
+        read_only: bool,
+        repair: bool,
+    ) -> Result<(Image<I>, Vec<super::check::Problem>)> {
         let store = Storage::<I>::new(file);
         let c = Counters::default();
         let raw = read_region(io, &store, &c, 0, 2 * SECTOR as u64).await?;
@@ -216,9 +235,9 @@ impl<I: Io> Image<I> {
         let geo = header.geometry();
         if store.file.is_block_device() && !header.compact() {
             let need = header.data_offset + geo.block_count() * geo.block_size;
-            let have = store.file.size().map_err(|source| EngineError::Io {
+            let have = store.file.size().map_err(|error| EngineError::Io {
                 context: "size of device",
-                source,
+                error,
             })?;
             if have < need {
                 return Err(EngineError::Corrupt(format!(
@@ -244,6 +263,22 @@ impl<I: Io> Image<I> {
         committed.load(active, &meta)?;
         let (entries, tail) = replay(io, &store, &c, &header).await?;
         committed.apply(&entries)?;
+        let dev_size = if store.file.is_block_device() {
+            store.file.size().ok()
+        } else {
+            None
+        };
+        let problems = super::check::find_problems(&committed, &header, dev_size);
+        if !problems.is_empty() {
+            if !repair || read_only {
+                return Err(EngineError::Corrupt(format!(
+                    "{} (and {} more); run 'fvd check --repair'",
+                    problems[0],
+                    problems.len() - 1
+                )));
+            }
+            super::check::fix_problems(&mut committed, &header, &problems);
+        }
         let live = LiveMetadata::from_committed(geo, &committed);
         let alloc = Allocator::from_table(&committed.table, &header, &store)?;
         let lock_all_writes = store.align > 512;
@@ -256,6 +291,7 @@ impl<I: Io> Image<I> {
             read_only,
             live,
             pending: Mutex::new(Vec::new()),
+            freed: Mutex::new(Vec::new()),
             locks: BlockLocks::default(),
             alloc: Mutex::new(alloc),
             flush_state: futures::lock::Mutex::new(FlushState {
@@ -269,10 +305,15 @@ impl<I: Io> Image<I> {
             failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             header_snapshot: Mutex::new(header),
+            cor: AtomicBool::new(false),
+            cor_jobs: Mutex::new(Vec::new()),
+            cor_inflight: Default::default(),
+            prefetch_cursor: Default::default(),
         };
+        img.set_copy_on_read(img.cor_default());
         if !read_only {
             let mut fs = img.flush_state.lock().await;
-            if !entries.is_empty() {
+            if !entries.is_empty() || !problems.is_empty() {
                 // Fold the replayed records into the inactive copy so the journal starts empty.
                 img.checkpoint(io, &mut fs, false).await?;
             } else {
@@ -286,7 +327,7 @@ impl<I: Io> Image<I> {
                 fs.tail = 0;
             }
         }
-        Ok(img)
+        Ok((img, problems))
     }
 
     /// Flushes, checkpoints and marks the image clean. Further writes fail.
@@ -374,7 +415,7 @@ impl<I: Io> Image<I> {
         if self.failed.load(Ordering::Acquire) {
             return Err(EngineError::Io {
                 context: "image failed after a flush error; reopen it",
-                source: std::io::Error::from_raw_os_error(libc::EIO),
+                error: std::io::Error::from_raw_os_error(libc::EIO),
             });
         }
         if self.closed.load(Ordering::Acquire) {
@@ -385,7 +426,7 @@ impl<I: Io> Image<I> {
 }
 
 /// Reads the journal of the header's epoch; returns its entries and the number of valid sectors.
-async fn replay<I: Io>(
+pub(super) async fn replay<I: Io>(
     io: &I,
     store: &Storage<I>,
     c: &Counters,

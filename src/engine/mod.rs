@@ -8,13 +8,17 @@
 pub mod allocator;
 pub mod base;
 pub mod block_locks;
+pub mod check;
 pub mod counters;
 pub mod discard;
 pub mod disk;
 pub mod error;
+pub mod fill;
 pub mod flush;
 pub mod image;
+pub mod map;
 pub mod metadata;
+pub mod prefetch;
 pub mod raw;
 pub mod read;
 pub mod storage;
@@ -22,7 +26,9 @@ pub mod write;
 
 pub use base::Base;
 pub use counters::{CounterSnapshot, Counters};
-pub use disk::{create_image, open_disk, open_image, probe, resolve_base, Disk, Format};
+pub use disk::{
+    create_image, open_disk, open_image, probe, repair_image, resolve_base, Disk, Format,
+};
 pub use error::{EngineError, Result};
 pub use image::{CreateParams, Image};
 pub use raw::RawDisk;

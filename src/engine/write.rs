@@ -37,6 +37,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         let end = off + len;
+        let _refs = self.live.enter(off, end);
         let first = off / self.geo.block_size;
         let last = (end - 1) / self.geo.block_size;
         if self.live.compact() {
@@ -183,7 +184,12 @@ impl<I: Io> Image<I> {
             if self.live.phys(ChunkIndex(c)).is_allocated() {
                 continue; // another queue won the race
             }
-            let p = alloc.alloc(&self.store)?;
+            let hint = c
+                .checked_sub(1)
+                .map(|prev| self.live.phys(ChunkIndex(prev)))
+                .filter(|p| p.is_allocated())
+                .map(|p| p.0 + 1);
+            let p = alloc.alloc(&self.store, hint)?;
             self.live.set_phys(ChunkIndex(c), p);
             self.pending.lock().push(JournalEntry::Map {
                 chunk: c,

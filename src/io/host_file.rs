@@ -62,7 +62,7 @@ impl HostFile {
             flags |= libc::O_DIRECT;
         }
         o.custom_flags(flags);
-        let file = o.open(path).map_err(|e| annotate(e, path, "open"))?;
+        let file = o.open(path)?;
         let meta = file.metadata()?;
         let block_device = meta.file_type().is_block_device();
         lock(&file, read_only).map_err(|e| {
