@@ -4,4 +4,5 @@ pub mod driver;
 pub mod model;
 pub mod ops;
 pub mod pattern;
+mod regress;
 pub mod scenario;
