@@ -99,7 +99,7 @@ pub fn run(sc: Scenario, ops: u64) -> Result<Stats, String> {
         .block_on(async move { Image::create(&io, f, &params).await })
         .map_err(|e| format!("create failed: {e}"))?;
     let io = world.io();
-    let img = Arc::new(open(&world, &io, &file, &base, false)?);
+    let img = Arc::new(open(&sc, &world, &io, &file, &base)?);
     let shared = Arc::new(Shared {
         model: Mutex::new(Model::new(sc.sectors(), sc.base, sc.base_size / 512)),
         failure: Mutex::new(None),
@@ -135,18 +135,21 @@ fn make_base(base: &Option<SimFile>) -> Option<Base<SimIo>> {
 
 /// Opens the image, retrying while injected errors make it fail.
 fn open(
+    sc: &Scenario,
     world: &Arc<SimWorld>,
     io: &SimIo,
     file: &SimFile,
     base: &Option<SimFile>,
-    errors: bool,
 ) -> Result<Image<SimIo>, String> {
     let mut last = String::new();
     for _ in 0..200 {
         let (io, f, b) = (io.clone(), file.clone(), make_base(base));
         match world.block_on(async move { Image::open(&io, f, b, false).await }) {
-            Ok(img) => return Ok(img),
-            Err(e) if errors => last = e.to_string(),
+            Ok(img) => {
+                img.set_copy_on_read(sc.copy_on_read);
+                return Ok(img);
+            }
+            Err(e) if sc.errors => last = e.to_string(),
             Err(e) => return Err(format!("open failed: {e}")),
         }
     }
@@ -243,11 +246,11 @@ impl Run {
         self.world.power_loss();
         self.io = self.world.io();
         self.img = Arc::new(open(
+            &self.sc,
             &self.world,
             &self.io,
             &self.file,
             &self.base,
-            self.sc.errors,
         )?);
         self.shared.flush_failed.store(false, Ordering::Relaxed);
         let data = self.read_all()?;

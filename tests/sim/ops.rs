@@ -107,6 +107,12 @@ impl Run {
                     }
                 });
             }
+            75..=76 if self.sc.base => ex.spawn(async move {
+                // Background prefetch: copies base blocks, never changes what reads return.
+                if let Err(e) = img.prefetch_step(&io, 4).await {
+                    sh.engine_error("prefetch_step", &e);
+                }
+            }),
             75..=82 => ex.spawn(async move {
                 let t = sh.model.lock().flush_begin();
                 let r = img.flush(&io).await;
@@ -153,4 +159,6 @@ async fn read_task(img: Arc<Image<SimIo>>, io: SimIo, sh: Arc<Shared>, lba: u64,
     if let Err(e) = r {
         sh.engine_error("read", &e);
     }
+    // As the server does after completing the guest's read.
+    img.run_deferred(&io).await;
 }

@@ -31,6 +31,8 @@ pub struct Scenario {
     /// Size of the block device, if any.
     pub device_size: u64,
     pub base_size: u64,
+    /// Copy-on-read on (with a base): reads queue fills that the read task then runs.
+    pub copy_on_read: bool,
     pub max_parallel: usize,
     /// Per driver step, 1 in this many steps loses power.
     pub crash_every: u32,
@@ -81,6 +83,7 @@ impl Scenario {
             block_device,
             device_size,
             base_size,
+            copy_on_read: seed & MODE_BASE != 0 && r.gen_bool(0.5),
             max_parallel: [1, 4, 16, 32][r.gen_range(0..4)],
             crash_every: r.gen_range(200..2000),
             read_error_prob: p(&mut r, 0.02),
