@@ -244,6 +244,24 @@ impl Run {
         self.add_counters();
         self.stats.power_losses += 1;
         self.world.power_loss();
+        // Sometimes power fails again while the image is being reopened (replay, checkpoint).
+        if self.rng.gen_bool(0.3) {
+            for _ in 0..self.rng.gen_range(1..=2) {
+                let mut ex = Executor::default();
+                let (io, f, b) = (self.world.io(), self.file.clone(), make_base(&self.base));
+                ex.spawn(async move {
+                    let _ = Image::open(&io, f, b, false).await;
+                });
+                for _ in 0..self.rng.gen_range(0..60) {
+                    ex.run_ready();
+                    if !self.world.complete_one() {
+                        break;
+                    }
+                }
+                self.stats.power_losses += 1;
+                self.world.power_loss();
+            }
+        }
         self.io = self.world.io();
         self.img = Arc::new(open(
             &self.sc,
