@@ -5,6 +5,7 @@ use crate::engine::{self, CreateParams, Format};
 use crate::format::{BaseFormat, BaseRef};
 use crate::io::executor::block_on;
 use crate::io::host_file::OpenMode;
+use crate::io::nbd::{is_nbd_uri, NbdClient};
 use crate::io::sync::SyncIo;
 use crate::io::{HostFile, IoFile};
 use anyhow::{bail, Context, Result};
@@ -17,7 +18,9 @@ pub struct Args {
     /// Virtual disk size (K/M/G/T suffixes); defaults to the base image's size.
     #[arg(short = 's', long, value_parser = size_arg)]
     size: Option<u64>,
-    /// Base (backing) image; relative paths are relative to IMAGE's directory.
+    /// Base (backing) image; relative paths are relative to IMAGE's directory. A raw image on
+    /// an NBD server is named by URI: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH.
     #[arg(short = 'b', long)]
     base: Option<String>,
     /// Base image format (probed when omitted).
@@ -62,6 +65,7 @@ pub fn run(a: Args) -> Result<i32> {
             }
             None
         }
+        Some(b) if is_nbd_uri(b) => Some(nbd_base(b, a.base_format)?),
         Some(b) => {
             let path = engine::resolve_base(&a.image, b);
             let f = HostFile::open(&path, OpenMode::ReadOnly)
@@ -139,6 +143,19 @@ pub fn run(a: Args) -> Result<i32> {
             .unwrap_or_default()
     );
     Ok(0)
+}
+
+/// An NBD export is used as a raw image (FVD over NBD is not supported).
+fn nbd_base(uri: &str, format: Option<BaseFmt>) -> Result<BaseRef> {
+    if let Some(BaseFmt::Fvd) = format {
+        bail!("base image {uri}: FVD images over NBD are not supported (only raw exports)");
+    }
+    let client = NbdClient::connect(uri).context("cannot open base image")?;
+    Ok(BaseRef {
+        path: uri.to_string(),
+        format: BaseFormat::Raw,
+        size: client.size(),
+    })
 }
 
 fn validate(p: &CreateParams) -> Result<()> {

@@ -51,6 +51,14 @@ impl Allocator {
         Ok(a)
     }
 
+    /// Re-reads the size of a block device (after it grew).
+    pub fn refresh<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
+        if self.capacity.is_some() {
+            self.refresh_capacity(store)?;
+        }
+        Ok(())
+    }
+
     fn refresh_capacity<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
         let size = store.file.size().map_err(|error| EngineError::Io {
             context: "size of device",

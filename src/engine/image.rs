@@ -81,6 +81,8 @@ pub struct Image<I: Io> {
     pub(super) cor_jobs: Mutex<Vec<super::fill::CorJob>>,
     pub(super) cor_inflight: std::sync::atomic::AtomicU64,
     pub(super) prefetch_cursor: std::sync::atomic::AtomicU64,
+    pub(super) space_policy: Mutex<Option<super::space::SpacePolicy>>,
+    pub(super) space_waiters: super::space::SpaceWaiters,
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
@@ -309,6 +311,8 @@ impl<I: Io> Image<I> {
             cor_jobs: Mutex::new(Vec::new()),
             cor_inflight: Default::default(),
             prefetch_cursor: Default::default(),
+            space_policy: Mutex::new(None),
+            space_waiters: Default::default(),
         };
         img.set_copy_on_read(img.cor_default());
         if !read_only {

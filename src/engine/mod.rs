@@ -21,13 +21,15 @@ pub mod metadata;
 pub mod prefetch;
 pub mod raw;
 pub mod read;
+pub mod space;
 pub mod storage;
 pub mod write;
 
 pub use base::Base;
 pub use counters::{CounterSnapshot, Counters};
 pub use disk::{
-    create_image, open_disk, open_image, probe, repair_image, resolve_base, Disk, Format,
+    create_image, open_disk, open_disk_with, open_image, open_image_with, probe, repair_image,
+    resolve_base, Disk, Format,
 };
 pub use error::{EngineError, Result};
 pub use image::{CreateParams, Image};
