@@ -41,7 +41,7 @@ impl<I: Io> Image<I> {
         let first = off / self.geo.block_size;
         let last = (end - 1) / self.geo.block_size;
         if self.live.compact() {
-            self.ensure_chunks_waiting(first, last).await?;
+            self.ensure_chunks_waiting(io, first, last).await?;
         }
         let needs_fill = |b: u64| self.lock_all_writes || !self.live.present(BlockIndex(b));
         if !(first..=last).any(needs_fill) {

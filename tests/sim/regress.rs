@@ -132,7 +132,6 @@ fn write_waiting_for_a_lock_does_not_merge_a_block_it_did_not_lock() {
 /// discarded (unmapped, its physical chunk held back until the unmap is durable), rewriting it
 /// fails with ENOSPC although the virtual disk fits the device.
 #[test]
-#[ignore = "engine: compact images on exactly-sized devices run out of chunks until the next flush"]
 fn rewrite_after_discard_on_a_full_device_does_not_fail() {
     let layout = fvd::format::layout::Layout::compute(
         &fvd::units::Geometry {
