@@ -8,6 +8,8 @@
 //! * [`server`]: the vhost-user-blk server.
 //! * [`cli`]: the `fvd` command-line tool.
 
+pub mod cli;
+pub mod engine;
 pub mod format;
 pub mod io;
 pub mod units;

@@ -16,12 +16,16 @@ macro_rules! offset_type {
         #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(pub u64);
 
-        impl $name {
-            /// Offset `len` bytes further on.
+        /// Offset `len` bytes further on.
+        impl std::ops::Add<u64> for $name {
+            type Output = Self;
             #[inline]
-            pub fn add(self, len: u64) -> Self {
+            fn add(self, len: u64) -> Self {
                 Self(self.0 + len)
             }
+        }
+
+        impl $name {
             /// Bytes from `earlier` to `self`.
             #[inline]
             pub fn since(self, earlier: Self) -> u64 {
@@ -152,7 +156,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'T' => 1 << 40,
                 'P' => 1 << 50,
                 'E' => 1 << 60,
-                _ => return Err(format!("invalid size suffix in '{s}' (use K, M, G, T, P, E)")),
+                _ => {
+                    return Err(format!(
+                        "invalid size suffix in '{s}' (use K, M, G, T, P, E)"
+                    ))
+                }
             };
             (&t[..i], m)
         }
@@ -194,7 +202,11 @@ mod tests {
 
     #[test]
     fn geometry_maps_offsets() {
-        let g = Geometry { virtual_size: (10 << 20) + 512, block_size: 65536, chunk_size: 1 << 20 };
+        let g = Geometry {
+            virtual_size: (10 << 20) + 512,
+            block_size: 65536,
+            chunk_size: 1 << 20,
+        };
         assert_eq!(g.block_of(VirtOffset(65535)), BlockIndex(0));
         assert_eq!(g.block_of(VirtOffset(65536)), BlockIndex(1));
         assert_eq!(g.chunk_of_block(BlockIndex(16)), ChunkIndex(1));

@@ -170,7 +170,9 @@ impl Header {
         }
         let incompat = get_u64(b, O_INCOMPAT);
         if incompat & !INCOMPAT_KNOWN != 0 {
-            return Err(FormatError::UnknownIncompatFeatures(incompat & !INCOMPAT_KNOWN));
+            return Err(FormatError::UnknownIncompatFeatures(
+                incompat & !INCOMPAT_KNOWN,
+            ));
         }
         let base = match get_u32(b, O_BASE_FORMAT) {
             0 => None,
@@ -183,11 +185,19 @@ impl Header {
                     .map_err(|_| FormatError::InvalidHeader("base path is not UTF-8".into()))?;
                 Some(BaseRef {
                     path: path.to_string(),
-                    format: if f == 1 { BaseFormat::Raw } else { BaseFormat::Fvd },
+                    format: if f == 1 {
+                        BaseFormat::Raw
+                    } else {
+                        BaseFormat::Fvd
+                    },
                     size: get_u64(b, O_BASE_SIZE),
                 })
             }
-            f => return Err(FormatError::InvalidHeader(format!("unknown base format {f}"))),
+            f => {
+                return Err(FormatError::InvalidHeader(format!(
+                    "unknown base format {f}"
+                )))
+            }
         };
         let h = Header {
             generation: get_u64(b, O_GENERATION),
@@ -222,7 +232,9 @@ impl Header {
             return bad("block size must be a power of two between 4 KiB and 16 MiB");
         }
         if !cs.is_power_of_two() || cs < bs || cs > (1 << 30) {
-            return bad("chunk size must be a power of two, at least the block size, at most 1 GiB");
+            return bad(
+                "chunk size must be a power of two, at least the block size, at most 1 GiB",
+            );
         }
         if self.virtual_size == 0 || self.virtual_size % 512 != 0 || self.virtual_size > (1 << 56) {
             return bad("virtual size must be a non-zero multiple of 512 bytes, at most 64 PiB");
@@ -249,7 +261,9 @@ impl Header {
             if !aligned(off) || !aligned(len) || off < end {
                 return bad("metadata regions overlap or are misaligned");
             }
-            end = off.checked_add(len).ok_or(FormatError::InvalidHeader("region overflow".into()))?;
+            end = off
+                .checked_add(len)
+                .ok_or(FormatError::InvalidHeader("region overflow".into()))?;
         }
         if self.journal_len < SECTOR as u64 {
             return bad("journal too small");

@@ -52,9 +52,18 @@ impl JournalEntry {
         let w1 = get_u64(b, 8);
         let a = w0 & INDEX_MASK;
         Some(match w0 >> 56 {
-            KIND_SET => JournalEntry::SetBits { start: a, count: w1 },
-            KIND_CLEAR => JournalEntry::ClearBits { start: a, count: w1 },
-            KIND_MAP => JournalEntry::Map { chunk: a, phys: u32::try_from(w1).ok()? },
+            KIND_SET => JournalEntry::SetBits {
+                start: a,
+                count: w1,
+            },
+            KIND_CLEAR => JournalEntry::ClearBits {
+                start: a,
+                count: w1,
+            },
+            KIND_MAP => JournalEntry::Map {
+                chunk: a,
+                phys: u32::try_from(w1).ok()?,
+            },
             KIND_UNMAP => JournalEntry::Unmap { chunk: a },
             _ => return None,
         })
@@ -98,7 +107,9 @@ pub fn decode(sector: &[u8], epoch: u64, seq: u64) -> Option<Vec<JournalEntry>> 
     if n > ENTRIES_PER_SECTOR {
         return None;
     }
-    (0..n).map(|j| JournalEntry::decode(&sector[O_ENTRIES + j * ENTRY_SIZE..])).collect()
+    (0..n)
+        .map(|j| JournalEntry::decode(&sector[O_ENTRIES + j * ENTRY_SIZE..]))
+        .collect()
 }
 
 #[cfg(test)]
@@ -109,21 +120,39 @@ mod tests {
     fn round_trip_and_rejects_stale_or_torn() {
         let entries: Vec<JournalEntry> = (0..600u64)
             .map(|i| match i % 4 {
-                0 => JournalEntry::SetBits { start: i, count: i + 1 },
-                1 => JournalEntry::ClearBits { start: i * 3, count: 1 },
-                2 => JournalEntry::Map { chunk: i, phys: i as u32 * 2 },
+                0 => JournalEntry::SetBits {
+                    start: i,
+                    count: i + 1,
+                },
+                1 => JournalEntry::ClearBits {
+                    start: i * 3,
+                    count: 1,
+                },
+                2 => JournalEntry::Map {
+                    chunk: i,
+                    phys: i as u32 * 2,
+                },
                 _ => JournalEntry::Unmap { chunk: i },
             })
             .collect();
         let bytes = encode(&entries, 7, 10);
-        assert_eq!(bytes.len() as u64, sectors_for(entries.len()) * SECTOR as u64);
+        assert_eq!(
+            bytes.len() as u64,
+            sectors_for(entries.len()) * SECTOR as u64
+        );
         let mut back = Vec::new();
         for (i, s) in bytes.chunks(SECTOR).enumerate() {
             back.extend(decode(s, 7, 10 + i as u64).unwrap());
         }
         assert_eq!(back, entries);
-        assert!(decode(&bytes[..SECTOR], 6, 10).is_none(), "stale epoch accepted");
-        assert!(decode(&bytes[..SECTOR], 7, 11).is_none(), "wrong position accepted");
+        assert!(
+            decode(&bytes[..SECTOR], 6, 10).is_none(),
+            "stale epoch accepted"
+        );
+        assert!(
+            decode(&bytes[..SECTOR], 7, 11).is_none(),
+            "wrong position accepted"
+        );
         let mut torn = bytes[..SECTOR].to_vec();
         torn[2000..].fill(0);
         assert!(decode(&torn, 7, 10).is_none(), "torn sector accepted");

@@ -19,7 +19,8 @@ impl Layout {
     pub fn compute(geo: &Geometry, compact: bool, journal_len: u64) -> Layout {
         let bitmap_sectors = geo.block_count().div_ceil(metadata::BITS_PER_SECTOR as u64);
         let table_sectors = if compact {
-            geo.chunk_count().div_ceil(metadata::ENTRIES_PER_SECTOR as u64)
+            geo.chunk_count()
+                .div_ceil(metadata::ENTRIES_PER_SECTOR as u64)
         } else {
             0
         };

@@ -88,7 +88,9 @@ mod tests {
 
     #[test]
     fn bitmap_and_table_round_trip_and_detect_corruption() {
-        let words: Vec<u64> = (0..2000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        let words: Vec<u64> = (0..2000u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
         let mut back = vec![0u64; words.len()];
         let mut s = vec![0u8; SECTOR];
         for i in 0..words.len().div_ceil(BITS_PER_SECTOR / 64) as u64 {
@@ -98,16 +100,27 @@ mod tests {
         }
         assert_eq!(back, words);
 
-        let entries: Vec<u32> = (0..3000u32).map(|i| if i % 3 == 0 { u32::MAX } else { i * 7 }).collect();
+        let entries: Vec<u32> = (0..3000u32)
+            .map(|i| if i % 3 == 0 { u32::MAX } else { i * 7 })
+            .collect();
         let mut eback = vec![0u32; entries.len()];
         for t in 0..3u64 {
             encode_table_sector(&entries, t, 5 + t, &mut s);
             verify(&s, 1, 5 + t).unwrap();
-            assert!(verify(&s, 1, 4 + t).is_err(), "misplaced sector must be detected");
+            assert!(
+                verify(&s, 1, 4 + t).is_err(),
+                "misplaced sector must be detected"
+            );
             decode_table_sector(&s, t, &mut eback);
         }
         assert_eq!(eback, entries);
         s[17] ^= 1;
-        assert!(matches!(verify(&s, 1, 7), Err(FormatError::MetadataSector { what: "checksum mismatch", .. })));
+        assert!(matches!(
+            verify(&s, 1, 7),
+            Err(FormatError::MetadataSector {
+                what: "checksum mismatch",
+                ..
+            })
+        ));
     }
 }

@@ -35,7 +35,11 @@ pub enum FormatError {
     #[error("invalid header: {0}")]
     InvalidHeader(String),
     #[error("metadata sector {index} of copy {copy} is corrupt ({what})")]
-    MetadataSector { copy: u32, index: u64, what: &'static str },
+    MetadataSector {
+        copy: u32,
+        index: u64,
+        what: &'static str,
+    },
 }
 
 /// crc32c over `data`, as stored in every trailer.

@@ -52,7 +52,10 @@ pub struct Buf {
 
 impl std::fmt::Debug for Buf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Buf").field("len", &self.len).field("segs", &self.segs.len()).finish()
+        f.debug_struct("Buf")
+            .field("len", &self.len)
+            .field("segs", &self.segs.len())
+            .finish()
     }
 }
 
@@ -68,7 +71,10 @@ impl Buf {
         }
         let owner = Arc::new(AlignedAlloc { ptr, layout });
         Buf {
-            segs: smallvec::smallvec![Segment { addr: ptr as usize, len }],
+            segs: smallvec::smallvec![Segment {
+                addr: ptr as usize,
+                len
+            }],
             len,
             _owner: owner,
         }
@@ -85,7 +91,11 @@ impl Buf {
     ) -> Buf {
         let segs: SmallVec<[Segment; 4]> = segs.into_iter().filter(|s| s.len > 0).collect();
         let len = segs.iter().map(|s| s.len).sum();
-        Buf { segs, len, _owner: owner }
+        Buf {
+            segs,
+            len,
+            _owner: owner,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -102,12 +112,18 @@ impl Buf {
 
     /// True if every segment starts and ends on a multiple of `align` (O_DIRECT-ready).
     pub fn is_aligned(&self, align: usize) -> bool {
-        self.segs.iter().all(|s| s.addr % align == 0 && s.len % align == 0)
+        self.segs
+            .iter()
+            .all(|s| s.addr % align == 0 && s.len % align == 0)
     }
 
     /// The bytes `[off, off + len)` of this buffer, aliasing the same memory.
     pub fn slice(&self, off: usize, len: usize) -> Buf {
-        assert!(off + len <= self.len, "slice {off}+{len} outside buffer of {}", self.len);
+        assert!(
+            off + len <= self.len,
+            "slice {off}+{len} outside buffer of {}",
+            self.len
+        );
         let mut segs = SmallVec::new();
         let mut skip = off;
         let mut want = len;
@@ -120,11 +136,18 @@ impl Buf {
                 continue;
             }
             let take = (s.len - skip).min(want);
-            segs.push(Segment { addr: s.addr + skip, len: take });
+            segs.push(Segment {
+                addr: s.addr + skip,
+                len: take,
+            });
             want -= take;
             skip = 0;
         }
-        Buf { segs, len, _owner: self._owner.clone() }
+        Buf {
+            segs,
+            len,
+            _owner: self._owner.clone(),
+        }
     }
 
     /// Copies `src` into this buffer starting at byte `off`.
@@ -145,7 +168,9 @@ impl Buf {
         let mut done = 0;
         self.for_each_range(off, dst.len(), |addr, n| {
             // SAFETY: as in `copy_from_slice`, with source and destination swapped.
-            unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr().add(done), n) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr().add(done), n)
+            };
             done += n;
         });
     }
@@ -204,7 +229,10 @@ impl Buf {
     pub fn iovecs(&self) -> SmallVec<[libc::iovec; 4]> {
         self.segs
             .iter()
-            .map(|s| libc::iovec { iov_base: s.addr as *mut libc::c_void, iov_len: s.len })
+            .map(|s| libc::iovec {
+                iov_base: s.addr as *mut libc::c_void,
+                iov_len: s.len,
+            })
             .collect()
     }
 }
@@ -222,8 +250,14 @@ mod tests {
         let b = unsafe {
             Buf::from_segments(
                 [
-                    Segment { addr: segs.addr + 4096, len: 4096 },
-                    Segment { addr: segs.addr, len: 4096 },
+                    Segment {
+                        addr: segs.addr + 4096,
+                        len: 4096,
+                    },
+                    Segment {
+                        addr: segs.addr,
+                        len: 4096,
+                    },
                 ],
                 Arc::new(a.clone()),
             )

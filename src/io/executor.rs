@@ -78,7 +78,10 @@ impl Executor {
         Executor {
             tasks: Vec::new(),
             free: Vec::new(),
-            ready: Arc::new(ReadyQueue { queue: Mutex::new(VecDeque::new()), notify }),
+            ready: Arc::new(ReadyQueue {
+                queue: Mutex::new(VecDeque::new()),
+                notify,
+            }),
             live: 0,
         }
     }
@@ -111,7 +114,10 @@ impl Executor {
                 let Some(task) = self.tasks.get_mut(id).and_then(|t| t.as_mut()) else {
                     continue; // stale wake-up of a finished task
                 };
-                let waker = Waker::from(Arc::new(TaskWaker { id, ready: self.ready.clone() }));
+                let waker = Waker::from(Arc::new(TaskWaker {
+                    id,
+                    ready: self.ready.clone(),
+                }));
                 let mut cx = Context::from_waker(&waker);
                 polled += 1;
                 if task.as_mut().poll(&mut cx).is_ready() {

@@ -50,7 +50,9 @@ impl HostFile {
             o.write(true);
         }
         if mode == OpenMode::Create {
-            let is_bdev = std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+            let is_bdev = std::fs::metadata(path)
+                .map(|m| m.file_type().is_block_device())
+                .unwrap_or(false);
             if !is_bdev {
                 o.create(true).truncate(true);
             }
@@ -60,7 +62,7 @@ impl HostFile {
             flags |= libc::O_DIRECT;
         }
         o.custom_flags(flags);
-        let file = o.open(path).map_err(|e| annotate(e, path, "open"))?;
+        let file = o.open(path)?;
         let meta = file.metadata()?;
         let block_device = meta.file_type().is_block_device();
         lock(&file, read_only).map_err(|e| {
@@ -77,7 +79,11 @@ impl HostFile {
             let mut lbs: libc::c_int = 512;
             // SAFETY: BLKSSZGET writes one c_int into the pointed-to variable.
             let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut lbs) };
-            let lbs = if r == 0 && lbs >= 512 { lbs as u32 } else { 512 };
+            let lbs = if r == 0 && lbs >= 512 {
+                lbs as u32
+            } else {
+                512
+            };
             (lbs, lbs.max(512))
         } else {
             dio_alignment(&file).unwrap_or((512, 512))
@@ -175,5 +181,8 @@ fn dio_alignment(file: &File) -> Option<(u32, u32)> {
     if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
         return None;
     }
-    Some((stx.stx_dio_offset_align.max(512), stx.stx_dio_mem_align.max(512)))
+    Some((
+        stx.stx_dio_offset_align.max(512),
+        stx.stx_dio_mem_align.max(512),
+    ))
 }

@@ -1,0 +1,75 @@
+//! `fvd check`: exit 0 when consistent, 2 when corrupt (as qemu-img check), 1 on errors.
+
+use super::Output;
+use crate::engine;
+use crate::engine::check::check;
+use crate::io::executor::block_on;
+use crate::io::host_file::OpenMode;
+use crate::io::sync::SyncIo;
+use crate::io::HostFile;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image file or block device.
+    image: PathBuf,
+    /// Replay the journal and fix inconsistencies (needs exclusive access).
+    #[arg(short = 'r', long)]
+    repair: bool,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let io = SyncIo;
+    let file = HostFile::open(&a.image, OpenMode::ReadOnly)
+        .with_context(|| format!("cannot open {}", a.image.display()))?;
+    if block_on(engine::probe(&io, &file))? != engine::Format::Fvd {
+        bail!("{} is not an FVD image", a.image.display());
+    }
+    if a.repair {
+        drop(file);
+        let fixed = block_on(engine::repair_image(&io, &a.image))
+            .with_context(|| format!("cannot repair {}", a.image.display()))?;
+        for p in &fixed {
+            eprintln!("Repaired: {p}");
+        }
+        let file = HostFile::open(&a.image, OpenMode::ReadOnly)?;
+        return report(&a, block_on(check(&io, file))?);
+    }
+    let r = block_on(check(&io, file))
+        .with_context(|| format!("cannot check {}", a.image.display()))?;
+    report(&a, r)
+}
+
+fn report(a: &Args, r: engine::check::CheckReport) -> Result<i32> {
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Output::Human => {
+            for p in &r.problems {
+                println!("ERROR {p}");
+            }
+            if r.journal_records > 0 {
+                println!(
+                    "The image was not shut down cleanly: {} journal records in {} sectors will be replayed on the next open.",
+                    r.journal_records, r.journal_sectors
+                );
+            }
+            if !r.header_slots_valid.iter().all(|&v| v) {
+                println!("One header slot is invalid (an interrupted header update); the other is in use.");
+            }
+            if r.problems.is_empty() {
+                println!("No errors were found on the image.");
+            } else {
+                println!("{} errors were found on the image.", r.problems.len());
+                println!("Run 'fvd check --repair' to fix them.");
+            }
+            println!(
+                "{} chunks allocated, {} blocks present.",
+                r.allocated_chunks, r.present_blocks
+            );
+        }
+    }
+    Ok(if r.corrupt() { 2 } else { 0 })
+}

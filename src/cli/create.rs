@@ -1,0 +1,175 @@
+//! `fvd create`.
+
+use super::size_arg;
+use crate::engine::{self, CreateParams, Format};
+use crate::format::{BaseFormat, BaseRef};
+use crate::io::executor::block_on;
+use crate::io::host_file::OpenMode;
+use crate::io::sync::SyncIo;
+use crate::io::{HostFile, IoFile};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image file or block device to create.
+    image: PathBuf,
+    /// Virtual disk size (K/M/G/T suffixes); defaults to the base image's size.
+    #[arg(short = 's', long, value_parser = size_arg)]
+    size: Option<u64>,
+    /// Base (backing) image; relative paths are relative to IMAGE's directory.
+    #[arg(short = 'b', long)]
+    base: Option<String>,
+    /// Base image format (probed when omitted).
+    #[arg(short = 'F', long, value_enum)]
+    base_format: Option<BaseFmt>,
+    /// Thin layout: chunks are allocated on first write (F2 table). The default.
+    #[arg(long, overrides_with = "no_compact")]
+    compact: bool,
+    /// Raw-like layout: virtual offset = physical offset in the data area.
+    #[arg(long, overrides_with = "compact")]
+    no_compact: bool,
+    /// Bitmap block size (power of two, 4K..16M).
+    #[arg(long, value_parser = size_arg, default_value = "64K")]
+    block_size: u64,
+    /// Table chunk size (power of two, at least the block size).
+    #[arg(long, value_parser = size_arg, default_value = "1M")]
+    chunk_size: u64,
+    /// Journal size.
+    #[arg(long, value_parser = size_arg, default_value = "16M")]
+    journal_size: u64,
+}
+
+#[derive(Copy, Clone, clap::ValueEnum)]
+enum BaseFmt {
+    Raw,
+    Fvd,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let io = SyncIo;
+    // Everything is validated before IMAGE is touched: a failed create modifies nothing.
+    let base = match &a.base {
+        None => {
+            if a.base_format.is_some() {
+                bail!("--base-format needs --base");
+            }
+            None
+        }
+        Some(b) => {
+            let path = engine::resolve_base(&a.image, b);
+            let f = HostFile::open(&path, OpenMode::ReadOnly)
+                .with_context(|| format!("cannot open base image {}", path.display()))?;
+            let probed = match block_on(engine::probe(&io, &f))? {
+                Format::Fvd => BaseFormat::Fvd,
+                Format::Raw => BaseFormat::Raw,
+            };
+            let format = match a.base_format {
+                None => probed,
+                Some(BaseFmt::Raw) => BaseFormat::Raw,
+                Some(BaseFmt::Fvd) if probed == BaseFormat::Fvd => BaseFormat::Fvd,
+                Some(BaseFmt::Fvd) => bail!("base image {} is not an FVD image", path.display()),
+            };
+            let size = match format {
+                BaseFormat::Raw => f.size()?,
+                BaseFormat::Fvd => {
+                    block_on(engine::Image::<SyncIo>::read_header(&io, &f))?.virtual_size
+                }
+            };
+            Some(BaseRef {
+                path: b.clone(),
+                format,
+                size,
+            })
+        }
+    };
+    let size = match (a.size, &base) {
+        (Some(s), _) => s,
+        (None, Some(b)) => b.size.next_multiple_of(512),
+        (None, None) => bail!("--size is required without a base image"),
+    };
+    if size == 0 || size % 512 != 0 {
+        bail!("size must be a non-zero multiple of 512 bytes");
+    }
+    let params = CreateParams {
+        virtual_size: size,
+        block_size: a.block_size,
+        chunk_size: a.chunk_size,
+        journal_size: a.journal_size,
+        compact: a.compact || !a.no_compact,
+        base,
+        compat: 0,
+    };
+    // Validate geometry by building the header before creating the file.
+    validate(&params)?;
+    let existed = a.image.exists();
+    let file = HostFile::open(&a.image, OpenMode::Create)
+        .with_context(|| format!("cannot create {}", a.image.display()))?;
+    if let Err(e) = block_on(engine::create_image(&io, file, &params)) {
+        if !existed {
+            let _ = std::fs::remove_file(&a.image);
+        }
+        return Err(e).with_context(|| format!("cannot create {}", a.image.display()));
+    }
+    println!(
+        "Formatting '{}', fmt=fvd size={} compact={} block_size={} chunk_size={}{}",
+        a.image.display(),
+        size,
+        if params.compact { "on" } else { "off" },
+        params.block_size,
+        params.chunk_size,
+        params
+            .base
+            .as_ref()
+            .map(|b| format!(" base={} base_fmt={}", b.path, b.format.name()))
+            .unwrap_or_default()
+    );
+    Ok(0)
+}
+
+fn validate(p: &CreateParams) -> Result<()> {
+    let geo = crate::units::Geometry {
+        virtual_size: p.virtual_size,
+        block_size: p.block_size,
+        chunk_size: p.chunk_size,
+    };
+    let l = crate::format::layout::Layout::compute(&geo, p.compact, p.journal_size);
+    if p.block_size > u32::MAX as u64 || p.chunk_size > u32::MAX as u64 {
+        bail!("block and chunk sizes must be below 4 GiB");
+    }
+    let h = crate::format::Header {
+        generation: 0,
+        incompat: if p.compact {
+            crate::format::header::INCOMPAT_COMPACT
+        } else {
+            0
+        },
+        compat: 0,
+        virtual_size: p.virtual_size,
+        block_size: p.block_size as u32,
+        chunk_size: p.chunk_size as u32,
+        flags: 0,
+        meta_offset: l.meta_offset,
+        meta_len: l.meta_len,
+        bitmap_sectors: l.bitmap_sectors,
+        table_sectors: l.table_sectors,
+        active_meta: 0,
+        journal_offset: l.journal_offset,
+        journal_len: l.journal_len,
+        journal_epoch: 1,
+        data_offset: l.data_offset,
+        base: None,
+    };
+    h.validate()
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_start_matches("invalid header: ")))?;
+    if p.base
+        .as_ref()
+        .is_some_and(|b| b.path.len() > crate::format::header::MAX_BASE_PATH)
+    {
+        bail!(
+            "base image path is longer than {} bytes",
+            crate::format::header::MAX_BASE_PATH
+        );
+    }
+    Ok(())
+}

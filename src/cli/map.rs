@@ -1,0 +1,41 @@
+//! `fvd map`.
+
+use super::Output;
+use crate::engine::{self, map::Location};
+use crate::io::executor::block_on;
+use crate::io::sync::SyncIo;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// FVD image file or block device.
+    image: PathBuf,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let img = block_on(engine::open_image(&SyncIo, &a.image, true))
+        .with_context(|| format!("cannot open {}", a.image.display()))?;
+    let extents = img.extents();
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&extents)?),
+        Output::Human => {
+            println!(
+                "{:<20}{:<20}{:<20}Location",
+                "Offset", "Length", "Mapped to"
+            );
+            for e in &extents {
+                let mapped = e.offset.map(|o| format!("{o:#x}")).unwrap_or_default();
+                let loc = match e.location {
+                    Location::Data => a.image.display().to_string(),
+                    Location::Base => "base".into(),
+                    Location::Zero => "zero".into(),
+                };
+                println!("{:<#20x}{:<#20x}{:<20}{loc}", e.start, e.length, mapped);
+            }
+        }
+    }
+    Ok(0)
+}

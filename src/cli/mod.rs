@@ -1,0 +1,101 @@
+//! The `fvd` command-line tool (qemu-img conventions). Errors are printed as one line
+//! (`fvd: <what>: <why>`) with a non-zero exit status.
+
+mod check;
+mod convert;
+mod create;
+mod info;
+mod map;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "fvd",
+    version,
+    about = "FVD images and their vhost-user-blk server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an FVD image (file or block device).
+    Create(create::Args),
+    /// Show an image's format, sizes, features and allocation.
+    Info(info::Args),
+    /// Check an image's metadata; --repair fixes what it finds.
+    Check(check::Args),
+    /// Show which ranges are in the image, in the base image, or zero.
+    Map(map::Args),
+    /// Convert an image (raw or FVD, probed) to FVD or raw.
+    Convert(convert::Args),
+}
+
+/// `--output` of the inspecting commands.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
+
+/// Parses a qemu-img style size for clap.
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_size(s)
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                let _ = e.print();
+                return 0;
+            }
+            // One line: clap's first line without its usage block.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("fvd: {}", first.trim_start_matches("error: "));
+            return 2;
+        }
+    };
+    init_logging(None);
+    let r = match cli.command {
+        Command::Create(a) => create::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Map(a) => map::run(a),
+        Command::Convert(a) => convert::run(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fvd: {e:#}");
+            1
+        }
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` or `level` pick the level. Also routes the `log` crate (used by
+/// rust-vmm crates) into tracing so their errors are not lost.
+pub fn init_logging(level: Option<&str>) {
+    let filter = match level {
+        Some(l) => tracing_subscriber::EnvFilter::new(l),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    };
+    let _ = tracing_log::LogTracer::init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

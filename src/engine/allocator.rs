@@ -1,0 +1,98 @@
+//! Physical chunk allocation for compact images. Chunks are handed out lowest-first, so data
+//! written together lands together and the data area stays dense.
+
+use super::error::{EngineError, Result};
+use super::storage::Storage;
+use crate::format::Header;
+use crate::io::{Io, IoFile};
+use crate::units::PhysChunk;
+use std::collections::BTreeSet;
+
+pub struct Allocator {
+    /// Lowest chunk index never handed out.
+    next: u32,
+    /// Unused chunks below `next`.
+    free: BTreeSet<u32>,
+    allocated: u64,
+    /// Chunks that fit the storage (block devices); `None` for files, which grow.
+    capacity: Option<u64>,
+    data_offset: u64,
+    chunk_size: u64,
+}
+
+impl Allocator {
+    /// Rebuilds allocation state from the table, rejecting tables that map two virtual chunks to
+    /// one physical chunk (that would let one chunk's data show up in another).
+    pub fn from_table<I: Io>(table: &[u32], h: &Header, store: &Storage<I>) -> Result<Allocator> {
+        let mut used = BTreeSet::new();
+        for (v, &p) in table.iter().enumerate() {
+            if p == PhysChunk::UNALLOCATED.0 {
+                continue;
+            }
+            if !used.insert(p) {
+                return Err(EngineError::Corrupt(format!(
+                    "physical chunk {p} is mapped twice (second time by virtual chunk {v})"
+                )));
+            }
+        }
+        let next = used.last().map_or(0, |&p| p + 1);
+        let free = (0..next).filter(|p| !used.contains(p)).collect();
+        let mut a = Allocator {
+            next,
+            free,
+            allocated: used.len() as u64,
+            capacity: None,
+            data_offset: h.data_offset,
+            chunk_size: h.chunk_size as u64,
+        };
+        if store.file.is_block_device() {
+            a.refresh_capacity(store)?;
+        }
+        Ok(a)
+    }
+
+    fn refresh_capacity<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
+        let size = store.file.size().map_err(|error| EngineError::Io {
+            context: "size of device",
+            error,
+        })?;
+        self.capacity = Some(size.saturating_sub(self.data_offset) / self.chunk_size);
+        Ok(())
+    }
+
+    /// Takes a free chunk. On a block device that is full, re-reads its size first (it may have
+    /// been grown).
+    pub fn alloc<I: Io>(&mut self, store: &Storage<I>) -> Result<PhysChunk> {
+        if let Some(p) = self.free.pop_first() {
+            self.allocated += 1;
+            return Ok(PhysChunk(p));
+        }
+        if let Some(cap) = self.capacity {
+            if self.next as u64 >= cap {
+                self.refresh_capacity(store)?;
+                if self.next as u64 >= self.capacity.unwrap_or(0) {
+                    return Err(EngineError::NoSpace(format!(
+                        "all {} chunks of the device are in use",
+                        self.capacity.unwrap_or(0)
+                    )));
+                }
+            }
+        }
+        if self.next >= PhysChunk::UNALLOCATED.0 - 1 {
+            return Err(EngineError::NoSpace("chunk index space exhausted".into()));
+        }
+        let p = self.next;
+        self.next += 1;
+        self.allocated += 1;
+        Ok(PhysChunk(p))
+    }
+
+    pub fn allocated(&self) -> u64 {
+        self.allocated
+    }
+
+    /// Chunks the storage can hold, if bounded.
+    pub fn capacity(&self) -> Option<u64> {
+        self.capacity
+    }
+}

@@ -1,0 +1,104 @@
+//! DISCARD and WRITE ZEROES.
+//!
+//! Whole blocks are dropped from the image by clearing their bits: afterwards they read from the
+//! base image, or as zeros without one, and their storage is punched out. Partial blocks are left
+//! alone by DISCARD (its contents are unspecified anyway) and written with zeros by WRITE ZEROES.
+//! With a base image, WRITE ZEROES must not expose base data, so it writes zeros.
+
+use super::counters::Counters;
+use super::error::Result;
+use super::image::Image;
+use crate::format::JournalEntry;
+use crate::io::{Buf, Io};
+use crate::units::BlockIndex;
+
+/// Zero buffer size for WRITE ZEROES done as writes.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+impl<I: Io> Image<I> {
+    /// Drops whole blocks of `[off, off + len)` from the image.
+    pub async fn discard(&self, io: &I, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        self.check_writable()?;
+        Counters::inc(&self.counters.guest_discards);
+        self.drop_blocks(io, off, len).await
+    }
+
+    /// Makes `[off, off + len)` read as zeros. `unmap` allows freeing the space.
+    pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_range(off, len)?;
+        self.check_writable()?;
+        let end = off + len;
+        let bs = self.geo.block_size;
+        let (head_end, tail_start) = if self.base.is_none() {
+            // Without a base, a cleared bit reads as zeros: drop the whole blocks.
+            let first_full = off.next_multiple_of(bs);
+            let last_full = end / bs * bs;
+            if first_full < last_full {
+                if unmap {
+                    self.drop_blocks(io, first_full, last_full - first_full)
+                        .await?;
+                } else {
+                    self.clear_blocks(first_full / bs, (last_full - first_full) / bs);
+                }
+                (first_full, last_full)
+            } else {
+                (end, end)
+            }
+        } else {
+            (end, end)
+        };
+        self.write_zero_range(io, off, head_end).await?;
+        self.write_zero_range(io, tail_start.max(head_end), end)
+            .await
+    }
+
+    async fn write_zero_range(&self, io: &I, mut off: u64, end: u64) -> Result<()> {
+        if off >= end {
+            return Ok(());
+        }
+        let zeros = Buf::alloc(ZERO_CHUNK.min(end - off) as usize);
+        while off < end {
+            let n = (end - off).min(ZERO_CHUNK);
+            self.write(io, off, zeros.slice(0, n as usize)).await?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Clears the bits of the whole blocks in the range and punches their storage.
+    async fn drop_blocks(&self, io: &I, off: u64, len: u64) -> Result<()> {
+        let bs = self.geo.block_size;
+        let first = off.div_ceil(bs);
+        let end = (off + len) / bs;
+        if first >= end {
+            return Ok(());
+        }
+        // Punch runs of present blocks that are physically contiguous.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in first..end {
+            if !self.live.present(BlockIndex(b)) {
+                continue;
+            }
+            let p = self.phys_of(b * bs);
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == p => *l += bs,
+                _ => runs.push((p, bs)),
+            }
+        }
+        self.clear_blocks(first, end - first);
+        for (p, l) in runs {
+            self.store.punch_hole(io, p, l).await?;
+        }
+        Ok(())
+    }
+
+    fn clear_blocks(&self, first: u64, count: u64) {
+        let mut pending = self.pending.lock();
+        pending.push(JournalEntry::ClearBits {
+            start: first,
+            count,
+        });
+        self.live.clear(first, count);
+    }
+}

@@ -1,0 +1,235 @@
+//! What the server serves: an FVD image or a raw file/device, behind one set of methods.
+//! Also opening images on host files, with their base chains.
+
+use super::base::Base;
+use super::counters::Counters;
+use super::error::{EngineError, Result};
+use super::image::{CreateParams, Image};
+use super::raw::RawDisk;
+use super::storage::Storage;
+use crate::format::BaseFormat;
+use crate::io::host_file::OpenMode;
+use crate::io::{Buf, HostFile, Io, IoFile};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+// One Disk exists per served image, so the size difference between variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
+pub enum Disk<I: Io> {
+    Fvd(Image<I>),
+    Raw(RawDisk<I>),
+}
+
+macro_rules! both {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            Disk::Fvd($d) => $e,
+            Disk::Raw($d) => $e,
+        }
+    };
+}
+
+impl<I: Io> Disk<I> {
+    pub fn virtual_size(&self) -> u64 {
+        both!(self, d => d.virtual_size())
+    }
+    pub fn read_only(&self) -> bool {
+        both!(self, d => d.read_only())
+    }
+    pub fn alignment(&self) -> u32 {
+        both!(self, d => d.alignment())
+    }
+    pub fn supports_discard(&self) -> bool {
+        true
+    }
+    pub fn counters(&self) -> &Counters {
+        both!(self, d => d.counters())
+    }
+    pub async fn read(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+        both!(self, d => d.read(io, off, buf).await)
+    }
+    pub async fn write(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+        both!(self, d => d.write(io, off, buf).await)
+    }
+    pub async fn flush(&self, io: &I) -> Result<()> {
+        both!(self, d => d.flush(io).await)
+    }
+    pub async fn discard(&self, io: &I, off: u64, len: u64) -> Result<()> {
+        both!(self, d => d.discard(io, off, len).await)
+    }
+    pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
+        both!(self, d => d.write_zeroes(io, off, len, unmap).await)
+    }
+    pub async fn close(&self, io: &I) -> Result<()> {
+        match self {
+            Disk::Fvd(d) => d.close(io).await,
+            Disk::Raw(d) => d.flush(io).await,
+        }
+    }
+}
+
+impl<I: Io<File = HostFile>> Disk<I> {
+    /// A stable identifier (for the default virtio serial): the image's file name.
+    pub fn id(&self) -> String {
+        let f = both!(self, d => d.file());
+        f.path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "fvd".into())
+    }
+}
+
+/// Image formats `probe` can tell apart.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    Fvd,
+    Raw,
+}
+
+/// FVD if the file starts with the FVD magic (in either header slot), raw otherwise.
+pub async fn probe<I: Io<File = HostFile>>(io: &I, file: &HostFile) -> Result<Format> {
+    if file.size().map_err(|error| EngineError::Io {
+        context: "size of image",
+        error,
+    })? < 8192
+    {
+        return Ok(Format::Raw);
+    }
+    let store = Storage::<I>::new(file.clone());
+    let buf = Buf::alloc(8192);
+    store.read(io, &Counters::default(), 0, buf.clone()).await?;
+    let raw = buf.to_vec();
+    let magic = crate::format::header::MAGIC;
+    Ok(if &raw[..8] == magic || &raw[4096..4104] == magic {
+        Format::Fvd
+    } else {
+        Format::Raw
+    })
+}
+
+/// Opens `path` (FVD or raw, probed), with its base chain for FVD images.
+pub async fn open_disk<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+    read_only: bool,
+) -> Result<Disk<I>> {
+    let mode = if read_only {
+        OpenMode::ReadOnly
+    } else {
+        OpenMode::ReadWrite
+    };
+    let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
+        context: "open image",
+        error,
+    })?;
+    match probe(io, &file).await? {
+        Format::Fvd => Ok(Disk::Fvd(open_fvd_file(io, file, read_only, 0).await?)),
+        Format::Raw => Ok(Disk::Raw(RawDisk::open(file, read_only)?)),
+    }
+}
+
+/// Opens an FVD image at `path`.
+pub async fn open_image<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+    read_only: bool,
+) -> Result<Image<I>> {
+    let mode = if read_only {
+        OpenMode::ReadOnly
+    } else {
+        OpenMode::ReadWrite
+    };
+    let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
+        context: "open image",
+        error,
+    })?;
+    open_fvd_file(io, file, read_only, 0).await
+}
+
+/// Base chains deeper than this are refused (and loops are caught by it).
+const MAX_CHAIN: usize = 16;
+
+fn open_fvd_file<'a, I: Io<File = HostFile>>(
+    io: &'a I,
+    file: HostFile,
+    read_only: bool,
+    depth: usize,
+) -> Pin<Box<dyn Future<Output = Result<Image<I>>> + Send + 'a>> {
+    Box::pin(async move {
+        let base = open_base_of(io, &file, depth).await?;
+        Image::open(io, file, base, read_only).await
+    })
+}
+
+/// Opens the base image named in `file`'s header, if any.
+async fn open_base_of<I: Io<File = HostFile>>(
+    io: &I,
+    file: &HostFile,
+    depth: usize,
+) -> Result<Option<Base<I>>> {
+    let h = Image::<I>::read_header(io, file).await?;
+    Ok(match &h.base {
+        None => None,
+        Some(b) => {
+            if depth >= MAX_CHAIN {
+                return Err(EngineError::Invalid(format!(
+                    "base chain deeper than {MAX_CHAIN} (a loop?)"
+                )));
+            }
+            let path = resolve_base(file.path(), &b.path);
+            let bf =
+                HostFile::open(&path, OpenMode::ReadOnly).map_err(|error| EngineError::Io {
+                    context: "open base image",
+                    error,
+                })?;
+            Some(match b.format {
+                BaseFormat::Raw => {
+                    let size = bf.size().map_err(|error| EngineError::Io {
+                        context: "size of base",
+                        error,
+                    })?;
+                    Base::Raw {
+                        store: Storage::new(bf),
+                        size,
+                    }
+                }
+                BaseFormat::Fvd => {
+                    Base::Fvd(Box::new(open_fvd_file(io, bf, true, depth + 1).await?))
+                }
+            })
+        }
+    })
+}
+
+/// `fvd check --repair`: replays the journal, fixes inconsistencies, closes cleanly.
+pub async fn repair_image<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+) -> Result<Vec<super::check::Problem>> {
+    let file = HostFile::open(path, OpenMode::ReadWrite).map_err(|error| EngineError::Io {
+        context: "open image",
+        error,
+    })?;
+    let base = open_base_of(io, &file, 0).await?;
+    Image::repair(io, file, base).await
+}
+
+/// Relative base paths are relative to the image's directory, as in qemu-img.
+pub fn resolve_base(image: &Path, base: &str) -> PathBuf {
+    let p = Path::new(base);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// Creates an FVD image on a host file or block device.
+pub async fn create_image<I: Io<File = HostFile>>(
+    io: &I,
+    file: HostFile,
+    params: &CreateParams,
+) -> Result<()> {
+    Image::create(io, file, params).await
+}

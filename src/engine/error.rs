@@ -1,0 +1,54 @@
+//! Engine errors. I/O errors keep their errno so the server can log it and the tools can print it.
+
+use crate::format::FormatError;
+use std::io;
+
+/// Everything that can go wrong inside the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{context}: {error}")]
+    Io {
+        context: &'static str,
+        error: io::Error,
+    },
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(
+        "request [{offset}, +{len}) is outside the disk ({size} bytes) or not 512-byte aligned"
+    )]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the image is open read-only")]
+    ReadOnly,
+    #[error("no space left in the image's storage for a new chunk ({0})")]
+    NoSpace(String),
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+    #[error("invalid parameters: {0}")]
+    Invalid(String),
+}
+
+impl EngineError {
+    /// The errno that best describes this error (for logs and completions).
+    pub fn errno(&self) -> i32 {
+        match self {
+            EngineError::Io { error, .. } => error.raw_os_error().unwrap_or(libc::EIO),
+            EngineError::Format(_) | EngineError::Corrupt(_) => libc::EUCLEAN,
+            EngineError::OutOfRange { .. } | EngineError::Invalid(_) => libc::EINVAL,
+            EngineError::ReadOnly => libc::EROFS,
+            EngineError::NoSpace(_) => libc::ENOSPC,
+        }
+    }
+}
+
+/// Attaches a static context to an io::Error.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, context: &'static str) -> std::result::Result<T, EngineError>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: &'static str) -> std::result::Result<T, EngineError> {
+        self.map_err(|error| EngineError::Io { context, error })
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

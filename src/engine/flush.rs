@@ -1,0 +1,140 @@
+//! FLUSH, the journal and checkpoints: the crash-consistency contract lives here.
+//!
+//! A guest FLUSH:
+//! 1. takes the metadata records queued by writes that completed before it,
+//! 2. flushes the storage: every completed data write is now durable,
+//! 3. appends the records to the journal and flushes again.
+//!
+//! So a journal record never becomes durable before the data it describes, and a FLUSH costs one
+//! device flush without metadata changes and two with. When the journal is full, the records go
+//! into a checkpoint instead: the committed metadata is written to the *inactive* copy (nothing
+//! points at it yet), one flush makes data and that copy durable, then the header flips to it
+//! with a new journal epoch and a second flush. Journal space is reused only after that flip.
+
+use super::counters::Counters;
+use super::error::{EngineError, Result};
+use super::image::{FlushState, Image};
+use crate::format::header::FLAG_CLEAN;
+use crate::format::{journal, Header, JournalEntry, SECTOR};
+use crate::io::{Buf, Io};
+use std::sync::atomic::Ordering;
+
+impl<I: Io> Image<I> {
+    /// Makes every write that completed before this call durable, with its metadata.
+    pub async fn flush(&self, io: &I) -> Result<()> {
+        Counters::inc(&self.counters.guest_flushes);
+        if self.read_only {
+            return Ok(());
+        }
+        self.check_writable()?;
+        let mut fs = self.flush_state.lock().await;
+        let records = std::mem::take(&mut *self.pending.lock());
+        let r = self.commit(io, &mut fs, &records).await;
+        if let Err(e) = &r {
+            // The records describe data that is still in place: queue them again, ahead of newer ones.
+            let mut pending = self.pending.lock();
+            let newer = std::mem::replace(&mut *pending, records);
+            pending.extend(newer);
+            if matches!(e, EngineError::Io { context, .. } if context.starts_with("flush")) {
+                // After a failed device flush we cannot know what is durable; journaling the
+                // records later could point at lost data.
+                self.failed.store(true, Ordering::Release);
+            }
+        }
+        r
+    }
+
+    async fn commit(&self, io: &I, fs: &mut FlushState, records: &[JournalEntry]) -> Result<()> {
+        if records.is_empty() {
+            return self.store.flush(io, &self.counters).await;
+        }
+        let nsec = journal::sectors_for(records.len());
+        if fs.tail + nsec > self.journal_sectors {
+            fs.committed.apply(records)?;
+            return self.checkpoint(io, fs, false).await;
+        }
+        self.store.flush(io, &self.counters).await?;
+        let bytes = journal::encode(records, fs.header.journal_epoch, fs.tail);
+        let buf = Buf::alloc(bytes.len());
+        buf.copy_from_slice(0, &bytes);
+        Counters::inc(&self.counters.journal_writes);
+        self.store
+            .write(
+                io,
+                &self.counters,
+                self.journal_offset + fs.tail * SECTOR as u64,
+                buf,
+            )
+            .await?;
+        self.store.flush(io, &self.counters).await?;
+        fs.tail += nsec;
+        fs.committed.apply(records)?;
+        Ok(())
+    }
+
+    /// Writes the committed metadata to the inactive copy and flips the header to it with a new
+    /// journal epoch. `clean` marks a clean shutdown.
+    pub(super) async fn checkpoint(&self, io: &I, fs: &mut FlushState, clean: bool) -> Result<()> {
+        Counters::inc(&self.counters.checkpoints);
+        let target = 1 - fs.header.active_meta;
+        let base_off = fs.header.meta_offset[target as usize];
+        for (start, end) in fs.committed.dirty_runs(target) {
+            // At most 1 MiB per write keeps the bounce buffer small.
+            let mut s = start;
+            while s < end {
+                let n = (end - s).min(256);
+                let buf = Buf::alloc(n as usize * SECTOR);
+                let mut sector = vec![0u8; SECTOR];
+                for i in 0..n {
+                    fs.committed.encode_sector(s + i, &mut sector);
+                    buf.copy_from_slice(i as usize * SECTOR, &sector);
+                }
+                self.store
+                    .write(io, &self.counters, base_off + s * SECTOR as u64, buf)
+                    .await?;
+                s += n;
+            }
+        }
+        // Data and the new copy become durable before the header points at the copy.
+        self.store.flush(io, &self.counters).await?;
+        self.write_header(io, fs, |h| {
+            h.active_meta = target;
+            h.journal_epoch += 1;
+            if clean {
+                h.flags |= FLAG_CLEAN;
+            } else {
+                h.flags &= !FLAG_CLEAN;
+            }
+        })
+        .await?;
+        fs.committed.mark_written(target);
+        fs.tail = 0;
+        Ok(())
+    }
+
+    /// Writes the next header generation (to the other slot) and flushes it.
+    pub(super) async fn write_header(
+        &self,
+        io: &I,
+        fs: &mut FlushState,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
+        let mut h = fs.header.clone();
+        change(&mut h);
+        h.generation += 1;
+        let buf = Buf::alloc(SECTOR);
+        buf.copy_from_slice(0, &h.encode());
+        self.store
+            .write(io, &self.counters, h.slot_offset(), buf)
+            .await?;
+        self.store.flush(io, &self.counters).await?;
+        *self.header_snapshot.lock() = h.clone();
+        fs.header = h;
+        Ok(())
+    }
+
+    /// Journal sectors in use in the current epoch (tests, `fvd info`).
+    pub async fn journal_used(&self) -> u64 {
+        self.flush_state.lock().await.tail
+    }
+}

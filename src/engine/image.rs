@@ -1,0 +1,446 @@
+//! An open FVD image: creation, opening (with journal replay), closing.
+//! The I/O paths live in read.rs, write.rs, flush.rs and discard.rs.
+
+use super::allocator::Allocator;
+use super::base::Base;
+use super::block_locks::BlockLocks;
+use super::counters::Counters;
+use super::error::{EngineError, Result};
+use super::metadata::{Committed, LiveMetadata};
+use super::storage::Storage;
+use crate::format::header::{pick_header, FLAG_CLEAN};
+use crate::format::layout::Layout;
+use crate::format::{journal, BaseRef, Header, JournalEntry, SECTOR};
+use crate::io::{Buf, Io, IoFile};
+use crate::units::Geometry;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Parameters of `fvd create`.
+#[derive(Clone, Debug)]
+pub struct CreateParams {
+    pub virtual_size: u64,
+    pub block_size: u64,
+    pub chunk_size: u64,
+    pub journal_size: u64,
+    pub compact: bool,
+    pub base: Option<BaseRef>,
+    pub compat: u64,
+}
+
+impl Default for CreateParams {
+    fn default() -> Self {
+        CreateParams {
+            virtual_size: 0,
+            block_size: 64 << 10,
+            chunk_size: 1 << 20,
+            journal_size: 16 << 20,
+            compact: true,
+            base: None,
+            compat: 0,
+        }
+    }
+}
+
+/// State owned by the flush path (one flush at a time): the header, the committed metadata and
+/// the journal's write position.
+pub(super) struct FlushState {
+    pub header: Header,
+    pub committed: Committed,
+    /// Journal sectors used in the current epoch.
+    pub tail: u64,
+}
+
+pub struct Image<I: Io> {
+    pub(super) store: Storage<I>,
+    pub(super) geo: Geometry,
+    pub(super) data_offset: u64,
+    pub(super) journal_offset: u64,
+    pub(super) journal_sectors: u64,
+    pub(super) read_only: bool,
+    pub(super) live: LiveMetadata,
+    pub(super) pending: Mutex<Vec<JournalEntry>>,
+    pub(super) locks: BlockLocks,
+    pub(super) alloc: Mutex<Allocator>,
+    pub(super) flush_state: futures::lock::Mutex<FlushState>,
+    pub(super) base: Option<Base<I>>,
+    pub(super) counters: Counters,
+    /// Storage with a logical block larger than 512 bytes: every write may need a
+    /// read-modify-write, so every write takes block locks.
+    pub(super) lock_all_writes: bool,
+    /// Set when a device flush failed: durability of earlier writes is unknown, so the image
+    /// refuses further writes and flushes until reopened (never journal possibly lost data).
+    pub(super) failed: AtomicBool,
+    pub(super) closed: AtomicBool,
+    pub(super) header_snapshot: Mutex<Header>,
+}
+
+/// Reads `len` bytes at `off` into a fresh buffer.
+async fn read_region<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+    off: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    let buf = Buf::alloc(len as usize);
+    store.read(io, c, off, buf.clone()).await?;
+    Ok(buf.to_vec())
+}
+
+impl<I: Io> Image<I> {
+    /// Writes a new, empty image onto `file`.
+    pub async fn create(io: &I, file: I::File, p: &CreateParams) -> Result<()> {
+        let geo = Geometry {
+            virtual_size: p.virtual_size,
+            block_size: p.block_size,
+            chunk_size: p.chunk_size,
+        };
+        if p.block_size > u32::MAX as u64 || p.chunk_size > u32::MAX as u64 || p.block_size == 0 {
+            return Err(EngineError::Invalid("block or chunk size too large".into()));
+        }
+        let l = Layout::compute(&geo, p.compact, p.journal_size);
+        let mut h = Header {
+            generation: 0,
+            incompat: if p.compact {
+                crate::format::header::INCOMPAT_COMPACT
+            } else {
+                0
+            },
+            compat: p.compat,
+            virtual_size: p.virtual_size,
+            block_size: p.block_size as u32,
+            chunk_size: p.chunk_size as u32,
+            flags: FLAG_CLEAN,
+            meta_offset: l.meta_offset,
+            meta_len: l.meta_len,
+            bitmap_sectors: l.bitmap_sectors,
+            table_sectors: l.table_sectors,
+            active_meta: 0,
+            journal_offset: l.journal_offset,
+            journal_len: l.journal_len,
+            // A random starting epoch: journal sectors of an earlier image on the same device
+            // can never match.
+            journal_epoch: rand::random::<u32>() as u64 + 1,
+            data_offset: l.data_offset,
+            base: p.base.clone(),
+        };
+        h.validate()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if let Some(b) = &p.base {
+            if b.path.len() > crate::format::header::MAX_BASE_PATH {
+                return Err(EngineError::Invalid("base image path is too long".into()));
+            }
+        }
+        let store = Storage::<I>::new(file);
+        if store.file.is_block_device() {
+            let need = if p.compact {
+                l.data_offset + p.chunk_size
+            } else {
+                l.data_offset + geo.block_count() * p.block_size
+            };
+            let have = store.file.size().map_err(|error| EngineError::Io {
+                context: "size of device",
+                error,
+            })?;
+            if have < need {
+                return Err(EngineError::NoSpace(format!(
+                    "device has {have} bytes; this image needs at least {need}"
+                )));
+            }
+        }
+        let c = Counters::default();
+        // Both metadata copies, fully written with valid checksums.
+        let committed = Committed::new(&geo, p.compact, l.bitmap_sectors, l.table_sectors);
+        let per_write = 256u64; // sectors per write: 1 MiB
+        for copy in 0..2 {
+            let mut s = 0;
+            while s < committed.sectors() {
+                let n = per_write.min(committed.sectors() - s);
+                let mut bytes = vec![0u8; (n as usize) * SECTOR];
+                for i in 0..n {
+                    committed.encode_sector(
+                        s + i,
+                        &mut bytes[i as usize * SECTOR..(i as usize + 1) * SECTOR],
+                    );
+                }
+                let buf = Buf::alloc(bytes.len());
+                buf.copy_from_slice(0, &bytes);
+                store
+                    .write(io, &c, l.meta_offset[copy] + s * SECTOR as u64, buf)
+                    .await?;
+                s += n;
+            }
+        }
+        // Invalidate the first journal sector in case the device held an older image.
+        store
+            .write(io, &c, l.journal_offset, Buf::alloc(SECTOR))
+            .await?;
+        // Both header slots, so a stale header of an earlier image can never win.
+        for g in 0..2 {
+            h.generation = g;
+            let buf = Buf::alloc(SECTOR);
+            buf.copy_from_slice(0, &h.encode());
+            store.write(io, &c, h.slot_offset(), buf).await?;
+        }
+        store.flush(io, &c).await
+    }
+
+    /// Reads and validates the header of `file`.
+    pub async fn read_header(io: &I, file: &I::File) -> Result<Header> {
+        let store = Storage::<I>::new(file.clone());
+        let raw = read_region(io, &store, &Counters::default(), 0, 2 * SECTOR as u64).await?;
+        Ok(pick_header(&raw[..SECTOR], &raw[SECTOR..])?)
+    }
+
+    /// Opens an image. `base` must be the opened base image named in the header (if any).
+    /// Replays the journal; a read-write open then checkpoints and starts a new journal epoch.
+    pub async fn open(
+        io: &I,
+        file: I::File,
+        base: Option<Base<I>>,
+        read_only: bool,
+    ) -> Result<Image<I>> {
+        Ok(Self::open_inner(io, file, base, read_only, false).await?.0)
+    }
+
+    /// Opens; with `repair`, inconsistencies are fixed (and returned) instead of refused.
+    pub(super) async fn open_inner(
+        io: &I,
+        file: I::File,
+        base: Option<Base<I>>,
+        read_only: bool,
+        repair: bool,
+    ) -> Result<(Image<I>, Vec<super::check::Problem>)> {
+        let store = Storage::<I>::new(file);
+        let c = Counters::default();
+        let raw = read_region(io, &store, &c, 0, 2 * SECTOR as u64).await?;
+        let header = pick_header(&raw[..SECTOR], &raw[SECTOR..])?;
+        if header.base.is_some() != base.is_some() {
+            return Err(EngineError::Invalid(
+                "base image given does not match the header".into(),
+            ));
+        }
+        if !read_only && store.file.is_read_only() {
+            return Err(EngineError::ReadOnly);
+        }
+        let geo = header.geometry();
+        if store.file.is_block_device() && !header.compact() {
+            let need = header.data_offset + geo.block_count() * geo.block_size;
+            let have = store.file.size().map_err(|error| EngineError::Io {
+                context: "size of device",
+                error,
+            })?;
+            if have < need {
+                return Err(EngineError::Corrupt(format!(
+                    "device has {have} bytes, the image needs {need}"
+                )));
+            }
+        }
+        let mut committed = Committed::new(
+            &geo,
+            header.compact(),
+            header.bitmap_sectors,
+            header.table_sectors,
+        );
+        let active = header.active_meta;
+        let meta = read_region(
+            io,
+            &store,
+            &c,
+            header.meta_offset[active as usize],
+            committed.sectors() * SECTOR as u64,
+        )
+        .await?;
+        committed.load(active, &meta)?;
+        let (entries, tail) = replay(io, &store, &c, &header).await?;
+        committed.apply(&entries)?;
+        let dev_size = if store.file.is_block_device() {
+            store.file.size().ok()
+        } else {
+            None
+        };
+        let problems = super::check::find_problems(&committed, &header, dev_size);
+        if !problems.is_empty() {
+            if !repair || read_only {
+                return Err(EngineError::Corrupt(format!(
+                    "{} (and {} more); run 'fvd check --repair'",
+                    problems[0],
+                    problems.len() - 1
+                )));
+            }
+            super::check::fix_problems(&mut committed, &header, &problems);
+        }
+        let live = LiveMetadata::from_committed(geo, &committed);
+        let alloc = Allocator::from_table(&committed.table, &header, &store)?;
+        let lock_all_writes = store.align > 512;
+        let img = Image {
+            store,
+            geo,
+            data_offset: header.data_offset,
+            journal_offset: header.journal_offset,
+            journal_sectors: header.journal_len / SECTOR as u64,
+            read_only,
+            live,
+            pending: Mutex::new(Vec::new()),
+            locks: BlockLocks::default(),
+            alloc: Mutex::new(alloc),
+            flush_state: futures::lock::Mutex::new(FlushState {
+                header: header.clone(),
+                committed,
+                tail,
+            }),
+            base,
+            counters: c,
+            lock_all_writes,
+            failed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            header_snapshot: Mutex::new(header),
+        };
+        if !read_only {
+            let mut fs = img.flush_state.lock().await;
+            if !entries.is_empty() || !problems.is_empty() {
+                // Fold the replayed records into the inactive copy so the journal starts empty.
+                img.checkpoint(io, &mut fs, false).await?;
+            } else {
+                // New epoch even so: sectors past the torn tail of the old epoch must never be
+                // mistaken for new ones.
+                img.write_header(io, &mut fs, |h| {
+                    h.journal_epoch += 1;
+                    h.flags &= !FLAG_CLEAN;
+                })
+                .await?;
+                fs.tail = 0;
+            }
+        }
+        Ok((img, problems))
+    }
+
+    /// Flushes, checkpoints and marks the image clean. Further writes fail.
+    pub async fn close(&self, io: &I) -> Result<()> {
+        if self.read_only || self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.flush(io).await?;
+        let mut fs = self.flush_state.lock().await;
+        self.checkpoint(io, &mut fs, true).await?;
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.geo.virtual_size
+    }
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn compact(&self) -> bool {
+        self.live.compact()
+    }
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+    pub fn base(&self) -> Option<&Base<I>> {
+        self.base.as_ref()
+    }
+    pub fn file(&self) -> &I::File {
+        &self.store.file
+    }
+    /// The header as last written.
+    pub fn header(&self) -> Header {
+        self.header_snapshot.lock().clone()
+    }
+    /// Blocks whose data is in this image (live view).
+    pub fn present_blocks(&self) -> u64 {
+        self.live.present_blocks()
+    }
+    pub fn block_present(&self, b: crate::units::BlockIndex) -> bool {
+        self.live.present(b)
+    }
+    /// Physical chunk of a virtual chunk (compact images).
+    pub fn chunk_phys(&self, c: crate::units::ChunkIndex) -> crate::units::PhysChunk {
+        self.live.phys(c)
+    }
+    /// Physical chunks in use (compact images).
+    pub fn allocated_chunks(&self) -> u64 {
+        self.alloc.lock().allocated()
+    }
+    /// Logical block size of the storage (what to advertise to guests).
+    pub fn alignment(&self) -> u32 {
+        self.store.align.max(512) as u32
+    }
+    /// Blocks with a fill in progress (tests: must be 0 when idle).
+    pub fn locked_blocks(&self) -> usize {
+        self.locks.held()
+    }
+
+    /// Checks a guest request's range.
+    pub(super) fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        if off % 512 != 0
+            || len % 512 != 0
+            || off
+                .checked_add(len)
+                .is_none_or(|e| e > self.geo.virtual_size)
+        {
+            return Err(EngineError::OutOfRange {
+                offset: off,
+                len,
+                size: self.geo.virtual_size,
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        if self.failed.load(Ordering::Acquire) {
+            return Err(EngineError::Io {
+                context: "image failed after a flush error; reopen it",
+                error: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::Invalid("image is closed".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Reads the journal of the header's epoch; returns its entries and the number of valid sectors.
+pub(super) async fn replay<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+    h: &Header,
+) -> Result<(Vec<JournalEntry>, u64)> {
+    let total = h.journal_len / SECTOR as u64;
+    let per_read = 256u64; // 1 MiB
+    let mut entries = Vec::new();
+    let mut seq = 0u64;
+    while seq < total {
+        let n = per_read.min(total - seq);
+        let raw = read_region(
+            io,
+            store,
+            c,
+            h.journal_offset + seq * SECTOR as u64,
+            n * SECTOR as u64,
+        )
+        .await?;
+        for i in 0..n as usize {
+            match journal::decode(&raw[i * SECTOR..(i + 1) * SECTOR], h.journal_epoch, seq) {
+                Some(e) => {
+                    entries.extend(e);
+                    seq += 1;
+                }
+                None => return Ok((entries, seq)),
+            }
+        }
+    }
+    Ok((entries, seq))
+}

@@ -1,0 +1,298 @@
+//! In-memory metadata: the live bitmap and table that the I/O paths consult without locks, and
+//! the committed copy (the state the journal and the on-disk metadata describe) that only flush
+//! and checkpoint touch.
+//!
+//! Live state runs ahead of committed state: a bit is set in the live bitmap as soon as the data
+//! write completes, but reaches the committed copy (and disk) only through the next flush's
+//! journal records. A checkpoint writes the committed copy, never the live one, so it cannot
+//! record a block whose data is not yet durable.
+
+use crate::format::metadata::{self as md, BITS_PER_SECTOR, ENTRIES_PER_SECTOR};
+use crate::format::{FormatError, JournalEntry, SECTOR};
+use crate::units::{BlockIndex, ChunkIndex, Geometry, PhysChunk};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Word-level helpers shared by the atomic and plain bitmaps.
+fn word_masks(start: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
+    let end = start + count;
+    let mut b = start;
+    std::iter::from_fn(move || {
+        if b >= end {
+            return None;
+        }
+        let w = (b / 64) as usize;
+        let lo = b % 64;
+        let hi = ((w as u64 + 1) * 64).min(end) - w as u64 * 64;
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        b = (w as u64 + 1) * 64;
+        Some((w, mask))
+    })
+}
+
+pub struct LiveMetadata {
+    pub geo: Geometry,
+    bits: Vec<AtomicU64>,
+    table: Vec<AtomicU32>,
+}
+
+impl LiveMetadata {
+    pub fn from_committed(geo: Geometry, c: &Committed) -> Self {
+        LiveMetadata {
+            geo,
+            bits: c.bits.iter().map(|&w| AtomicU64::new(w)).collect(),
+            table: c.table.iter().map(|&e| AtomicU32::new(e)).collect(),
+        }
+    }
+
+    pub fn compact(&self) -> bool {
+        !self.table.is_empty()
+    }
+
+    #[inline]
+    pub fn present(&self, b: BlockIndex) -> bool {
+        let w = self.bits[(b.0 / 64) as usize].load(Ordering::Acquire);
+        w & (1 << (b.0 % 64)) != 0
+    }
+
+    /// Marks blocks present. Release ordering: a reader that sees the bit sees the data write as
+    /// completed.
+    pub fn set(&self, start: u64, count: u64) {
+        for (w, m) in word_masks(start, count) {
+            self.bits[w].fetch_or(m, Ordering::Release);
+        }
+    }
+
+    pub fn clear(&self, start: u64, count: u64) {
+        for (w, m) in word_masks(start, count) {
+            self.bits[w].fetch_and(!m, Ordering::Release);
+        }
+    }
+
+    /// Physical chunk of a virtual chunk (compact images only).
+    #[inline]
+    pub fn phys(&self, c: ChunkIndex) -> PhysChunk {
+        PhysChunk(self.table[c.0 as usize].load(Ordering::Acquire))
+    }
+
+    pub fn set_phys(&self, c: ChunkIndex, p: PhysChunk) {
+        self.table[c.0 as usize].store(p.0, Ordering::Release);
+    }
+
+    /// True if no block of chunk `c` is present.
+    pub fn chunk_empty(&self, c: ChunkIndex) -> bool {
+        let bpc = self.geo.blocks_per_chunk();
+        let start = c.0 * bpc;
+        let count = bpc.min(self.geo.block_count() - start);
+        word_masks(start, count).all(|(w, m)| self.bits[w].load(Ordering::Acquire) & m == 0)
+    }
+
+    /// Number of present blocks.
+    pub fn present_blocks(&self) -> u64 {
+        self.bits
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
+    }
+}
+
+/// The committed metadata plus, per on-disk copy, which sectors differ from what that copy holds.
+pub struct Committed {
+    pub bits: Vec<u64>,
+    pub table: Vec<u32>,
+    nblocks: u64,
+    bitmap_sectors: u64,
+    table_sectors: u64,
+    dirty: [Vec<bool>; 2],
+}
+
+impl Committed {
+    /// Fresh metadata: nothing present, nothing allocated. Both copies are "dirty" (unwritten).
+    pub fn new(geo: &Geometry, compact: bool, bitmap_sectors: u64, table_sectors: u64) -> Self {
+        let n = (bitmap_sectors + table_sectors) as usize;
+        Committed {
+            bits: vec![0; geo.block_count().div_ceil(64) as usize],
+            table: if compact {
+                vec![PhysChunk::UNALLOCATED.0; geo.chunk_count() as usize]
+            } else {
+                Vec::new()
+            },
+            nblocks: geo.block_count(),
+            bitmap_sectors,
+            table_sectors,
+            dirty: [vec![true; n], vec![true; n]],
+        }
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.bitmap_sectors + self.table_sectors
+    }
+
+    /// Loads one copy from its raw bytes; that copy is then clean and the other fully dirty.
+    pub fn load(&mut self, copy: u32, raw: &[u8]) -> Result<(), FormatError> {
+        for s in 0..self.sectors() {
+            let sec = &raw[s as usize * SECTOR..(s as usize + 1) * SECTOR];
+            md::verify(sec, copy, s)?;
+            if s < self.bitmap_sectors {
+                md::decode_bitmap_sector(sec, s, &mut self.bits);
+            } else {
+                md::decode_table_sector(sec, s - self.bitmap_sectors, &mut self.table);
+            }
+        }
+        self.dirty[copy as usize].fill(false);
+        self.dirty[1 - copy as usize].fill(true);
+        Ok(())
+    }
+
+    /// Applies journal entries in order, marking touched sectors dirty in both copies.
+    pub fn apply(&mut self, entries: &[JournalEntry]) -> Result<(), FormatError> {
+        let nblocks = self.nblocks;
+        for e in entries {
+            match *e {
+                JournalEntry::SetBits { start, count }
+                | JournalEntry::ClearBits { start, count } => {
+                    if start.checked_add(count).is_none_or(|end| end > nblocks) {
+                        return Err(FormatError::InvalidHeader(format!(
+                            "journal entry {e:?} is outside the bitmap"
+                        )));
+                    }
+                    let set = matches!(e, JournalEntry::SetBits { .. });
+                    for (w, m) in word_masks(start, count) {
+                        if set {
+                            self.bits[w] |= m;
+                        } else {
+                            self.bits[w] &= !m;
+                        }
+                    }
+                    if count > 0 {
+                        let first = start / BITS_PER_SECTOR as u64;
+                        let last = (start + count - 1) / BITS_PER_SECTOR as u64;
+                        for s in first..=last {
+                            self.mark(s);
+                        }
+                    }
+                }
+                JournalEntry::Map { chunk, phys } => {
+                    self.set_entry(chunk, phys)?;
+                }
+                JournalEntry::Unmap { chunk } => {
+                    self.set_entry(chunk, PhysChunk::UNALLOCATED.0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_entry(&mut self, chunk: u64, phys: u32) -> Result<(), FormatError> {
+        let Some(slot) = self.table.get_mut(chunk as usize) else {
+            return Err(FormatError::InvalidHeader(format!(
+                "journal maps chunk {chunk} outside the table"
+            )));
+        };
+        *slot = phys;
+        self.mark(self.bitmap_sectors + chunk / ENTRIES_PER_SECTOR as u64);
+        Ok(())
+    }
+
+    fn mark(&mut self, s: u64) {
+        self.dirty[0][s as usize] = true;
+        self.dirty[1][s as usize] = true;
+    }
+
+    /// Encodes sector `s` of a copy.
+    pub fn encode_sector(&self, s: u64, out: &mut [u8]) {
+        if s < self.bitmap_sectors {
+            md::encode_bitmap_sector(&self.bits, s, out);
+        } else {
+            md::encode_table_sector(&self.table, s - self.bitmap_sectors, s, out);
+        }
+    }
+
+    /// Runs `[first, end)` of sectors that `copy` must rewrite to match this state.
+    pub fn dirty_runs(&self, copy: u32) -> Vec<(u64, u64)> {
+        let d = &self.dirty[copy as usize];
+        let mut runs = Vec::new();
+        let mut s = 0;
+        while s < d.len() {
+            if d[s] {
+                let start = s;
+                while s < d.len() && d[s] {
+                    s += 1;
+                }
+                runs.push((start as u64, s as u64));
+            } else {
+                s += 1;
+            }
+        }
+        runs
+    }
+
+    pub fn mark_written(&mut self, copy: u32) {
+        self.dirty[copy as usize].fill(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_cover_ranges_exactly() {
+        let geo = Geometry {
+            virtual_size: 300 * 4096,
+            block_size: 4096,
+            chunk_size: 65536,
+        };
+        let c = Committed::new(&geo, true, 1, 1);
+        let live = LiveMetadata::from_committed(geo, &c);
+        live.set(60, 70);
+        assert!(!live.present(BlockIndex(59)));
+        assert!(live.present(BlockIndex(60)) && live.present(BlockIndex(129)));
+        assert!(!live.present(BlockIndex(130)));
+        assert_eq!(live.present_blocks(), 70);
+        live.clear(64, 64);
+        assert_eq!(live.present_blocks(), 6);
+        assert!(live.chunk_empty(ChunkIndex(5)));
+        assert!(!live.chunk_empty(ChunkIndex(3)));
+    }
+
+    #[test]
+    fn apply_marks_dirty_and_rejects_out_of_range() {
+        let geo = Geometry {
+            virtual_size: 1 << 30,
+            block_size: 4096,
+            chunk_size: 1 << 20,
+        };
+        let mut c = Committed::new(&geo, true, 9, 2);
+        c.mark_written(0);
+        c.mark_written(1);
+        c.apply(&[
+            JournalEntry::SetBits {
+                start: 40000,
+                count: 3,
+            },
+            JournalEntry::Map {
+                chunk: 1023,
+                phys: 5,
+            },
+        ])
+        .unwrap();
+        assert_eq!(c.dirty_runs(0), vec![(1, 2), (10, 11)]);
+        assert_eq!(c.table[1023], 5);
+        assert!(c
+            .apply(&[JournalEntry::SetBits {
+                start: u64::MAX - 1,
+                count: 5
+            }])
+            .is_err());
+        assert!(c
+            .apply(&[JournalEntry::Map {
+                chunk: 5000,
+                phys: 1
+            }])
+            .is_err());
+    }
+}

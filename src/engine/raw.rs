@@ -1,0 +1,105 @@
+//! A raw file or block device served as is (no FVD metadata).
+
+use super::counters::Counters;
+use super::error::{EngineError, IoContext, Result};
+use super::storage::Storage;
+use crate::io::{Buf, Io, IoFile};
+
+pub struct RawDisk<I: Io> {
+    store: Storage<I>,
+    size: u64,
+    read_only: bool,
+    counters: Counters,
+}
+
+impl<I: Io> RawDisk<I> {
+    pub fn open(file: I::File, read_only: bool) -> Result<Self> {
+        let size = file.size().ctx("size of raw image")? / 512 * 512;
+        if !read_only && file.is_read_only() {
+            return Err(EngineError::ReadOnly);
+        }
+        Ok(RawDisk {
+            store: Storage::new(file),
+            size,
+            read_only,
+            counters: Counters::default(),
+        })
+    }
+
+    fn check(&self, off: u64, len: u64, write: bool) -> Result<()> {
+        if write && self.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        if off % 512 != 0 || len % 512 != 0 || off.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(EngineError::OutOfRange {
+                offset: off,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+    pub fn file(&self) -> &I::File {
+        &self.store.file
+    }
+    pub fn alignment(&self) -> u32 {
+        self.store.align.max(512) as u32
+    }
+
+    pub async fn read(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+        self.check(off, buf.len() as u64, false)?;
+        Counters::inc(&self.counters.guest_reads);
+        self.store.read(io, &self.counters, off, buf).await
+    }
+    pub async fn write(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+        self.check(off, buf.len() as u64, true)?;
+        Counters::inc(&self.counters.guest_writes);
+        self.store.write(io, &self.counters, off, buf).await
+    }
+    pub async fn flush(&self, io: &I) -> Result<()> {
+        Counters::inc(&self.counters.guest_flushes);
+        if self.read_only {
+            return Ok(());
+        }
+        self.store.flush(io, &self.counters).await
+    }
+    pub async fn discard(&self, io: &I, off: u64, len: u64) -> Result<()> {
+        self.check(off, len, true)?;
+        Counters::inc(&self.counters.guest_discards);
+        self.store.punch_hole(io, off, len).await
+    }
+    /// Punching reads back as zeros on files and block devices alike; where the storage cannot
+    /// punch, zeros are written.
+    pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, _unmap: bool) -> Result<()> {
+        self.check(off, len, true)?;
+        match io
+            .punch_hole(&self.store.file, crate::units::PhysOffset(off), len)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                let chunk = 1u64 << 20;
+                let zeros = Buf::alloc(chunk.min(len) as usize);
+                let mut pos = off;
+                while pos < off + len {
+                    let n = (off + len - pos).min(chunk);
+                    self.store
+                        .write(io, &self.counters, pos, zeros.slice(0, n as usize))
+                        .await?;
+                    pos += n;
+                }
+                Ok(())
+            }
+        }
+    }
+}

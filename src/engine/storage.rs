@@ -1,0 +1,106 @@
+//! The image's storage as the engine uses it: positioned I/O at any 512-byte alignment, bounced
+//! only when O_DIRECT requires it, with every host operation counted.
+
+use super::counters::Counters;
+use super::error::{IoContext, Result};
+use crate::io::{Buf, Io, IoFile};
+use crate::units::PhysOffset;
+
+pub struct Storage<I: Io> {
+    pub file: I::File,
+    /// O_DIRECT offset/length alignment.
+    pub align: u64,
+    mem_align: usize,
+}
+
+impl<I: Io> Storage<I> {
+    pub fn new(file: I::File) -> Self {
+        let align = file.alignment().max(1) as u64;
+        let mem_align = file.mem_alignment().max(1) as usize;
+        Storage {
+            file,
+            align,
+            mem_align,
+        }
+    }
+
+    fn aligned(&self, off: u64, len: u64) -> bool {
+        off % self.align == 0 && len % self.align == 0
+    }
+
+    /// Reads `buf.len()` bytes at `off`.
+    pub async fn read(&self, io: &I, c: &Counters, off: u64, buf: Buf) -> Result<()> {
+        Counters::inc(&c.host_reads);
+        Counters::add(&c.host_bytes_read, buf.len() as u64);
+        let len = buf.len() as u64;
+        if self.aligned(off, len) && buf.is_aligned(self.mem_align) {
+            return io
+                .read(&self.file, PhysOffset(off), buf)
+                .await
+                .ctx("read from image storage");
+        }
+        Counters::inc(&c.bounced);
+        let start = off / self.align * self.align;
+        let end = (off + len).div_ceil(self.align) * self.align;
+        let bounce = Buf::alloc((end - start) as usize);
+        io.read(&self.file, PhysOffset(start), bounce.clone())
+            .await
+            .ctx("read from image storage")?;
+        buf.copy_from_buf(0, &bounce, (off - start) as usize, len as usize);
+        Ok(())
+    }
+
+    /// Writes `buf` at `off`. An offset or length not aligned to the storage's logical block is
+    /// done as read-modify-write of the surrounding blocks: the caller must hold the block lock.
+    pub async fn write(&self, io: &I, c: &Counters, off: u64, buf: Buf) -> Result<()> {
+        Counters::inc(&c.host_writes);
+        Counters::add(&c.host_bytes_written, buf.len() as u64);
+        let len = buf.len() as u64;
+        if self.aligned(off, len) {
+            if buf.is_aligned(self.mem_align) {
+                return io
+                    .write(&self.file, PhysOffset(off), buf)
+                    .await
+                    .ctx("write to image storage");
+            }
+            Counters::inc(&c.bounced);
+            let bounce = Buf::alloc(len as usize);
+            bounce.copy_from_buf(0, &buf, 0, len as usize);
+            return io
+                .write(&self.file, PhysOffset(off), bounce)
+                .await
+                .ctx("write to image storage");
+        }
+        Counters::inc(&c.bounced);
+        let start = off / self.align * self.align;
+        let end = (off + len).div_ceil(self.align) * self.align;
+        let bounce = Buf::alloc((end - start) as usize);
+        io.read(&self.file, PhysOffset(start), bounce.clone())
+            .await
+            .ctx("read for read-modify-write")?;
+        bounce.copy_from_buf((off - start) as usize, &buf, 0, len as usize);
+        io.write(&self.file, PhysOffset(start), bounce)
+            .await
+            .ctx("write to image storage")
+    }
+
+    pub async fn flush(&self, io: &I, c: &Counters) -> Result<()> {
+        Counters::inc(&c.host_flushes);
+        io.flush(&self.file).await.ctx("flush image storage")
+    }
+
+    /// Returns space to the storage; unsupported storage is not an error (space simply stays used).
+    pub async fn punch_hole(&self, io: &I, off: u64, len: u64) -> Result<()> {
+        match io.punch_hole(&self.file, PhysOffset(off), len).await {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
+                ) =>
+            {
+                Ok(())
+            }
+            r => r.ctx("punch hole in image storage"),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The write path.
+//!
+//! Writes to blocks already present in the image go straight to their physical location with no
+//! lock and no metadata change: the steady state costs exactly one host write per guest write.
+//! A first write to a block takes the block's fill lock, writes the whole block (guest bytes
+//! merged with base data or zeros: one block write, never a read-modify-write loop), then sets
+//! the block's bit and queues a journal record for the next flush.
+
+use super::counters::Counters;
+use super::error::Result;
+use super::image::Image;
+use crate::format::JournalEntry;
+use crate::io::{Buf, Io};
+use crate::units::{BlockIndex, ChunkIndex};
+use smallvec::SmallVec;
+
+/// One host write of a guest write.
+enum Piece {
+    /// Guest bytes `[buf_off, buf_off + len)` to physical `phys`.
+    Direct {
+        phys: u64,
+        buf_off: usize,
+        len: usize,
+    },
+    /// Block `block` is filled: base data (or zeros) merged with the guest's bytes.
+    Merge { block: u64 },
+}
+
+impl<I: Io> Image<I> {
+    /// Writes `buf` at virtual offset `off`.
+    pub async fn write(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+        let len = buf.len() as u64;
+        self.check_range(off, len)?;
+        self.check_writable()?;
+        Counters::inc(&self.counters.guest_writes);
+        if len == 0 {
+            return Ok(());
+        }
+        let end = off + len;
+        let first = off / self.geo.block_size;
+        let last = (end - 1) / self.geo.block_size;
+        if self.live.compact() {
+            self.ensure_chunks(first, last)?;
+        }
+        let needs_fill = |b: u64| self.lock_all_writes || !self.live.present(BlockIndex(b));
+        if !(first..=last).any(needs_fill) {
+            return self.write_present(io, off, &buf).await;
+        }
+        // Lock in ascending order (deadlock-free), then plan: the bits may have changed while we
+        // waited.
+        let mut guards = SmallVec::<[_; 4]>::new();
+        for b in (first..=last).filter(|&b| needs_fill(b)) {
+            guards.push(self.locks.lock(b).await);
+        }
+        let mut pieces: SmallVec<[Piece; 4]> = SmallVec::new();
+        let mut newly: SmallVec<[u64; 4]> = SmallVec::new();
+        for b in first..=last {
+            let bs = b * self.geo.block_size;
+            let be = bs + self.geo.block_size;
+            let (s, e) = (bs.max(off), be.min(end));
+            if !self.live.present(BlockIndex(b)) {
+                newly.push(b);
+                if s != bs || e != be {
+                    pieces.push(Piece::Merge { block: b });
+                    continue;
+                }
+            }
+            let phys = self.phys_of(s);
+            let buf_off = (s - off) as usize;
+            let n = (e - s) as usize;
+            match pieces.last_mut() {
+                Some(Piece::Direct {
+                    phys: p,
+                    buf_off: o,
+                    len: l,
+                }) if *p + *l as u64 == phys && *o + *l == buf_off => *l += n,
+                _ => pieces.push(Piece::Direct {
+                    phys,
+                    buf_off,
+                    len: n,
+                }),
+            }
+        }
+        let futs = pieces.iter().map(|p| self.write_piece(io, p, off, &buf));
+        let results = futures::future::join_all(futs).await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        if !newly.is_empty() {
+            self.mark_present(&newly);
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    /// Fast path: every block is present, so bytes go to their physical place unchanged.
+    async fn write_present(&self, io: &I, off: u64, buf: &Buf) -> Result<()> {
+        let len = buf.len() as u64;
+        if !self.live.compact() {
+            return self
+                .store
+                .write(io, &self.counters, self.data_offset + off, buf.clone())
+                .await;
+        }
+        // Compact: one host write per physically contiguous run of chunks.
+        let mut runs: SmallVec<[(u64, usize, usize); 2]> = SmallVec::new();
+        let mut pos = off;
+        while pos < off + len {
+            let cend = ((pos / self.geo.chunk_size) + 1) * self.geo.chunk_size;
+            let e = cend.min(off + len);
+            let phys = self.phys_of(pos);
+            let (bo, n) = ((pos - off) as usize, (e - pos) as usize);
+            match runs.last_mut() {
+                Some((p, _, l)) if *p + *l as u64 == phys => *l += n,
+                _ => runs.push((phys, bo, n)),
+            }
+            pos = e;
+        }
+        if runs.len() == 1 {
+            return self
+                .store
+                .write(io, &self.counters, runs[0].0, buf.clone())
+                .await;
+        }
+        let futs = runs
+            .iter()
+            .map(|&(p, bo, n)| self.store.write(io, &self.counters, p, buf.slice(bo, n)));
+        futures::future::join_all(futs)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    async fn write_piece(&self, io: &I, piece: &Piece, off: u64, buf: &Buf) -> Result<()> {
+        match *piece {
+            Piece::Direct { phys, buf_off, len } => {
+                self.store
+                    .write(io, &self.counters, phys, buf.slice(buf_off, len))
+                    .await
+            }
+            Piece::Merge { block } => {
+                let bsize = self.geo.block_size;
+                let bs = block * bsize;
+                let blk = Buf::alloc(bsize as usize);
+                if let Some(base) = &self.base {
+                    base.read(io, &self.counters, bs, blk.clone()).await?;
+                }
+                let end = off + buf.len() as u64;
+                let (s, e) = (bs.max(off), (bs + bsize).min(end));
+                blk.copy_from_buf((s - bs) as usize, buf, (s - off) as usize, (e - s) as usize);
+                self.store
+                    .write(io, &self.counters, self.phys_of(bs), blk)
+                    .await
+            }
+        }
+    }
+
+    /// Sets the bits of blocks whose data is now written and queues their journal records.
+    pub(super) fn mark_present(&self, blocks: &[u64]) {
+        let mut pending = self.pending.lock();
+        let mut i = 0;
+        while i < blocks.len() {
+            let start = blocks[i];
+            let mut j = i + 1;
+            while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
+                j += 1;
+            }
+            let count = (j - i) as u64;
+            pending.push(JournalEntry::SetBits { start, count });
+            self.live.set(start, count);
+            i = j;
+        }
+    }
+
+    /// Gives every chunk touched by blocks `first..=last` a physical chunk.
+    pub(super) fn ensure_chunks(&self, first: u64, last: u64) -> Result<()> {
+        let c0 = self.geo.chunk_of_block(BlockIndex(first)).0;
+        let c1 = self.geo.chunk_of_block(BlockIndex(last)).0;
+        for c in c0..=c1 {
+            if self.live.phys(ChunkIndex(c)).is_allocated() {
+                continue;
+            }
+            let mut alloc = self.alloc.lock();
+            if self.live.phys(ChunkIndex(c)).is_allocated() {
+                continue; // another queue won the race
+            }
+            let p = alloc.alloc(&self.store)?;
+            self.live.set_phys(ChunkIndex(c), p);
+            self.pending.lock().push(JournalEntry::Map {
+                chunk: c,
+                phys: p.0,
+            });
+            Counters::inc(&self.counters.chunks_allocated);
+        }
+        Ok(())
+    }
+}
