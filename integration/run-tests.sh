@@ -16,7 +16,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
-all_cases=(config fio-verify fio-flush trim fs-restart fs-kill readonly base fio-compact)
+all_cases=(config fio-verify fio-flush trim fs-restart fs-kill readonly base fio-nocompact)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -29,7 +29,7 @@ done
 say() { echo "run-tests: $*" >&2; }
 
 # --- processes we own; the trap ends each of them by its pid ---
-declare -A server_pid=() server_sock=()
+declare -A server_pid=() server_sock=() server_img=()
 vm_pid=
 run=
 cleanup() {
@@ -71,13 +71,14 @@ mkdir -p "$logs" "$here/.cache"
 rm -f "$logs"/*.log
 run=$(mktemp -d "$here/.cache/run.XXXXXX")
 
-# create_image NAME SIZE [compact|base=FILE]: prints the image path.
+# create_image NAME SIZE [nocompact|base=FILE]: prints the image path. fvd images are compact
+# (thin) unless nocompact; the qsd backend uses raw files (qcow2 over a raw base).
 create_image() {
     local img=$run/$1.img
     if [ "$backend" = fvd ]; then
         local extra=()
         case "${3:-}" in
-        compact) extra=(--compact) ;;
+        nocompact) extra=(--no-compact) ;;
         base=*) extra=(--base "${3#base=}" --base-format raw) ;;
         esac
         "$FVD_BIN" create "$img" --size "$2" "${extra[@]}" >"$logs/create-$1.log" 2>&1 ||
@@ -116,6 +117,7 @@ start_server() {
     pid=$!
     server_pid[$name]=$pid
     server_sock[$name]=$sock
+    server_img[$name]=$img
     for _ in $(seq 1 300); do
         [ -S "$sock" ] && return 0
         kill -0 "$pid" 2>/dev/null || break
@@ -126,25 +128,48 @@ start_server() {
     return 1
 }
 
-# stop_server NAME [KILL]: SIGTERM (must exit 0 within 30 s) or SIGKILL (a crash).
+# stop_server NAME [KILL]: SIGTERM (must exit 0 within 30 s, leaving an image that checks clean)
+# or SIGKILL (a crash).
 stop_server() {
-    local name=$1 sig=${2:-TERM} pid=${server_pid[$1]} rc=0 st=0
-    kill "-$sig" "$pid"
-    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-        say "server $name still running 30 s after SIG$sig: killing it"
-        kill -KILL "$pid"
+    local name=$1 sig=${2:-TERM} pid=${server_pid[$1]} rc=0 st=0 hung=0
+    # Bash reports a job killed by a signal whenever it reaps it; this block's stderr hides that.
+    {
+        kill "-$sig" "$pid"
+        for _ in $(seq 1 300); do kill -0 "$pid" || break; sleep 0.1; done
+        if kill -0 "$pid"; then
+            hung=1
+            kill -KILL "$pid"
+        fi
+        wait "$pid" || st=$?
+    } 2>/dev/null
+    if [ "$hung" = 1 ]; then
+        say "server $name still running 30 s after SIG$sig: killed it"
         rc=1
-    fi
-    # (The braces keep bash from reporting the SIGKILL'ed job.)
-    { wait "$pid"; } 2>/dev/null || st=$?
-    if [ "$sig" = TERM ] && [ "$st" != 0 ]; then
+    elif [ "$sig" = TERM ] && [ "$st" != 0 ]; then
         say "server $name exited with status $st after SIGTERM (log $logs/server-$name.log)"
         rc=1
     fi
     unset "server_pid[$name]"
     rm -f "${server_sock[$name]}"
+    if [ "$sig" = TERM ] && [ "$rc" = 0 ]; then
+        check_image "${server_img[$name]}" || rc=1
+    fi
     return "$rc"
+}
+
+# check_image IMAGE: the host's own consistency check of an image no server has open.
+check_image() {
+    local out st=0
+    if [ "$backend" = fvd ]; then
+        out=$("$FVD_BIN" check "$1" 2>&1) || st=$?
+    elif [ "$(od -An -tx1 -N4 "$1" | tr -d ' ')" = 514649fb ]; then
+        out=$(qemu-img check -q "$1" 2>&1) || st=$?
+    fi
+    if [ "$st" != 0 ]; then
+        say "image check of $1 failed (exit $st):"
+        printf '%s\n' "$out" | head -n 20 >&2
+        return 1
+    fi
 }
 
 # vm TEST SERVER QUEUES [KEY=VALUE...]: one guest test against a running server.
@@ -205,13 +230,13 @@ fs_case() { # SIGNAL [compact]: fs-write, restart the server after SIGNAL, fs-ch
     stop_server "$current" || return 1
     fs_image=$img fs_sum=$sum
 }
-case_fs_restart() { fs_case TERM ""; }
-case_fs_kill() { fs_case KILL compact; }
+case_fs_restart() { fs_case TERM nocompact; }
+case_fs_kill() { fs_case KILL ""; }
 case_readonly() {
     # Serves the filesystem fs-restart left (making one if that case did not run) read-only: the
     # guest sees a read-only disk, its write fails, and the filesystem still checks clean.
     if [ -z "$fs_image" ]; then
-        current=fs-restart fs_case TERM "" || return 1
+        current=fs-restart fs_case TERM nocompact || return 1
     fi
     start_server readonly "$fs_image" 1 readonly || return 1
     vm config readonly 1 size=$G queues=1 "wc=$(wc_mode)" discard=any ro=1 || return 1
@@ -231,12 +256,12 @@ case_base() {
     after=$(sha256sum <"$base" | cut -d' ' -f1)
     [ "$before" = "$after" ] || { say "the base image changed"; return 1; }
 }
-case_fio_compact() {
+case_fio_nocompact() {
     local img
-    img=$(create_image compact 1G compact) || return 1
-    start_server compact "$img" 1 || return 1
-    vm fio-verify compact 1 size_mb=64 || return 1
-    stop_server compact
+    img=$(create_image nocompact 1G nocompact) || return 1
+    start_server nocompact "$img" 1 || return 1
+    vm fio-verify nocompact 1 size_mb=64 || return 1
+    stop_server nocompact
 }
 
 say "backend $backend; cases: ${cases[*]}"

@@ -9,21 +9,29 @@
 mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 "$DEV" || fail "mkfs.ext4 failed"
 mount -t ext4 -o discard "$DEV" /mnt || fail "mount failed"
 cd /mnt || fail "cd /mnt"
+# Random data: a 32 MiB pool made by fio (a fast PRNG, new data in every block; /dev/urandom is slow
+# under TCG), sliced into files with dd. piece FILE COUNT_KIB POOL_OFFSET_KIB [FILE_OFFSET_KIB]
+fio --name=pool --filename=/tmp/pool --rw=write --bs=64k --size=32M --refill_buffers \
+    --randrepeat=0 --ioengine=psync --minimal >/dev/null || fail "fio could not make the data pool"
+piece() {
+    dd if=/tmp/pool of="$1" bs=1k count="$2" skip="$3" seek="${4:-0}" conv=notrunc 2>/dev/null ||
+        fail "writing $1 failed"
+}
 mkdir -p small deep/a/b/c
 for i in $(seq 1 200); do
-    head -c $((i * 37)) /dev/urandom >"small/f$i"
+    { echo "$i"; dd if=/tmp/pool bs=37 count="$i" skip="$i" 2>/dev/null; } >"small/f$i"
 done
-dd if=/dev/urandom of=big1 bs=1M count=24 2>/dev/null
-dd if=/dev/urandom of=odd bs=1 count=1000003 2>/dev/null
+piece big1 24576 0
+dd if=/tmp/pool of=odd bs=1000003 count=1 skip=25 2>/dev/null
 # Sparse file: data at both ends of a 64 MiB range with a hole between.
-dd if=/dev/urandom of=sparse bs=4096 count=8 2>/dev/null
-dd if=/dev/urandom of=sparse bs=4096 count=8 seek=16376 conv=notrunc 2>/dev/null
+piece sparse 32 26000
+piece sparse 32 26100 $((65536 - 32))
 echo deep >deep/a/b/c/leaf
 # Churn: create then delete files (discards), rewrite part of a file in place.
-for i in $(seq 1 8); do dd if=/dev/urandom of="tmp$i" bs=1M count=4 2>/dev/null; done
+for i in $(seq 1 8); do piece "tmp$i" 4096 $((i * 1024)); done
 sync
 rm -f tmp*
-dd if=/dev/urandom of=big1 bs=4096 count=100 seek=777 conv=notrunc 2>/dev/null
+piece big1 400 30000 3108
 fstrim /mnt 2>/dev/null || echo "info: fstrim not supported"
 find . -type f ! -path './lost+found/*' | sort | xargs sha256sum >/tmp/MANIFEST
 mv /tmp/MANIFEST MANIFEST
