@@ -16,7 +16,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
-all_cases=(config fio-verify fio-flush trim fs-restart fs-kill readonly base fio-nocompact)
+all_cases=(config fio-verify fio-flush trim fs-restart fs-kill wt-kill readonly base fio-nocompact)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -232,6 +232,19 @@ fs_case() { # SIGNAL [compact]: fs-write, restart the server after SIGNAL, fs-ch
 }
 case_fs_restart() { fs_case TERM nocompact; }
 case_fs_kill() { fs_case KILL ""; }
+case_wt_kill() {
+    # Write-through: the guest never sends FLUSH, so every write the server completed must survive
+    # a SIGKILL right after (the metadata too: a compact image allocates on these writes).
+    local img wt=(cache=through)
+    [ "$backend" = qsd ] && wt=() # qsd is write-through already and refuses the switch
+    img=$(create_image wt-kill 1G) || return 1
+    start_server wt-kill "$img" 1 || return 1
+    vm raw-write wt-kill 1 "${wt[@]}" || return 1
+    stop_server wt-kill KILL || return 1
+    start_server wt-kill "$img" 1 || return 1
+    vm raw-verify wt-kill 1 || return 1
+    stop_server wt-kill
+}
 case_readonly() {
     # Serves the filesystem fs-restart left (making one if that case did not run) read-only: the
     # guest sees a read-only disk, its write fails, and the filesystem still checks clean.

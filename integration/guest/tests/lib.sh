@@ -25,3 +25,12 @@ expect() {
 flush_count() {
     awk '{print $16}' "$BLK/stat"
 }
+
+# raw_job FIO-OPTIONS...: the fio job shared by raw-write and raw-verify. A fixed seed makes both
+# runs choose the same offsets; each block's verify header records where it belongs.
+raw_job() {
+    fio --name=durable --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=8 \
+        --rw=randwrite --bsrange=4k-64k --size="${FVD_size_mb:-32}M" --randseed=4242 \
+        --verify=crc32c --verify_fatal=1 --verify_dump=0 --minimal "$@" \
+        >/tmp/fio.out 2>/tmp/fio.err || { cat /tmp/fio.err /tmp/fio.out; fail "fio $* failed"; }
+}
