@@ -16,25 +16,26 @@ force=0
 log() { echo "build-guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for tool in apt-cache apt-get dpkg-deb dpkg-query depmod cpio zstd ldd sha256sum busybox fio mke2fs e2fsck; do
+for tool in apt-cache apt-get dpkg-deb dpkg-query depmod cpio ldd sha256sum busybox fio mke2fs e2fsck; do
     command -v "$tool" >/dev/null || die "$tool not found: run integration/setup-host.sh as root"
 done
 
-# The package the cloud kernel meta-package currently depends on, e.g. linux-image-6.1.0-56-cloud-amd64.
+# The package (and version) the cloud kernel meta-package depends on, e.g.
+# "linux-image-6.1.0-56-cloud-amd64 6.1.192-2" (Debian pins it with "(= version)").
 resolve_kernel() {
-    apt-cache depends --important linux-image-cloud-amd64 2>/dev/null |
-        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {print $2; exit}'
+    apt-cache show --no-all-versions linux-image-cloud-amd64 2>/dev/null |
+        sed -n 's/^Depends:.*\(linux-image-[0-9][^ ,]*\) (= \([^)]*\)).*/\1 \2/p' | head -n1
 }
-kpkg=$(resolve_kernel)
-if [ -z "$kpkg" ]; then
+kernel=$(resolve_kernel)
+if [ -z "$kernel" ]; then
     # Fresh machine: the package lists have never been fetched.
     log "apt-get update (no package lists yet)"
     apt-get update -qq >&2
-    kpkg=$(resolve_kernel)
+    kernel=$(resolve_kernel)
 fi
-[ -n "$kpkg" ] || die "cannot resolve the dependency of linux-image-cloud-amd64 with apt-cache"
-kver=$(apt-cache policy "$kpkg" | awk '$1 == "Candidate:" {print $2}')
-if [ -z "$kver" ] || [ "$kver" = "(none)" ]; then die "no candidate version for $kpkg"; fi
+[ -n "$kernel" ] || die "cannot resolve the dependency of linux-image-cloud-amd64 with apt-cache"
+kpkg=${kernel% *}
+kver=${kernel#* }
 
 tool_versions=$(dpkg-query -W -f '${Package}=${Version}\n' busybox-static fio e2fsprogs util-linux libc6 2>/dev/null | sort)
 key=$(
@@ -45,7 +46,7 @@ key=$(
     } | sha256sum | cut -d' ' -f1
 )
 if [ "$force" = 0 ] && [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$key" ] &&
-    [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.zst" ]; then
+    [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio" ]; then
     echo "$out"
     exit 0
 fi
@@ -164,10 +165,12 @@ chmod 755 "$root/init"
 cp "$here"/guest/tests/*.sh "$root/tests/"
 
 mkdir -p "$out"
+# Uncompressed: a TCG guest copies 90 MB faster than it decompresses 33 MB (about 1 s of boot).
 (cd "$root" && find . -print0 | LC_ALL=C sort -z |
-    cpio --null -o -H newc --owner 0:0 --quiet) | zstd -q -T0 -3 -o "$work/initramfs.cpio.zst"
-mv "$work/initramfs.cpio.zst" "$out/initramfs.cpio.zst"
+    cpio --null -o -H newc --owner 0:0 --quiet) >"$work/initramfs.cpio"
+mv "$work/initramfs.cpio" "$out/initramfs.cpio"
+rm -f "$out/initramfs.cpio.zst"
 cp "$kdir/boot/vmlinuz-$krel" "$out/vmlinuz"
 echo "$key" >"$out/stamp"
-log "done: $(du -h "$out/initramfs.cpio.zst" | cut -f1) initramfs, kernel $krel"
+log "done: $(du -h "$out/initramfs.cpio" | cut -f1) initramfs, kernel $krel"
 echo "$out"

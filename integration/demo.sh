@@ -24,7 +24,8 @@ elif ! command -v qemu-system-x86_64 >/dev/null; then
 fi
 mkdir -p "$cache/logs"
 say "building the guest (cached after the first run)"
-"$here/build-guest.sh" >/dev/null
+FVD_GUEST_DIR=$("$here/build-guest.sh")
+export FVD_GUEST_DIR
 
 sock=$cache/demo.sock
 server=

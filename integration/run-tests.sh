@@ -56,7 +56,8 @@ trap 'cleanup; exit 130' INT TERM
 
 # --- setup ---
 command -v qemu-system-x86_64 >/dev/null || { say "QEMU missing: run integration/setup-host.sh as root"; exit 2; }
-"$here/build-guest.sh" >/dev/null
+FVD_GUEST_DIR=$("$here/build-guest.sh")
+export FVD_GUEST_DIR
 if [ "$backend" = fvd ]; then
     if [ -z "${FVD_BIN:-}" ]; then
         say "cargo build --release"

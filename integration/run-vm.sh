@@ -11,6 +11,7 @@
 #   --log FILE        console log (default integration/.cache/logs/NAME.log)
 #   --timeout SECS    kill QEMU after SECS (default 300)
 #   --shell           interactive: console on this terminal, shell after the test, no timeout
+# Environment: FVD_VM_APPEND=... is added to the kernel command line (e.g. loglevel=7).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -41,7 +42,8 @@ for a in "${args[@]}"; do
     case "$a" in *[[:space:]]*) die "argument '$a' must not contain spaces" ;; esac
 done
 
-guest=$("$here/build-guest.sh")
+# FVD_GUEST_DIR: a guest the caller has just built (saves the cache check, about a second).
+guest=${FVD_GUEST_DIR:-$("$here/build-guest.sh")}
 log=${log:-$here/.cache/logs/$test.log}
 mkdir -p "$(dirname "$log")"
 
@@ -58,17 +60,15 @@ else
     disk=(-drive "file=$drive,if=virtio,format=raw,cache=none,aio=native,discard=unmap")
 fi
 
-cmdline="console=ttyS0 panic=-1 fvdtest=$test ${args[*]}"
-if [ "$shell" = 1 ]; then
-    cmdline+=" fvd.shell=1"
-else
-    # Kernel chatter interleaves with the test output; warnings and errors still show.
-    cmdline+=" quiet"
-fi
+# quiet: kernel chatter would interleave with the test output; warnings and errors still show.
+cmdline="console=ttyS0 panic=-1 quiet fvdtest=$test ${args[*]}"
+[ "$shell" = 0 ] || cmdline+=" fvd.shell=1"
+[ -z "${FVD_VM_APPEND:-}" ] || cmdline+=" $FVD_VM_APPEND"
+
 # vhost-user needs guest RAM the backend can map: a shared memfd backend.
 qemu=(qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m 1G
     -object "memory-backend-memfd,id=mem,size=1G,share=on" -numa "node,memdev=mem"
-    -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.zst" -append "$cmdline"
+    -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio" -append "$cmdline"
     -nographic -nodefaults -serial mon:stdio -no-reboot "${disk[@]}")
 
 if [ "$shell" = 1 ]; then
