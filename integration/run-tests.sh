@@ -16,7 +16,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
-all_cases=(config fio-verify fio-flush trim fs-restart fs-kill wt-kill readonly base fio-nocompact)
+all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill readonly base fio-nocompact)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -173,9 +173,14 @@ check_image() {
     fi
 }
 
-# vm TEST SERVER QUEUES [KEY=VALUE...]: one guest test against a running server.
+# vm [--reboot] TEST SERVER QUEUES [KEY=VALUE...]: one guest test against a running server.
 vm() {
-    local test=$1 name=$2 queues=$3 a args=() rc=0
+    local a args=() rc=0
+    if [ "$1" = --reboot ]; then
+        args+=(--reboot --timeout 200)
+        shift
+    fi
+    local test=$1 name=$2 queues=$3
     shift 3
     for a in "$@"; do args+=(--arg "$a"); done
     "$here/run-vm.sh" --test "$test" --socket "${server_sock[$name]}" --queues "$queues" \
@@ -202,7 +207,7 @@ case_config() {
     vm config config 2 size=$G queues=2 "wc=$(wc_mode)" discard=1 ro=0 "${serial[@]}" || return 1
     stop_server config
 }
-# One server for the next three cases: every VM after the first reconnects to it.
+# One server for the next four cases: every VM after the first reconnects to it.
 shared_server() {
     local img
     [ -n "${server_pid[shared]:-}" ] && return 0
@@ -216,6 +221,10 @@ case_fio_flush() {
     shared_server && vm fio-flush shared 2 size_mb=4 "${wb[@]}"
 }
 case_trim() { shared_server && vm trim shared 2; }
+case_reboot() {
+    # The guest reboots inside one QEMU: the backend sees a device reset on a live connection.
+    shared_server && vm --reboot reboot shared 2
+}
 fs_image='' fs_sum=''
 fs_case() { # SIGNAL [compact]: fs-write, restart the server after SIGNAL, fs-check
     local img sum
