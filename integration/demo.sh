@@ -27,19 +27,20 @@ say "building the guest (cached after the first run)"
 FVD_GUEST_DIR=$("$here/build-guest.sh")
 export FVD_GUEST_DIR
 
-sock=$cache/demo.sock
+# A short path: a unix socket path has at most 107 bytes.
+sockdir=$(mktemp -d /tmp/fvd-demo.XXXXXX)
+sock=$sockdir/demo.sock
 server=
 cleanup() {
     if [ -n "$server" ]; then
         kill -TERM "$server" 2>/dev/null || true
         wait "$server" 2>/dev/null || true
     fi
-    rm -f "$sock"
+    rm -rf "$sockdir"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-rm -f "$sock"
 if [ "$backend" = qsd ]; then
     img=$cache/demo.img
     [ -f "$img" ] || truncate -s 4G "$img"

@@ -8,7 +8,7 @@
 #   FVD_INTEGRATION_BACKEND=fvd|qsd  backend to test (default fvd). qsd = qemu-storage-daemon on raw
 #                                    or qcow2 images: checks the harness and the guest themselves.
 #   FVD_BIN=PATH                     use this fvd binary instead of `cargo build --release`
-#   FVD_KEEP=1                       keep the run directory (images, sockets) for inspection
+#   FVD_KEEP=1                       keep the run directory (images) for inspection
 # Logs: integration/.cache/logs/ (one console log per VM, one log per server start).
 set -euo pipefail
 
@@ -31,7 +31,7 @@ say() { echo "run-tests: $*" >&2; }
 # --- processes we own; the trap ends each of them by its pid ---
 declare -A server_pid=() server_sock=() server_img=()
 vm_pid=
-run=
+run='' sockets=''
 cleanup() {
     local name pid
     if [ -n "$vm_pid" ]; then
@@ -47,12 +47,13 @@ cleanup() {
         rm -f "${server_sock[$name]}"
     done
     server_pid=()
+    [ -z "$sockets" ] || rm -rf "$sockets"
     if [ -n "$run" ] && [ -d "$run" ]; then
         if [ "${FVD_KEEP:-0}" = 1 ]; then say "kept $run"; else rm -rf "$run"; fi
     fi
 }
 trap cleanup EXIT
-trap 'cleanup; exit 130' INT TERM
+trap 'echo run-tests: interrupted >&2; cleanup; exit 130' INT TERM
 
 # --- setup ---
 command -v qemu-system-x86_64 >/dev/null || { say "QEMU missing: run integration/setup-host.sh as root"; exit 2; }
@@ -70,7 +71,10 @@ else
 fi
 mkdir -p "$logs" "$here/.cache"
 rm -f "$logs"/*.log
+# Images on the disk the project lives on (the server opens them with O_DIRECT, which tmpfs
+# refuses); sockets in a short directory (a unix socket path has at most 107 bytes).
 run=$(mktemp -d "$here/.cache/run.XXXXXX")
+sockets=$(mktemp -d /tmp/fvd-it.XXXXXX)
 
 # create_image NAME SIZE [nocompact|base=FILE]: prints the image path. fvd images are compact
 # (thin) unless nocompact; the qsd backend uses raw files (qcow2 over a raw base).
@@ -93,9 +97,9 @@ create_image() {
     echo "$img"
 }
 
-# start_server NAME IMAGE QUEUES [readonly]: serves IMAGE on $run/NAME.sock until stop_server.
+# start_server NAME IMAGE QUEUES [readonly]: serves IMAGE on $sockets/NAME.sock until stop_server.
 start_server() {
-    local name=$1 img=$2 queues=$3 ro=${4:-} sock=$run/$1.sock log=$logs/server-$1.log pid
+    local name=$1 img=$2 queues=$3 ro=${4:-} sock=$sockets/$1.sock log=$logs/server-$1.log pid
     rm -f "$sock"
     if [ "$backend" = fvd ]; then
         local extra=(--num-queues "$queues" --serial "fvd-$name")
