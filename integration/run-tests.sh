@@ -162,11 +162,16 @@ stop_server() {
     return "$rc"
 }
 
-# check_image IMAGE: the host's own consistency check of an image no server has open.
+# check_image IMAGE: the host's own consistency check of an image no server has open. An fvd
+# server stopped by SIGTERM must also have marked its image clean (journal folded in).
 check_image() {
     local out st=0
     if [ "$backend" = fvd ]; then
-        out=$("$FVD_BIN" check "$1" 2>&1) || st=$?
+        out=$("$FVD_BIN" check --output json "$1" 2>&1) || st=$?
+        if [ "$st" = 0 ] && ! grep -q '"clean_shutdown": true' <<<"$out"; then
+            say "$1 is not marked clean after SIGTERM"
+            st=clean
+        fi
     elif [ "$(od -An -tx1 -N4 "$1" | tr -d ' ')" = 514649fb ]; then
         out=$(qemu-img check -q "$1" 2>&1) || st=$?
     fi
