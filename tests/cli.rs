@@ -145,3 +145,21 @@ fn corrupt_images_are_reported_and_repaired() {
     let err = fails(p, &["check", "img.fvd"]);
     assert!(err.contains("checksum mismatch"), "{err}");
 }
+
+#[test]
+fn force_share_inspects_an_image_that_is_open_for_writing() {
+    use fvd::io::executor::block_on;
+    use fvd::io::sync::SyncIo;
+    let d = dir();
+    let p = d.path();
+    ok(p, &["create", "img.fvd", "--size", "4M"]);
+    // Held open read-write, as a running server holds it.
+    let img = block_on(fvd::engine::open_image(&SyncIo, &p.join("img.fvd"), false)).unwrap();
+    assert!(fails(p, &["info", "img.fvd"]).contains("in use"));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(p, &["info", "-U", "img.fvd", "--output", "json"])).unwrap();
+    assert_eq!(info["virtual_size"], 4 << 20);
+    assert!(ok(p, &["map", "-U", "img.fvd"]).contains("zero"));
+    assert!(ok(p, &["check", "-U", "img.fvd"]).contains("No errors"));
+    drop(img);
+}

@@ -19,11 +19,14 @@ pub struct Args {
     repair: bool,
     #[arg(long, value_enum, default_value_t)]
     output: Output,
+    /// Open without locking (read-only check of an image a server has open).
+    #[arg(short = 'U', long, conflicts_with = "repair")]
+    force_share: bool,
 }
 
 pub fn run(a: Args) -> Result<i32> {
     let io = SyncIo;
-    let file = HostFile::open(&a.image, OpenMode::ReadOnly)
+    let file = HostFile::open(&a.image, super::ro_mode(a.force_share))
         .with_context(|| format!("cannot open {}", a.image.display()))?;
     if block_on(engine::probe(&io, &file))? != engine::Format::Fvd {
         bail!("{} is not an FVD image", a.image.display());

@@ -5,6 +5,7 @@ use crate::engine::{self, CreateParams, Format};
 use crate::format::{BaseFormat, BaseRef};
 use crate::io::executor::block_on;
 use crate::io::host_file::OpenMode;
+use crate::io::nbd::{is_nbd_uri, NbdClient};
 use crate::io::sync::SyncIo;
 use crate::io::{HostFile, IoFile};
 use anyhow::{bail, Context, Result};
@@ -17,7 +18,9 @@ pub struct Args {
     /// Virtual disk size (K/M/G/T suffixes); defaults to the base image's size.
     #[arg(short = 's', long, value_parser = size_arg)]
     size: Option<u64>,
-    /// Base (backing) image; relative paths are relative to IMAGE's directory.
+    /// Base (backing) image; relative paths are relative to IMAGE's directory. A raw image on
+    /// an NBD server is named by URI: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH.
     #[arg(short = 'b', long)]
     base: Option<String>,
     /// Base image format (probed when omitted).
@@ -35,6 +38,12 @@ pub struct Args {
     /// Table chunk size (power of two, at least the block size).
     #[arg(long, value_parser = size_arg, default_value = "1M")]
     chunk_size: u64,
+    /// Copy data read from the base image into this image.
+    #[arg(long)]
+    copy_on_read: bool,
+    /// Prefetch the base image in the background while served.
+    #[arg(long)]
+    prefetch: bool,
     /// Journal size.
     #[arg(long, value_parser = size_arg, default_value = "16M")]
     journal_size: u64,
@@ -56,6 +65,7 @@ pub fn run(a: Args) -> Result<i32> {
             }
             None
         }
+        Some(b) if is_nbd_uri(b) => Some(nbd_base(b, a.base_format)?),
         Some(b) => {
             let path = engine::resolve_base(&a.image, b);
             let f = HostFile::open(&path, OpenMode::ReadOnly)
@@ -98,7 +108,15 @@ pub fn run(a: Args) -> Result<i32> {
         journal_size: a.journal_size,
         compact: a.compact || !a.no_compact,
         base,
-        compat: 0,
+        compat: if a.copy_on_read {
+            crate::format::header::COMPAT_COPY_ON_READ
+        } else {
+            0
+        } | if a.prefetch {
+            crate::format::header::COMPAT_PREFETCH
+        } else {
+            0
+        },
     };
     // Validate geometry by building the header before creating the file.
     validate(&params)?;
@@ -125,6 +143,19 @@ pub fn run(a: Args) -> Result<i32> {
             .unwrap_or_default()
     );
     Ok(0)
+}
+
+/// An NBD export is used as a raw image (FVD over NBD is not supported).
+fn nbd_base(uri: &str, format: Option<BaseFmt>) -> Result<BaseRef> {
+    if let Some(BaseFmt::Fvd) = format {
+        bail!("base image {uri}: FVD images over NBD are not supported (only raw exports)");
+    }
+    let client = NbdClient::connect(uri).context("cannot open base image")?;
+    Ok(BaseRef {
+        path: uri.to_string(),
+        format: BaseFormat::Raw,
+        size: client.size(),
+    })
 }
 
 fn validate(p: &CreateParams) -> Result<()> {

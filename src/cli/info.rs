@@ -17,6 +17,9 @@ pub struct Args {
     image: PathBuf,
     #[arg(long, value_enum, default_value_t)]
     output: Output,
+    /// Open without locking, to inspect an image a server has open (may be slightly stale).
+    #[arg(short = 'U', long)]
+    force_share: bool,
 }
 
 #[derive(Serialize)]
@@ -59,8 +62,12 @@ struct BaseInfo {
 
 pub fn run(a: Args) -> Result<i32> {
     let io = SyncIo;
-    let disk = block_on(engine::open_disk(&io, &a.image, true))
-        .with_context(|| format!("cannot open {}", a.image.display()))?;
+    let disk = block_on(engine::open_disk_with(
+        &io,
+        &a.image,
+        super::ro_mode(a.force_share),
+    ))
+    .with_context(|| format!("cannot open {}", a.image.display()))?;
     let meta = std::fs::metadata(&a.image)?;
     let actual_size = match &disk {
         Disk::Fvd(img) if img.file().is_block_device() => img.file().size()?,

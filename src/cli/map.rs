@@ -13,11 +13,18 @@ pub struct Args {
     image: PathBuf,
     #[arg(long, value_enum, default_value_t)]
     output: Output,
+    /// Open without locking, to inspect an image a server has open (may be slightly stale).
+    #[arg(short = 'U', long)]
+    force_share: bool,
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let img = block_on(engine::open_image(&SyncIo, &a.image, true))
-        .with_context(|| format!("cannot open {}", a.image.display()))?;
+    let img = block_on(engine::open_image_with(
+        &SyncIo,
+        &a.image,
+        super::ro_mode(a.force_share),
+    ))
+    .with_context(|| format!("cannot open {}", a.image.display()))?;
     let extents = img.extents();
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&extents)?),

@@ -1,11 +1,13 @@
 //! The `fvd` command-line tool (qemu-img conventions). Errors are printed as one line
 //! (`fvd: <what>: <why>`) with a non-zero exit status.
 
+mod amend;
 mod check;
 mod convert;
 mod create;
 mod info;
 mod map;
+mod stream;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -32,6 +34,12 @@ enum Command {
     Map(map::Args),
     /// Convert an image (raw or FVD, probed) to FVD or raw.
     Convert(convert::Args),
+    /// Change image features (copy-on-read, prefetch).
+    Amend(amend::Args),
+    /// Copy every block of the base image into the image, with a progress bar.
+    Stream(stream::StreamArgs),
+    /// Detach the base image once the image no longer needs it.
+    Rebase(stream::RebaseArgs),
 }
 
 /// `--output` of the inspecting commands.
@@ -40,6 +48,15 @@ pub enum Output {
     #[default]
     Human,
     Json,
+}
+
+/// Read-only open mode, unlocked with --force-share.
+pub fn ro_mode(force_share: bool) -> crate::io::host_file::OpenMode {
+    if force_share {
+        crate::io::host_file::OpenMode::ReadOnlyShared
+    } else {
+        crate::io::host_file::OpenMode::ReadOnly
+    }
 }
 
 /// Parses a qemu-img style size for clap.
@@ -75,6 +92,9 @@ pub fn main() -> i32 {
         Command::Check(a) => check::run(a),
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Amend(a) => amend::run(a),
+        Command::Stream(a) => stream::stream(a),
+        Command::Rebase(a) => stream::rebase(a),
     };
     match r {
         Ok(code) => code,

@@ -51,6 +51,14 @@ impl Allocator {
         Ok(a)
     }
 
+    /// Re-reads the size of a block device (after it grew).
+    pub fn refresh<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
+        if self.capacity.is_some() {
+            self.refresh_capacity(store)?;
+        }
+        Ok(())
+    }
+
     fn refresh_capacity<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
         let size = store.file.size().map_err(|error| EngineError::Io {
             context: "size of device",
@@ -60,9 +68,16 @@ impl Allocator {
         Ok(())
     }
 
-    /// Takes a free chunk. On a block device that is full, re-reads its size first (it may have
-    /// been grown).
-    pub fn alloc<I: Io>(&mut self, store: &Storage<I>) -> Result<PhysChunk> {
+    /// Takes a free chunk, preferring `hint` (the chunk after the previous virtual chunk's, so
+    /// data near in the guest stays near on the device). On a block device that is full,
+    /// re-reads its size first (it may have been grown).
+    pub fn alloc<I: Io>(&mut self, store: &Storage<I>, hint: Option<u32>) -> Result<PhysChunk> {
+        if let Some(h) = hint {
+            if self.free.remove(&h) {
+                self.allocated += 1;
+                return Ok(PhysChunk(h));
+            }
+        }
         if let Some(p) = self.free.pop_first() {
             self.allocated += 1;
             return Ok(PhysChunk(p));
@@ -85,6 +100,23 @@ impl Allocator {
         self.next += 1;
         self.allocated += 1;
         Ok(PhysChunk(p))
+    }
+
+    /// A chunk was unmapped; it becomes allocatable only through [`Allocator::release`], once
+    /// its unmap record is durable.
+    pub fn unmapped(&mut self) {
+        self.allocated -= 1;
+    }
+
+    /// Makes chunks allocatable again.
+    pub fn release(&mut self, chunks: impl IntoIterator<Item = u32>) {
+        self.free.extend(chunks);
+    }
+
+    /// Chunks free for allocation right now, if the storage is bounded.
+    pub fn free_chunks(&self) -> Option<u64> {
+        self.capacity
+            .map(|cap| cap.saturating_sub(self.next as u64) + self.free.len() as u64)
     }
 
     pub fn allocated(&self) -> u64 {

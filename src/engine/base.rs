@@ -1,16 +1,23 @@
-//! The base (backing) image: a raw file/device or another FVD image, opened read-only.
+//! The base (backing) image: a raw file/device, another FVD image, or a raw NBD export,
+//! opened read-only.
 
 use super::counters::Counters;
-use super::error::Result;
+use super::error::{IoContext, Result};
 use super::image::Image;
 use super::storage::Storage;
+use crate::io::nbd::NbdClient;
 use crate::io::{Buf, Io};
 use std::future::Future;
 use std::pin::Pin;
 
 pub enum Base<I: Io> {
-    Raw { store: Storage<I>, size: u64 },
+    Raw {
+        store: Storage<I>,
+        size: u64,
+    },
     Fvd(Box<Image<I>>),
+    /// A raw image exported over NBD (shared storage); `io` is not used for it.
+    Nbd(NbdClient),
 }
 
 impl<I: Io> Base<I> {
@@ -18,6 +25,7 @@ impl<I: Io> Base<I> {
         match self {
             Base::Raw { size, .. } => *size,
             Base::Fvd(img) => img.virtual_size(),
+            Base::Nbd(c) => c.size(),
         }
     }
 
@@ -45,6 +53,7 @@ impl<I: Io> Base<I> {
             match self {
                 Base::Raw { store, .. } => store.read(io, c, off, part).await,
                 Base::Fvd(img) => img.read(io, off, part).await,
+                Base::Nbd(c) => c.read(off, part).await.ctx("read from NBD base"),
             }
         })
     }

@@ -10,7 +10,7 @@ use super::error::Result;
 use super::image::Image;
 use crate::format::JournalEntry;
 use crate::io::{Buf, Io};
-use crate::units::BlockIndex;
+use crate::units::{BlockIndex, ChunkIndex, PhysChunk};
 
 /// Zero buffer size for WRITE ZEROES done as writes.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -66,7 +66,8 @@ impl<I: Io> Image<I> {
         Ok(())
     }
 
-    /// Clears the bits of the whole blocks in the range and punches their storage.
+    /// Clears the bits of the whole blocks in the range, punches their storage and unmaps
+    /// chunks left empty (compact images).
     async fn drop_blocks(&self, io: &I, off: u64, len: u64) -> Result<()> {
         let bs = self.geo.block_size;
         let first = off.div_ceil(bs);
@@ -74,6 +75,23 @@ impl<I: Io> Image<I> {
         if first >= end {
             return Ok(());
         }
+        {
+            let _refs = self.live.enter(first * bs, end * bs);
+            self.drop_blocks_inner(io, first, end).await?;
+        }
+        // Our own references are gone: unmap what is now empty and idle.
+        if self.live.compact() {
+            let c0 = first * bs / self.geo.chunk_size;
+            let c1 = (end * bs - 1) / self.geo.chunk_size;
+            for c in c0..=c1 {
+                self.try_unmap(ChunkIndex(c));
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_blocks_inner(&self, io: &I, first: u64, end: u64) -> Result<()> {
+        let bs = self.geo.block_size;
         // Punch runs of present blocks that are physically contiguous.
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for b in first..end {
@@ -91,6 +109,28 @@ impl<I: Io> Image<I> {
             self.store.punch_hole(io, p, l).await?;
         }
         Ok(())
+    }
+
+    /// Unmaps chunk `c` if no block of it is present and no request is using it. The physical
+    /// chunk is reusable after the next flush makes the unmap durable: reusing it earlier could
+    /// let a crash map the old virtual chunk onto the new owner's data.
+    fn try_unmap(&self, c: ChunkIndex) {
+        let mut alloc = self.alloc.lock();
+        let p = self.live.phys(c);
+        if !p.is_allocated() || !self.live.chunk_empty(c) {
+            return;
+        }
+        self.live.with_idle_chunk(c, || {
+            // No request holds the chunk and new ones wait, so its bits cannot change now.
+            if !self.live.chunk_empty(c) {
+                return;
+            }
+            self.live.set_phys(c, PhysChunk::UNALLOCATED);
+            alloc.unmapped();
+            let mut pending = self.pending.lock();
+            pending.push(JournalEntry::Unmap { chunk: c.0 });
+            self.freed.lock().push(p.0);
+        });
     }
 
     fn clear_blocks(&self, first: u64, count: u64) {

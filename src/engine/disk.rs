@@ -9,6 +9,7 @@ use super::raw::RawDisk;
 use super::storage::Storage;
 use crate::format::BaseFormat;
 use crate::io::host_file::OpenMode;
+use crate::io::nbd::{is_nbd_uri, NbdClient};
 use crate::io::{Buf, HostFile, Io, IoFile};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,12 @@ impl<I: Io> Disk<I> {
     }
     pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
         both!(self, d => d.write_zeroes(io, off, len, unmap).await)
+    }
+    /// Background work queued by requests (copy-on-read); run after completing them.
+    pub async fn run_deferred(&self, io: &I) {
+        if let Disk::Fvd(d) = self {
+            d.run_deferred(io).await
+        }
     }
     pub async fn close(&self, io: &I) -> Result<()> {
         match self {
@@ -114,11 +121,25 @@ pub async fn open_disk<I: Io<File = HostFile>>(
     path: &Path,
     read_only: bool,
 ) -> Result<Disk<I>> {
-    let mode = if read_only {
-        OpenMode::ReadOnly
-    } else {
-        OpenMode::ReadWrite
-    };
+    open_disk_with(
+        io,
+        path,
+        if read_only {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        },
+    )
+    .await
+}
+
+/// Like [`open_disk`] with an explicit open mode (e.g. [`OpenMode::ReadOnlyShared`]).
+pub async fn open_disk_with<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+    mode: OpenMode,
+) -> Result<Disk<I>> {
+    let read_only = mode != OpenMode::ReadWrite;
     let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
         context: "open image",
         error,
@@ -135,16 +156,29 @@ pub async fn open_image<I: Io<File = HostFile>>(
     path: &Path,
     read_only: bool,
 ) -> Result<Image<I>> {
-    let mode = if read_only {
-        OpenMode::ReadOnly
-    } else {
-        OpenMode::ReadWrite
-    };
+    open_image_with(
+        io,
+        path,
+        if read_only {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        },
+    )
+    .await
+}
+
+/// Like [`open_image`] with an explicit open mode.
+pub async fn open_image_with<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+    mode: OpenMode,
+) -> Result<Image<I>> {
     let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
         context: "open image",
         error,
     })?;
-    open_fvd_file(io, file, read_only, 0).await
+    open_fvd_file(io, file, mode != OpenMode::ReadWrite, 0).await
 }
 
 /// Base chains deeper than this are refused (and loops are caught by it).
@@ -177,6 +211,9 @@ async fn open_base_of<I: Io<File = HostFile>>(
                     "base chain deeper than {MAX_CHAIN} (a loop?)"
                 )));
             }
+            if is_nbd_uri(&b.path) {
+                return open_nbd_base(&b.path, b.format).map(Some);
+            }
             let path = resolve_base(file.path(), &b.path);
             let bf =
                 HostFile::open(&path, OpenMode::ReadOnly).map_err(|error| EngineError::Io {
@@ -202,6 +239,22 @@ async fn open_base_of<I: Io<File = HostFile>>(
     })
 }
 
+/// A raw image exported over NBD. FVD images over NBD are not supported: the engine reads FVD
+/// metadata through `Io` on host files.
+fn open_nbd_base<I: Io>(uri: &str, format: BaseFormat) -> Result<Base<I>> {
+    if format != BaseFormat::Raw {
+        return Err(EngineError::Invalid(format!(
+            "base {uri}: only raw images can be used over NBD"
+        )));
+    }
+    // Connecting blocks briefly; opening an image is not on the I/O path.
+    let client = NbdClient::connect(uri).map_err(|error| EngineError::Io {
+        context: "connect to NBD base",
+        error,
+    })?;
+    Ok(Base::Nbd(client))
+}
+
 /// `fvd check --repair`: replays the journal, fixes inconsistencies, closes cleanly.
 pub async fn repair_image<I: Io<File = HostFile>>(
     io: &I,
@@ -215,10 +268,11 @@ pub async fn repair_image<I: Io<File = HostFile>>(
     Image::repair(io, file, base).await
 }
 
-/// Relative base paths are relative to the image's directory, as in qemu-img.
+/// Relative base paths are relative to the image's directory, as in qemu-img. NBD URIs are
+/// returned unchanged.
 pub fn resolve_base(image: &Path, base: &str) -> PathBuf {
     let p = Path::new(base);
-    if p.is_absolute() {
+    if p.is_absolute() || is_nbd_uri(base) {
         p.to_path_buf()
     } else {
         image.parent().unwrap_or(Path::new(".")).join(p)

@@ -28,13 +28,21 @@ impl<I: Io> Image<I> {
         }
         self.check_writable()?;
         let mut fs = self.flush_state.lock().await;
-        let records = std::mem::take(&mut *self.pending.lock());
+        let (records, freed) = {
+            let mut pending = self.pending.lock();
+            let freed = std::mem::take(&mut *self.freed.lock());
+            (std::mem::take(&mut *pending), freed)
+        };
         let r = self.commit(io, &mut fs, &records).await;
-        if let Err(e) = &r {
+        if r.is_ok() {
+            // Their unmap records are durable now: the chunks may be reused.
+            self.alloc.lock().release(freed);
+        } else if let Err(e) = &r {
             // The records describe data that is still in place: queue them again, ahead of newer ones.
             let mut pending = self.pending.lock();
             let newer = std::mem::replace(&mut *pending, records);
             pending.extend(newer);
+            self.freed.lock().extend(freed);
             if matches!(e, EngineError::Io { context, .. } if context.starts_with("flush")) {
                 // After a failed device flush we cannot know what is durable; journaling the
                 // records later could point at lost data.

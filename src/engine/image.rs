@@ -60,6 +60,9 @@ pub struct Image<I: Io> {
     pub(super) read_only: bool,
     pub(super) live: LiveMetadata,
     pub(super) pending: Mutex<Vec<JournalEntry>>,
+    /// Physical chunks unmapped since the last flush: allocatable once their unmap is durable.
+    /// Locked after `pending` when both are needed.
+    pub(super) freed: Mutex<Vec<u32>>,
     pub(super) locks: BlockLocks,
     pub(super) alloc: Mutex<Allocator>,
     pub(super) flush_state: futures::lock::Mutex<FlushState>,
@@ -73,6 +76,13 @@ pub struct Image<I: Io> {
     pub(super) failed: AtomicBool,
     pub(super) closed: AtomicBool,
     pub(super) header_snapshot: Mutex<Header>,
+    /// Copy-on-read on for this open image.
+    pub(super) cor: AtomicBool,
+    pub(super) cor_jobs: Mutex<Vec<super::fill::CorJob>>,
+    pub(super) cor_inflight: std::sync::atomic::AtomicU64,
+    pub(super) prefetch_cursor: std::sync::atomic::AtomicU64,
+    pub(super) space_policy: Mutex<Option<super::space::SpacePolicy>>,
+    pub(super) space_waiters: super::space::SpaceWaiters,
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
@@ -283,6 +293,7 @@ impl<I: Io> Image<I> {
             read_only,
             live,
             pending: Mutex::new(Vec::new()),
+            freed: Mutex::new(Vec::new()),
             locks: BlockLocks::default(),
             alloc: Mutex::new(alloc),
             flush_state: futures::lock::Mutex::new(FlushState {
@@ -296,7 +307,14 @@ impl<I: Io> Image<I> {
             failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             header_snapshot: Mutex::new(header),
+            cor: AtomicBool::new(false),
+            cor_jobs: Mutex::new(Vec::new()),
+            cor_inflight: Default::default(),
+            prefetch_cursor: Default::default(),
+            space_policy: Mutex::new(None),
+            space_waiters: Default::default(),
         };
+        img.set_copy_on_read(img.cor_default());
         if !read_only {
             let mut fs = img.flush_state.lock().await;
             if !entries.is_empty() || !problems.is_empty() {

@@ -10,7 +10,7 @@
 use crate::format::metadata::{self as md, BITS_PER_SECTOR, ENTRIES_PER_SECTOR};
 use crate::format::{FormatError, JournalEntry, SECTOR};
 use crate::units::{BlockIndex, ChunkIndex, Geometry, PhysChunk};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// Word-level helpers shared by the atomic and plain bitmaps.
 fn word_masks(start: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
@@ -37,6 +37,29 @@ pub struct LiveMetadata {
     pub geo: Geometry,
     bits: Vec<AtomicU64>,
     table: Vec<AtomicU32>,
+    /// Requests in flight per virtual chunk (compact images). A chunk is unmapped only when its
+    /// count is zero, so no old read or write can reach a physical chunk after it is reused.
+    inflight: Vec<AtomicU16>,
+}
+
+/// Flag in a chunk's in-flight count: the chunk is being unmapped.
+const FREEING: u16 = 0x8000;
+
+/// Holds in-flight references on a range of chunks; released on drop.
+pub struct ChunkRefs<'a> {
+    live: &'a LiveMetadata,
+    first: u64,
+    last: u64,
+}
+
+impl Drop for ChunkRefs<'_> {
+    fn drop(&mut self) {
+        if self.live.compact() {
+            for c in self.first..=self.last {
+                self.live.inflight[c as usize].fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 impl LiveMetadata {
@@ -45,7 +68,45 @@ impl LiveMetadata {
             geo,
             bits: c.bits.iter().map(|&w| AtomicU64::new(w)).collect(),
             table: c.table.iter().map(|&e| AtomicU32::new(e)).collect(),
+            inflight: c.table.iter().map(|_| AtomicU16::new(0)).collect(),
         }
+    }
+
+    /// Takes in-flight references on the chunks covering virtual bytes `[off, end)`, before the
+    /// table is consulted. If a chunk is being unmapped right now, waits for that to finish (a
+    /// few instructions under the allocator lock, never across an await).
+    pub fn enter(&self, off: u64, end: u64) -> ChunkRefs<'_> {
+        let first = off / self.geo.chunk_size;
+        let last = (end.max(off + 1) - 1) / self.geo.chunk_size;
+        if self.compact() {
+            for c in first..=last {
+                let n = &self.inflight[c as usize];
+                if n.fetch_add(1, Ordering::SeqCst) & FREEING != 0 {
+                    while n.load(Ordering::SeqCst) & FREEING != 0 {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+        ChunkRefs {
+            live: self,
+            first,
+            last,
+        }
+    }
+
+    /// Runs `unmap` with chunk `c` marked as being unmapped, if no request references it.
+    /// Requests arriving meanwhile wait in [`LiveMetadata::enter`] and then see the new table.
+    pub fn with_idle_chunk(&self, c: ChunkIndex, unmap: impl FnOnce()) -> bool {
+        let n = &self.inflight[c.0 as usize];
+        if n.compare_exchange(0, FREEING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        unmap();
+        n.fetch_and(!FREEING, Ordering::SeqCst);
+        true
     }
 
     pub fn compact(&self) -> bool {
@@ -75,11 +136,11 @@ impl LiveMetadata {
     /// Physical chunk of a virtual chunk (compact images only).
     #[inline]
     pub fn phys(&self, c: ChunkIndex) -> PhysChunk {
-        PhysChunk(self.table[c.0 as usize].load(Ordering::Acquire))
+        PhysChunk(self.table[c.0 as usize].load(Ordering::SeqCst))
     }
 
     pub fn set_phys(&self, c: ChunkIndex, p: PhysChunk) {
-        self.table[c.0 as usize].store(p.0, Ordering::Release);
+        self.table[c.0 as usize].store(p.0, Ordering::SeqCst);
     }
 
     /// True if no block of chunk `c` is present.

@@ -13,19 +13,23 @@ pub mod counters;
 pub mod discard;
 pub mod disk;
 pub mod error;
+pub mod fill;
 pub mod flush;
 pub mod image;
 pub mod map;
 pub mod metadata;
+pub mod prefetch;
 pub mod raw;
 pub mod read;
+pub mod space;
 pub mod storage;
 pub mod write;
 
 pub use base::Base;
 pub use counters::{CounterSnapshot, Counters};
 pub use disk::{
-    create_image, open_disk, open_image, probe, repair_image, resolve_base, Disk, Format,
+    create_image, open_disk, open_disk_with, open_image, open_image_with, probe, repair_image,
+    resolve_base, Disk, Format,
 };
 pub use error::{EngineError, Result};
 pub use image::{CreateParams, Image};

@@ -37,6 +37,7 @@ impl<I: Io> Image<I> {
         if len == 0 {
             return Ok(());
         }
+        let _refs = self.live.enter(off, off + len);
         // Split into pieces of one source each, merging neighbours that are contiguous.
         let mut pieces: smallvec::SmallVec<[(Source, u64, u64); 4]> = smallvec::SmallVec::new();
         let mut pos = off;
@@ -80,7 +81,11 @@ impl<I: Io> Image<I> {
             Source::Here(p) => self.store.read(io, &self.counters, p, buf).await,
             Source::Base if self.base.is_some() => {
                 let base = self.base.as_ref().expect("checked above");
-                base.read(io, &self.counters, vpos, buf).await
+                base.read(io, &self.counters, vpos, buf.clone()).await?;
+                if self.copy_on_read() {
+                    self.queue_copy_on_read(vpos, &buf);
+                }
+                Ok(())
             }
             Source::Base | Source::Zero => {
                 buf.zero(0, buf.len());

@@ -37,10 +37,11 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         let end = off + len;
+        let _refs = self.live.enter(off, end);
         let first = off / self.geo.block_size;
         let last = (end - 1) / self.geo.block_size;
         if self.live.compact() {
-            self.ensure_chunks(first, last)?;
+            self.ensure_chunks_waiting(first, last).await?;
         }
         let needs_fill = |b: u64| self.lock_all_writes || !self.live.present(BlockIndex(b));
         if !(first..=last).any(needs_fill) {
@@ -183,7 +184,12 @@ impl<I: Io> Image<I> {
             if self.live.phys(ChunkIndex(c)).is_allocated() {
                 continue; // another queue won the race
             }
-            let p = alloc.alloc(&self.store)?;
+            let hint = c
+                .checked_sub(1)
+                .map(|prev| self.live.phys(ChunkIndex(prev)))
+                .filter(|p| p.is_allocated())
+                .map(|p| p.0 + 1);
+            let p = alloc.alloc(&self.store, hint)?;
             self.live.set_phys(ChunkIndex(c), p);
             self.pending.lock().push(JournalEntry::Map {
                 chunk: c,

@@ -26,6 +26,9 @@ struct Inner {
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum OpenMode {
     ReadOnly,
+    /// Read-only without taking the lock (qemu-img's --force-share): to inspect an image that a
+    /// server has open. What is read may be slightly stale.
+    ReadOnlyShared,
     ReadWrite,
     /// Create (or truncate) a regular file, or open an existing block device, read-write.
     Create,
@@ -45,7 +48,7 @@ impl HostFile {
     pub fn open_with(path: &Path, mode: OpenMode, direct: bool) -> io::Result<HostFile> {
         let mut o = OpenOptions::new();
         o.read(true);
-        let read_only = mode == OpenMode::ReadOnly;
+        let read_only = matches!(mode, OpenMode::ReadOnly | OpenMode::ReadOnlyShared);
         if !read_only {
             o.write(true);
         }
@@ -65,7 +68,12 @@ impl HostFile {
         let file = o.open(path)?;
         let meta = file.metadata()?;
         let block_device = meta.file_type().is_block_device();
-        lock(&file, read_only).map_err(|e| {
+        let locked = if mode == OpenMode::ReadOnlyShared {
+            Ok(())
+        } else {
+            lock(&file, read_only)
+        };
+        locked.map_err(|e| {
             if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) {
                 io::Error::new(
                     io::ErrorKind::WouldBlock,

@@ -12,6 +12,7 @@
 pub mod buf;
 pub mod executor;
 pub mod host_file;
+pub mod nbd;
 pub mod sim;
 pub mod sync;
 pub mod uring;

@@ -1,0 +1,131 @@
+//! Thin provisioning (F4): a compact image on a block device smaller than its virtual size asks
+//! for more space before it runs out, and writes that find no free chunk wait for the device to
+//! grow instead of failing (up to a timeout).
+
+use super::error::{EngineError, Result};
+use super::image::Image;
+use crate::io::{Io, IoFile};
+use parking_lot::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// What the image does when space runs low. Installed by the server.
+pub struct SpacePolicy {
+    /// Free bytes in the data area below which `on_low` is called.
+    pub watermark: u64,
+    /// Asks for more space; must not block (the server hands the request to a thread).
+    pub on_low: Box<dyn Fn() + Send + Sync>,
+    /// How long a write waits for space before failing with ENOSPC.
+    pub wait: Duration,
+}
+
+#[derive(Default)]
+pub struct SpaceWaiters {
+    generation: AtomicU64,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+struct SpaceChanged<'a> {
+    w: &'a SpaceWaiters,
+    seen: u64,
+}
+
+impl Future for SpaceChanged<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut wakers = self.w.wakers.lock();
+        if self.w.generation.load(Ordering::Acquire) != self.seen {
+            return Poll::Ready(());
+        }
+        wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl<I: Io> Image<I> {
+    pub fn set_space_policy(&self, policy: SpacePolicy) {
+        *self.space_policy.lock() = Some(policy);
+    }
+
+    /// Something changed (the device grew, or a timer ticked): re-read the device size and let
+    /// waiting writes try again.
+    pub fn notify_space(&self) {
+        if self.store.file.is_block_device() {
+            let _ = self.alloc.lock().refresh(&self.store);
+        }
+        let w = &self.space_waiters;
+        let wakers = {
+            let mut g = w.wakers.lock();
+            w.generation.fetch_add(1, Ordering::AcqRel);
+            std::mem::take(&mut *g)
+        };
+        for k in wakers {
+            k.wake();
+        }
+    }
+
+    /// Number of writes waiting for space (the server ticks `notify_space` while non-zero).
+    pub fn space_waiting(&self) -> usize {
+        self.space_waiters.wakers.lock().len()
+    }
+
+    /// Free bytes in the data area, if the storage is bounded (a block device).
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.alloc
+            .lock()
+            .free_chunks()
+            .map(|c| c * self.geo.chunk_size)
+    }
+
+    /// After an allocation: asks for space when below the watermark.
+    pub(super) fn check_watermark(&self) {
+        let Some(free) = self.free_bytes() else {
+            return;
+        };
+        if let Some(p) = &*self.space_policy.lock() {
+            if free < p.watermark {
+                (p.on_low)();
+            }
+        }
+    }
+
+    /// Allocates chunks for blocks `first..=last`, waiting for space if the device is full and a
+    /// policy allows it.
+    pub(super) async fn ensure_chunks_waiting(&self, first: u64, last: u64) -> Result<()> {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let seen = self.space_waiters.generation.load(Ordering::Acquire);
+            match self.ensure_chunks(first, last) {
+                Err(EngineError::NoSpace(msg)) => {
+                    let wait = {
+                        let p = self.space_policy.lock();
+                        let Some(p) = &*p else {
+                            return Err(EngineError::NoSpace(msg));
+                        };
+                        (p.on_low)();
+                        p.wait
+                    };
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + wait);
+                    if Instant::now() >= d {
+                        tracing::error!("no space for new chunks after waiting {wait:?}: {msg}; failing the write");
+                        return Err(EngineError::NoSpace(msg));
+                    }
+                    SpaceChanged {
+                        w: &self.space_waiters,
+                        seen,
+                    }
+                    .await;
+                }
+                r => {
+                    if r.is_ok() {
+                        self.check_watermark();
+                    }
+                    return r;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Storage features on real files: chunk reuse after discard, locality of allocation,
+//! copy-on-read, streaming/prefetch steps, amend and rebase.
+
+use fvd::engine::{CreateParams, Image};
+use fvd::format::{BaseFormat, BaseRef};
+use fvd::io::executor::block_on;
+use fvd::io::host_file::OpenMode;
+use fvd::io::sync::SyncIo;
+use fvd::io::{Buf, HostFile};
+use fvd::units::ChunkIndex;
+use std::path::Path;
+use std::process::Command;
+
+const BS: u64 = 16 << 10;
+const CS: u64 = 64 << 10;
+
+fn create(path: &Path, size: u64, base: Option<BaseRef>, compat: u64) {
+    let f = HostFile::open(path, OpenMode::Create).unwrap();
+    let p = CreateParams {
+        virtual_size: size,
+        block_size: BS,
+        chunk_size: CS,
+        journal_size: 64 << 10,
+        compact: true,
+        base,
+        compat,
+    };
+    block_on(Image::create(&SyncIo, f, &p)).unwrap();
+}
+
+fn open(path: &Path) -> Image<SyncIo> {
+    block_on(fvd::engine::open_image(&SyncIo, path, false)).unwrap()
+}
+
+fn write(img: &Image<SyncIo>, off: u64, data: &[u8]) {
+    let b = Buf::alloc(data.len());
+    b.copy_from_slice(0, data);
+    block_on(img.write(&SyncIo, off, b)).unwrap();
+}
+
+fn read(img: &Image<SyncIo>, off: u64, len: usize) -> Vec<u8> {
+    let b = Buf::alloc(len);
+    block_on(img.read(&SyncIo, off, b.clone())).unwrap();
+    b.to_vec()
+}
+
+fn raw_base(dir: &Path, size: usize, seed: u8) -> BaseRef {
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(i as u8 >> 3))
+        .collect();
+    std::fs::write(dir.join("base.raw"), data).unwrap();
+    BaseRef {
+        path: "base.raw".into(),
+        format: BaseFormat::Raw,
+        size: size as u64,
+    }
+}
+
+#[test]
+fn discarded_chunks_are_reused_after_flush_and_allocation_keeps_locality() {
+    let d = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = d.path().join("img.fvd");
+    create(&path, 64 * CS, None, 0);
+    let img = open(&path);
+    for c in 0..4u64 {
+        write(&img, c * CS, &vec![c as u8 + 1; CS as usize]);
+    }
+    // Sequential virtual chunks get sequential physical chunks.
+    for c in 0..4u64 {
+        assert_eq!(img.chunk_phys(ChunkIndex(c)).0 as u64, c);
+    }
+    assert_eq!(img.allocated_chunks(), 4);
+    block_on(img.discard(&SyncIo, CS, CS)).unwrap();
+    assert!(
+        !img.chunk_phys(ChunkIndex(1)).is_allocated(),
+        "an empty chunk must be unmapped"
+    );
+    assert_eq!(img.allocated_chunks(), 3);
+    // Not reusable before the unmap is durable.
+    write(&img, 10 * CS, &[9u8; 4096]);
+    assert_eq!(img.chunk_phys(ChunkIndex(10)).0, 4);
+    block_on(img.flush(&SyncIo)).unwrap();
+    write(&img, 20 * CS, &[7u8; 4096]);
+    assert_eq!(
+        img.chunk_phys(ChunkIndex(20)).0,
+        1,
+        "the freed chunk is reused after the flush"
+    );
+    assert!(read(&img, CS, CS as usize).iter().all(|&b| b == 0));
+    assert_eq!(read(&img, 20 * CS, 4096), vec![7u8; 4096]);
+    assert!(
+        read(&img, 20 * CS + 4096, (CS - 4096) as usize)
+            .iter()
+            .all(|&b| b == 0),
+        "no old data from the reused chunk"
+    );
+    block_on(img.flush(&SyncIo)).unwrap();
+    drop(img);
+    let img = open(&path);
+    assert!(read(&img, CS, CS as usize).iter().all(|&b| b == 0));
+    assert_eq!(read(&img, 20 * CS, 4096), vec![7u8; 4096]);
+    assert_eq!(read(&img, 2 * CS, 512), vec![3u8; 512]);
+}
+
+#[test]
+fn copy_on_read_copies_after_the_read_and_prefetch_streams_everything() {
+    let d = tempfile::tempdir_in("/var/tmp").unwrap();
+    let size = 8 * CS;
+    let base = raw_base(d.path(), size as usize, 7);
+    let orig = std::fs::read(d.path().join("base.raw")).unwrap();
+    let path = d.path().join("img.fvd");
+    create(
+        &path,
+        size,
+        Some(base),
+        fvd::format::header::COMPAT_COPY_ON_READ,
+    );
+    let img = open(&path);
+    assert!(img.copy_on_read());
+    // A read covering one whole block and part of the next.
+    assert_eq!(
+        read(&img, BS, (BS + 512) as usize),
+        orig[BS as usize..(2 * BS + 512) as usize]
+    );
+    assert_eq!(
+        img.present_blocks(),
+        0,
+        "the guest's read does not wait for the copy"
+    );
+    block_on(img.run_deferred(&SyncIo));
+    assert_eq!(img.present_blocks(), 2);
+    // Prove the data now comes from the image: change the base behind its back.
+    std::fs::write(d.path().join("base.raw"), vec![0xEEu8; size as usize]).unwrap();
+    assert_eq!(
+        read(&img, BS, (2 * BS) as usize),
+        orig[BS as usize..(3 * BS) as usize]
+    );
+    block_on(img.flush(&SyncIo)).unwrap();
+    drop(img);
+    std::fs::write(d.path().join("base.raw"), &orig).unwrap();
+    // Streaming copies the rest; then the base can be dropped.
+    let img = open(&path);
+    img.set_copy_on_read(false);
+    let mut steps = 0;
+    loop {
+        let s = block_on(img.prefetch_step(&SyncIo, 3)).unwrap();
+        steps += 1;
+        if s.done {
+            break;
+        }
+        assert!(steps < 100);
+    }
+    assert_eq!(img.base_blocks_remaining(), 0);
+    assert!(block_on(img.mark_base_not_needed(&SyncIo)).unwrap());
+    assert_ne!(
+        img.header().flags & fvd::format::header::FLAG_BASE_NOT_NEEDED,
+        0
+    );
+    block_on(img.close(&SyncIo)).unwrap();
+    drop(img);
+    let fvd = env!("CARGO_BIN_EXE_fvd");
+    let st = Command::new(fvd)
+        .args(["rebase", "--drop-base"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_file(d.path().join("base.raw")).unwrap();
+    let img = open(&path);
+    assert!(img.base().is_none());
+    assert_eq!(
+        read(&img, 0, size as usize),
+        orig,
+        "all data survived detaching the base"
+    );
+}
+
+#[test]
+fn cli_stream_amend_and_rebase_refusal() {
+    let d = tempfile::tempdir_in("/var/tmp").unwrap();
+    let fvd = env!("CARGO_BIN_EXE_fvd");
+    let size = 4 * CS;
+    raw_base(d.path(), size as usize, 3);
+    let orig = std::fs::read(d.path().join("base.raw")).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(fvd)
+            .args(args)
+            .current_dir(d.path())
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["create", "a.fvd", "-b", "base.raw"]).status.success());
+    let o = run(&["rebase", "--drop-base", "a.fvd"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fvd stream"));
+    assert!(
+        run(&["amend", "a.fvd", "--copy-on-read", "on", "--prefetch", "on"])
+            .status
+            .success()
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&run(&["info", "a.fvd", "--output", "json"]).stdout).unwrap();
+    assert_eq!(info["fvd"]["copy_on_read"], true);
+    assert_eq!(info["fvd"]["prefetch"], true);
+    assert_eq!(info["fvd"]["base"]["bytes_remaining"], size);
+    assert!(run(&["stream", "a.fvd", "--drop-base", "-q"])
+        .status
+        .success());
+    let info: serde_json::Value =
+        serde_json::from_slice(&run(&["info", "a.fvd", "--output", "json"]).stdout).unwrap();
+    assert!(info["fvd"]["base"].is_null(), "{info}");
+    std::fs::remove_file(d.path().join("base.raw")).unwrap();
+    assert!(run(&["convert", "a.fvd", "out.raw", "-O", "raw", "-q"])
+        .status
+        .success());
+    assert_eq!(std::fs::read(d.path().join("out.raw")).unwrap(), orig);
+}

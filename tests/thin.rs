@@ -1,0 +1,140 @@
+//! Thin provisioning on a loop device standing in for a logical volume: the image asks for
+//! space at the watermark, the "LV" is grown (backing file extended, `losetup -c`), and writes
+//! that find the device full wait for it instead of failing.
+
+use fvd::engine::space::SpacePolicy;
+use fvd::engine::{CreateParams, Image};
+use fvd::io::executor::block_on;
+use fvd::io::host_file::OpenMode;
+use fvd::io::sync::SyncIo;
+use fvd::io::{Buf, HostFile};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+struct Loop {
+    dev: PathBuf,
+}
+
+impl Loop {
+    fn attach(file: &Path) -> Option<Loop> {
+        let o = Command::new("losetup")
+            .args(["--direct-io=on", "-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            eprintln!(
+                "skipping: losetup failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return None;
+        }
+        Some(Loop {
+            dev: PathBuf::from(String::from_utf8(o.stdout).ok()?.trim()),
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn image_on_a_growing_loop_device_fills_past_its_initial_size() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let backing = dir.path().join("lv.img");
+    // Metadata + journal take ~2.3 MiB for this geometry; start with room for a few chunks.
+    let initial = 8 * MIB;
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(initial)
+        .unwrap();
+    let Some(lv) = Loop::attach(&backing) else {
+        return;
+    };
+
+    let f = HostFile::open(&lv.dev, OpenMode::Create).unwrap();
+    let p = CreateParams {
+        virtual_size: 256 * MIB,
+        journal_size: MIB,
+        ..Default::default()
+    };
+    block_on(Image::create(&SyncIo, f, &p)).unwrap();
+    let img = Arc::new(block_on(fvd::engine::open_image(&SyncIo, &lv.dev, false)).unwrap());
+    assert!(img.free_bytes().unwrap() < 8 * MIB);
+
+    // The grower: what `fvd serve --grow-cmd` does, with `losetup -c` as the LV resize.
+    let (tx, rx) = mpsc::channel::<()>();
+    let grows = Arc::new(AtomicUsize::new(0));
+    img.set_space_policy(SpacePolicy {
+        watermark: 2 * MIB,
+        on_low: Box::new(move || {
+            let _ = tx.send(());
+        }),
+        wait: Duration::from_secs(60),
+    });
+    let grower = {
+        // Weak: the image owns the sender, so a strong reference here would keep both alive.
+        let img = Arc::downgrade(&img);
+        let grows = grows.clone();
+        let backing = backing.clone();
+        let dev = lv.dev.clone();
+        std::thread::spawn(move || {
+            while let Ok(()) = rx.recv() {
+                // Coalesce a burst of requests into one grow.
+                while rx.try_recv().is_ok() {}
+                let Some(img) = img.upgrade() else { return };
+                if grows.load(Ordering::SeqCst) >= 8 {
+                    img.notify_space();
+                    continue;
+                }
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&backing)
+                    .unwrap();
+                let len = f.metadata().unwrap().len();
+                f.set_len(len + 8 * MIB).unwrap();
+                assert!(Command::new("losetup")
+                    .arg("-c")
+                    .arg(&dev)
+                    .status()
+                    .unwrap()
+                    .success());
+                grows.fetch_add(1, Ordering::SeqCst);
+                img.notify_space();
+            }
+        })
+    };
+
+    // Write 40 MiB of distinct data: five times the initial device.
+    let pattern = |i: u64| vec![(i % 251) as u8 + 1; MIB as usize];
+    for i in 0..40u64 {
+        let b = Buf::alloc(MIB as usize);
+        b.copy_from_slice(0, &pattern(i));
+        block_on(img.write(&SyncIo, i * 3 * MIB, b))
+            .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
+        if i % 8 == 7 {
+            block_on(img.flush(&SyncIo)).unwrap();
+        }
+    }
+    block_on(img.close(&SyncIo)).unwrap();
+    assert!(
+        grows.load(Ordering::SeqCst) >= 4,
+        "the device should have been grown several times"
+    );
+    drop(img);
+    let _ = grower.join();
+    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.dev, true)).unwrap();
+    for i in 0..40u64 {
+        let b = Buf::alloc(MIB as usize);
+        block_on(img.read(&SyncIo, i * 3 * MIB, b.clone())).unwrap();
+        assert_eq!(b.to_vec(), pattern(i), "chunk {i} after reopen");
+    }
+}
