@@ -84,7 +84,7 @@ create_image() {
         local extra=()
         case "${3:-}" in
         nocompact) extra=(--no-compact) ;;
-        base=*) extra=(--base "${3#base=}" --base-format raw) ;;
+        base=*) extra=(--base "${3#base=}" --base-format raw --copy-on-read --prefetch) ;;
         esac
         "$FVD_BIN" create "$img" --size "$2" "${extra[@]}" >"$logs/create-$1.log" 2>&1 ||
             { cat "$logs/create-$1.log" >&2; return 1; }
@@ -276,17 +276,32 @@ case_readonly() {
     stop_server readonly
 }
 case_base() {
-    # A 128 MiB raw base under a 1 GiB overlay: the guest reads the base through the overlay,
-    # overwrites parts; the base file must not change.
-    local base=$run/base.raw img before after mb=128
-    head -c $((mb * 1048576)) /dev/urandom >"$base"
-    before=$(sha256sum <"$base" | cut -d' ' -f1)
+    # A 192 MiB raw base under a 1 GiB overlay (fvd: copy-on-read and prefetch on). The guest reads
+    # the first 128 MiB through the overlay and overwrites parts of 96..192 MiB; the base file must
+    # not change. Then the base is streamed into the overlay and detached (fvd stream --drop-base;
+    # qsd: qemu-img rebase -b ''), the base file is moved away, and a new VM must read the same data.
+    local base=$run/base.raw img before after sum mb=128 total=192
+    head -c $((total * 1048576)) /dev/urandom >"$base"
+    before=$(head -c $((mb * 1048576)) "$base" | sha256sum | cut -d' ' -f1)
     img=$(create_image base 1G "base=$base") || return 1
     start_server base "$img" 1 || return 1
-    vm base base 1 base_mb=$mb "base_sum=$before" || return 1
+    vm base base 1 base_mb=$mb total_mb=$total "base_sum=$before" || return 1
     stop_server base || return 1
-    after=$(sha256sum <"$base" | cut -d' ' -f1)
+    sum=$(tr -d '\r' <"$logs/$current-base.log" | sed -n 's/^FVD-DATA \([0-9a-f]\{64\}\)$/\1/p' | tail -n1)
+    [ -n "$sum" ] || { say "no FVD-DATA line in the base log"; return 1; }
+    after=$(head -c $((mb * 1048576)) "$base" | sha256sum | cut -d' ' -f1)
     [ "$before" = "$after" ] || { say "the base image changed"; return 1; }
+    if [ "$backend" = fvd ]; then
+        "$FVD_BIN" stream -q --drop-base "$img" >"$logs/stream-base.log" 2>&1 ||
+            { say "fvd stream --drop-base failed:"; cat "$logs/stream-base.log" >&2; return 1; }
+    else
+        qemu-img rebase -q -f qcow2 -b '' "$img" || return 1
+    fi
+    mv "$base" "$base.gone"
+    check_image "$img" || return 1
+    start_server base "$img" 1 || return 1
+    vm sha base 1 mb=$total "sum=$sum" || return 1
+    stop_server base
 }
 case_fio_nocompact() {
     local img
