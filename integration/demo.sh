@@ -5,7 +5,8 @@
 # or ^A x leaves); without a terminal (CI) it runs the smoke test and powers off.
 #
 # Usage: integration/demo.sh [--queues N]
-# Environment: FVD_INTEGRATION_BACKEND=qsd serves a raw demo.img with qemu-storage-daemon instead.
+# Environment: FVD_BIN=PATH uses that fvd instead of building one; FVD_INTEGRATION_BACKEND=qsd
+# serves a raw demo.img with qemu-storage-daemon instead.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -50,9 +51,12 @@ if [ "$backend" = qsd ]; then
         >"$cache/logs/demo-server.log" 2>&1 &
     server=$!
 else
-    say "cargo build --release"
-    (cd "$repo" && cargo build --release --quiet)
-    fvd=${CARGO_TARGET_DIR:-$repo/target}/release/fvd
+    fvd=${FVD_BIN:-}
+    if [ -z "$fvd" ]; then
+        say "cargo build --release"
+        (cd "$repo" && cargo build --release --quiet)
+        fvd=${CARGO_TARGET_DIR:-$repo/target}/release/fvd
+    fi
     img=$cache/demo.fvd
     if [ ! -f "$img" ]; then
         "$fvd" create "$img" --size 4G --compact

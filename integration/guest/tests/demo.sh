@@ -5,9 +5,9 @@
 . /tests/lib.sh
 
 echo "=== the vhost-user-blk disk, as the guest sees it ==="
-if command -v lsblk >/dev/null; then lsblk -o NAME,SIZE,RO,DISC-MAX,LOG-SEC,SERIAL "$DEV" || true; fi
+if command -v lsblk >/dev/null; then lsblk -o NAME,SIZE,RO,DISC-MAX,LOG-SEC "$DEV" || true; fi
 fdisk -l "$DEV" 2>/dev/null | head -n 3 || true
-echo "queues: $(find "$BLK/mq" -mindepth 1 -maxdepth 1 | wc -l), cache: $(cat "$BLK/queue/write_cache")"
+echo "serial: $(cat "$BLK/serial" 2>/dev/null), queues: $(find "$BLK/mq" -mindepth 1 -maxdepth 1 | wc -l), cache: $(cat "$BLK/queue/write_cache")"
 sectors=$(cat "$BLK/size")
 last=$((sectors / 2048 - 1))
 if [ "$(cat "$BLK/ro")" = 0 ]; then
