@@ -12,4 +12,5 @@ pub mod cli;
 pub mod engine;
 pub mod format;
 pub mod io;
+pub mod server;
 pub mod units;

@@ -40,6 +40,8 @@ enum Command {
     Stream(stream::StreamArgs),
     /// Detach the base image once the image no longer needs it.
     Rebase(stream::RebaseArgs),
+    /// Serve an image to a VM over a vhost-user-blk socket.
+    Serve(crate::server::cli::ServeArgs),
 }
 
 /// `--output` of the inspecting commands.
@@ -85,7 +87,10 @@ pub fn main() -> i32 {
             return 2;
         }
     };
-    init_logging(None);
+    init_logging(match &cli.command {
+        Command::Serve(a) => a.log_level.as_deref(),
+        _ => None,
+    });
     let r = match cli.command {
         Command::Create(a) => create::run(a),
         Command::Info(a) => info::run(a),
@@ -95,6 +100,7 @@ pub fn main() -> i32 {
         Command::Amend(a) => amend::run(a),
         Command::Stream(a) => stream::stream(a),
         Command::Rebase(a) => stream::rebase(a),
+        Command::Serve(a) => crate::server::cli::run(a).map(|()| 0),
     };
     match r {
         Ok(code) => code,

@@ -1,0 +1,154 @@
+//! The process's one listening socket, and SIGTERM/SIGINT handling that can interrupt both a
+//! blocked accept and a live connection.
+
+use parking_lot::Mutex;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use vhost_user_backend::ShutdownHandle;
+
+pub struct Listener {
+    inner: Mutex<vhost::vhost_user::Listener>,
+    fd: RawFd,
+    path: PathBuf,
+    /// (device, inode) of the socket file we created, so we never delete someone else's.
+    id: (u64, u64),
+}
+
+impl Listener {
+    /// Binds `path` with permissions `mode`. A stale socket (nobody accepting) is replaced; a
+    /// live one or any other kind of file is an error.
+    pub fn bind(path: &Path, mode: u32) -> Result<Listener, String> {
+        let show = path.display();
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(format!("{show} exists and is not a socket"));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(format!("{show} is in use by another server"));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| format!("cannot remove stale socket {show}: {e}"))?;
+        }
+        // Create the socket with no permissions for others, then widen to `mode`: no window in
+        // which a more permissive socket exists.
+        // SAFETY: umask only swaps the process file-creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        let l = bound.map_err(|e| format!("cannot bind {show}: {e}"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
+            .map_err(|e| format!("cannot chmod {show}: {e}"))?;
+        let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{show}: {e}"))?;
+        let fd = l.as_raw_fd();
+        Ok(Listener {
+            inner: Mutex::new(vhost::vhost_user::Listener::from(l)),
+            fd,
+            path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` (e.g. `VhostUserDaemon::start`) on the underlying listener.
+    pub fn with<R>(&self, f: impl FnOnce(&mut vhost::vhost_user::Listener) -> R) -> R {
+        f(&mut self.inner.lock())
+    }
+
+    /// Unlinks the socket file if it is still the one we created.
+    pub fn remove(&self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// A stop request, from a signal or a test.
+pub struct Stop {
+    inner: Arc<StopInner>,
+    handle: Handle,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct StopInner {
+    requested: AtomicBool,
+    listener_fd: RawFd,
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+impl StopInner {
+    fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        // Wakes a blocked accept (it fails with EINVAL); the listener is not used afterwards.
+        // SAFETY: shutdown on the listening fd, which stays open until after `uninstall`.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        if let Some(h) = &*self.conn.lock() {
+            h.shutdown();
+        }
+    }
+}
+
+impl Stop {
+    /// Routes SIGTERM and SIGINT to a stop request.
+    pub fn install(listener: &Listener) -> io::Result<Stop> {
+        let inner = Arc::new(StopInner {
+            requested: AtomicBool::new(false),
+            listener_fd: listener.fd,
+            conn: Mutex::new(None),
+        });
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        let handle = signals.handle();
+        let i = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("fvd-signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    tracing::info!(
+                        "signal {sig}: finishing in-flight requests and closing the disk"
+                    );
+                    i.request();
+                }
+            })?;
+        Ok(Stop {
+            inner,
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn requested(&self) -> bool {
+        self.inner.requested.load(Ordering::SeqCst)
+    }
+
+    /// The live connection a stop request must end (None when it has ended).
+    pub fn set_connection(&self, h: Option<ShutdownHandle>) {
+        let mut conn = self.inner.conn.lock();
+        *conn = h;
+        if self.requested() {
+            if let Some(h) = &*conn {
+                h.shutdown();
+            }
+        }
+    }
+
+    /// Stops watching for signals (before the listener is closed).
+    pub fn uninstall(mut self) {
+        self.handle.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

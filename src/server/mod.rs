@@ -1,0 +1,260 @@
+//! The vhost-user-blk server: serves one [`Disk`] on a unix socket, one frontend at a time.
+//!
+//! The socket is bound once for the life of the process; each connection gets a fresh
+//! `VhostUserDaemon` (with fresh queue worker threads) started on that same listener, so a
+//! frontend can reconnect the moment the previous one has left. When a frontend leaves, its
+//! in-flight requests finish and the disk is flushed before the next one is accepted. SIGTERM or
+//! SIGINT ends the current connection the same way, then the disk is closed (flushed, marked
+//! clean) and the socket removed.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod listener;
+pub mod request;
+pub mod worker;
+
+use crate::engine::{self, Disk, EngineError};
+use crate::io::uring::UringIo;
+use backend::BlkBackend;
+use config::DeviceConfig;
+use control::Control;
+use listener::{Listener, Stop};
+use request::ID_LEN;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use vhost::vhost_user::Error as VhostUserError;
+use vhost_user_backend::VhostUserDaemon;
+use worker::Ctx;
+
+/// What to serve and how.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub image: PathBuf,
+    pub socket: PathBuf,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub read_only: bool,
+    /// GET_ID answer (at most 20 bytes); derived from the image when absent.
+    pub serial: Option<String>,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+    /// Exit after the first frontend disconnects.
+    pub once: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open {path}: {error}")]
+    Open { path: PathBuf, error: EngineError },
+    #[error("{0}")]
+    Socket(String),
+    #[error("io_uring: {0}")]
+    Ring(std::io::Error),
+    #[error("serial is {0} bytes; virtio-blk allows at most 20")]
+    Serial(usize),
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+    #[error("closing the disk failed: {0}")]
+    Close(EngineError),
+}
+
+/// An opened disk and a bound socket, ready to [`Server::run`].
+pub struct Server {
+    cfg: ServeConfig,
+    disk: Arc<Disk<UringIo>>,
+    control: Arc<Control>,
+    device: DeviceConfig,
+    serial: [u8; ID_LEN],
+    listener: Listener,
+    stop: Stop,
+}
+
+impl Server {
+    /// Opens the disk and binds the socket.
+    pub fn bind(cfg: ServeConfig) -> Result<Server, ServeError> {
+        if let Some(s) = cfg.serial.as_ref().filter(|s| s.len() > ID_LEN) {
+            return Err(ServeError::Serial(s.len()));
+        }
+        if cfg.num_queues == 0 || cfg.num_queues > 64 {
+            return Err(ServeError::Socket(format!(
+                "num-queues must be 1..=64, not {}",
+                cfg.num_queues
+            )));
+        }
+        if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 || cfg.queue_size > 32768 {
+            return Err(ServeError::Socket(format!(
+                "queue-size must be a power of two in 4..=32768, not {}",
+                cfg.queue_size
+            )));
+        }
+        let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
+        let disk = control
+            .block_on(engine::open_disk(control.io(), &cfg.image, cfg.read_only))
+            .map_err(|error| ServeError::Open {
+                path: cfg.image.clone(),
+                error,
+            })?;
+        let serial = serial_bytes(&cfg.serial.clone().unwrap_or_else(|| disk.id()));
+        let device = DeviceConfig {
+            capacity: disk.virtual_size(),
+            block_size: disk.alignment().clamp(512, 4096),
+            read_only: cfg.read_only || disk.read_only(),
+            discard: disk.supports_discard(),
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+            writeback: true,
+        };
+        let disk = Arc::new(disk);
+        let listener = match Listener::bind(&cfg.socket, cfg.socket_mode) {
+            Ok(l) => l,
+            Err(e) => {
+                // Leave the image clean: nothing was written, but an FVD open may have replayed
+                // its journal.
+                let _ = control.block_on(disk.close(control.io()));
+                return Err(ServeError::Socket(e));
+            }
+        };
+        // Signals are handled from here on, before anyone is told the server is ready.
+        let stop = match Stop::install(&listener) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = control.block_on(disk.close(control.io()));
+                listener.remove();
+                return Err(ServeError::Socket(format!("signals: {e}")));
+            }
+        };
+        Ok(Server {
+            cfg,
+            disk,
+            control,
+            device,
+            serial,
+            listener,
+            stop,
+        })
+    }
+
+    pub fn device(&self) -> &DeviceConfig {
+        &self.device
+    }
+
+    /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then
+    /// closes the disk and removes the socket.
+    pub fn run(self) -> Result<(), ServeError> {
+        let served = self.serve_loop(&self.stop);
+        self.stop.uninstall();
+        let closed = self.control.block_on(self.disk.close(self.control.io()));
+        self.listener.remove();
+        served?;
+        closed.map_err(ServeError::Close)?;
+        tracing::info!("disk closed cleanly");
+        Ok(())
+    }
+
+    fn serve_loop(&self, stop: &Stop) -> Result<(), ServeError> {
+        let daemon_err = |e: vhost_user_backend::Error| ServeError::Daemon(e.to_string());
+        while !stop.requested() {
+            let ctx = Arc::new(Ctx {
+                disk: self.disk.clone(),
+                serial: self.serial,
+                write_through: AtomicBool::new(false),
+                limits: self.device.limits(),
+            });
+            let backend = Arc::new(
+                BlkBackend::new(ctx, self.device.clone(), self.control.clone())
+                    .map_err(ServeError::Ring)?,
+            );
+            let mut daemon =
+                VhostUserDaemon::new("fvd-vhost-user".into(), backend.clone(), backend.memory())
+                    .map_err(daemon_err)?;
+            backend
+                .register(&daemon.get_epoll_handlers())
+                .map_err(|e| {
+                    ServeError::Daemon(format!("cannot register the io_uring eventfd: {e}"))
+                })?;
+
+            let accepted = self.listener.with(|l| daemon.start(l));
+            if let Err(e) = accepted {
+                if stop.requested() {
+                    break;
+                }
+                return Err(daemon_err(e));
+            }
+            tracing::info!("frontend connected");
+            stop.set_connection(daemon.shutdown_handle());
+            match daemon.wait() {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                )) => tracing::info!("frontend disconnected"),
+                Err(e) => tracing::warn!("frontend connection ended: {e}"),
+            }
+            stop.set_connection(None);
+            // Finish what the guest submitted and make it durable before anyone else connects.
+            backend.drain_all();
+            backend.flush();
+            for h in daemon.get_epoll_handlers() {
+                h.send_exit_event();
+            }
+            drop(daemon); // joins the queue worker threads
+            if self.cfg.once {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The GET_ID answer: printable ASCII, NUL-padded to 20 bytes.
+fn serial_bytes(s: &str) -> [u8; ID_LEN] {
+    let mut out = [0u8; ID_LEN];
+    for (o, c) in out.iter_mut().zip(s.bytes()) {
+        *o = if c.is_ascii_graphic() { c } else { b'_' };
+    }
+    out
+}
+
+/// Command-line arguments that attach QEMU and cloud-hypervisor to this server.
+pub fn attach_hints(socket: &std::path::Path, num_queues: u16, queue_size: u16) -> String {
+    let s = socket.display();
+    format!(
+        "QEMU (guest RAM must be shared; SIZE = the -m size):\n  \
+         -object memory-backend-memfd,id=mem0,size=SIZE,share=on -machine memory-backend=mem0 \
+         -chardev socket,id=fvd0,path={s} \
+         -device vhost-user-blk-pci,chardev=fvd0,num-queues={num_queues},queue-size={queue_size}\n\
+         cloud-hypervisor:\n  \
+         --memory size=SIZE,shared=on \
+         --disk vhost_user=true,socket={s},num_queues={num_queues},queue_size={queue_size}\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_is_printable_and_padded() {
+        assert_eq!(&serial_bytes("disk.fvd")[..9], b"disk.fvd\0");
+        assert_eq!(
+            serial_bytes("a b\u{e9}"),
+            *b"a_b__\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0"
+        );
+        assert_eq!(
+            serial_bytes("0123456789abcdefghijXYZ"),
+            *b"0123456789abcdefghij"
+        );
+    }
+
+    #[test]
+    fn hints_name_the_socket_and_queues() {
+        let h = attach_hints(std::path::Path::new("/run/x.sock"), 2, 128);
+        assert!(h.contains("share=on"));
+        assert!(h.contains("-chardev socket,id=fvd0,path=/run/x.sock"));
+        assert!(h.contains("vhost-user-blk-pci,chardev=fvd0,num-queues=2,queue-size=128"));
+        assert!(h.contains("--disk vhost_user=true,socket=/run/x.sock,num_queues=2,queue_size=128"));
+        assert!(h.contains("shared=on"));
+    }
+}

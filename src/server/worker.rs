@@ -1,0 +1,268 @@
+//! One queue's worker state, living on that queue's vring worker thread: its own io_uring, its
+//! own task executor, and the requests in flight.
+//!
+//! Each event-loop turn (one `handle_event` call): pop every available chain and spawn one task
+//! per request, run the ready tasks (they queue SQEs), submit all SQEs with one system call, put
+//! finished requests in the used ring, and signal the guest once for the whole batch if
+//! EVENT_IDX says it wants to hear about it. Completions arrive through the ring's eventfd,
+//! registered in the same epoll as the queue's kick, so the thread sleeps when idle.
+
+use super::request::{self, Op, Request, Segs, ID_LEN, STATUS_IOERR, STATUS_OK};
+use crate::engine::Disk;
+use crate::io::executor::Executor;
+use crate::io::uring::UringIo;
+use crate::io::Buf;
+use parking_lot::Mutex;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
+/// What every request task of a connection needs.
+pub struct Ctx {
+    pub disk: Arc<Disk<UringIo>>,
+    pub serial: [u8; ID_LEN],
+    /// The guest turned the write cache off (`wce` = 0): every write is flushed before it
+    /// completes.
+    pub write_through: AtomicBool,
+    pub limits: request::Limits,
+}
+
+/// A request that left the device: (descriptor head, bytes written into the chain).
+type Done = (u16, u32);
+
+thread_local! {
+    /// The worker whose event loop this thread is running, if any (see `Worker::new`).
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+pub struct Worker {
+    id: usize,
+    pub io: Arc<UringIo>,
+    exec: Executor,
+    /// Filled by tasks and by rejected chains, drained into the used ring once per turn.
+    done: Arc<Mutex<Vec<Done>>>,
+}
+
+impl Worker {
+    pub fn new(entries: u32) -> std::io::Result<Worker> {
+        let io = Arc::new(UringIo::new(entries)?);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let kick = io.clone();
+        // A wake-up from our own loop needs no kick: the loop runs ready tasks before it sleeps.
+        // One from another thread (a task waiting on another queue's I/O) must end our sleep.
+        let notify = move || {
+            if CURRENT.with(Cell::get) != id {
+                kick.kick();
+            }
+        };
+        Ok(Worker {
+            id,
+            io,
+            exec: Executor::new(Some(Box::new(notify))),
+            done: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// Requests whose task has not finished. A finished task has pushed its entry to `done`,
+    /// which every turn empties into the used ring, so between turns this is also the number
+    /// of requests the guest is still waiting for.
+    pub fn inflight(&self) -> usize {
+        self.exec.live_tasks()
+    }
+
+    /// Turns the queue's available chains into tasks.
+    pub fn pop_requests(&mut self, vring: &Vring, mem: &Arc<GuestMemory>, ctx: &Arc<Ctx>) {
+        loop {
+            let _ = vring.disable_notification();
+            {
+                let mut st = vring.get_mut();
+                let iter = match st.get_queue_mut().iter(mem.clone()) {
+                    Ok(it) => it,
+                    Err(virtio_queue::Error::QueueNotReady) => return,
+                    Err(e) => {
+                        log_once(
+                            &AVAIL_ERR,
+                            &format_args!("cannot read the available ring: {e}"),
+                        );
+                        return;
+                    }
+                };
+                for chain in iter {
+                    let head = chain.head_index();
+                    match request::parse(chain, &**mem, &ctx.limits) {
+                        Ok(req) => self.spawn(head, req, mem.clone(), ctx.clone()),
+                        Err(rej) => {
+                            let detail = format_args!("type {:?}, head {head}", rej.req_type);
+                            rej.reason.log_once(&detail);
+                            let len = match rej.status {
+                                Some(addr) if write_status(mem, addr, rej.reason.status()) => 1,
+                                _ => 0,
+                            };
+                            self.done.lock().push((head, len));
+                        }
+                    }
+                }
+            }
+            // With EVENT_IDX this re-arms the kick at the current position; true means the guest
+            // added more in the meantime, so go round again rather than miss them.
+            if !vring.enable_notification().unwrap_or(false) {
+                return;
+            }
+        }
+    }
+
+    fn spawn(&mut self, head: u16, req: Request, mem: Arc<GuestMemory>, ctx: Arc<Ctx>) {
+        let io = self.io.clone();
+        let done = self.done.clone();
+        self.exec.spawn(async move {
+            let status = execute(&ctx, &io, &mem, &req.op).await;
+            let len = if status == STATUS_OK {
+                req.written_len()
+            } else {
+                1
+            };
+            // The status address was checked at parse time against this same memory snapshot.
+            let len = if write_status(&mem, req.status, status) {
+                len
+            } else {
+                0
+            };
+            done.lock().push((head, len));
+        });
+    }
+
+    /// Runs tasks and submits their I/O until nothing is ready, then publishes what finished and
+    /// signals the guest once if it asked to be told.
+    pub fn turn(&mut self, vring: &Vring) {
+        CURRENT.with(|c| c.set(self.id));
+        loop {
+            self.exec.run_ready();
+            if let Err(e) = self.io.submit() {
+                log_once(&SUBMIT_ERR, &format_args!("io_uring submit failed: {e}"));
+            }
+            if !self.exec.has_ready() {
+                break;
+            }
+        }
+        CURRENT.with(|c| c.set(0));
+        let done = std::mem::take(&mut *self.done.lock());
+        if done.is_empty() {
+            return;
+        }
+        let mut st = vring.get_mut();
+        for (head, len) in done {
+            if let Err(e) = st.add_used(head, len) {
+                log_once(
+                    &USED_ERR,
+                    &format_args!("cannot add head {head} to the used ring: {e}"),
+                );
+            }
+        }
+        if st.needs_notification().unwrap_or(true) {
+            if let Err(e) = st.signal_used_queue() {
+                log_once(&SIGNAL_ERR, &format_args!("cannot signal the guest: {e}"));
+            }
+        }
+    }
+}
+
+/// Writes the status byte; false if it is no longer inside guest memory.
+fn write_status(mem: &GuestMemory, addr: GuestAddress, status: u8) -> bool {
+    mem.write_obj(status, addr).is_ok()
+}
+
+/// Runs one request against the disk; returns the virtio status.
+async fn execute(ctx: &Ctx, io: &UringIo, mem: &Arc<GuestMemory>, op: &Op) -> u8 {
+    let disk = &*ctx.disk;
+    let r = match op {
+        Op::Read { offset, data } => match guest_buf(data, mem) {
+            Some(buf) => disk.read(io, *offset, buf).await,
+            None => Ok(()),
+        },
+        Op::Write { offset, data } => match guest_buf(data, mem) {
+            Some(buf) => match disk.write(io, *offset, buf).await {
+                Ok(()) if ctx.write_through.load(Ordering::Relaxed) => disk.flush(io).await,
+                r => r,
+            },
+            None => Ok(()),
+        },
+        Op::Flush => disk.flush(io).await,
+        Op::GetId { data } => {
+            if let Some(buf) = guest_buf(data, mem) {
+                buf.copy_from_slice(0, &ctx.serial[..buf.len()]);
+            }
+            Ok(())
+        }
+        Op::Discard { ranges } => {
+            let mut r = Ok(());
+            for g in ranges.iter().filter(|g| g.len > 0) {
+                r = disk.discard(io, g.offset, g.len).await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            r
+        }
+        Op::WriteZeroes { ranges } => {
+            let mut r = Ok(());
+            for g in ranges.iter().filter(|g| g.len > 0) {
+                r = disk.write_zeroes(io, g.offset, g.len, g.unmap).await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            r
+        }
+    };
+    match r {
+        Ok(()) => STATUS_OK,
+        Err(e) => {
+            log_io_error(&e);
+            STATUS_IOERR
+        }
+    }
+}
+
+/// A `Buf` over guest memory, or None for an empty transfer.
+fn guest_buf(segs: &Segs, mem: &Arc<GuestMemory>) -> Option<Buf> {
+    if segs.is_empty() {
+        return None;
+    }
+    // SAFETY: `parse` built every segment from this memory snapshot's own mappings, inside the
+    // request's descriptors; the snapshot `Arc` becomes the buffer's owner, so the mappings stay
+    // in place until every clone of the buffer (held by the I/O until completion) is gone.
+    Some(unsafe { Buf::from_segments(segs.iter().copied(), mem.clone()) })
+}
+
+static AVAIL_ERR: AtomicBool = AtomicBool::new(false);
+static SUBMIT_ERR: AtomicBool = AtomicBool::new(false);
+static USED_ERR: AtomicBool = AtomicBool::new(false);
+static SIGNAL_ERR: AtomicBool = AtomicBool::new(false);
+
+fn log_once(flag: &AtomicBool, msg: &std::fmt::Arguments<'_>) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        tracing::warn!("{msg} (further ones are not logged)");
+    } else {
+        tracing::trace!("{msg}");
+    }
+}
+
+/// Disk errors reach the guest as IOERR; the first few are logged, then one in 10000.
+fn log_io_error(e: &crate::engine::EngineError) {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    if n < 10 || n % 10_000 == 0 {
+        tracing::warn!(
+            "I/O error reported to the guest (errno {}): {e} [{} so far]",
+            e.errno(),
+            n + 1
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! Running `fvd serve` as a real process for the end-to-end server tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+
+pub fn fvd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fvd"))
+}
+
+/// A scratch directory on a filesystem with O_DIRECT (tmpfs may lack it).
+pub fn dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/var/tmp").unwrap()
+}
+
+/// Creates an FVD image with `fvd create`.
+pub fn create_image(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    let o = fvd()
+        .arg("create")
+        .arg(&path)
+        .args(["-s", size])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "fvd create: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    path
+}
+
+pub struct ServerProc {
+    child: Child,
+    pub socket: PathBuf,
+    /// Kept open: the server may still write to stdout.
+    _stdout: BufReader<ChildStdout>,
+    /// What the server printed before it was ready.
+    pub banner: String,
+}
+
+impl ServerProc {
+    /// Starts `fvd serve IMAGE --socket SOCKET ARGS...` and waits until it has bound the socket.
+    pub fn start(image: &Path, socket: &Path, args: &[&str]) -> ServerProc {
+        let mut child = fvd()
+            .arg("serve")
+            .arg(image)
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        // The banner ends with the cloud-hypervisor line, printed after the socket is bound.
+        while !banner.contains("--disk vhost_user=true") {
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap() == 0 {
+                let status = child.wait().unwrap();
+                panic!("fvd serve exited before it was ready ({status}); printed: {banner}");
+            }
+            banner.push_str(&line);
+        }
+        ServerProc {
+            child,
+            socket: socket.to_path_buf(),
+            _stdout: out,
+            banner,
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        // SAFETY: kill with a pid we spawned and have not reaped yet.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
+    /// Waits for the server to exit on its own (e.g. `--once`).
+    pub fn wait(mut self) -> ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
