@@ -80,6 +80,10 @@ pub struct ServeArgs {
         requires = "grow_cmd"
     )]
     pub grow_timeout: f64,
+    /// Signal the guest after each completed request instead of once per batch (for measuring
+    /// the signalling policy; batching is faster).
+    #[arg(long, hide = true)]
+    pub signal_each_completion: bool,
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
@@ -128,6 +132,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             min_throughput: a.prefetch_min_throughput,
             ..Default::default()
         },
+        signal_each_completion: a.signal_each_completion,
         copy_on_read: a.copy_on_read.map(|v| v == crate::cli::OnOff::On),
         grow: match a.grow_cmd {
             None => None,

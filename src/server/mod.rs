@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub copy_on_read: Option<bool>,
     /// Grow the storage of a thin image on a block device.
     pub grow: Option<background::GrowConfig>,
+    /// Signal the used ring per completion rather than per batch (benchmarks).
+    pub signal_each_completion: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +218,7 @@ impl Server {
                 serial: self.serial,
                 write_through: AtomicBool::new(false),
                 limits: self.device.limits(),
+                signal_each: self.cfg.signal_each_completion,
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx, self.device.clone(), self.control.clone())
