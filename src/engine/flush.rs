@@ -137,10 +137,18 @@ impl<I: Io> Image<I> {
         h.generation += 1;
         let buf = Buf::alloc(SECTOR);
         buf.copy_from_slice(0, &h.encode());
-        self.store
-            .write(io, &self.counters, h.slot_offset(), buf)
-            .await?;
-        self.store.flush(io, &self.counters).await?;
+        let written = async {
+            self.store
+                .write(io, &self.counters, h.slot_offset(), buf)
+                .await?;
+            self.store.flush(io, &self.counters).await
+        };
+        if let Err(e) = written.await {
+            // The new header may or may not be on disk; if it is, its epoch and active copy
+            // differ from ours, and anything journaled next would be ignored on open.
+            self.failed.store(true, Ordering::Release);
+            return Err(e);
+        }
         *self.header_snapshot.lock() = h.clone();
         fs.header = h;
         Ok(())

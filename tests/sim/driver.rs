@@ -24,7 +24,6 @@ pub struct Shared {
     pub model: Mutex<Model>,
     failure: Mutex<Option<String>>,
     pub errors_allowed: bool,
-    pub nospace_allowed: bool,
     /// A flush failed: the engine refuses writes until reopened.
     pub flush_failed: AtomicBool,
     pub engine_errors: AtomicU64,
@@ -104,7 +103,6 @@ pub fn run(sc: Scenario, ops: u64) -> Result<Stats, String> {
         model: Mutex::new(Model::new(sc.sectors(), sc.base, sc.base_size / 512)),
         failure: Mutex::new(None),
         errors_allowed: sc.errors,
-        nospace_allowed: sc.compact && sc.block_device,
         flush_failed: AtomicBool::new(false),
         engine_errors: AtomicU64::new(0),
     });

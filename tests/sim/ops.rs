@@ -46,10 +46,7 @@ pub fn scattered(rng: &mut SmallRng, len: usize) -> Buf {
 impl Shared {
     fn engine_error(&self, what: &str, e: &EngineError) {
         self.engine_errors.fetch_add(1, Ordering::Relaxed);
-        // Known engine limitation (see regress.rs): a compact image on an exactly-sized device
-        // runs out of chunks while discarded ones wait for the next flush.
-        let known_enospc = self.nospace_allowed && matches!(e, EngineError::NoSpace(_));
-        if !self.errors_allowed && !known_enospc {
+        if !self.errors_allowed {
             self.fail(format!("{what} failed without injected faults: {e}"));
         } else if e.errno() == 0 {
             self.fail(format!("{what} failed with errno 0: {e}"));
