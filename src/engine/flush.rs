@@ -23,6 +23,11 @@ impl<I: Io> Image<I> {
     /// Makes every write that completed before this call durable, with its metadata.
     pub async fn flush(&self, io: &I) -> Result<()> {
         Counters::inc(&self.counters.guest_flushes);
+        self.sync(io).await
+    }
+
+    /// The work of a FLUSH, also done internally (to make freed chunks reusable).
+    pub(super) async fn sync(&self, io: &I) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
