@@ -16,7 +16,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
-all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill readonly base fio-nocompact)
+all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill crash readonly base fio-nocompact)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -162,13 +162,13 @@ stop_server() {
     return "$rc"
 }
 
-# check_image IMAGE: the host's own consistency check of an image no server has open. An fvd
-# server stopped by SIGTERM must also have marked its image clean (journal folded in).
+# check_image IMAGE [crashed]: the host's own consistency check of an image no server has open.
+# Unless crashed, the fvd server was stopped by SIGTERM and must have marked the image clean.
 check_image() {
     local out st=0
     if [ "$backend" = fvd ]; then
         out=$("$FVD_BIN" check --output json "$1" 2>&1) || st=$?
-        if [ "$st" = 0 ] && ! grep -q '"clean_shutdown": true' <<<"$out"; then
+        if [ "$st" = 0 ] && [ "${2:-}" != crashed ] && ! grep -q '"clean_shutdown": true' <<<"$out"; then
             say "$1 is not marked clean after SIGTERM"
             st=clean
         fi
@@ -263,6 +263,35 @@ case_wt_kill() {
     start_server wt-kill "$img" 1 || return 1
     vm raw-verify wt-kill 1 || return 1
     stop_server wt-kill
+}
+case_crash() {
+    # The server is SIGKILLed while the guest writes and fsyncs files (fs-stress). The image must
+    # check without problems; after a restart, every file the guest had recorded as fsync'ed must be
+    # intact and the filesystem clean once its journal is replayed (fs-recover).
+    local img log=$logs/$current-fs-stress.log progress=0
+    img=$(create_image crash 1G) || return 1
+    start_server crash "$img" 1 || return 1
+    # Judged by the markers in its log, not by its status: this VM is killed on purpose.
+    rm -f "$log"
+    "$here/run-vm.sh" --test fs-stress --socket "${server_sock[crash]}" --log "$log" 2>/dev/null &
+    vm_pid=$!
+    # A synchronisation point, not a timing assertion: wait until 30 files are durable.
+    for _ in $(seq 1 3000); do
+        progress=$(tr -d '\r' 2>/dev/null <"$log" | sed -n 's/^FVD-PROGRESS \([0-9]*\)$/\1/p' | tail -n1)
+        [ "${progress:-0}" -ge 30 ] && break
+        kill -0 "$vm_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    stop_server crash KILL
+    kill -TERM "$vm_pid" 2>/dev/null
+    wait "$vm_pid" 2>/dev/null
+    vm_pid=
+    [ "${progress:-0}" -ge 30 ] || { say "fs-stress did not get going (log $log)"; return 1; }
+    say "server killed after the guest reported $progress durable files"
+    check_image "$img" crashed || return 1
+    start_server crash "$img" 1 || return 1
+    vm fs-recover crash 1 "min=$progress" || return 1
+    stop_server crash
 }
 case_readonly() {
     # Serves the filesystem fs-restart left (making one if that case did not run) read-only: the
