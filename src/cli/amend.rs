@@ -18,7 +18,7 @@ pub struct Args {
     prefetch: Option<OnOff>,
 }
 
-#[derive(Copy, Clone, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnOff {
     On,
     Off,

@@ -159,48 +159,6 @@ fn nbd_base(uri: &str, format: Option<BaseFmt>) -> Result<BaseRef> {
 }
 
 fn validate(p: &CreateParams) -> Result<()> {
-    let geo = crate::units::Geometry {
-        virtual_size: p.virtual_size,
-        block_size: p.block_size,
-        chunk_size: p.chunk_size,
-    };
-    let l = crate::format::layout::Layout::compute(&geo, p.compact, p.journal_size);
-    if p.block_size > u32::MAX as u64 || p.chunk_size > u32::MAX as u64 {
-        bail!("block and chunk sizes must be below 4 GiB");
-    }
-    let h = crate::format::Header {
-        generation: 0,
-        incompat: if p.compact {
-            crate::format::header::INCOMPAT_COMPACT
-        } else {
-            0
-        },
-        compat: 0,
-        virtual_size: p.virtual_size,
-        block_size: p.block_size as u32,
-        chunk_size: p.chunk_size as u32,
-        flags: 0,
-        meta_offset: l.meta_offset,
-        meta_len: l.meta_len,
-        bitmap_sectors: l.bitmap_sectors,
-        table_sectors: l.table_sectors,
-        active_meta: 0,
-        journal_offset: l.journal_offset,
-        journal_len: l.journal_len,
-        journal_epoch: 1,
-        data_offset: l.data_offset,
-        base: None,
-    };
-    h.validate()
-        .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_start_matches("invalid header: ")))?;
-    if p.base
-        .as_ref()
-        .is_some_and(|b| b.path.len() > crate::format::header::MAX_BASE_PATH)
-    {
-        bail!(
-            "base image path is longer than {} bytes",
-            crate::format::header::MAX_BASE_PATH
-        );
-    }
+    p.header()?;
     Ok(())
 }

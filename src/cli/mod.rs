@@ -1,7 +1,8 @@
 //! The `fvd` command-line tool (qemu-img conventions). Errors are printed as one line
 //! (`fvd: <what>: <why>`) with a non-zero exit status.
 
-mod amend;
+pub(crate) mod amend;
+pub use amend::OnOff;
 mod check;
 mod convert;
 mod create;

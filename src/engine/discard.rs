@@ -39,7 +39,8 @@ impl<I: Io> Image<I> {
                     self.drop_blocks(io, first_full, last_full - first_full)
                         .await?;
                 } else {
-                    self.clear_blocks(first_full / bs, (last_full - first_full) / bs);
+                    self.drop_blocks_inner(io, first_full / bs, last_full / bs, false)
+                        .await?;
                 }
                 (first_full, last_full)
             } else {
@@ -77,7 +78,7 @@ impl<I: Io> Image<I> {
         }
         {
             let _refs = self.live.enter(first * bs, end * bs);
-            self.drop_blocks_inner(io, first, end).await?;
+            self.drop_blocks_inner(io, first, end, true).await?;
         }
         // Our own references are gone: unmap what is now empty and idle.
         if self.live.compact() {
@@ -90,23 +91,34 @@ impl<I: Io> Image<I> {
         Ok(())
     }
 
-    async fn drop_blocks_inner(&self, io: &I, first: u64, end: u64) -> Result<()> {
+    /// Clears the bits of blocks `[first, end)` and, with `punch`, punches the storage of those
+    /// that were present. Works a batch at a time under the blocks' fill locks: a fill in
+    /// progress (which sets its bit when its data is written) must finish before we clear, or
+    /// it would set the bit afterwards over a block whose contents this request removed.
+    async fn drop_blocks_inner(&self, io: &I, first: u64, end: u64, punch: bool) -> Result<()> {
+        const BATCH: u64 = 64;
         let bs = self.geo.block_size;
-        // Punch runs of present blocks that are physically contiguous.
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for b in first..end {
-            if !self.live.present(BlockIndex(b)) {
-                continue;
+        let mut b0 = first;
+        while b0 < end {
+            let b1 = (b0 + BATCH).min(end);
+            let mut guards = Vec::with_capacity((b1 - b0) as usize);
+            for b in b0..b1 {
+                guards.push(self.locks.lock(b).await);
             }
-            let p = self.phys_of(b * bs);
-            match runs.last_mut() {
-                Some((s, l)) if *s + *l == p => *l += bs,
-                _ => runs.push((p, bs)),
+            // Punch runs of present blocks that are physically contiguous.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for b in (b0..b1).filter(|&b| punch && self.live.present(BlockIndex(b))) {
+                let p = self.phys_of(b * bs);
+                match runs.last_mut() {
+                    Some((s, l)) if *s + *l == p => *l += bs,
+                    _ => runs.push((p, bs)),
+                }
             }
-        }
-        self.clear_blocks(first, end - first);
-        for (p, l) in runs {
-            self.store.punch_hole(io, p, l).await?;
+            self.clear_blocks(b0, b1 - b0);
+            for (p, l) in runs {
+                self.store.punch_hole(io, p, l).await?;
+            }
+            b0 = b1;
         }
         Ok(())
     }

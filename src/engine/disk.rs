@@ -115,22 +115,20 @@ pub async fn probe<I: Io<File = HostFile>>(io: &I, file: &HostFile) -> Result<Fo
     })
 }
 
+fn open_host(path: &Path, mode: OpenMode) -> Result<HostFile> {
+    HostFile::open(path, mode).map_err(|error| EngineError::Io {
+        context: "open image",
+        error,
+    })
+}
+
 /// Opens `path` (FVD or raw, probed), with its base chain for FVD images.
 pub async fn open_disk<I: Io<File = HostFile>>(
     io: &I,
     path: &Path,
     read_only: bool,
 ) -> Result<Disk<I>> {
-    open_disk_with(
-        io,
-        path,
-        if read_only {
-            OpenMode::ReadOnly
-        } else {
-            OpenMode::ReadWrite
-        },
-    )
-    .await
+    open_disk_with(io, path, OpenMode::for_read_only(read_only)).await
 }
 
 /// Like [`open_disk`] with an explicit open mode (e.g. [`OpenMode::ReadOnlyShared`]).
@@ -140,10 +138,7 @@ pub async fn open_disk_with<I: Io<File = HostFile>>(
     mode: OpenMode,
 ) -> Result<Disk<I>> {
     let read_only = mode != OpenMode::ReadWrite;
-    let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
-        context: "open image",
-        error,
-    })?;
+    let file = open_host(path, mode)?;
     match probe(io, &file).await? {
         Format::Fvd => Ok(Disk::Fvd(open_fvd_file(io, file, read_only, 0).await?)),
         Format::Raw => Ok(Disk::Raw(RawDisk::open(file, read_only)?)),
@@ -156,16 +151,7 @@ pub async fn open_image<I: Io<File = HostFile>>(
     path: &Path,
     read_only: bool,
 ) -> Result<Image<I>> {
-    open_image_with(
-        io,
-        path,
-        if read_only {
-            OpenMode::ReadOnly
-        } else {
-            OpenMode::ReadWrite
-        },
-    )
-    .await
+    open_image_with(io, path, OpenMode::for_read_only(read_only)).await
 }
 
 /// Like [`open_image`] with an explicit open mode.
@@ -174,10 +160,7 @@ pub async fn open_image_with<I: Io<File = HostFile>>(
     path: &Path,
     mode: OpenMode,
 ) -> Result<Image<I>> {
-    let file = HostFile::open(path, mode).map_err(|error| EngineError::Io {
-        context: "open image",
-        error,
-    })?;
+    let file = open_host(path, mode)?;
     open_fvd_file(io, file, mode != OpenMode::ReadWrite, 0).await
 }
 

@@ -97,7 +97,7 @@ impl<I: Io> Image<I> {
             return Ok(false);
         }
         if self.live.compact() {
-            self.ensure_chunks_waiting(b, b).await?;
+            self.ensure_chunks_waiting(io, b, b).await?;
         }
         let _lock = self.locks.lock(b).await;
         if self.live.present(BlockIndex(b)) {

@@ -23,6 +23,11 @@ impl<I: Io> Image<I> {
     /// Makes every write that completed before this call durable, with its metadata.
     pub async fn flush(&self, io: &I) -> Result<()> {
         Counters::inc(&self.counters.guest_flushes);
+        self.sync(io).await
+    }
+
+    /// The work of a FLUSH, also done internally (to make freed chunks reusable).
+    pub(super) async fn sync(&self, io: &I) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
@@ -132,10 +137,18 @@ impl<I: Io> Image<I> {
         h.generation += 1;
         let buf = Buf::alloc(SECTOR);
         buf.copy_from_slice(0, &h.encode());
-        self.store
-            .write(io, &self.counters, h.slot_offset(), buf)
-            .await?;
-        self.store.flush(io, &self.counters).await?;
+        let written = async {
+            self.store
+                .write(io, &self.counters, h.slot_offset(), buf)
+                .await?;
+            self.store.flush(io, &self.counters).await
+        };
+        if let Err(e) = written.await {
+            // The new header may or may not be on disk; if it is, its epoch and active copy
+            // differ from ours, and anything journaled next would be ignored on open.
+            self.failed.store(true, Ordering::Release);
+            return Err(e);
+        }
         *self.header_snapshot.lock() = h.clone();
         fs.header = h;
         Ok(())

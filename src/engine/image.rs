@@ -42,6 +42,64 @@ impl Default for CreateParams {
     }
 }
 
+impl CreateParams {
+    /// The header of a new image with these parameters, validated.
+    pub fn header(&self) -> Result<Header> {
+        let p = self;
+        if p.block_size > u32::MAX as u64 || p.chunk_size > u32::MAX as u64 || p.block_size == 0 {
+            return Err(EngineError::Invalid("block or chunk size too large".into()));
+        }
+        if p.base
+            .as_ref()
+            .is_some_and(|b| b.path.len() > crate::format::header::MAX_BASE_PATH)
+        {
+            return Err(EngineError::Invalid(format!(
+                "base image path is longer than {} bytes",
+                crate::format::header::MAX_BASE_PATH
+            )));
+        }
+        let geo = Geometry {
+            virtual_size: p.virtual_size,
+            block_size: p.block_size,
+            chunk_size: p.chunk_size,
+        };
+        let l = Layout::compute(&geo, p.compact, p.journal_size);
+        let h = Header {
+            generation: 0,
+            incompat: if p.compact {
+                crate::format::header::INCOMPAT_COMPACT
+            } else {
+                0
+            },
+            compat: p.compat,
+            virtual_size: p.virtual_size,
+            block_size: p.block_size as u32,
+            chunk_size: p.chunk_size as u32,
+            flags: FLAG_CLEAN,
+            meta_offset: l.meta_offset,
+            meta_len: l.meta_len,
+            bitmap_sectors: l.bitmap_sectors,
+            table_sectors: l.table_sectors,
+            active_meta: 0,
+            journal_offset: l.journal_offset,
+            journal_len: l.journal_len,
+            // A random starting epoch: journal sectors of an earlier image on the same device
+            // can never match.
+            journal_epoch: rand::random::<u32>() as u64 + 1,
+            data_offset: l.data_offset,
+            base: p.base.clone(),
+        };
+        h.validate().map_err(|e| {
+            EngineError::Invalid(
+                e.to_string()
+                    .trim_start_matches("invalid header: ")
+                    .to_string(),
+            )
+        })?;
+        Ok(h)
+    }
+}
+
 /// State owned by the flush path (one flush at a time): the header, the committed metadata and
 /// the journal's write position.
 pub(super) struct FlushState {
@@ -101,47 +159,9 @@ async fn read_region<I: Io>(
 impl<I: Io> Image<I> {
     /// Writes a new, empty image onto `file`.
     pub async fn create(io: &I, file: I::File, p: &CreateParams) -> Result<()> {
-        let geo = Geometry {
-            virtual_size: p.virtual_size,
-            block_size: p.block_size,
-            chunk_size: p.chunk_size,
-        };
-        if p.block_size > u32::MAX as u64 || p.chunk_size > u32::MAX as u64 || p.block_size == 0 {
-            return Err(EngineError::Invalid("block or chunk size too large".into()));
-        }
+        let mut h = p.header()?;
+        let geo = h.geometry();
         let l = Layout::compute(&geo, p.compact, p.journal_size);
-        let mut h = Header {
-            generation: 0,
-            incompat: if p.compact {
-                crate::format::header::INCOMPAT_COMPACT
-            } else {
-                0
-            },
-            compat: p.compat,
-            virtual_size: p.virtual_size,
-            block_size: p.block_size as u32,
-            chunk_size: p.chunk_size as u32,
-            flags: FLAG_CLEAN,
-            meta_offset: l.meta_offset,
-            meta_len: l.meta_len,
-            bitmap_sectors: l.bitmap_sectors,
-            table_sectors: l.table_sectors,
-            active_meta: 0,
-            journal_offset: l.journal_offset,
-            journal_len: l.journal_len,
-            // A random starting epoch: journal sectors of an earlier image on the same device
-            // can never match.
-            journal_epoch: rand::random::<u32>() as u64 + 1,
-            data_offset: l.data_offset,
-            base: p.base.clone(),
-        };
-        h.validate()
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        if let Some(b) = &p.base {
-            if b.path.len() > crate::format::header::MAX_BASE_PATH {
-                return Err(EngineError::Invalid("base image path is too long".into()));
-            }
-        }
         let store = Storage::<I>::new(file);
         if store.file.is_block_device() {
             let need = if p.compact {

@@ -94,11 +94,19 @@ impl<I: Io> Image<I> {
 
     /// Allocates chunks for blocks `first..=last`, waiting for space if the device is full and a
     /// policy allows it.
-    pub(super) async fn ensure_chunks_waiting(&self, first: u64, last: u64) -> Result<()> {
+    pub(super) async fn ensure_chunks_waiting(&self, io: &I, first: u64, last: u64) -> Result<()> {
         let mut deadline: Option<Instant> = None;
+        let mut synced = false;
         loop {
             let seen = self.space_waiters.generation.load(Ordering::Acquire);
             match self.ensure_chunks(first, last) {
+                Err(EngineError::NoSpace(_)) if !synced => {
+                    // Chunks freed by discards become reusable once their unmap is durable;
+                    // a flush may be committing some right now. Wait for it and commit the rest
+                    // rather than fail (an extra flush never breaks a promise).
+                    synced = true;
+                    self.sync(io).await?;
+                }
                 Err(EngineError::NoSpace(msg)) => {
                     let wait = {
                         let p = self.space_policy.lock();

@@ -40,14 +40,20 @@ impl<I: Io> Storage<I> {
                 .ctx("read from image storage");
         }
         Counters::inc(&c.bounced);
+        let (start, bounce) = self.read_around(io, off, len).await?;
+        buf.copy_from_buf(0, &bounce, (off - start) as usize, len as usize);
+        Ok(())
+    }
+
+    /// Reads the aligned range covering `[off, off + len)` into a fresh buffer.
+    async fn read_around(&self, io: &I, off: u64, len: u64) -> Result<(u64, Buf)> {
         let start = off / self.align * self.align;
         let end = (off + len).div_ceil(self.align) * self.align;
         let bounce = Buf::alloc((end - start) as usize);
         io.read(&self.file, PhysOffset(start), bounce.clone())
             .await
             .ctx("read from image storage")?;
-        buf.copy_from_buf(0, &bounce, (off - start) as usize, len as usize);
-        Ok(())
+        Ok((start, bounce))
     }
 
     /// Writes `buf` at `off`. An offset or length not aligned to the storage's logical block is
@@ -72,12 +78,7 @@ impl<I: Io> Storage<I> {
                 .ctx("write to image storage");
         }
         Counters::inc(&c.bounced);
-        let start = off / self.align * self.align;
-        let end = (off + len).div_ceil(self.align) * self.align;
-        let bounce = Buf::alloc((end - start) as usize);
-        io.read(&self.file, PhysOffset(start), bounce.clone())
-            .await
-            .ctx("read for read-modify-write")?;
+        let (start, bounce) = self.read_around(io, off, len).await?;
         bounce.copy_from_buf((off - start) as usize, &buf, 0, len as usize);
         io.write(&self.file, PhysOffset(start), bounce)
             .await

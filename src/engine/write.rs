@@ -41,17 +41,26 @@ impl<I: Io> Image<I> {
         let first = off / self.geo.block_size;
         let last = (end - 1) / self.geo.block_size;
         if self.live.compact() {
-            self.ensure_chunks_waiting(first, last).await?;
+            self.ensure_chunks_waiting(io, first, last).await?;
         }
         let needs_fill = |b: u64| self.lock_all_writes || !self.live.present(BlockIndex(b));
         if !(first..=last).any(needs_fill) {
             return self.write_present(io, off, &buf).await;
         }
         // Lock in ascending order (deadlock-free), then plan: the bits may have changed while we
-        // waited.
+        // waited. A block that was present when we chose what to lock may have been discarded
+        // meanwhile; filling it without its lock could overwrite a concurrent fill, so start over
+        // with it locked too.
         let mut guards = SmallVec::<[_; 4]>::new();
-        for b in (first..=last).filter(|&b| needs_fill(b)) {
-            guards.push(self.locks.lock(b).await);
+        loop {
+            let want: SmallVec<[u64; 4]> = (first..=last).filter(|&b| needs_fill(b)).collect();
+            for &b in &want {
+                guards.push(self.locks.lock(b).await);
+            }
+            if (first..=last).all(|b| self.live.present(BlockIndex(b)) || want.contains(&b)) {
+                break;
+            }
+            guards.clear();
         }
         let mut pieces: SmallVec<[Piece; 4]> = SmallVec::new();
         let mut newly: SmallVec<[u64; 4]> = SmallVec::new();

@@ -34,6 +34,16 @@ pub enum OpenMode {
     Create,
 }
 
+impl OpenMode {
+    pub fn for_read_only(read_only: bool) -> OpenMode {
+        if read_only {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        }
+    }
+}
+
 const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKGETSIZE64: libc::c_ulong = 0x80081272;
 

@@ -216,7 +216,7 @@ impl VhostUserBackend for BlkBackend {
             let mem = self.mem.memory().into_inner();
             w.pop_requests(vring, &mem, &self.ctx);
         }
-        w.turn(vring);
+        w.turn(vring, self.ctx.signal_each);
         if w.inflight() == 0 {
             slot.idle.notify_all();
         }

@@ -39,6 +39,56 @@ pub struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace or a tracing directive); default: RUST_LOG or warn.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Prefetch the base image in the background (default: the image's setting, see `fvd amend`).
+    #[arg(long, overrides_with = "no_prefetch")]
+    pub prefetch: bool,
+    /// Do not prefetch, whatever the image says.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Seconds to wait after start before prefetching.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    pub prefetch_delay: f64,
+    /// Prefetch bandwidth limit per second (K/M/G suffixes).
+    #[arg(long, default_value = "32M", value_parser = crate::cli::size_arg, value_name = "SIZE")]
+    pub prefetch_rate: u64,
+    /// Guest requests per second above which prefetching pauses.
+    #[arg(long, default_value_t = 500)]
+    pub prefetch_busy_iops: u64,
+    /// Prefetch throughput (per second) below which the storage counts as contended and
+    /// prefetching backs off.
+    #[arg(long, default_value = "1M", value_parser = crate::cli::size_arg, value_name = "SIZE")]
+    pub prefetch_min_throughput: u64,
+    /// Copy data read from the base into the image (default: the image's setting).
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub copy_on_read: Option<crate::cli::OnOff>,
+    /// Command that grows the image's block device when free space falls under
+    /// --grow-watermark; `{unit}`, `{unit_bytes}` and `{device}` are substituted,
+    /// e.g. 'lvextend -L +{unit} {device}'.
+    #[arg(long, value_name = "CMD")]
+    pub grow_cmd: Option<String>,
+    /// How much to grow by, as the grow command expects it (`{unit}`).
+    #[arg(long, default_value = "5G", requires = "grow_cmd")]
+    pub grow_unit: String,
+    /// Free space below which the grow command runs.
+    #[arg(long, default_value = "1G", value_parser = crate::cli::size_arg, requires = "grow_cmd")]
+    pub grow_watermark: u64,
+    /// Seconds a write waits for space when the device is full before it fails with an I/O error.
+    #[arg(
+        long,
+        default_value_t = 60.0,
+        value_name = "SECS",
+        requires = "grow_cmd"
+    )]
+    pub grow_timeout: f64,
+    /// Signal the guest after each completed request instead of once per batch (for measuring
+    /// the signalling policy; batching is faster).
+    #[arg(long, hide = true)]
+    pub signal_each_completion: bool,
+}
+
+fn secs(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{what} must be a non-negative number of seconds"))
 }
 
 fn parse_serial(s: &str) -> Result<String, String> {
@@ -68,6 +118,33 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         serial: a.serial,
         socket_mode: a.socket_mode,
         once: a.once,
+        prefetch: if a.prefetch {
+            Some(true)
+        } else if a.no_prefetch {
+            Some(false)
+        } else {
+            None
+        },
+        prefetch_config: crate::engine::prefetch::PrefetchConfig {
+            start_delay: secs(a.prefetch_delay, "--prefetch-delay")?,
+            rate: a.prefetch_rate,
+            busy_iops: a.prefetch_busy_iops,
+            min_throughput: a.prefetch_min_throughput,
+            ..Default::default()
+        },
+        signal_each_completion: a.signal_each_completion,
+        copy_on_read: a.copy_on_read.map(|v| v == crate::cli::OnOff::On),
+        grow: match a.grow_cmd {
+            None => None,
+            Some(command) => Some(super::background::GrowConfig {
+                unit_bytes: crate::units::parse_size(&a.grow_unit)
+                    .map_err(|e| anyhow::anyhow!("--grow-unit: {e}"))?,
+                unit: a.grow_unit,
+                command,
+                watermark: a.grow_watermark,
+                timeout: secs(a.grow_timeout, "--grow-timeout")?,
+            }),
+        },
     };
     let server = Server::bind(cfg.clone())?;
     let d = server.device();

@@ -8,6 +8,7 @@
 //! clean) and the socket removed.
 
 pub mod backend;
+pub mod background;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -43,6 +44,15 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     /// Exit after the first frontend disconnects.
     pub once: bool,
+    /// Prefetch the base image: `None` follows the image's setting.
+    pub prefetch: Option<bool>,
+    pub prefetch_config: crate::engine::prefetch::PrefetchConfig,
+    /// Copy-on-read: `None` follows the image's setting.
+    pub copy_on_read: Option<bool>,
+    /// Grow the storage of a thin image on a block device.
+    pub grow: Option<background::GrowConfig>,
+    /// Signal the used ring per completion rather than per batch (benchmarks).
+    pub signal_each_completion: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,14 +154,60 @@ impl Server {
     /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then
     /// closes the disk and removes the socket.
     pub fn run(self) -> Result<(), ServeError> {
+        let bg_stop = Arc::new(background::StopFlag::default());
+        let workers = self.start_background(&bg_stop);
         let served = self.serve_loop(&self.stop);
         self.stop.uninstall();
+        bg_stop.stop();
+        for w in workers {
+            let _ = w.join();
+        }
         let closed = self.control.block_on(self.disk.close(self.control.io()));
         self.listener.remove();
         served?;
         closed.map_err(ServeError::Close)?;
         tracing::info!("disk closed cleanly");
         Ok(())
+    }
+
+    /// Copy-on-read setting, prefetch thread and grower, as configured.
+    fn start_background(
+        &self,
+        stop: &Arc<background::StopFlag>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        let mut threads = Vec::new();
+        let Disk::Fvd(img) = &*self.disk else {
+            return threads;
+        };
+        if let Some(on) = self.cfg.copy_on_read {
+            img.set_copy_on_read(on);
+        }
+        let header = img.header();
+        let prefetch = self
+            .cfg
+            .prefetch
+            .unwrap_or(header.compat & crate::format::header::COMPAT_PREFETCH != 0);
+        if prefetch {
+            threads.extend(background::start_prefetch(
+                self.disk.clone(),
+                self.cfg.prefetch_config.clone(),
+                stop.clone(),
+            ));
+        }
+        if let Some(g) = &self.cfg.grow {
+            match background::start_grower(
+                self.disk.clone(),
+                &self.cfg.image,
+                g.clone(),
+                stop.clone(),
+            ) {
+                Some(t) => threads.push(t),
+                None => tracing::warn!(
+                    "--grow-cmd ignored: the image is not a compact image on a block device"
+                ),
+            }
+        }
+        threads
     }
 
     fn serve_loop(&self, stop: &Stop) -> Result<(), ServeError> {
@@ -162,6 +218,7 @@ impl Server {
                 serial: self.serial,
                 write_through: AtomicBool::new(false),
                 limits: self.device.limits(),
+                signal_each: self.cfg.signal_each_completion,
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx, self.device.clone(), self.control.clone())

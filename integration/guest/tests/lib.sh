@@ -1,0 +1,36 @@
+#!/bin/sh
+# shellcheck shell=sh
+# Sourced by every guest test. $FVD_* come from fvd.KEY=VALUE on the kernel command line.
+set -eu
+DEV=${FVD_dev:-/dev/vda}
+BLK=/sys/block/${DEV#/dev/}
+
+# fail REASON: record the reason for the FAIL marker and stop the test.
+fail() {
+    echo "$*" >/tmp/fail-reason
+    echo "FAIL: $*" >&2
+    exit 1
+}
+
+# expect WHAT ACTUAL EXPECTED
+expect() {
+    if [ "$2" = "$3" ]; then
+        echo "ok: $1 = $2"
+    else
+        fail "$1 is '$2', expected '$3'"
+    fi
+}
+
+# Flush requests the block layer completed for $DEV (field 16 of the stat file, Linux >= 5.5).
+flush_count() {
+    awk '{print $16}' "$BLK/stat"
+}
+
+# raw_job FIO-OPTIONS...: the fio job shared by raw-write and raw-verify. A fixed seed makes both
+# runs choose the same offsets; each block's verify header records where it belongs.
+raw_job() {
+    fio --name=durable --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=8 \
+        --rw=randwrite --bsrange=4k-64k --size="${FVD_size_mb:-32}M" --randseed=4242 \
+        --verify=crc32c --verify_fatal=1 --verify_dump=0 --minimal "$@" \
+        >/tmp/fio.out 2>/tmp/fio.err || { cat /tmp/fio.err /tmp/fio.out; fail "fio $* failed"; }
+}

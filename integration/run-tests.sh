@@ -1,0 +1,361 @@
+#!/usr/bin/env bash
+# VM-level test suite: serves images with `fvd serve` (vhost-user-blk) and boots QEMU TCG guests
+# (integration/run-vm.sh) that run the guest tests in integration/guest/tests/. Ends with the line
+# "N passed, N failed" and exits non-zero if anything failed.
+#
+# Usage: integration/run-tests.sh [CASE...]      (default: every case; --list shows them)
+# Environment:
+#   FVD_INTEGRATION_BACKEND=fvd|qsd  backend to test (default fvd). qsd = qemu-storage-daemon on raw
+#                                    or qcow2 images: checks the harness and the guest themselves.
+#   FVD_BIN=PATH                     use this fvd binary instead of `cargo build --release`
+#   FVD_KEEP=1                       keep the run directory (images) for inspection
+# Logs: integration/.cache/logs/ (one console log per VM, one log per server start).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+backend=${FVD_INTEGRATION_BACKEND:-fvd}
+logs=$here/.cache/logs
+all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill crash readonly base fio-nocompact)
+
+case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
+if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
+cases=("$@")
+[ ${#cases[@]} -gt 0 ] || cases=("${all_cases[@]}")
+for c in "${cases[@]}"; do
+    case " ${all_cases[*]} " in *" $c "*) ;; *) echo "unknown case $c (--list)" >&2; exit 2 ;; esac
+done
+
+say() { echo "run-tests: $*" >&2; }
+
+# --- processes we own; the trap ends each of them by its pid ---
+declare -A server_pid=() server_sock=() server_img=()
+vm_pid=
+run='' sockets=''
+cleanup() {
+    local name pid
+    if [ -n "$vm_pid" ]; then
+        kill -TERM "$vm_pid" 2>/dev/null || true
+        wait "$vm_pid" 2>/dev/null || true
+    fi
+    for name in "${!server_pid[@]}"; do
+        pid=${server_pid[$name]}
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        rm -f "${server_sock[$name]}"
+    done
+    server_pid=()
+    [ -z "$sockets" ] || rm -rf "$sockets"
+    if [ -n "$run" ] && [ -d "$run" ]; then
+        if [ "${FVD_KEEP:-0}" = 1 ]; then say "kept $run"; else rm -rf "$run"; fi
+    fi
+}
+trap cleanup EXIT
+trap 'echo run-tests: interrupted >&2; cleanup; exit 130' INT TERM
+
+# --- setup ---
+command -v qemu-system-x86_64 >/dev/null || { say "QEMU missing: run integration/setup-host.sh as root"; exit 2; }
+FVD_GUEST_DIR=$("$here/build-guest.sh")
+export FVD_GUEST_DIR
+if [ "$backend" = fvd ]; then
+    if [ -z "${FVD_BIN:-}" ]; then
+        say "cargo build --release"
+        (cd "$repo" && cargo build --release --quiet)
+        FVD_BIN=${CARGO_TARGET_DIR:-$repo/target}/release/fvd
+    fi
+    [ -x "$FVD_BIN" ] || { say "no fvd binary at $FVD_BIN"; exit 2; }
+else
+    command -v qemu-storage-daemon >/dev/null || { say "qemu-storage-daemon missing"; exit 2; }
+fi
+mkdir -p "$logs" "$here/.cache"
+rm -f "$logs"/*.log
+# Images on the disk the project lives on (the server opens them with O_DIRECT, which tmpfs
+# refuses); sockets in a short directory (a unix socket path has at most 107 bytes).
+run=$(mktemp -d "$here/.cache/run.XXXXXX")
+sockets=$(mktemp -d /tmp/fvd-it.XXXXXX)
+
+# create_image NAME SIZE [nocompact|base=FILE]: prints the image path. fvd images are compact
+# (thin) unless nocompact; the qsd backend uses raw files (qcow2 over a raw base).
+create_image() {
+    local img=$run/$1.img
+    if [ "$backend" = fvd ]; then
+        local extra=()
+        case "${3:-}" in
+        nocompact) extra=(--no-compact) ;;
+        base=*) extra=(--base "${3#base=}" --base-format raw --copy-on-read --prefetch) ;;
+        esac
+        "$FVD_BIN" create "$img" --size "$2" "${extra[@]}" >"$logs/create-$1.log" 2>&1 ||
+            { cat "$logs/create-$1.log" >&2; return 1; }
+    else
+        case "${3:-}" in
+        base=*) qemu-img create -q -f qcow2 -b "${3#base=}" -F raw "$img" "$2" ;;
+        *) truncate -s "$2" "$img" ;;
+        esac
+    fi
+    echo "$img"
+}
+
+# start_server NAME IMAGE QUEUES [readonly]: serves IMAGE on $sockets/NAME.sock until stop_server.
+start_server() {
+    local name=$1 img=$2 queues=$3 ro=${4:-} sock=$sockets/$1.sock log=$logs/server-$1.log pid
+    rm -f "$sock"
+    if [ "$backend" = fvd ]; then
+        local extra=(--num-queues "$queues" --serial "fvd-$name")
+        [ "$ro" = readonly ] && extra+=(--readonly)
+        "$FVD_BIN" serve "$img" --socket "$sock" "${extra[@]}" >>"$log" 2>&1 &
+    else
+        local fmt=raw file_ro="" writable=on
+        [ "$(od -An -tx1 -N4 "$img" | tr -d ' ')" = 514649fb ] && fmt=qcow2
+        [ "$ro" = readonly ] && file_ro=,read-only=on && writable=off
+        local node=file0 blockdevs=(--blockdev
+            "driver=file,node-name=file0,filename=$img,cache.direct=on,aio=native,discard=unmap$file_ro")
+        if [ "$fmt" = qcow2 ]; then
+            blockdevs+=(--blockdev "driver=qcow2,node-name=fmt0,file=file0,discard=unmap$file_ro")
+            node=fmt0
+        fi
+        qemu-storage-daemon "${blockdevs[@]}" --export \
+            "type=vhost-user-blk,id=e0,node-name=$node,addr.type=unix,addr.path=$sock,writable=$writable,num-queues=$queues" \
+            >>"$log" 2>&1 &
+    fi
+    pid=$!
+    server_pid[$name]=$pid
+    server_sock[$name]=$sock
+    server_img[$name]=$img
+    for _ in $(seq 1 300); do
+        [ -S "$sock" ] && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    say "server $name did not come up (log $log):"
+    tail -n 20 "$log" >&2
+    return 1
+}
+
+# stop_server NAME [KILL]: SIGTERM (must exit 0 within 30 s, leaving an image that checks clean)
+# or SIGKILL (a crash).
+stop_server() {
+    local name=$1 sig=${2:-TERM} pid=${server_pid[$1]} rc=0 st=0 hung=0
+    # Bash reports a job killed by a signal whenever it reaps it; this block's stderr hides that.
+    {
+        kill "-$sig" "$pid"
+        for _ in $(seq 1 300); do kill -0 "$pid" || break; sleep 0.1; done
+        if kill -0 "$pid"; then
+            hung=1
+            kill -KILL "$pid"
+        fi
+        wait "$pid" || st=$?
+    } 2>/dev/null
+    if [ "$hung" = 1 ]; then
+        say "server $name still running 30 s after SIG$sig: killed it"
+        rc=1
+    elif [ "$sig" = TERM ] && [ "$st" != 0 ]; then
+        say "server $name exited with status $st after SIGTERM (log $logs/server-$name.log)"
+        rc=1
+    fi
+    unset "server_pid[$name]"
+    rm -f "${server_sock[$name]}"
+    if [ "$sig" = TERM ] && [ "$rc" = 0 ]; then
+        check_image "${server_img[$name]}" || rc=1
+    fi
+    return "$rc"
+}
+
+# check_image IMAGE [crashed]: the host's own consistency check of an image no server has open.
+# Unless crashed, the fvd server was stopped by SIGTERM and must have marked the image clean.
+check_image() {
+    local out st=0
+    if [ "$backend" = fvd ]; then
+        out=$("$FVD_BIN" check --output json "$1" 2>&1) || st=$?
+        if [ "$st" = 0 ] && [ "${2:-}" != crashed ] && ! grep -q '"clean_shutdown": true' <<<"$out"; then
+            say "$1 is not marked clean after SIGTERM"
+            st=clean
+        fi
+    elif [ "$(od -An -tx1 -N4 "$1" | tr -d ' ')" = 514649fb ]; then
+        out=$(qemu-img check -q "$1" 2>&1) || st=$?
+    fi
+    if [ "$st" != 0 ]; then
+        say "image check of $1 failed (exit $st):"
+        printf '%s\n' "$out" | head -n 20 >&2
+        return 1
+    fi
+}
+
+# vm [--reboot] TEST SERVER QUEUES [KEY=VALUE...]: one guest test against a running server.
+vm() {
+    local a args=() rc=0
+    if [ "$1" = --reboot ]; then
+        args+=(--reboot --timeout 200)
+        shift
+    fi
+    local test=$1 name=$2 queues=$3
+    shift 3
+    for a in "$@"; do args+=(--arg "$a"); done
+    "$here/run-vm.sh" --test "$test" --socket "${server_sock[$name]}" --queues "$queues" \
+        --log "$logs/$current-$test.log" "${args[@]}" &
+    vm_pid=$!
+    wait "$vm_pid" || rc=$?
+    vm_pid=
+    if [ "$rc" != 0 ]; then
+        say "server log: $logs/server-$name.log"
+    fi
+    return "$rc"
+}
+
+wc_mode() { if [ "$backend" = fvd ]; then echo back; else echo through; fi; }
+
+# --- cases: each returns non-zero on failure. They run in this shell (servers outlive a case and
+# the trap must see them), so every step checks its own status: `set -e` is off inside `if`. ---
+G=1073741824
+case_config() {
+    local img serial=()
+    img=$(create_image config 1G) || return 1
+    start_server config "$img" 2 || return 1
+    [ "$backend" = fvd ] && serial=(serial=fvd-config)
+    vm config config 2 size=$G queues=2 "wc=$(wc_mode)" discard=1 ro=0 "${serial[@]}" || return 1
+    stop_server config
+}
+# One server for the next four cases: every VM after the first reconnects to it.
+shared_server() {
+    local img
+    [ -n "${server_pid[shared]:-}" ] && return 0
+    img=$(create_image shared 1G) || return 1
+    start_server shared "$img" 2
+}
+case_fio_verify() { shared_server && vm fio-verify shared 2 size_mb=64; }
+case_fio_flush() {
+    local wb=()
+    [ "$backend" = qsd ] && wb=(force_wb=1)
+    shared_server && vm fio-flush shared 2 size_mb=4 "${wb[@]}"
+}
+case_trim() { shared_server && vm trim shared 2; }
+case_reboot() {
+    # The guest reboots inside one QEMU: the backend sees a device reset on a live connection.
+    shared_server && vm --reboot reboot shared 2
+}
+fs_image='' fs_sum=''
+fs_case() { # SIGNAL [compact]: fs-write, restart the server after SIGNAL, fs-check
+    local img sum
+    img=$(create_image "$current" 1G "$2") || return 1
+    start_server "$current" "$img" 1 || return 1
+    vm fs-write "$current" 1 || return 1
+    sum=$(tr -d '\r' <"$logs/$current-fs-write.log" |
+        sed -n 's/^FVD-MANIFEST \([0-9a-f]\{64\}\)$/\1/p' | tail -n1)
+    [ -n "$sum" ] || { say "no FVD-MANIFEST line in the fs-write log"; return 1; }
+    stop_server "$current" "$1" || return 1
+    start_server "$current" "$img" 1 || return 1
+    vm fs-check "$current" 1 "manifest=$sum" || return 1
+    stop_server "$current" || return 1
+    fs_image=$img fs_sum=$sum
+}
+case_fs_restart() { fs_case TERM nocompact; }
+case_fs_kill() { fs_case KILL ""; }
+case_wt_kill() {
+    # Write-through: the guest never sends FLUSH, so every write the server completed must survive
+    # a SIGKILL right after (the metadata too: a compact image allocates on these writes).
+    local img wt=(cache=through)
+    [ "$backend" = qsd ] && wt=() # qsd is write-through already and refuses the switch
+    img=$(create_image wt-kill 1G) || return 1
+    start_server wt-kill "$img" 1 || return 1
+    vm raw-write wt-kill 1 "${wt[@]}" || return 1
+    stop_server wt-kill KILL || return 1
+    start_server wt-kill "$img" 1 || return 1
+    vm raw-verify wt-kill 1 || return 1
+    stop_server wt-kill
+}
+case_crash() {
+    # The server is SIGKILLed while the guest writes and fsyncs files (fs-stress). The image must
+    # check without problems; after a restart, every file the guest had recorded as fsync'ed must be
+    # intact and the filesystem clean once its journal is replayed (fs-recover).
+    local img log=$logs/$current-fs-stress.log progress=0
+    img=$(create_image crash 1G) || return 1
+    start_server crash "$img" 1 || return 1
+    # Judged by the markers in its log, not by its status: this VM is killed on purpose.
+    rm -f "$log"
+    "$here/run-vm.sh" --test fs-stress --socket "${server_sock[crash]}" --log "$log" 2>/dev/null &
+    vm_pid=$!
+    # A synchronisation point, not a timing assertion: wait until 30 files are durable.
+    for _ in $(seq 1 3000); do
+        progress=$(tr -d '\r' 2>/dev/null <"$log" | sed -n 's/^FVD-PROGRESS \([0-9]*\)$/\1/p' | tail -n1)
+        [ "${progress:-0}" -ge 30 ] && break
+        kill -0 "$vm_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    stop_server crash KILL
+    kill -TERM "$vm_pid" 2>/dev/null
+    wait "$vm_pid" 2>/dev/null
+    vm_pid=
+    [ "${progress:-0}" -ge 30 ] || { say "fs-stress did not get going (log $log)"; return 1; }
+    say "server killed after the guest reported $progress durable files"
+    check_image "$img" crashed || return 1
+    start_server crash "$img" 1 || return 1
+    vm fs-recover crash 1 "min=$progress" || return 1
+    stop_server crash
+}
+case_readonly() {
+    # Serves the filesystem fs-restart left (making one if that case did not run) read-only: the
+    # guest sees a read-only disk, its write fails, and the filesystem still checks clean.
+    if [ -z "$fs_image" ]; then
+        current=fs-restart fs_case TERM nocompact || return 1
+    fi
+    start_server readonly "$fs_image" 1 readonly || return 1
+    vm config readonly 1 size=$G queues=1 "wc=$(wc_mode)" discard=any ro=1 || return 1
+    vm fs-check readonly 1 "manifest=$fs_sum" || return 1
+    stop_server readonly
+}
+case_base() {
+    # A 192 MiB raw base under a 1 GiB overlay (fvd: copy-on-read and prefetch on). The guest reads
+    # the first 128 MiB through the overlay and overwrites parts of 96..192 MiB; the base file must
+    # not change. Then the base is streamed into the overlay and detached (fvd stream --drop-base;
+    # qsd: qemu-img rebase -b ''), the base file is moved away, and a new VM must read the same data.
+    local base=$run/base.raw img before after sum mb=128 total=192
+    head -c $((total * 1048576)) /dev/urandom >"$base"
+    before=$(head -c $((mb * 1048576)) "$base" | sha256sum | cut -d' ' -f1)
+    img=$(create_image base 1G "base=$base") || return 1
+    start_server base "$img" 1 || return 1
+    vm base base 1 base_mb=$mb total_mb=$total "base_sum=$before" || return 1
+    stop_server base || return 1
+    sum=$(tr -d '\r' <"$logs/$current-base.log" | sed -n 's/^FVD-DATA \([0-9a-f]\{64\}\)$/\1/p' | tail -n1)
+    [ -n "$sum" ] || { say "no FVD-DATA line in the base log"; return 1; }
+    after=$(head -c $((mb * 1048576)) "$base" | sha256sum | cut -d' ' -f1)
+    [ "$before" = "$after" ] || { say "the base image changed"; return 1; }
+    if [ "$backend" = fvd ]; then
+        "$FVD_BIN" stream -q --drop-base "$img" >"$logs/stream-base.log" 2>&1 ||
+            { say "fvd stream --drop-base failed:"; cat "$logs/stream-base.log" >&2; return 1; }
+    else
+        qemu-img rebase -q -f qcow2 -b '' "$img" || return 1
+    fi
+    mv "$base" "$base.gone"
+    check_image "$img" || return 1
+    start_server base "$img" 1 || return 1
+    vm sha base 1 mb=$total "sum=$sum" || return 1
+    stop_server base
+}
+case_fio_nocompact() {
+    local img
+    img=$(create_image nocompact 1G nocompact) || return 1
+    start_server nocompact "$img" 1 || return 1
+    vm fio-verify nocompact 1 size_mb=64 || return 1
+    stop_server nocompact
+}
+
+say "backend $backend; cases: ${cases[*]}"
+passed=0 failed=0 failures=()
+for current in "${cases[@]}"; do
+    t0=$SECONDS
+    if "case_${current//-/_}"; then
+        say "PASS $current ($((SECONDS - t0))s)"
+        passed=$((passed + 1))
+    else
+        say "FAIL $current ($((SECONDS - t0))s)"
+        failed=$((failed + 1))
+        failures+=("$current")
+    fi
+done
+if [ -n "${server_pid[shared]:-}" ]; then
+    stop_server shared || { failed=$((failed + 1)); failures+=("shared-server-stop"); }
+fi
+[ "$failed" = 0 ] || say "failed: ${failures[*]} (logs in $logs)"
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

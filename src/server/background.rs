@@ -1,0 +1,236 @@
+//! Background work of a served image: adaptive prefetching of the base image and growing a
+//! thin image's logical volume ahead of need. Each runs on its own thread with its own ring
+//! ([`Control`]), so guest queues never wait for it.
+
+use super::control::Control;
+use crate::engine::prefetch::{Action, PrefetchConfig, Throttle};
+use crate::engine::space::SpacePolicy;
+use crate::engine::{Disk, Image};
+use crate::io::uring::UringIo;
+use parking_lot::{Condvar, Mutex};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Tells background threads to stop, waking them from their sleeps.
+#[derive(Default)]
+pub struct StopFlag {
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl StopFlag {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _g = self.lock.lock();
+        self.cv.notify_all();
+    }
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+    /// Sleeps up to `d`; returns early (true) when stopped.
+    pub fn sleep(&self, d: Duration) -> bool {
+        let mut g = self.lock.lock();
+        if !self.stopped() {
+            self.cv.wait_for(&mut g, d);
+        }
+        self.stopped()
+    }
+}
+
+fn image(disk: &Disk<UringIo>) -> Option<&Image<UringIo>> {
+    match disk {
+        Disk::Fvd(img) => Some(img),
+        Disk::Raw(_) => None,
+    }
+}
+
+/// Starts the prefetch thread if the image has a base and prefetching is on.
+pub fn start_prefetch(
+    disk: Arc<Disk<UringIo>>,
+    cfg: PrefetchConfig,
+    stop: Arc<StopFlag>,
+) -> Option<JoinHandle<()>> {
+    let img = image(&disk)?;
+    if img.base().is_none() || img.read_only() {
+        return None;
+    }
+    if img.base_blocks_remaining() == 0 {
+        let control = Control::new().ok()?;
+        let _ = control.block_on(img.mark_base_not_needed(control.io()));
+        return None;
+    }
+    std::thread::Builder::new()
+        .name("fvd-prefetch".into())
+        .spawn(move || prefetch_loop(&disk, cfg, &stop))
+        .ok()
+}
+
+fn prefetch_loop(disk: &Disk<UringIo>, cfg: PrefetchConfig, stop: &StopFlag) {
+    let Some(img) = image(disk) else { return };
+    let control = match Control::new() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("prefetch: cannot create an io_uring: {e}");
+            return;
+        }
+    };
+    let bs = img.geometry().block_size;
+    let step_blocks = cfg.step_blocks;
+    let mut throttle = Throttle::new(cfg);
+    let origin = Instant::now();
+    let mut last_log = Instant::now();
+    let mut copied_total = 0u64;
+    tracing::info!(
+        "prefetch: {} bytes of the base image to copy",
+        img.base_blocks_remaining() * bs
+    );
+    while !stop.stopped() {
+        let c = img.counters().snapshot();
+        let guest_ops = c.guest_reads + c.guest_writes + c.guest_flushes + c.guest_discards;
+        match throttle.next(origin.elapsed(), guest_ops) {
+            Action::Sleep(d) => {
+                if stop.sleep(d) {
+                    break;
+                }
+            }
+            Action::Copy => {
+                let t0 = Instant::now();
+                match control.block_on(img.prefetch_step(control.io(), step_blocks)) {
+                    Ok(step) => {
+                        copied_total += step.bytes;
+                        throttle.copied(origin.elapsed(), step.bytes, t0.elapsed());
+                        if step.done {
+                            match control.block_on(img.mark_base_not_needed(control.io())) {
+                                Ok(_) => tracing::info!(
+                                    "prefetch: done, {copied_total} bytes copied; the base image is no longer needed"
+                                ),
+                                Err(e) => tracing::warn!("prefetch: done, but recording it failed: {e}"),
+                            }
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("prefetch: {e}; retrying later");
+                        if stop.sleep(Duration::from_secs(5)) {
+                            break;
+                        }
+                    }
+                }
+                if last_log.elapsed() >= Duration::from_secs(10) {
+                    last_log = Instant::now();
+                    tracing::info!(
+                        "prefetch: {copied_total} bytes copied, {} bytes remaining, {} back-offs",
+                        img.base_blocks_remaining() * bs,
+                        throttle.backoffs
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// How to grow the storage of a thin image.
+#[derive(Clone, Debug)]
+pub struct GrowConfig {
+    /// Shell command; `{unit}` (as given, e.g. `5G`), `{unit_bytes}`, `{device}` and `{image}`
+    /// (both the image path) are substituted.
+    pub command: String,
+    pub unit: String,
+    pub unit_bytes: u64,
+    pub watermark: u64,
+    pub timeout: Duration,
+}
+
+/// Installs the space policy and starts the grower thread (compact images on block devices).
+pub fn start_grower(
+    disk: Arc<Disk<UringIo>>,
+    image_path: &Path,
+    cfg: GrowConfig,
+    stop: Arc<StopFlag>,
+) -> Option<JoinHandle<()>> {
+    let img = image(&disk)?;
+    img.free_bytes()?; // only bounded storage grows
+    let (tx, rx) = mpsc::channel::<()>();
+    img.set_space_policy(SpacePolicy {
+        watermark: cfg.watermark,
+        on_low: Box::new(move || {
+            let _ = tx.send(());
+        }),
+        wait: cfg.timeout,
+    });
+    let device = image_path.to_path_buf();
+    let weak = Arc::downgrade(&disk);
+    drop(disk);
+    std::thread::Builder::new()
+        .name("fvd-grow".into())
+        .spawn(move || {
+            let mut last_failure: Option<Instant> = None;
+            loop {
+                if stop.stopped() {
+                    return;
+                }
+                // Wake at least every 200 ms: waiting writes re-check their deadline on notify.
+                let asked = match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(()) => true,
+                    Err(mpsc::RecvTimeoutError::Timeout) => false,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                let Some(disk) = weak.upgrade() else { return };
+                let Some(img) = image(&disk) else { return };
+                if !asked {
+                    if img.space_waiting() > 0 {
+                        img.notify_space();
+                    }
+                    continue;
+                }
+                while rx.try_recv().is_ok() {}
+                if img.free_bytes().is_some_and(|f| f >= cfg.watermark) {
+                    continue; // an earlier grow already helped
+                }
+                if last_failure.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+                    img.notify_space();
+                    continue;
+                }
+                let cmd = cfg
+                    .command
+                    .replace("{unit_bytes}", &cfg.unit_bytes.to_string())
+                    .replace("{unit}", &cfg.unit)
+                    .replace("{device}", &device.display().to_string())
+                    .replace("{image}", &device.display().to_string());
+                tracing::info!(
+                    "space low ({} bytes free): running grow command: {cmd}",
+                    img.free_bytes().unwrap_or(0)
+                );
+                match std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&cmd)
+                    .status()
+                {
+                    Ok(s) if s.success() => {
+                        last_failure = None;
+                        img.notify_space();
+                        tracing::info!(
+                            "storage grown: {} bytes free",
+                            img.free_bytes().unwrap_or(0)
+                        );
+                    }
+                    Ok(s) => {
+                        last_failure = Some(Instant::now());
+                        tracing::error!("grow command failed ({s}): {cmd}");
+                        img.notify_space();
+                    }
+                    Err(e) => {
+                        last_failure = Some(Instant::now());
+                        tracing::error!("cannot run grow command {cmd}: {e}");
+                        img.notify_space();
+                    }
+                }
+            }
+        })
+        .ok()
+}

@@ -1,0 +1,8 @@
+//! Support code of the randomized differential tester (tests/sim_engine.rs).
+
+pub mod driver;
+pub mod model;
+pub mod ops;
+pub mod pattern;
+mod regress;
+pub mod scenario;
