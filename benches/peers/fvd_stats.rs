@@ -10,7 +10,8 @@ pub struct FvdCounters {
     pub host_flushes: u64,
 }
 
-/// Not exposed by the server yet.
+/// `fvd serve` does not expose its engine counters yet; host I/O is counted with perf instead
+/// (see `procs::IoCounter`). Hook the counters in here when the server publishes them.
 pub fn read(_s: &Server) -> Option<FvdCounters> {
     None
 }

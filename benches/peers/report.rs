@@ -142,46 +142,64 @@ pub fn cpu_table(r: &Results, ws: &[Workload], ts: &[Target]) -> String {
     s
 }
 
-/// Server-side figures of the vhost-user targets.
+/// Server-side figures of the vhost-user targets. The engine-counter column appears only when
+/// the server exposed its counters.
 pub fn server_table(r: &Results, ws: &[Workload], ts: &[Target]) -> String {
+    let cells: Vec<(&Workload, Target, Cell)> = ws
+        .iter()
+        .flat_map(|w| ts.iter().map(move |&t| (w, t)))
+        .filter(|(_, t)| t.is_server())
+        .filter_map(|(w, t)| r.cell(w.name, t).map(|c| (w, t, c)))
+        .collect();
+    let engine = cells.iter().any(|(_, _, c)| c.engine_amp.is_some());
     let mut s = String::from(
         "| workload | server | host writes / guest write | fallocates / guest write | \
-         host flushes / guest FLUSH | engine counters (w/w, f/F) | server CPU µs / request | \
-         peak RSS MiB | spread (min–max) |\n|---|---|---|---|---|---|---|---|---|\n",
+         host flushes / guest FLUSH |",
     );
+    if engine {
+        s.push_str(" engine counters (w/w, f/F) |");
+    }
+    s.push_str(
+        " server CPU µs / request | peak RSS MiB | spread (min–max) |\n|---|---|---|---|---|",
+    );
+    s.push_str(if engine {
+        "---|---|---|---|\n"
+    } else {
+        "---|---|---|\n"
+    });
     let num = |v: Option<f64>, p: usize| match v {
         Some(x) if !x.is_nan() => format!("{x:.p$}"),
         _ => "–".to_string(),
     };
-    for w in ws {
-        for &t in ts {
-            if !t.is_server() {
-                continue;
-            }
-            let Some(c) = r.cell(w.name, t) else { continue };
-            let a = c.amp;
-            let engine = c.engine_amp.map_or("–".to_string(), |e| {
+    for (w, t, c) in cells {
+        let a = c.amp;
+        let _ = write!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            w.name,
+            t.name(),
+            num(a.map(|a| a.writes_per_write), 3),
+            num(a.map(|a| a.fallocates_per_write), 3),
+            num(a.map(|a| a.flushes_per_flush), 2),
+        );
+        if engine {
+            let e = c.engine_amp.map_or("–".to_string(), |e| {
                 format!(
                     "{}, {}",
                     num(Some(e.writes_per_write), 3),
                     num(Some(e.flushes_per_flush), 2)
                 )
             });
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {}–{} |",
-                w.name,
-                t.name(),
-                num(a.map(|a| a.writes_per_write), 3),
-                num(a.map(|a| a.fallocates_per_write), 3),
-                num(a.map(|a| a.flushes_per_flush), 2),
-                engine,
-                num(c.cpu_us, 1),
-                c.rss_kib as f64 / 1024.0,
-                fmt_value(c.min, w.bandwidth),
-                fmt_value(c.max, w.bandwidth),
-            );
+            let _ = write!(s, " {e} |");
         }
+        let _ = writeln!(
+            s,
+            " {} | {:.1} | {}–{} |",
+            num(c.cpu_us, 1),
+            c.rss_kib as f64 / 1024.0,
+            fmt_value(c.min, w.bandwidth),
+            fmt_value(c.max, w.bandwidth),
+        );
     }
     s
 }
