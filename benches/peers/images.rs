@@ -1,0 +1,155 @@
+//! Image files: the shared dataset, fresh images and copy-on-write overlays, in every format.
+
+use crate::procs::run_tool;
+use crate::workloads::Format;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Writes every byte of a `size`-byte file (pseudo-random contents with `seed`, zeros without),
+/// so that no test reads or fills holes or unwritten extents.
+pub fn write_raw(path: &Path, size: u64, seed: Option<u64>) -> Result<(), String> {
+    let e = |err: std::io::Error| format!("{}: {err}", path.display());
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(e)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut rng = SmallRng::seed_from_u64(seed.unwrap_or(0));
+    let mut done = 0;
+    while done < size {
+        let n = (size - done).min(buf.len() as u64) as usize;
+        if seed.is_some() {
+            rng.fill_bytes(&mut buf[..n]);
+        }
+        f.write_all(&buf[..n]).map_err(e)?;
+        done += n as u64;
+    }
+    f.sync_all().map_err(e)?;
+    drop(f);
+    drop_cache(path)
+}
+
+/// Evicts `path` from the page cache. Every test uses O_DIRECT, and an O_DIRECT write to a file
+/// with cached pages must invalidate them first: left in the cache, a file would be slower to
+/// write than its peers (this once made the raw targets on disk look 2x slower).
+pub fn drop_cache(path: &Path) -> Result<(), String> {
+    let f = std::fs::File::open(path).map_err(|err| format!("{}: {err}", path.display()))?;
+    // SAFETY: posix_fadvise on an open fd with plain integer arguments.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(())
+}
+
+pub struct Images {
+    pub dir: PathBuf,
+    pub fvd: PathBuf,
+}
+
+impl Images {
+    pub fn data(&self, f: Format) -> PathBuf {
+        self.dir.join(format!("data.{}", f.ext()))
+    }
+    pub fn fresh(&self, f: Format) -> PathBuf {
+        self.dir.join(format!("fresh.{}", f.ext()))
+    }
+    pub fn overlay(&self, f: Format) -> PathBuf {
+        self.dir.join(format!("cow.{}", f.ext()))
+    }
+
+    /// The dataset: a fully written raw file of random data, converted to qcow2 and both FVD
+    /// layouts, so every target reads the same bytes from fully allocated images.
+    pub fn prepare_dataset(&self, size: u64) -> Result<(), String> {
+        let raw = self.data(Format::Raw);
+        write_raw(&raw, size, Some(1))?;
+        let q = self.data(Format::Qcow2);
+        let _ = std::fs::remove_file(&q);
+        run_tool(
+            Command::new("qemu-img")
+                .args([
+                    "convert", "-f", "raw", "-O", "qcow2", "-t", "none", "-T", "none",
+                ])
+                .arg(&raw)
+                .arg(&q),
+        )?;
+        for compact in [true, false] {
+            let f = self.data(Format::Fvd { compact });
+            let _ = std::fs::remove_file(&f);
+            let mut c = Command::new(&self.fvd);
+            c.args(["convert", "-q"]).arg(&raw).arg(&f);
+            if !compact {
+                c.arg("--no-compact");
+            }
+            run_tool(&mut c)?;
+        }
+        for f in [raw, q] {
+            drop_cache(&f)?;
+        }
+        Ok(())
+    }
+
+    /// A fresh (empty) image of `size` bytes; raw files are written fully (preallocated).
+    pub fn create_fresh(&self, f: Format, size: u64) -> Result<PathBuf, String> {
+        let p = self.fresh(f);
+        let _ = std::fs::remove_file(&p);
+        match f {
+            Format::Raw => write_raw(&p, size, None)?,
+            Format::Qcow2 => {
+                run_tool(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2"])
+                        .arg(&p)
+                        .arg(size.to_string()),
+                )?;
+            }
+            Format::Fvd { compact } => self.create_fvd(&p, Some(size), compact, None)?,
+        }
+        Ok(p)
+    }
+
+    /// A fresh overlay whose base (backing file) is the raw dataset.
+    pub fn create_overlay(&self, f: Format) -> Result<PathBuf, String> {
+        let p = self.overlay(f);
+        let _ = std::fs::remove_file(&p);
+        let base = self.data(Format::Raw);
+        match f {
+            Format::Raw => return Err("raw has no copy-on-write".into()),
+            Format::Qcow2 => {
+                run_tool(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                        .arg(&base)
+                        .arg(&p),
+                )?;
+            }
+            Format::Fvd { compact } => self.create_fvd(&p, None, compact, Some(&base))?,
+        }
+        Ok(p)
+    }
+
+    pub fn create_fvd(
+        &self,
+        p: &Path,
+        size: Option<u64>,
+        compact: bool,
+        base: Option<&Path>,
+    ) -> Result<(), String> {
+        let mut c = Command::new(&self.fvd);
+        c.arg("create").arg(p);
+        if let Some(s) = size {
+            c.args(["-s", &s.to_string()]);
+        }
+        if let Some(b) = base {
+            c.args(["-F", "raw", "-b"]).arg(b);
+        }
+        if !compact {
+            c.arg("--no-compact");
+        }
+        run_tool(&mut c).map(|_| ())
+    }
+}
