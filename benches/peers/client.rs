@@ -76,11 +76,32 @@ impl Client {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e("new"))?;
         b.set_str("path", &sock.to_string_lossy())
             .map_err(e("path"))?;
-        b.connect().map_err(e("connect"))?;
-        b.set_i32("num-queues", 1).map_err(e("num-queues"))?;
+        // The socket file appears at bind(), a moment before the server listens: retry briefly.
+        let t0 = Instant::now();
+        loop {
+            match b.connect() {
+                Ok(()) => break,
+                Err(_) if t0.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(err) => return Err(format!("blkio connect: {err}")),
+            }
+        }
+        // PEERS_POLL_CLIENT=1: a busy-polling client queue (experiments: takes the client's
+        // wake-up latency out of the measurement). The default is interrupt-driven, like a guest.
+        let poll = std::env::var_os("PEERS_POLL_CLIENT").is_some();
+        b.set_i32("num-queues", if poll { 0 } else { 1 })
+            .map_err(e("num-queues"))?;
+        b.set_i32("num-poll-queues", if poll { 1 } else { 0 })
+            .map_err(e("num-poll-queues"))?;
         b.set_i32("queue-size", 256).map_err(e("queue-size"))?;
         let mut started = b.start().map_err(e("start"))?;
-        let q = started.queues.pop().ok_or("blkio: no queue")?;
+        let q = if poll {
+            started.poll_queues.pop()
+        } else {
+            started.queues.pop()
+        }
+        .ok_or("blkio: no queue")?;
         let capacity = b.get_u64("capacity").map_err(e("capacity"))?;
         let align = b.get_u64("mem-region-alignment").map_err(e("align"))? as usize;
         let slot_len = max_bs.next_multiple_of(align.max(4096));

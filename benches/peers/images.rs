@@ -150,6 +150,10 @@ impl Images {
         if !compact {
             c.arg("--no-compact");
         }
+        // Experiments: extra `fvd create` options for fresh images, e.g. "--block-size 4K".
+        if let Ok(extra) = std::env::var("FVD_CREATE_ARGS") {
+            c.args(extra.split_whitespace());
+        }
         run_tool(&mut c).map(|_| ())
     }
 }
