@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash integration/setup-host.sh
-cargo test --all-targets -- --test-threads=2
+cargo test --all-targets
 # The VM tests use the binary cargo test just built (dev profile, opt-level 1): the guest runs
 # under TCG, so a release build would only add compile time.
 FVD_BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/fvd bash integration/run-tests.sh

@@ -157,6 +157,7 @@ impl Server {
         let bg_stop = Arc::new(background::StopFlag::default());
         let workers = self.start_background(&bg_stop);
         let served = self.serve_loop(&self.stop);
+        let counters = self.counters_json();
         self.stop.uninstall();
         bg_stop.stop();
         for w in workers {
@@ -166,8 +167,13 @@ impl Server {
         self.listener.remove();
         served?;
         closed.map_err(ServeError::Close)?;
-        tracing::info!("disk closed cleanly");
+        tracing::info!("disk closed cleanly; counters: {counters}");
         Ok(())
+    }
+
+    /// Guest requests and the host I/O they caused so far, as one JSON line (amplification).
+    fn counters_json(&self) -> String {
+        serde_json::to_string(&self.disk.counters().snapshot()).unwrap_or_default()
     }
 
     /// Copy-on-read setting, prefetch thread and grower, as configured.
@@ -246,7 +252,7 @@ impl Server {
                 Ok(())
                 | Err(vhost_user_backend::Error::HandleRequest(
                     VhostUserError::Disconnected | VhostUserError::PartialMessage,
-                )) => tracing::info!("frontend disconnected"),
+                )) => tracing::info!("frontend disconnected; counters: {}", self.counters_json()),
                 Err(e) => tracing::warn!("frontend connection ended: {e}"),
             }
             stop.set_connection(None);
