@@ -23,7 +23,7 @@ use report::Results;
 use runners::Ctx;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use workloads::{Kind, Sizes, Target, Workload};
@@ -171,6 +171,7 @@ fn main() {
         } else {
             "/var/tmp"
         };
+        remove_stale_dirs(Path::new(root));
         let dir = PathBuf::from(root).join(format!("fvd-bench-{}", std::process::id()));
         let logs = dir.join("logs");
         if let Err(e) = std::fs::create_dir_all(&logs) {
@@ -192,10 +193,31 @@ fn main() {
     }
 }
 
+/// Removes `fvd-bench-PID` directories of harness runs that were killed (their PID is gone):
+/// on tmpfs each holds gigabytes of RAM.
+fn remove_stale_dirs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("fvd-bench-") else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            eprintln!(
+                "peers: removing {} (left by a killed run)",
+                e.path().display()
+            );
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn run_storage(
     storage: &str,
-    dir: &std::path::Path,
-    fvd: &std::path::Path,
+    dir: &Path,
+    fvd: &Path,
     sizes: &Sizes,
     ws: &[Workload],
     targets: &[Target],

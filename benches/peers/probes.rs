@@ -128,7 +128,7 @@ pub fn rss_1tib(ctx: &Ctx, t: Target, writes: u64) -> Result<BigRss, String> {
         Format::Raw => return Err("raw is not measured here".into()),
     }
     let r = (|| {
-        let srv: Server = ctx.start_server(t, &p, None)?;
+        let srv: Server = ctx.start_server(t, &p, None, false)?;
         let mut c = Client::connect(&srv.sock, 32, K4 as usize)?;
         let w = c.run(
             &Job {

@@ -49,6 +49,10 @@ impl Server {
         self.child.id()
     }
 
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     pub fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();

@@ -2,6 +2,7 @@
 //! in-process references (qemu-img bench, fio) with the same sizes, depths and flush interval.
 
 use crate::client::{Client, Job, Op, Outcome, Pattern};
+use crate::fvd_stats;
 use crate::procs::{run_tool, thread_cpu_secs, IoCounter, Server};
 use crate::workloads::{Format, Kind, Plan, Target, Workload, IMG_RANDOM_STEP, M1};
 use std::collections::HashMap;
@@ -71,11 +72,13 @@ impl Ctx {
         }
     }
 
+    /// Starts `t`'s server on `image`; `info_log` makes fvd log its engine counters.
     pub fn start_server(
         &self,
         t: Target,
         image: &Path,
         base: Option<&Path>,
+        info_log: bool,
     ) -> Result<Server, String> {
         let sock = self.dir.join(format!("{}.sock", t.name()));
         let log = self.logs.join(format!("{}.log", t.name()));
@@ -85,6 +88,9 @@ impl Ctx {
                 // One queue, like the qemu-storage-daemon exports (the client uses one anyway).
                 c.arg("serve").arg(image).arg("--socket").arg(&sock);
                 c.args(["--num-queues", "1"]);
+                if info_log {
+                    c.args(["--log-level", "info"]);
+                }
                 Server::start(c, &sock, &log)
             }
             f => {
@@ -126,7 +132,8 @@ impl Ctx {
         base: Option<&Path>,
         count_io: bool,
     ) -> Result<Sample, String> {
-        let srv = self.start_server(t, image, base)?;
+        let engine = count_io && matches!(t.format(), Format::Fvd { .. });
+        let srv = self.start_server(t, image, base, engine)?;
         let mut c = Client::connect(&srv.sock, 32, M1 as usize)?;
         for j in &plan.prepare {
             c.run(j, 1)?;
@@ -138,20 +145,33 @@ impl Ctx {
             };
             c.run(&warm, 2)?;
         }
+        // fvd logs its cumulative counters when a frontend disconnects: reconnect once so that
+        // the measured job sits between two counter lines.
+        let engine0 = if engine {
+            drop(c);
+            let v = fvd_stats::wait_for(srv.log_path(), 1)?;
+            c = Client::connect(&srv.sock, 32, M1 as usize)?;
+            Some(v)
+        } else {
+            None
+        };
         let counter = if count_io {
             Some(IoCounter::attach(srv.pid(), &self.logs.join("perf.txt"))?)
         } else {
             None
         };
-        let engine0 = crate::fvd_stats::read(&srv);
         let cpu0 = srv.cpu_secs();
         let client0 = thread_cpu_secs();
         let o = c.run(&plan.measure, 3)?;
         let client = thread_cpu_secs() - client0;
         let cpu = srv.cpu_secs() - cpu0;
-        let engine1 = crate::fvd_stats::read(&srv);
         let host = counter.map(IoCounter::finish).transpose()?;
         drop(c);
+        let engine1 = if engine {
+            Some(fvd_stats::wait_for(srv.log_path(), 2)?)
+        } else {
+            None
+        };
         let per = |n: u64, d: u64| {
             if d == 0 {
                 f64::NAN
@@ -165,15 +185,21 @@ impl Ctx {
             fallocates_per_write: per(h.fallocates, o.ops),
         });
         let engine_amp = match (engine0, engine1) {
-            (Some(a), Some(b)) if count_io => Some(Amp {
+            (Some(a), Some(b)) => Some(Amp {
                 writes_per_write: per(
                     b.host_writes - a.host_writes,
                     b.guest_writes - a.guest_writes,
                 ),
-                flushes_per_flush: per(
-                    b.host_flushes - a.host_flushes,
-                    b.guest_flushes - a.guest_flushes,
-                ),
+                // The window also holds the flush fvd does at disconnect: shown only for jobs
+                // that sent FLUSHes themselves.
+                flushes_per_flush: if o.flushes == 0 {
+                    f64::NAN
+                } else {
+                    per(
+                        b.host_flushes - a.host_flushes,
+                        b.guest_flushes - a.guest_flushes,
+                    )
+                },
                 fallocates_per_write: f64::NAN,
             }),
             _ => None,
