@@ -127,11 +127,13 @@ impl<I: Io> Image<I> {
                     }
                     .await;
                 }
-                r => {
-                    if r.is_ok() {
+                Err(e) => return Err(e),
+                Ok(allocated) => {
+                    // Free space only shrinks when we allocate: no locks on the common path.
+                    if allocated {
                         self.check_watermark();
                     }
-                    return r;
+                    return Ok(());
                 }
             }
         }

@@ -181,8 +181,9 @@ impl<I: Io> Image<I> {
         }
     }
 
-    /// Gives every chunk touched by blocks `first..=last` a physical chunk.
-    pub(super) fn ensure_chunks(&self, first: u64, last: u64) -> Result<()> {
+    /// Gives every chunk touched by blocks `first..=last` a physical chunk; true if it allocated.
+    pub(super) fn ensure_chunks(&self, first: u64, last: u64) -> Result<bool> {
+        let mut allocated = false;
         let c0 = self.geo.chunk_of_block(BlockIndex(first)).0;
         let c1 = self.geo.chunk_of_block(BlockIndex(last)).0;
         for c in c0..=c1 {
@@ -205,7 +206,8 @@ impl<I: Io> Image<I> {
                 phys: p.0,
             });
             Counters::inc(&self.counters.chunks_allocated);
+            allocated = true;
         }
-        Ok(())
+        Ok(allocated)
     }
 }
