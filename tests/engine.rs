@@ -265,3 +265,48 @@ fn corrupt_header_and_out_of_range_are_errors() {
         .expect("corrupt header must be refused");
     assert!(err.to_string().contains("checksum"), "{err}");
 }
+
+/// A first write of part of a block on storage full of stale bytes (an LV's previous contents):
+/// the rest of the block must read as zeros, now and after reopening, and it is zeroed without
+/// writing it (only the guest's 4 KiB are written).
+#[test]
+fn first_partial_write_zeroes_the_rest_of_the_block_without_writing_it() {
+    use fvd::format::layout::Layout;
+    use std::os::unix::fs::FileExt;
+    for compact in [false, true] {
+        let dir = tmpdir();
+        let path = dir.path().join("img.fvd");
+        let p = params(1 << 20, compact, None);
+        create(&path, p.clone());
+        let geo = fvd::units::Geometry {
+            virtual_size: p.virtual_size,
+            block_size: p.block_size,
+            chunk_size: p.chunk_size,
+        };
+        let data_off = Layout::compute(&geo, compact, p.journal_size).data_offset;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&vec![0xAA; 1 << 20], data_off).unwrap();
+        drop(f);
+
+        let img = open_image(&SyncIo, &path, false).unwrap();
+        let bs = p.block_size;
+        let before = img.counters().snapshot();
+        write(&img, bs + 4096, &pattern(1, 4096));
+        let after = img.counters().snapshot();
+        assert_eq!(after.host_bytes_written - before.host_bytes_written, 4096);
+        assert_eq!(after.host_zeroes - before.host_zeroes, 2, "head and tail");
+        let mut want = vec![0u8; bs as usize];
+        want[4096..8192].copy_from_slice(&pattern(1, 4096));
+        assert!(read(&img, bs, bs as usize) == want, "compact={compact}");
+        block_on(img.close(&SyncIo)).unwrap();
+        drop(img);
+
+        let img = open_image(&SyncIo, &path, true).unwrap();
+        assert!(
+            read(&img, bs, bs as usize) == want,
+            "after reopen, compact={compact}"
+        );
+        // Blocks never written still read as zeros, whatever the storage holds there.
+        assert!(read(&img, 0, bs as usize).iter().all(|&b| b == 0));
+    }
+}

@@ -88,6 +88,13 @@ fn injected_errors_all_combinations() {
     );
 }
 
+/// Seeds a soak once failed on: exactly-sized block devices where writes, discards and
+/// re-allocations race (one sync on ENOSPC was not always enough to recycle discarded chunks).
+#[test]
+fn recorded_soak_failures() {
+    run_seeds([7000161, 7000833, 7001283, 7001395].into_iter(), 5000);
+}
+
 /// `FVD_SIM_SEED=<seed> [FVD_SIM_OPS=<n>] cargo test --test sim_engine replay -- --nocapture`
 #[test]
 fn replay() {

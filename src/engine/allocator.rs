@@ -119,6 +119,11 @@ impl Allocator {
             .map(|cap| cap.saturating_sub(self.next as u64) + self.free.len() as u64)
     }
 
+    /// Chunks unmapped but not yet released (their unmap is not durable yet).
+    pub fn awaiting_release(&self) -> u64 {
+        (self.next as u64).saturating_sub(self.free.len() as u64 + self.allocated)
+    }
+
     pub fn allocated(&self) -> u64 {
         self.allocated
     }

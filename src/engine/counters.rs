@@ -19,6 +19,8 @@ pub struct Counters {
     pub checkpoints: AtomicU64,
     pub chunks_allocated: AtomicU64,
     pub bounced: AtomicU64,
+    /// Ranges made to read as zeros without writing them (fallocate), by first writes.
+    pub host_zeroes: AtomicU64,
 }
 
 /// A plain copy of [`Counters`] for printing.
@@ -38,6 +40,7 @@ pub struct CounterSnapshot {
     pub checkpoints: u64,
     pub chunks_allocated: u64,
     pub bounced: u64,
+    pub host_zeroes: u64,
 }
 
 impl Counters {
@@ -63,6 +66,7 @@ impl Counters {
             checkpoints: self.checkpoints.load(Relaxed),
             chunks_allocated: self.chunks_allocated.load(Relaxed),
             bounced: self.bounced.load(Relaxed),
+            host_zeroes: self.host_zeroes.load(Relaxed),
         }
     }
 }

@@ -96,15 +96,18 @@ impl<I: Io> Image<I> {
     /// policy allows it.
     pub(super) async fn ensure_chunks_waiting(&self, io: &I, first: u64, last: u64) -> Result<()> {
         let mut deadline: Option<Instant> = None;
-        let mut synced = false;
+        // Bounds the retries when other writers keep taking the chunks our syncs release.
+        let mut syncs = 0;
         loop {
             let seen = self.space_waiters.generation.load(Ordering::Acquire);
             match self.ensure_chunks(first, last) {
-                Err(EngineError::NoSpace(_)) if !synced => {
+                Err(EngineError::NoSpace(_))
+                    if syncs < 16 && (syncs == 0 || self.alloc.lock().awaiting_release() > 0) =>
+                {
                     // Chunks freed by discards become reusable once their unmap is durable;
                     // a flush may be committing some right now. Wait for it and commit the rest
                     // rather than fail (an extra flush never breaks a promise).
-                    synced = true;
+                    syncs += 1;
                     self.sync(io).await?;
                 }
                 Err(EngineError::NoSpace(msg)) => {

@@ -5,12 +5,15 @@ use super::counters::Counters;
 use super::error::{IoContext, Result};
 use crate::io::{Buf, Io, IoFile};
 use crate::units::PhysOffset;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub struct Storage<I: Io> {
     pub file: I::File,
     /// O_DIRECT offset/length alignment.
     pub align: u64,
     mem_align: usize,
+    /// False once the storage refused to zero a range without writing it.
+    zero_by_punch: AtomicBool,
 }
 
 impl<I: Io> Storage<I> {
@@ -21,6 +24,7 @@ impl<I: Io> Storage<I> {
             file,
             align,
             mem_align,
+            zero_by_punch: AtomicBool::new(true),
         }
     }
 
@@ -88,6 +92,43 @@ impl<I: Io> Storage<I> {
     pub async fn flush(&self, io: &I, c: &Counters) -> Result<()> {
         Counters::inc(&c.host_flushes);
         io.flush(&self.file).await.ctx("flush image storage")
+    }
+
+    /// Granularity of [`Storage::write_zeroes`] ranges that can be zeroed without writing: a
+    /// page, so a file system never has to zero part of one of its blocks through the page cache.
+    pub fn zero_align(&self) -> u64 {
+        self.align.max(4096)
+    }
+
+    /// True while [`Storage::write_zeroes`] can still zero without writing.
+    pub fn zeroes_cheaply(&self) -> bool {
+        self.zero_by_punch.load(Ordering::Relaxed)
+    }
+
+    /// Makes `[off, off + len)` read as zeros. Tries fallocate(PUNCH_HOLE): a hole in a file, or
+    /// WRITE ZEROES on a block device (the kernel never falls back to writing there). Storage
+    /// that cannot do that gets zeros written, and is not asked again. Durable after the next
+    /// flush like a write (fdatasync covers extent changes).
+    pub async fn write_zeroes(&self, io: &I, c: &Counters, off: u64, len: u64) -> Result<()> {
+        let za = self.zero_align();
+        if self.zeroes_cheaply() && off % za == 0 && len % za == 0 {
+            Counters::inc(&c.host_zeroes);
+            match io.punch_hole(&self.file, PhysOffset(off), len).await {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
+                    ) =>
+                {
+                    tracing::info!(
+                        "storage cannot zero ranges without writing ({e}); writing zeros instead"
+                    );
+                    self.zero_by_punch.store(false, Ordering::Relaxed);
+                }
+                r => return r.ctx("zero a range of image storage"),
+            }
+        }
+        self.write(io, c, off, Buf::alloc(len as usize)).await
     }
 
     /// Returns space to the storage; unsupported storage is not an error (space simply stays used).

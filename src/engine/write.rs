@@ -2,9 +2,12 @@
 //!
 //! Writes to blocks already present in the image go straight to their physical location with no
 //! lock and no metadata change: the steady state costs exactly one host write per guest write.
-//! A first write to a block takes the block's fill lock, writes the whole block (guest bytes
-//! merged with base data or zeros: one block write, never a read-modify-write loop), then sets
-//! the block's bit and queues a journal record for the next flush.
+//! A first write to a block takes the block's fill lock and makes the whole block hold what the
+//! guest must read there, then sets the block's bit and queues a journal record for the next
+//! flush. Without a base image that is the guest's bytes plus the rest of the block zeroed
+//! without writing (fallocate, concurrently with the data write); with a base image, or storage
+//! that cannot zero cheaply, it is one write of the block with the guest's bytes merged into base
+//! data or zeros (never a read-modify-write loop).
 
 use super::counters::Counters;
 use super::error::Result;
@@ -24,6 +27,8 @@ enum Piece {
     },
     /// Block `block` is filled: base data (or zeros) merged with the guest's bytes.
     Merge { block: u64 },
+    /// Physical `[phys, phys + len)`, part of a block being filled, is made to read as zeros.
+    Zero { phys: u64, len: u64 },
 }
 
 impl<I: Io> Image<I> {
@@ -64,6 +69,7 @@ impl<I: Io> Image<I> {
         }
         let mut pieces: SmallVec<[Piece; 4]> = SmallVec::new();
         let mut newly: SmallVec<[u64; 4]> = SmallVec::new();
+        let mut zeros: SmallVec<[Piece; 2]> = SmallVec::new();
         for b in first..=last {
             let bs = b * self.geo.block_size;
             let be = bs + self.geo.block_size;
@@ -71,8 +77,14 @@ impl<I: Io> Image<I> {
             if !self.live.present(BlockIndex(b)) {
                 newly.push(b);
                 if s != bs || e != be {
-                    pieces.push(Piece::Merge { block: b });
-                    continue;
+                    match self.zero_pieces(bs, be, s, e) {
+                        // Kept apart so the guest's bytes still coalesce into one write.
+                        Some(z) => zeros.extend(z),
+                        None => {
+                            pieces.push(Piece::Merge { block: b });
+                            continue;
+                        }
+                    }
                 }
             }
             let phys = self.phys_of(s);
@@ -91,6 +103,7 @@ impl<I: Io> Image<I> {
                 }),
             }
         }
+        pieces.extend(zeros);
         let futs = pieces.iter().map(|p| self.write_piece(io, p, off, &buf));
         let results = futures::future::join_all(futs).await;
         results.into_iter().collect::<Result<Vec<()>>>()?;
@@ -99,6 +112,34 @@ impl<I: Io> Image<I> {
         }
         drop(guards);
         Ok(())
+    }
+
+    /// The zeroing that completes a first write of guest bytes `[s, e)` into block `[bs, be)`,
+    /// or None if the block must be merged instead (base data to bring in, storage that cannot
+    /// zero without writing, or edges not on the storage's zeroing granularity).
+    fn zero_pieces(&self, bs: u64, be: u64, s: u64, e: u64) -> Option<SmallVec<[Piece; 2]>> {
+        if self.base.is_some() || !self.store.zeroes_cheaply() {
+            return None;
+        }
+        let za = self.store.zero_align();
+        let (pbs, ps, pe) = (self.phys_of(bs), self.phys_of(s), self.phys_of(e - 1) + 1);
+        if pbs % za != 0 || ps % za != 0 || pe % za != 0 {
+            return None;
+        }
+        let mut z = SmallVec::new();
+        if s > bs {
+            z.push(Piece::Zero {
+                phys: pbs,
+                len: s - bs,
+            });
+        }
+        if e < be {
+            z.push(Piece::Zero {
+                phys: pe,
+                len: be - e,
+            });
+        }
+        Some(z)
     }
 
     /// Fast path: every block is present, so bytes go to their physical place unchanged.
@@ -160,6 +201,9 @@ impl<I: Io> Image<I> {
                 self.store
                     .write(io, &self.counters, self.phys_of(bs), blk)
                     .await
+            }
+            Piece::Zero { phys, len } => {
+                self.store.write_zeroes(io, &self.counters, phys, len).await
             }
         }
     }

@@ -51,6 +51,8 @@ pub struct SimConfig {
     /// Also used for punch_hole.
     pub write_error_prob: f64,
     pub flush_error_prob: f64,
+    /// punch_hole fails with EOPNOTSUPP (storage that cannot zero or free ranges).
+    pub no_punch: bool,
 }
 
 /// Operation counts of a world (completed ops, including failed ones).
@@ -376,6 +378,9 @@ impl State {
             OpKind::Punch { off, len } => {
                 if read_only {
                     return Err(err(libc::EBADF));
+                }
+                if self.cfg.no_punch {
+                    return Err(err(libc::EOPNOTSUPP));
                 }
                 if !aligned(off, len) {
                     return Err(err(libc::EINVAL));

@@ -64,12 +64,19 @@ fn faults(sc: &Scenario) -> SimConfig {
         read_error_prob: sc.read_error_prob,
         write_error_prob: sc.write_error_prob,
         flush_error_prob: sc.flush_error_prob,
+        no_punch: sc.no_punch,
     }
 }
 
 /// Runs scenario `sc` for `ops` requests.
 pub fn run(sc: Scenario, ops: u64) -> Result<Stats, String> {
-    let world = SimWorld::new(sc.seed, SimConfig::default());
+    let world = SimWorld::new(
+        sc.seed,
+        SimConfig {
+            no_punch: sc.no_punch,
+            ..SimConfig::default()
+        },
+    );
     let file = if sc.block_device {
         world.create_block_device(sc.device_size)
     } else {

@@ -39,6 +39,8 @@ pub struct Scenario {
     pub read_error_prob: f64,
     pub write_error_prob: f64,
     pub flush_error_prob: f64,
+    /// The storage cannot punch holes (first writes merge zeros, discards keep space).
+    pub no_punch: bool,
 }
 
 impl Scenario {
@@ -89,6 +91,8 @@ impl Scenario {
             read_error_prob: p(&mut r, 0.02),
             write_error_prob: p(&mut r, 0.02),
             flush_error_prob: p(&mut r, 0.01),
+            // Drawn last so the knobs above stay what they were for recorded seeds.
+            no_punch: r.gen_bool(0.3),
         }
     }
 

@@ -257,6 +257,7 @@ fn injected_errors_fail_ops_and_tear_writes() {
         read_error_prob: 1.0,
         write_error_prob: 1.0,
         flush_error_prob: 1.0,
+        ..SimConfig::default()
     };
     // How much of a failed 64-sector write reached the disk, per seed: none, all, or part.
     let mut outcomes = [false; 3];
