@@ -9,6 +9,7 @@
 //! I/O per guest request, CPU and peak RSS, the goal checks, journal replay time and the RSS of
 //! a 1 TiB image. See docs/PERFORMANCE.md.
 
+mod base_reads;
 mod client;
 mod fvd_stats;
 mod images;
@@ -178,7 +179,10 @@ fn main() {
             eprintln!("peers: {}: {e}", logs.display());
             std::process::exit(1);
         }
-        let section = run_storage(storage, &dir, &fvd, &sizes, &ws, &targets, a.probes);
+        // The copy-on-read/prefetch section is named like a workload ("base-reads").
+        let base = (a.only.is_empty() || a.only.iter().any(|o| o == "base-reads"))
+            && targets.contains(&Target::Fvd);
+        let section = run_storage(storage, &dir, &fvd, &sizes, &ws, &targets, a.probes, base);
         let _ = writeln!(md, "{section}");
         println!("{section}");
         if !a.keep {
@@ -222,6 +226,7 @@ fn run_storage(
     ws: &[Workload],
     targets: &[Target],
     probes: bool,
+    base_reads: bool,
 ) -> String {
     let mut md = format!("### Storage: {storage} ({})\n\n", dir.display());
     let imgs = Images {
@@ -296,18 +301,20 @@ fn run_storage(
             }
         }
     }
-    let _ = writeln!(
-        md,
-        "Median of {} runs; in parentheses fvd ÷ target (above 1: fvd faster).\n",
-        sizes.reps
-    );
-    md.push_str(&report::main_table(&res, ws, targets));
-    md.push('\n');
-    md.push_str(&report::cpu_table(&res, ws, targets));
-    md.push('\n');
-    md.push_str(&report::server_table(&res, ws, targets));
-    md.push('\n');
-    md.push_str(&report::goal_table(&report::goals(&res, storage)));
+    if !ws.is_empty() {
+        let _ = writeln!(
+            md,
+            "Median of {} runs; in parentheses fvd ÷ target (above 1: fvd faster).\n",
+            sizes.reps
+        );
+        md.push_str(&report::main_table(&res, ws, targets));
+        md.push('\n');
+        md.push_str(&report::cpu_table(&res, ws, targets));
+        md.push('\n');
+        md.push_str(&report::server_table(&res, ws, targets));
+        md.push('\n');
+        md.push_str(&report::goal_table(&report::goals(&res, storage)));
+    }
     if !res.errors.is_empty() {
         md.push_str("\nErrors:\n");
         for ((w, t), e) in &res.errors {
@@ -317,6 +324,10 @@ fn run_storage(
     if probes {
         md.push('\n');
         md.push_str(&run_probes(storage, &ctx, targets));
+    }
+    if base_reads {
+        md.push('\n');
+        md.push_str(&base_reads::run(storage, &ctx, &imgs, sizes));
     }
     md
 }

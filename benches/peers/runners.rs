@@ -80,6 +80,19 @@ impl Ctx {
         base: Option<&Path>,
         info_log: bool,
     ) -> Result<Server, String> {
+        self.start_server_with(t, image, base, info_log, &[])
+    }
+
+    /// [`Ctx::start_server`] with extra `fvd serve` arguments. qemu-storage-daemon understands
+    /// only `copy-on-read` there: a copy-on-read filter node on top of the exported node.
+    pub fn start_server_with(
+        &self,
+        t: Target,
+        image: &Path,
+        base: Option<&Path>,
+        info_log: bool,
+        fvd_args: &[&str],
+    ) -> Result<Server, String> {
         let sock = self.dir.join(format!("{}.sock", t.name()));
         let log = self.logs.join(format!("{}.log", t.name()));
         match t.format() {
@@ -91,6 +104,7 @@ impl Ctx {
                 if info_log {
                     c.args(["--log-level", "info"]);
                 }
+                c.args(fvd_args);
                 Server::start(c, &sock, &log)
             }
             f => {
@@ -112,6 +126,12 @@ impl Ctx {
                     }
                     c.arg("--blockdev").arg(q);
                     export_node = "q";
+                }
+                if fvd_args.contains(&"copy-on-read") {
+                    c.arg("--blockdev").arg(format!(
+                        "driver=copy-on-read,node-name=cor,file={export_node}"
+                    ));
+                    export_node = "cor";
                 }
                 c.arg("--export").arg(format!(
                     "type=vhost-user-blk,id=e,node-name={export_node},addr.type=unix,\
