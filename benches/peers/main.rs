@@ -182,7 +182,11 @@ fn main() {
         // The copy-on-read/prefetch section is named like a workload ("base-reads").
         let base = (a.only.is_empty() || a.only.iter().any(|o| o == "base-reads"))
             && targets.contains(&Target::Fvd);
-        let section = run_storage(storage, &dir, &fvd, &sizes, &ws, &targets, a.probes, base);
+        let extras = Extras {
+            probes: a.probes,
+            base_reads: base,
+        };
+        let section = run_storage(storage, &dir, &fvd, &sizes, &ws, &targets, extras);
         let _ = writeln!(md, "{section}");
         println!("{section}");
         if !a.keep {
@@ -218,6 +222,14 @@ fn remove_stale_dirs(root: &Path) {
     }
 }
 
+/// The sections after the main tables.
+struct Extras {
+    /// Journal open time and 1 TiB RSS.
+    probes: bool,
+    /// Copy-on-read and prefetch ("base-reads").
+    base_reads: bool,
+}
+
 fn run_storage(
     storage: &str,
     dir: &Path,
@@ -225,8 +237,7 @@ fn run_storage(
     sizes: &Sizes,
     ws: &[Workload],
     targets: &[Target],
-    probes: bool,
-    base_reads: bool,
+    extras: Extras,
 ) -> String {
     let mut md = format!("### Storage: {storage} ({})\n\n", dir.display());
     let imgs = Images {
@@ -321,11 +332,11 @@ fn run_storage(
             let _ = writeln!(md, "- {w} on {}: {e}", t.name());
         }
     }
-    if probes {
+    if extras.probes {
         md.push('\n');
         md.push_str(&run_probes(storage, &ctx, targets));
     }
-    if base_reads {
+    if extras.base_reads {
         md.push('\n');
         md.push_str(&base_reads::run(storage, &ctx, &imgs, sizes));
     }
