@@ -310,3 +310,24 @@ fn first_partial_write_zeroes_the_rest_of_the_block_without_writing_it() {
         assert!(read(&img, 0, bs as usize).iter().all(|&b| b == 0));
     }
 }
+
+/// New chunks of a compact image on a file lie past its end, which reads as zeros: a first
+/// partial write there needs no zeroing at all.
+#[test]
+fn first_partial_write_past_end_of_file_needs_no_zeroing() {
+    let dir = tmpdir();
+    let path = dir.path().join("img.fvd");
+    let p = params(1 << 20, true, None);
+    create(&path, p.clone());
+    let img = open_image(&SyncIo, &path, false).unwrap();
+    let bs = p.block_size;
+    let before = img.counters().snapshot();
+    write(&img, 3 * bs + 8192, &pattern(2, 4096));
+    let after = img.counters().snapshot();
+    assert_eq!(after.host_zeroes - before.host_zeroes, 0);
+    assert_eq!(after.host_bytes_written - before.host_bytes_written, 4096);
+    let mut want = vec![0u8; bs as usize];
+    want[8192..12288].copy_from_slice(&pattern(2, 4096));
+    assert!(read(&img, 3 * bs, bs as usize) == want);
+    block_on(img.close(&SyncIo)).unwrap();
+}
