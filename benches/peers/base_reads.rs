@@ -74,12 +74,13 @@ impl Variant {
 
 struct Read {
     name: &'static str,
+    /// 0: the guest sends nothing for the run time (shows what prefetch copies when idle).
     bs: u64,
     depth: usize,
     random: bool,
 }
 
-const READS: [Read; 2] = [
+const READS: [Read; 3] = [
     Read {
         name: "randread-4k-qd32 (IOPS)",
         bs: K4,
@@ -90,6 +91,12 @@ const READS: [Read; 2] = [
         name: "seqread-1m-qd4 (MiB/s)",
         bs: M1,
         depth: 4,
+        random: false,
+    },
+    Read {
+        name: "idle guest",
+        bs: 0,
+        depth: 0,
         random: false,
     },
 ];
@@ -146,7 +153,17 @@ fn run_variant(
         time: Some(sizes.time),
         flush_every: 0,
     };
-    let o = c.run(&job, 7)?;
+    let value = if r.bs == 0 {
+        std::thread::sleep(sizes.time);
+        f64::NAN
+    } else {
+        let o = c.run(&job, 7)?;
+        if r.random {
+            o.iops()
+        } else {
+            o.mib_s()
+        }
+    };
     drop(c);
     srv.stop()?;
     let copied = match fmt {
@@ -154,10 +171,7 @@ fn run_variant(
         _ => qcow2_allocated(&image).ok(),
     };
     let _ = std::fs::remove_file(&image);
-    Ok(Run {
-        value: if r.random { o.iops() } else { o.mib_s() },
-        copied,
-    })
+    Ok(Run { value, copied })
 }
 
 /// Bytes a qcow2 image holds itself (`qemu-img map`: data not from the backing file).
@@ -238,13 +252,17 @@ pub fn run(storage: &str, ctx: &Ctx, imgs: &Images, sizes: &Sizes) -> String {
                 md.push_str(" – |");
                 continue;
             };
-            let fig = if m >= 1000.0 && r.random {
+            let fig = if m.is_nan() {
+                "–".to_string()
+            } else if m >= 1000.0 && r.random {
                 format!("{:.1}k", m / 1000.0)
             } else {
                 format!("{m:.0}")
             };
             let ratio = match plain {
-                Some(p) if v != Variant::Plain && p > 0.0 => format!(" ({:.2}×)", m / p),
+                Some(p) if v != Variant::Plain && p > 0.0 && !m.is_nan() => {
+                    format!(" ({:.2}×)", m / p)
+                }
                 _ => String::new(),
             };
             let copied = samples
