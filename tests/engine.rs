@@ -311,8 +311,8 @@ fn first_partial_write_zeroes_the_rest_of_the_block_without_writing_it() {
     }
 }
 
-/// New chunks of a compact image on a file lie past its end, which reads as zeros: a first
-/// partial write there needs no zeroing at all.
+/// New chunks of a compact image on a file lie past its end at open, which reads as zeros: a
+/// first partial write there needs no zeroing at all (the file is grown ahead of them).
 #[test]
 fn first_partial_write_past_end_of_file_needs_no_zeroing() {
     let dir = tmpdir();
@@ -328,6 +328,19 @@ fn first_partial_write_past_end_of_file_needs_no_zeroing() {
     assert_eq!(after.host_bytes_written - before.host_bytes_written, 4096);
     let mut want = vec![0u8; bs as usize];
     want[8192..12288].copy_from_slice(&pattern(2, 4096));
+    assert!(read(&img, 3 * bs, bs as usize) == want);
+
+    // Once a block of the chunk was discarded the chunk no longer counts as reading zeros
+    // (a discard need not punch): the next partial first write zeroes the rest again. Block 2
+    // keeps the chunk mapped.
+    write(&img, 2 * bs, &pattern(4, bs as usize));
+    block_on(img.discard(&SyncIo, 3 * bs, bs)).unwrap();
+    let before = img.counters().snapshot();
+    write(&img, 3 * bs, &pattern(3, 4096));
+    let after = img.counters().snapshot();
+    assert_eq!(after.host_zeroes - before.host_zeroes, 1, "tail zeroed");
+    let mut want = vec![0u8; bs as usize];
+    want[..4096].copy_from_slice(&pattern(3, 4096));
     assert!(read(&img, 3 * bs, bs as usize) == want);
     block_on(img.close(&SyncIo)).unwrap();
 }

@@ -35,7 +35,7 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Runs `seeds` and fails listing every failing seed.
-fn run_seeds(seeds: impl Iterator<Item = u64>, ops: u64) {
+fn run_seeds(seeds: impl Iterator<Item = u64>, ops: u64) -> Stats {
     let mut total = Stats::default();
     let mut failures = Vec::new();
     for seed in seeds {
@@ -47,6 +47,8 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, ops: u64) {
                 total.checkpoints += s.checkpoints;
                 total.journal_writes += s.journal_writes;
                 total.bounced += s.bounced;
+                total.zeroes += s.zeroes;
+                total.zeroing_skipped += s.zeroing_skipped;
                 total.sim_ops += s.sim_ops;
             }
             Err(e) => {
@@ -60,6 +62,7 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, ops: u64) {
         failures.is_empty(),
         "failing seeds: {failures:?} (replay commands above)"
     );
+    total
 }
 
 /// Seeds for the given mode bits: all four compact × base combinations each.
@@ -72,17 +75,20 @@ const CI_OPS: u64 = 1500;
 #[test]
 fn differential_all_combinations() {
     assert_eq!(MODE_COMPACT | MODE_BASE, 3);
-    run_seeds(seeds(0, 6), CI_OPS);
+    let s = run_seeds(seeds(0, 6), CI_OPS);
+    // Both ways of completing a partial first write were exercised.
+    assert!(s.zeroes > 0 && s.zeroing_skipped > 0, "{s:?}");
 }
 
 #[test]
 fn power_loss_all_combinations() {
-    run_seeds(seeds(MODE_CRASH, 6), CI_OPS);
+    let s = run_seeds(seeds(MODE_CRASH, 6), CI_OPS);
+    assert!(s.zeroes > 0 && s.zeroing_skipped > 0, "{s:?}");
 }
 
 #[test]
 fn injected_errors_all_combinations() {
-    run_seeds(
+    let _ = run_seeds(
         seeds(MODE_ERRORS, 3).chain(seeds(MODE_ERRORS | MODE_CRASH, 3)),
         CI_OPS,
     );
@@ -92,7 +98,7 @@ fn injected_errors_all_combinations() {
 /// re-allocations race (one sync on ENOSPC was not always enough to recycle discarded chunks).
 #[test]
 fn recorded_soak_failures() {
-    run_seeds([7000161, 7000833, 7001283, 7001395].into_iter(), 5000);
+    let _ = run_seeds([7000161, 7000833, 7001283, 7001395].into_iter(), 5000);
 }
 
 /// `FVD_SIM_SEED=<seed> [FVD_SIM_OPS=<n>] cargo test --test sim_engine replay -- --nocapture`
@@ -117,5 +123,5 @@ fn soak() {
     let start = env_u64("FVD_SIM_START").unwrap_or(1 << 20);
     let n = env_u64("FVD_SIM_SEEDS").unwrap_or(2000);
     let ops = env_u64("FVD_SIM_OPS").unwrap_or(20000);
-    run_seeds(start..start + n, ops);
+    let _ = run_seeds(start..start + n, ops);
 }

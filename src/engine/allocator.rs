@@ -18,7 +18,16 @@ pub struct Allocator {
     capacity: Option<u64>,
     data_offset: u64,
     chunk_size: u64,
+    /// Files: chunks from this index up lay past the end of the file when it was opened, so
+    /// they read as zeros until this session writes them.
+    fresh_from: Option<u32>,
+    /// Files: length the file has been grown to (ahead of allocation, in large steps, so that
+    /// data writes never extend the file: file systems serialize extending direct writes).
+    file_len: u64,
 }
+
+/// Files grow by at least this much (or an eighth of their size) when allocation nears the end.
+const GROW_STEP: u64 = 64 << 20;
 
 impl Allocator {
     /// Rebuilds allocation state from the table, rejecting tables that map two virtual chunks to
@@ -44,9 +53,19 @@ impl Allocator {
             capacity: None,
             data_offset: h.data_offset,
             chunk_size: h.chunk_size as u64,
+            fresh_from: None,
+            file_len: 0,
         };
         if store.file.is_block_device() {
             a.refresh_capacity(store)?;
+        } else {
+            let len = store.file.size().map_err(|error| EngineError::Io {
+                context: "size of image file",
+                error,
+            })?;
+            let past_end = len.saturating_sub(a.data_offset).div_ceil(a.chunk_size);
+            a.fresh_from = Some(past_end.min(u32::MAX as u64) as u32);
+            a.file_len = len;
         }
         Ok(a)
     }
@@ -70,17 +89,22 @@ impl Allocator {
 
     /// Takes a free chunk, preferring `hint` (the chunk after the previous virtual chunk's, so
     /// data near in the guest stays near on the device). On a block device that is full,
-    /// re-reads its size first (it may have been grown).
-    pub fn alloc<I: Io>(&mut self, store: &Storage<I>, hint: Option<u32>) -> Result<PhysChunk> {
+    /// re-reads its size first (it may have been grown). Also says whether the chunk is fresh:
+    /// never used before and past the end of the file at open, so it reads as zeros.
+    pub fn alloc<I: Io>(
+        &mut self,
+        store: &Storage<I>,
+        hint: Option<u32>,
+    ) -> Result<(PhysChunk, bool)> {
         if let Some(h) = hint {
             if self.free.remove(&h) {
                 self.allocated += 1;
-                return Ok(PhysChunk(h));
+                return Ok((PhysChunk(h), false));
             }
         }
         if let Some(p) = self.free.pop_first() {
             self.allocated += 1;
-            return Ok(PhysChunk(p));
+            return Ok((PhysChunk(p), false));
         }
         if let Some(cap) = self.capacity {
             if self.next as u64 >= cap {
@@ -97,9 +121,31 @@ impl Allocator {
             return Err(EngineError::NoSpace("chunk index space exhausted".into()));
         }
         let p = self.next;
+        self.grow_file(store, p)?;
         self.next += 1;
         self.allocated += 1;
-        Ok(PhysChunk(p))
+        Ok((PhysChunk(p), self.fresh_from.is_some_and(|f| p >= f)))
+    }
+
+    /// Files: makes sure chunk `p` lies inside the file, growing it well ahead.
+    fn grow_file<I: Io>(&mut self, store: &Storage<I>, p: u32) -> Result<()> {
+        if self.fresh_from.is_none() {
+            return Ok(());
+        }
+        let end = self.data_offset + (p as u64 + 1) * self.chunk_size;
+        if end <= self.file_len {
+            return Ok(());
+        }
+        let step = GROW_STEP
+            .max(self.file_len / 8)
+            .next_multiple_of(self.chunk_size);
+        let len = end.max(self.file_len + step);
+        store.file.grow(len).map_err(|error| EngineError::Io {
+            context: "grow image file",
+            error,
+        })?;
+        self.file_len = len;
+        Ok(())
     }
 
     /// A chunk was unmapped; it becomes allocatable only through [`Allocator::release`], once

@@ -21,6 +21,8 @@ pub struct Counters {
     pub bounced: AtomicU64,
     /// Ranges made to read as zeros without writing them (fallocate), by first writes.
     pub host_zeroes: AtomicU64,
+    /// Partial first writes whose block needed no zeroing (its chunk or range reads zeros).
+    pub zeroing_skipped: AtomicU64,
 }
 
 /// A plain copy of [`Counters`] for printing.
@@ -41,6 +43,7 @@ pub struct CounterSnapshot {
     pub chunks_allocated: u64,
     pub bounced: u64,
     pub host_zeroes: u64,
+    pub zeroing_skipped: u64,
 }
 
 impl Counters {
@@ -67,6 +70,7 @@ impl Counters {
             chunks_allocated: self.chunks_allocated.load(Relaxed),
             bounced: self.bounced.load(Relaxed),
             host_zeroes: self.host_zeroes.load(Relaxed),
+            zeroing_skipped: self.zeroing_skipped.load(Relaxed),
         }
     }
 }

@@ -40,6 +40,10 @@ pub struct LiveMetadata {
     /// Requests in flight per virtual chunk (compact images). A chunk is unmapped only when its
     /// count is zero, so no old read or write can reach a physical chunk after it is reused.
     inflight: Vec<AtomicU16>,
+    /// Per virtual chunk (compact images): its physical chunk was created past the end of the
+    /// image file in this session, and every block of it that is not present still reads as
+    /// zeros there. A first write into such a chunk needs no zeroing.
+    fresh: Vec<AtomicU64>,
 }
 
 /// Flag in a chunk's in-flight count: the chunk is being unmapped.
@@ -69,6 +73,28 @@ impl LiveMetadata {
             bits: c.bits.iter().map(|&w| AtomicU64::new(w)).collect(),
             table: c.table.iter().map(|&e| AtomicU32::new(e)).collect(),
             inflight: c.table.iter().map(|_| AtomicU16::new(0)).collect(),
+            fresh: (0..c.table.len().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// See [`LiveMetadata::fresh`]: true if chunk `c`'s absent blocks are known to read zeros.
+    #[inline]
+    pub fn is_fresh(&self, c: ChunkIndex) -> bool {
+        self.fresh
+            .get((c.0 / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (c.0 % 64)) != 0)
+    }
+
+    pub fn set_fresh(&self, c: ChunkIndex, fresh: bool) {
+        if let Some(w) = self.fresh.get((c.0 / 64) as usize) {
+            let m = 1 << (c.0 % 64);
+            if fresh {
+                w.fetch_or(m, Ordering::Release);
+            } else {
+                w.fetch_and(!m, Ordering::Release);
+            }
         }
     }
 

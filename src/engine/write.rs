@@ -109,13 +109,25 @@ impl<I: Io> Image<I> {
             // every in-flight direct I/O of the file). New chunks of compact images usually
             // lie past the end.
             if let Ok(eof) = self.store.file.size() {
+                let n = zeros.len();
                 zeros.retain(|p| !matches!(*p, Piece::Zero { phys, .. } if phys >= eof));
+                if zeros.len() < n {
+                    Counters::inc(&self.counters.zeroing_skipped);
+                }
             }
         }
         pieces.extend(zeros);
         let futs = pieces.iter().map(|p| self.write_piece(io, p, off, &buf));
         let results = futures::future::join_all(futs).await;
-        results.into_iter().collect::<Result<Vec<()>>>()?;
+        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+            // Part of the write may have landed in blocks that stay absent: their chunks no
+            // longer read as zeros there.
+            for &b in &newly {
+                self.live
+                    .set_fresh(self.geo.chunk_of_block(BlockIndex(b)), false);
+            }
+            return Err(e);
+        }
         if !newly.is_empty() {
             self.mark_present(&newly);
         }
@@ -127,6 +139,15 @@ impl<I: Io> Image<I> {
     /// or None if the block must be merged instead (base data to bring in, storage that cannot
     /// zero without writing, or edges not on the storage's zeroing granularity).
     fn zero_pieces(&self, bs: u64, be: u64, s: u64, e: u64) -> Option<SmallVec<[Piece; 2]>> {
+        if self.base.is_none()
+            && self.live.is_fresh(
+                self.geo
+                    .chunk_of_block(BlockIndex(bs / self.geo.block_size)),
+            )
+        {
+            Counters::inc(&self.counters.zeroing_skipped);
+            return Some(SmallVec::new());
+        }
         if self.base.is_some() || !self.store.zeroes_cheaply() {
             return None;
         }
@@ -252,7 +273,10 @@ impl<I: Io> Image<I> {
                 .map(|prev| self.live.phys(ChunkIndex(prev)))
                 .filter(|p| p.is_allocated())
                 .map(|p| p.0 + 1);
-            let p = alloc.alloc(&self.store, hint)?;
+            let (p, fresh) = alloc.alloc(&self.store, hint)?;
+            // Before the mapping is visible: a writer that sees the chunk must see this too
+            // (seeing "not fresh" would only cost it a needless zeroing).
+            self.live.set_fresh(ChunkIndex(c), fresh);
             self.live.set_phys(ChunkIndex(c), p);
             self.pending.lock().push(JournalEntry::Map {
                 chunk: c,

@@ -138,6 +138,13 @@ impl HostFile {
 }
 
 impl IoFile for HostFile {
+    fn grow(&self, len: u64) -> io::Result<()> {
+        if self.0.block_device || self.size()? >= len {
+            return Ok(());
+        }
+        self.0.file.set_len(len)
+    }
+
     fn size(&self) -> io::Result<u64> {
         if self.0.block_device {
             let mut sz: u64 = 0;

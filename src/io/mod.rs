@@ -36,6 +36,9 @@ pub trait IoFile: Clone + Send + Sync + 'static {
     fn is_block_device(&self) -> bool;
     /// True if opened read-only.
     fn is_read_only(&self) -> bool;
+    /// Extends a file to at least `len` bytes (the new part reads as zeros); durable with the
+    /// next flush. Block devices are left alone.
+    fn grow(&self, len: u64) -> io::Result<()>;
 }
 
 /// Asynchronous positioned I/O on [`IoFile`]s. A value of this type is one I/O channel (one

@@ -459,6 +459,10 @@ impl SimFile {
 }
 
 impl IoFile for SimFile {
+    fn grow(&self, len: u64) -> io::Result<()> {
+        self.world.state.lock().disks[self.disk].grow(len);
+        Ok(())
+    }
     fn size(&self) -> io::Result<u64> {
         Ok(self.world.state.lock().disks[self.disk].size)
     }

@@ -43,6 +43,9 @@ pub struct Stats {
     pub checkpoints: u64,
     pub journal_writes: u64,
     pub bounced: u64,
+    /// First writes that zeroed part of a block without writing it, and that needed no zeroing.
+    pub zeroes: u64,
+    pub zeroing_skipped: u64,
     pub sim_ops: u64,
 }
 
@@ -241,6 +244,8 @@ impl Run {
         self.stats.checkpoints += c.checkpoints.load(Ordering::Relaxed);
         self.stats.journal_writes += c.journal_writes.load(Ordering::Relaxed);
         self.stats.bounced += c.bounced.load(Ordering::Relaxed);
+        self.stats.zeroes += c.host_zeroes.load(Ordering::Relaxed);
+        self.stats.zeroing_skipped += c.zeroing_skipped.load(Ordering::Relaxed);
     }
 
     /// Power loss with requests in flight, reopen (journal replay), check the crash contract.

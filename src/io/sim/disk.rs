@@ -209,6 +209,16 @@ impl Disk {
         self.durable_size = self.size;
     }
 
+    /// Extends a growing disk to `len` bytes of zeros (ftruncate); like any growth, a power loss
+    /// before the next flush may undo it.
+    pub fn grow(&mut self, len: u64) {
+        if self.fixed_size || len <= self.size {
+            return;
+        }
+        self.zero_beyond(self.size);
+        self.size = len;
+    }
+
     /// Drops stored bytes at and past `end` so later growth reads zeros there.
     fn zero_beyond(&mut self, end: u64) {
         let first_whole = end.div_ceil(PIECE);
