@@ -5,6 +5,7 @@
 use crate::client::{Client, Job, Op, Pattern};
 use crate::images::Images;
 use crate::procs::run_tool;
+use crate::report;
 use crate::runners::Ctx;
 use crate::workloads::{Format, Sizes, Target, K4, M1};
 use std::collections::HashMap;
@@ -231,13 +232,10 @@ pub fn run(storage: &str, ctx: &Ctx, imgs: &Images, sizes: &Sizes) -> String {
         sizes.reps,
         sizes.time.as_secs_f64()
     );
-    md.push_str("| workload |");
-    for v in VARIANTS {
-        let _ = write!(md, " {} |", v.name());
-    }
-    md.push_str("\n|---|");
-    md.push_str(&"---|".repeat(VARIANTS.len()));
-    md.push('\n');
+    md.push_str(&report::table_header(
+        "workload",
+        VARIANTS.iter().map(|v| v.name()),
+    ));
     for (ri, r) in READS.iter().enumerate() {
         let med = |v: Variant| {
             samples

@@ -80,18 +80,20 @@ fn fmt_value(v: f64, bandwidth: bool) -> String {
     }
 }
 
+/// A markdown table's header row and separator: `first`, then one column per name.
+pub fn table_header<'a>(first: &str, cols: impl Iterator<Item = &'a str>) -> String {
+    let mut head = format!("| {first} |");
+    let mut sep = String::from("|---|");
+    for c in cols {
+        let _ = write!(head, " {c} |");
+        sep.push_str("---|");
+    }
+    format!("{head}\n{sep}\n")
+}
+
 /// One row per workload, one column per target: median figure and (fvd ÷ target).
 pub fn main_table(r: &Results, ws: &[Workload], ts: &[Target]) -> String {
-    let mut s = String::new();
-    let _ = write!(s, "| workload |");
-    for t in ts {
-        let _ = write!(s, " {} |", t.name());
-    }
-    let _ = write!(s, "\n|---|");
-    for _ in ts {
-        let _ = write!(s, "---|");
-    }
-    s.push('\n');
+    let mut s = table_header("workload", ts.iter().map(|t| t.name()));
     for w in ws {
         let _ = write!(
             s,
@@ -122,15 +124,7 @@ pub fn main_table(r: &Results, ws: &[Workload], ts: &[Target]) -> String {
 /// targets, the whole process for qemu-img bench and fio. Contention inflates wall-clock figures
 /// far more than CPU time, so this is the steadier comparison on a busy machine.
 pub fn cpu_table(r: &Results, ws: &[Workload], ts: &[Target]) -> String {
-    let mut s = String::from("| workload (CPU µs / request) |");
-    for t in ts {
-        let _ = write!(s, " {} |", t.name());
-    }
-    let _ = write!(s, "\n|---|");
-    for _ in ts {
-        let _ = write!(s, "---|");
-    }
-    s.push('\n');
+    let mut s = table_header("workload (CPU µs / request)", ts.iter().map(|t| t.name()));
     for w in ws {
         let _ = write!(s, "| {} |", w.name);
         for &t in ts {
