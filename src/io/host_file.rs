@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// An open host file or block device, shared between I/O channels.
 #[derive(Clone, Debug)]
@@ -84,7 +85,7 @@ impl HostFile {
             lock(&file, read_only)
         };
         locked.map_err(|e| {
-            if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) {
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
                 io::Error::new(
                     io::ErrorKind::WouldBlock,
                     format!("{} is in use by another process (locked)", path.display()),
@@ -181,13 +182,30 @@ fn lock(file: &File, shared: bool) -> io::Result<()> {
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = if shared { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: F_OFD_SETLK reads the flock struct we pass and does not retain the pointer.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
+    // An OFD lock belongs to the open file description, and a child forked by any thread of a
+    // process that had the image open shares that description until it execs. So a conflict can
+    // be a holder that closed the file microseconds ago while another thread spawned a process;
+    // retry briefly before reporting the image as in use (a real holder still gets refused).
+    let mut wait = Duration::from_millis(1);
+    let deadline = Instant::now() + LOCK_RETRY_FOR;
+    loop {
+        // SAFETY: F_OFD_SETLK reads the flock struct we pass and does not retain the pointer.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        let busy = matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES));
+        if !busy || Instant::now() >= deadline {
+            return Err(e);
+        }
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_millis(50));
     }
-    Ok(())
 }
+
+/// How long a lock conflict is retried before the image is reported as in use.
+const LOCK_RETRY_FOR: Duration = Duration::from_millis(500);
 
 /// O_DIRECT (offset, memory) alignment of a regular file, from statx(STATX_DIOALIGN).
 fn dio_alignment(file: &File) -> Option<(u32, u32)> {
@@ -210,4 +228,31 @@ fn dio_alignment(file: &File) -> Option<(u32, u32)> {
         stx.stx_dio_offset_align.max(512),
         stx.stx_dio_mem_align.max(512),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_held_only_by_a_soon_closed_duplicate_is_acquired_but_a_live_holder_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let first = HostFile::open_with(&path, OpenMode::Create, false).unwrap();
+        // What a child forked before exec holds: another descriptor for the same description.
+        let dup = first.file().try_clone().unwrap();
+        drop(first);
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(dup);
+        });
+        let second = HostFile::open_with(&path, OpenMode::ReadWrite, false)
+            .expect("the lock is free once the duplicate closes");
+        releaser.join().unwrap();
+        let err = HostFile::open_with(&path, OpenMode::ReadWrite, false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert!(err.to_string().contains("in use"), "{err}");
+        drop(second);
+        HostFile::open_with(&path, OpenMode::ReadOnly, false).unwrap();
+    }
 }
