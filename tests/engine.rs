@@ -344,3 +344,61 @@ fn first_partial_write_past_end_of_file_needs_no_zeroing() {
     assert!(read(&img, 3 * bs, bs as usize) == want);
     block_on(img.close(&SyncIo)).unwrap();
 }
+
+#[test]
+fn allocating_flush_skips_the_data_flush_only_where_lost_data_would_read_as_before() {
+    let dir = tmpdir();
+    let path = dir.path().join("img.fvd");
+    let p = params(1 << 20, true, None);
+    create(&path, p.clone());
+    let img = open_image(&SyncIo, &path, false).unwrap();
+    let bs = p.block_size;
+    let flush = |img: &Image<SyncIo>| {
+        let before = img.counters().snapshot();
+        block_on(img.flush(&SyncIo)).unwrap();
+        let after = img.counters().snapshot();
+        (
+            after.host_flushes - before.host_flushes,
+            after.journal_unordered - before.journal_unordered,
+        )
+    };
+    // A new chunk past the end of the file: its blocks read zeros before and after a lost write.
+    write(&img, 3 * bs + 8192, &pattern(5, 4096));
+    assert_eq!(flush(&img), (1, 1), "fresh chunk, no base: one flush");
+    // Overwrites change no metadata.
+    write(&img, 3 * bs + 8192, &pattern(6, 4096));
+    assert_eq!(flush(&img), (1, 0));
+    // A discard only clears bits (block 2, written while the chunk was fresh, needs no order),
+    // but leaves the chunk not fresh: the next first write there must reach the storage first.
+    write(&img, 2 * bs, &pattern(7, bs as usize));
+    block_on(img.discard(&SyncIo, 3 * bs, bs)).unwrap();
+    assert_eq!(flush(&img), (1, 1));
+    write(&img, 3 * bs, &pattern(8, 4096));
+    assert_eq!(flush(&img), (2, 0), "discarded chunk: data first");
+    block_on(img.close(&SyncIo)).unwrap();
+    drop(img);
+    let img = open_image(&SyncIo, &path, false).unwrap();
+    let mut want = vec![0u8; bs as usize];
+    want[..4096].copy_from_slice(&pattern(8, 4096));
+    assert!(read(&img, 3 * bs, bs as usize) == want);
+    assert!(read(&img, 2 * bs, bs as usize) == pattern(7, bs as usize));
+    // Chunks below the end of the file at open are not fresh.
+    write(&img, 0, &pattern(9, 4096));
+    assert_eq!(flush(&img), (2, 0), "chunk reused after reopen: data first");
+    block_on(img.close(&SyncIo)).unwrap();
+
+    // With a base image an absent block reads base data, which a lost write would not restore.
+    let (_, base_data) = raw_base(dir.path(), 1 << 20);
+    let top = dir.path().join("top.fvd");
+    let base = BaseRef {
+        path: "base.raw".into(),
+        format: BaseFormat::Raw,
+        size: 1 << 20,
+    };
+    create(&top, params(1 << 20, true, Some(base)));
+    let img = open_image(&SyncIo, &top, false).unwrap();
+    write(&img, 5 * bs, &pattern(10, bs as usize));
+    assert_eq!(flush(&img), (2, 0), "base image: data first");
+    assert!(read(&img, 6 * bs, bs as usize) == base_data[6 * bs as usize..7 * bs as usize]);
+    block_on(img.close(&SyncIo)).unwrap();
+}

@@ -49,6 +49,7 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, ops: u64) -> Stats {
                 total.bounced += s.bounced;
                 total.zeroes += s.zeroes;
                 total.zeroing_skipped += s.zeroing_skipped;
+                total.journal_unordered += s.journal_unordered;
                 total.sim_ops += s.sim_ops;
             }
             Err(e) => {
@@ -76,14 +77,23 @@ const CI_OPS: u64 = 1500;
 fn differential_all_combinations() {
     assert_eq!(MODE_COMPACT | MODE_BASE, 3);
     let s = run_seeds(seeds(0, 6), CI_OPS);
-    // Both ways of completing a partial first write were exercised.
+    // Both ways of completing a partial first write were exercised, and journal writes with
+    // and without a flush before them.
     assert!(s.zeroes > 0 && s.zeroing_skipped > 0, "{s:?}");
+    assert!(
+        s.journal_unordered > 0 && s.journal_writes > s.journal_unordered,
+        "{s:?}"
+    );
 }
 
 #[test]
 fn power_loss_all_combinations() {
     let s = run_seeds(seeds(MODE_CRASH, 6), CI_OPS);
     assert!(s.zeroes > 0 && s.zeroing_skipped > 0, "{s:?}");
+    assert!(
+        s.journal_unordered > 0 && s.journal_writes > s.journal_unordered,
+        "{s:?}"
+    );
 }
 
 #[test]

@@ -23,6 +23,8 @@ pub struct Counters {
     pub host_zeroes: AtomicU64,
     /// Partial first writes whose block needed no zeroing (its chunk or range reads zeros).
     pub zeroing_skipped: AtomicU64,
+    /// Journal writes made durable by the same flush as the data they describe (no flush first).
+    pub journal_unordered: AtomicU64,
 }
 
 /// A plain copy of [`Counters`] for printing.
@@ -44,6 +46,7 @@ pub struct CounterSnapshot {
     pub bounced: u64,
     pub host_zeroes: u64,
     pub zeroing_skipped: u64,
+    pub journal_unordered: u64,
 }
 
 impl Counters {
@@ -71,6 +74,7 @@ impl Counters {
             bounced: self.bounced.load(Relaxed),
             host_zeroes: self.host_zeroes.load(Relaxed),
             zeroing_skipped: self.zeroing_skipped.load(Relaxed),
+            journal_unordered: self.journal_unordered.load(Relaxed),
         }
     }
 }

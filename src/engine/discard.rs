@@ -148,14 +148,14 @@ impl<I: Io> Image<I> {
             self.live.set_phys(c, PhysChunk::UNALLOCATED);
             alloc.unmapped();
             let mut pending = self.pending.lock();
-            pending.push(JournalEntry::Unmap { chunk: c.0 });
+            pending.records.push(JournalEntry::Unmap { chunk: c.0 });
             self.freed.lock().push(p.0);
         });
     }
 
     fn clear_blocks(&self, first: u64, count: u64) {
         let mut pending = self.pending.lock();
-        pending.push(JournalEntry::ClearBits {
+        pending.records.push(JournalEntry::ClearBits {
             start: first,
             count,
         });

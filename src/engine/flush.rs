@@ -5,11 +5,18 @@
 //! 2. flushes the storage: every completed data write is now durable,
 //! 3. appends the records to the journal and flushes again.
 //!
-//! So a journal record never becomes durable before the data it describes, and a FLUSH costs one
-//! device flush without metadata changes and two with. When the journal is full, the records go
-//! into a checkpoint instead: the committed metadata is written to the *inactive* copy (nothing
-//! points at it yet), one flush makes data and that copy durable, then the header flips to it
-//! with a new journal epoch and a second flush. Journal space is reused only after that flip.
+//! So a journal record never becomes durable before data it depends on, and a FLUSH costs one
+//! device flush without metadata changes and two with. Step 2 is skipped when no record depends
+//! on data: records that map chunks or clear bits expose no data by themselves, and a bit set
+//! for a block that read zeros before (no base image) whose storage reads zeros until written
+//! (a fresh chunk: past the end of the file at open, not discarded since) leaves the block
+//! reading as before if its data is lost. Then the one flush after the journal write makes data
+//! and records durable together.
+//!
+//! When the journal is full, the records go into a checkpoint instead: the committed metadata is
+//! written to the *inactive* copy (nothing points at it yet), one flush makes data and that copy
+//! durable, then the header flips to it with a new journal epoch and a second flush. Journal
+//! space is reused only after that flip.
 
 use super::counters::Counters;
 use super::error::{EngineError, Result};
@@ -18,6 +25,14 @@ use crate::format::header::FLAG_CLEAN;
 use crate::format::{journal, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Io};
 use std::sync::atomic::Ordering;
+
+/// Metadata records queued for the next flush.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub records: Vec<JournalEntry>,
+    /// Some record must not become durable before the data it describes (see the module doc).
+    pub data_first: bool,
+}
 
 impl<I: Io> Image<I> {
     /// Makes every write that completed before this call durable, with its metadata.
@@ -33,20 +48,27 @@ impl<I: Io> Image<I> {
         }
         self.check_writable()?;
         let mut fs = self.flush_state.lock().await;
-        let (records, freed) = {
+        let (
+            Pending {
+                records,
+                data_first,
+            },
+            freed,
+        ) = {
             let mut pending = self.pending.lock();
             let freed = std::mem::take(&mut *self.freed.lock());
             (std::mem::take(&mut *pending), freed)
         };
-        let r = self.commit(io, &mut fs, &records).await;
+        let r = self.commit(io, &mut fs, &records, data_first).await;
         if r.is_ok() {
             // Their unmap records are durable now: the chunks may be reused.
             self.alloc.lock().release(freed);
         } else if let Err(e) = &r {
             // The records describe data that is still in place: queue them again, ahead of newer ones.
             let mut pending = self.pending.lock();
-            let newer = std::mem::replace(&mut *pending, records);
-            pending.extend(newer);
+            let newer = std::mem::replace(&mut pending.records, records);
+            pending.records.extend(newer);
+            pending.data_first |= data_first;
             self.freed.lock().extend(freed);
             if matches!(e, EngineError::Io { context, .. } if context.starts_with("flush")) {
                 // After a failed device flush we cannot know what is durable; journaling the
@@ -57,7 +79,13 @@ impl<I: Io> Image<I> {
         r
     }
 
-    async fn commit(&self, io: &I, fs: &mut FlushState, records: &[JournalEntry]) -> Result<()> {
+    async fn commit(
+        &self,
+        io: &I,
+        fs: &mut FlushState,
+        records: &[JournalEntry],
+        data_first: bool,
+    ) -> Result<()> {
         if records.is_empty() {
             return self.store.flush(io, &self.counters).await;
         }
@@ -66,7 +94,11 @@ impl<I: Io> Image<I> {
             fs.committed.apply(records)?;
             return self.checkpoint(io, fs, false).await;
         }
-        self.store.flush(io, &self.counters).await?;
+        if data_first {
+            self.store.flush(io, &self.counters).await?;
+        } else {
+            Counters::inc(&self.counters.journal_unordered);
+        }
         let bytes = journal::encode(records, fs.header.journal_epoch, fs.tail);
         let buf = Buf::alloc(bytes.len());
         buf.copy_from_slice(0, &bytes);

@@ -6,6 +6,7 @@ use super::base::Base;
 use super::block_locks::BlockLocks;
 use super::counters::Counters;
 use super::error::{EngineError, Result};
+use super::flush::Pending;
 use super::metadata::{Committed, LiveMetadata};
 use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
@@ -117,7 +118,7 @@ pub struct Image<I: Io> {
     pub(super) journal_sectors: u64,
     pub(super) read_only: bool,
     pub(super) live: LiveMetadata,
-    pub(super) pending: Mutex<Vec<JournalEntry>>,
+    pub(super) pending: Mutex<Pending>,
     /// Physical chunks unmapped since the last flush: allocatable once their unmap is durable.
     /// Locked after `pending` when both are needed.
     pub(super) freed: Mutex<Vec<u32>>,
@@ -312,7 +313,7 @@ impl<I: Io> Image<I> {
             journal_sectors: header.journal_len / SECTOR as u64,
             read_only,
             live,
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
             freed: Mutex::new(Vec::new()),
             locks: BlockLocks::default(),
             alloc: Mutex::new(alloc),

@@ -240,7 +240,15 @@ impl<I: Io> Image<I> {
 
     /// Sets the bits of blocks whose data is now written and queues their journal records.
     pub(super) fn mark_present(&self, blocks: &[u64]) {
+        // Without a base an absent block read zeros, and in a fresh chunk its storage reads
+        // zeros until written: if the record became durable before the data, the block would
+        // read as it did before the write. Anywhere else the data must be durable first.
+        let zeros_before = self.base.is_none()
+            && blocks
+                .iter()
+                .all(|&b| self.live.is_fresh(self.geo.chunk_of_block(BlockIndex(b))));
         let mut pending = self.pending.lock();
+        pending.data_first |= !zeros_before;
         let mut i = 0;
         while i < blocks.len() {
             let start = blocks[i];
@@ -249,7 +257,7 @@ impl<I: Io> Image<I> {
                 j += 1;
             }
             let count = (j - i) as u64;
-            pending.push(JournalEntry::SetBits { start, count });
+            pending.records.push(JournalEntry::SetBits { start, count });
             self.live.set(start, count);
             i = j;
         }
@@ -278,7 +286,7 @@ impl<I: Io> Image<I> {
             // (seeing "not fresh" would only cost it a needless zeroing).
             self.live.set_fresh(ChunkIndex(c), fresh);
             self.live.set_phys(ChunkIndex(c), p);
-            self.pending.lock().push(JournalEntry::Map {
+            self.pending.lock().records.push(JournalEntry::Map {
                 chunk: c,
                 phys: p.0,
             });

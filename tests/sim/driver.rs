@@ -46,6 +46,8 @@ pub struct Stats {
     /// First writes that zeroed part of a block without writing it, and that needed no zeroing.
     pub zeroes: u64,
     pub zeroing_skipped: u64,
+    /// Journal writes that needed no flush before them, and that did.
+    pub journal_unordered: u64,
     pub sim_ops: u64,
 }
 
@@ -246,6 +248,7 @@ impl Run {
         self.stats.bounced += c.bounced.load(Ordering::Relaxed);
         self.stats.zeroes += c.host_zeroes.load(Ordering::Relaxed);
         self.stats.zeroing_skipped += c.zeroing_skipped.load(Ordering::Relaxed);
+        self.stats.journal_unordered += c.journal_unordered.load(Ordering::Relaxed);
     }
 
     /// Power loss with requests in flight, reopen (journal replay), check the crash contract.
