@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -213,8 +213,7 @@ impl VhostUserBackend for BlkBackend {
         if u64::from(device_event) == self.uring_token() {
             w.io.reap();
         } else if device_event == 0 {
-            let mem = self.mem.memory().into_inner();
-            w.pop_requests(vring, &mem, &self.ctx);
+            w.pop_requests(vring, &self.mem, &self.ctx);
         }
         w.turn(vring, self.ctx.signal_each);
         if w.inflight() == 0 {

@@ -17,8 +17,8 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -81,12 +81,35 @@ impl Worker {
     }
 
     /// Turns the queue's available chains into tasks.
-    pub fn pop_requests(&mut self, vring: &Vring, mem: &Arc<GuestMemory>, ctx: &Arc<Ctx>) {
+    pub fn pop_requests(
+        &mut self,
+        vring: &Vring,
+        memory: &GuestMemoryAtomic<GuestMemory>,
+        ctx: &Arc<Ctx>,
+    ) {
         loop {
             let _ = vring.disable_notification();
             {
                 let mut st = vring.get_mut();
-                let iter = match st.get_queue_mut().iter(mem.clone()) {
+                let q = st.get_queue_mut();
+                // A frontend that adds a memory region (ADD_MEM_REG, acknowledged) before
+                // publishing requests that use it must find it here: so the snapshot is taken
+                // after reading the available index, and only chains up to that index are
+                // taken with it (later ones wait for the next round and a newer snapshot).
+                let avail = match q.avail_idx(&*memory.memory(), Ordering::Acquire) {
+                    Ok(a) => a,
+                    Err(virtio_queue::Error::QueueNotReady) => return,
+                    Err(e) => {
+                        log_once(
+                            &AVAIL_ERR,
+                            &format_args!("cannot read the available ring: {e}"),
+                        );
+                        return;
+                    }
+                };
+                let ready = avail.0.wrapping_sub(q.next_avail()) as usize;
+                let mem = memory.memory().into_inner();
+                let iter = match q.iter(mem.clone()) {
                     Ok(it) => it,
                     Err(virtio_queue::Error::QueueNotReady) => return,
                     Err(e) => {
@@ -97,15 +120,15 @@ impl Worker {
                         return;
                     }
                 };
-                for chain in iter {
+                for chain in iter.take(ready) {
                     let head = chain.head_index();
-                    match request::parse(chain, &**mem, &ctx.limits) {
+                    match request::parse(chain, &*mem, &ctx.limits) {
                         Ok(req) => self.spawn(head, req, mem.clone(), ctx.clone()),
                         Err(rej) => {
                             let detail = format_args!("type {:?}, head {head}", rej.req_type);
                             rej.reason.log_once(&detail);
                             let len = match rej.status {
-                                Some(addr) if write_status(mem, addr, rej.reason.status()) => 1,
+                                Some(addr) if write_status(&mem, addr, rej.reason.status()) => 1,
                                 _ => 0,
                             };
                             self.done.lock().push((head, len));
