@@ -402,3 +402,64 @@ fn allocating_flush_skips_the_data_flush_only_where_lost_data_would_read_as_befo
     assert!(read(&img, 6 * bs, bs as usize) == base_data[6 * bs as usize..7 * bs as usize]);
     block_on(img.close(&SyncIo)).unwrap();
 }
+
+#[test]
+fn flat_image_file_is_grown_at_open_and_its_new_chunks_need_neither_zeroing_nor_a_data_flush() {
+    let dir = tmpdir();
+    let path = dir.path().join("flat.fvd");
+    let p = params(1 << 20, false, None);
+    create(&path, p.clone());
+    let created_len = std::fs::metadata(&path).unwrap().len();
+    let img = open_image(&SyncIo, &path, false).unwrap();
+    let data_offset = img.header().data_offset;
+    assert!(
+        created_len < data_offset + (1 << 20),
+        "created without its data area"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        data_offset + (1 << 20),
+        "grown to full size at open"
+    );
+    let bs = p.block_size;
+    let before = img.counters().snapshot();
+    write(&img, 5 * bs + 4096, &pattern(1, 4096));
+    block_on(img.flush(&SyncIo)).unwrap();
+    let after = img.counters().snapshot();
+    assert_eq!(after.host_zeroes - before.host_zeroes, 0, "no zeroing");
+    assert_eq!(after.zeroing_skipped - before.zeroing_skipped, 1);
+    assert_eq!(after.host_flushes - before.host_flushes, 1, "one flush");
+    assert_eq!(after.journal_unordered - before.journal_unordered, 1);
+    block_on(img.close(&SyncIo)).unwrap();
+    drop(img);
+
+    // Stale bytes under a block below the end of file at open: that chunk is not fresh, so a
+    // first write zeroes the rest of the block and orders its data before the record.
+    let img = open_image(&SyncIo, &path, false).unwrap();
+    let phys = data_offset + 9 * bs;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&vec![0xAA; bs as usize], phys)
+        })
+        .unwrap();
+    let before = img.counters().snapshot();
+    write(&img, 9 * bs, &pattern(2, 4096));
+    block_on(img.flush(&SyncIo)).unwrap();
+    let after = img.counters().snapshot();
+    assert_eq!(
+        after.host_zeroes - before.host_zeroes,
+        1,
+        "rest of the block zeroed"
+    );
+    assert_eq!(after.host_flushes - before.host_flushes, 2, "data first");
+    let mut want = vec![0u8; bs as usize];
+    want[..4096].copy_from_slice(&pattern(2, 4096));
+    assert!(read(&img, 9 * bs, bs as usize) == want);
+    let mut want = vec![0u8; bs as usize];
+    want[4096..8192].copy_from_slice(&pattern(1, 4096));
+    assert!(read(&img, 5 * bs, bs as usize) == want);
+    block_on(img.close(&SyncIo)).unwrap();
+}

@@ -115,12 +115,10 @@ impl<I: Io> Image<I> {
                 }
             }
             // Dropped blocks keep their old bytes where a punch is not done or not supported.
-            if self.live.compact() {
-                let c0 = self.geo.chunk_of_block(BlockIndex(b0)).0;
-                let c1 = self.geo.chunk_of_block(BlockIndex(b1 - 1)).0;
-                for c in c0..=c1 {
-                    self.live.set_fresh(ChunkIndex(c), false);
-                }
+            let c0 = self.geo.chunk_of_block(BlockIndex(b0)).0;
+            let c1 = self.geo.chunk_of_block(BlockIndex(b1 - 1)).0;
+            for c in c0..=c1 {
+                self.live.set_fresh(ChunkIndex(c), false);
             }
             self.clear_blocks(b0, b1 - b0);
             for (p, l) in runs {

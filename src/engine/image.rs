@@ -13,7 +13,7 @@ use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::layout::Layout;
 use crate::format::{journal, BaseRef, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Io, IoFile};
-use crate::units::Geometry;
+use crate::units::{ChunkIndex, Geometry};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -142,6 +142,29 @@ pub struct Image<I: Io> {
     pub(super) prefetch_cursor: std::sync::atomic::AtomicU64,
     pub(super) space_policy: Mutex<Option<super::space::SpacePolicy>>,
     pub(super) space_waiters: super::space::SpaceWaiters,
+}
+
+/// A flat image on a file: chunks past the end of the file at open read zeros this session
+/// (their first writes need no zeroing, and no flush before their journal records), and the file
+/// is grown to its full size now, sparse, so that direct writes never extend it (file systems
+/// serialize extending direct writes).
+fn prepare_flat_file<I: Io>(
+    store: &Storage<I>,
+    live: &LiveMetadata,
+    data_offset: u64,
+) -> Result<()> {
+    let geo = live.geo;
+    let ctx = |error| EngineError::Io {
+        context: "size flat image file",
+        error,
+    };
+    let len = store.file.size().map_err(ctx)?;
+    let first = len.saturating_sub(data_offset).div_ceil(geo.chunk_size);
+    live.set_fresh_from(ChunkIndex(first));
+    store
+        .file
+        .grow(data_offset + geo.block_count() * geo.block_size)
+        .map_err(ctx)
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
@@ -304,6 +327,9 @@ impl<I: Io> Image<I> {
         }
         let live = LiveMetadata::from_committed(geo, &committed);
         let alloc = Allocator::from_table(&committed.table, &header, &store)?;
+        if !live.compact() && !read_only && !store.file.is_block_device() {
+            prepare_flat_file(&store, &live, header.data_offset)?;
+        }
         let lock_all_writes = store.align > 512;
         let img = Image {
             store,

@@ -40,9 +40,10 @@ pub struct LiveMetadata {
     /// Requests in flight per virtual chunk (compact images). A chunk is unmapped only when its
     /// count is zero, so no old read or write can reach a physical chunk after it is reused.
     inflight: Vec<AtomicU16>,
-    /// Per virtual chunk (compact images): its physical chunk was created past the end of the
-    /// image file in this session, and every block of it that is not present still reads as
-    /// zeros there. A first write into such a chunk needs no zeroing.
+    /// Per virtual chunk: its storage lay past the end of the image file when it was opened
+    /// (compact images: its physical chunk was created there in this session), and every block
+    /// of it that is not present still reads as zeros there. A first write into such a chunk
+    /// needs no zeroing, nor a flush before its journal record.
     fresh: Vec<AtomicU64>,
 }
 
@@ -73,9 +74,27 @@ impl LiveMetadata {
             bits: c.bits.iter().map(|&w| AtomicU64::new(w)).collect(),
             table: c.table.iter().map(|&e| AtomicU32::new(e)).collect(),
             inflight: c.table.iter().map(|_| AtomicU16::new(0)).collect(),
-            fresh: (0..c.table.len().div_ceil(64))
+            fresh: (0..geo.chunk_count().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+        }
+    }
+
+    /// Marks chunks `first..` fresh (flat images: those past the end of the file at open).
+    pub fn set_fresh_from(&self, first: ChunkIndex) {
+        let n = self.geo.chunk_count();
+        for (i, w) in self.fresh.iter().enumerate() {
+            let lo = i as u64 * 64;
+            let mut m = u64::MAX;
+            if first.0 > lo {
+                m &= u64::MAX
+                    .checked_shl((first.0 - lo).min(64) as u32)
+                    .unwrap_or(0);
+            }
+            if n < lo + 64 {
+                m &= (1u64 << (n.saturating_sub(lo))) - 1;
+            }
+            w.fetch_or(m, Ordering::Release);
         }
     }
 
@@ -344,6 +363,24 @@ mod tests {
         assert_eq!(live.present_blocks(), 6);
         assert!(live.chunk_empty(ChunkIndex(5)));
         assert!(!live.chunk_empty(ChunkIndex(3)));
+    }
+
+    #[test]
+    fn fresh_from_marks_exactly_the_chunks_at_and_after_it() {
+        let geo = Geometry {
+            virtual_size: 130 * 65536 - 4096,
+            block_size: 4096,
+            chunk_size: 65536,
+        };
+        let c = Committed::new(&geo, false, 1, 1);
+        for first in [0, 1, 63, 64, 70, 129, 130, 500] {
+            let live = LiveMetadata::from_committed(geo, &c);
+            live.set_fresh_from(ChunkIndex(first));
+            for ch in 0..200 {
+                let want = ch >= first && ch < 130;
+                assert_eq!(live.is_fresh(ChunkIndex(ch)), want, "first {first} chunk {ch}");
+            }
+        }
     }
 
     #[test]
