@@ -54,6 +54,23 @@ fn read(img: &Image<SyncIo>, off: u64, len: usize) -> Vec<u8> {
 }
 
 /// A raw base file with a known pattern.
+/// A block of `bs` zeros with `data` at `at`: what a block reads after one partial first write.
+fn block_with(bs: u64, at: usize, data: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; bs as usize];
+    b[at..at + data.len()].copy_from_slice(data);
+    b
+}
+
+/// A new compact image without a base in a scratch directory, opened read-write.
+fn new_compact() -> (tempfile::TempDir, PathBuf, Image<SyncIo>, u64) {
+    let dir = tmpdir();
+    let path = dir.path().join("img.fvd");
+    let p = params(1 << 20, true, None);
+    create(&path, p.clone());
+    let img = open_image(&SyncIo, &path, false).unwrap();
+    (dir, path, img, p.block_size)
+}
+
 fn raw_base(dir: &Path, size: u64) -> (PathBuf, Vec<u8>) {
     let p = dir.join("base.raw");
     let data = pattern(99, size as usize);
@@ -295,8 +312,7 @@ fn first_partial_write_zeroes_the_rest_of_the_block_without_writing_it() {
         let after = img.counters().snapshot();
         assert_eq!(after.host_bytes_written - before.host_bytes_written, 4096);
         assert_eq!(after.host_zeroes - before.host_zeroes, 2, "head and tail");
-        let mut want = vec![0u8; bs as usize];
-        want[4096..8192].copy_from_slice(&pattern(1, 4096));
+        let want = block_with(bs, 4096, &pattern(1, 4096));
         assert!(read(&img, bs, bs as usize) == want, "compact={compact}");
         block_on(img.close(&SyncIo)).unwrap();
         drop(img);
@@ -315,19 +331,13 @@ fn first_partial_write_zeroes_the_rest_of_the_block_without_writing_it() {
 /// first partial write there needs no zeroing at all (the file is grown ahead of them).
 #[test]
 fn first_partial_write_past_end_of_file_needs_no_zeroing() {
-    let dir = tmpdir();
-    let path = dir.path().join("img.fvd");
-    let p = params(1 << 20, true, None);
-    create(&path, p.clone());
-    let img = open_image(&SyncIo, &path, false).unwrap();
-    let bs = p.block_size;
+    let (_dir, _path, img, bs) = new_compact();
     let before = img.counters().snapshot();
     write(&img, 3 * bs + 8192, &pattern(2, 4096));
     let after = img.counters().snapshot();
     assert_eq!(after.host_zeroes - before.host_zeroes, 0);
     assert_eq!(after.host_bytes_written - before.host_bytes_written, 4096);
-    let mut want = vec![0u8; bs as usize];
-    want[8192..12288].copy_from_slice(&pattern(2, 4096));
+    let want = block_with(bs, 8192, &pattern(2, 4096));
     assert!(read(&img, 3 * bs, bs as usize) == want);
 
     // Once a block of the chunk was discarded the chunk no longer counts as reading zeros
@@ -339,20 +349,14 @@ fn first_partial_write_past_end_of_file_needs_no_zeroing() {
     write(&img, 3 * bs, &pattern(3, 4096));
     let after = img.counters().snapshot();
     assert_eq!(after.host_zeroes - before.host_zeroes, 1, "tail zeroed");
-    let mut want = vec![0u8; bs as usize];
-    want[..4096].copy_from_slice(&pattern(3, 4096));
+    let want = block_with(bs, 0, &pattern(3, 4096));
     assert!(read(&img, 3 * bs, bs as usize) == want);
     block_on(img.close(&SyncIo)).unwrap();
 }
 
 #[test]
 fn allocating_flush_skips_the_data_flush_only_where_lost_data_would_read_as_before() {
-    let dir = tmpdir();
-    let path = dir.path().join("img.fvd");
-    let p = params(1 << 20, true, None);
-    create(&path, p.clone());
-    let img = open_image(&SyncIo, &path, false).unwrap();
-    let bs = p.block_size;
+    let (dir, path, img, bs) = new_compact();
     let flush = |img: &Image<SyncIo>| {
         let before = img.counters().snapshot();
         block_on(img.flush(&SyncIo)).unwrap();
@@ -378,8 +382,7 @@ fn allocating_flush_skips_the_data_flush_only_where_lost_data_would_read_as_befo
     block_on(img.close(&SyncIo)).unwrap();
     drop(img);
     let img = open_image(&SyncIo, &path, false).unwrap();
-    let mut want = vec![0u8; bs as usize];
-    want[..4096].copy_from_slice(&pattern(8, 4096));
+    let want = block_with(bs, 0, &pattern(8, 4096));
     assert!(read(&img, 3 * bs, bs as usize) == want);
     assert!(read(&img, 2 * bs, bs as usize) == pattern(7, bs as usize));
     // Chunks below the end of the file at open are not fresh.
@@ -455,11 +458,9 @@ fn flat_image_file_is_grown_at_open_and_its_new_chunks_need_neither_zeroing_nor_
         "rest of the block zeroed"
     );
     assert_eq!(after.host_flushes - before.host_flushes, 2, "data first");
-    let mut want = vec![0u8; bs as usize];
-    want[..4096].copy_from_slice(&pattern(2, 4096));
+    let want = block_with(bs, 0, &pattern(2, 4096));
     assert!(read(&img, 9 * bs, bs as usize) == want);
-    let mut want = vec![0u8; bs as usize];
-    want[4096..8192].copy_from_slice(&pattern(1, 4096));
+    let want = block_with(bs, 4096, &pattern(1, 4096));
     assert!(read(&img, 5 * bs, bs as usize) == want);
     block_on(img.close(&SyncIo)).unwrap();
 }

@@ -378,7 +378,11 @@ mod tests {
             live.set_fresh_from(ChunkIndex(first));
             for ch in 0..200 {
                 let want = ch >= first && ch < 130;
-                assert_eq!(live.is_fresh(ChunkIndex(ch)), want, "first {first} chunk {ch}");
+                assert_eq!(
+                    live.is_fresh(ChunkIndex(ch)),
+                    want,
+                    "first {first} chunk {ch}"
+                );
             }
         }
     }

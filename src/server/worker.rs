@@ -96,29 +96,13 @@ impl Worker {
                 // publishing requests that use it must find it here: so the snapshot is taken
                 // after reading the available index, and only chains up to that index are
                 // taken with it (later ones wait for the next round and a newer snapshot).
-                let avail = match q.avail_idx(&*memory.memory(), Ordering::Acquire) {
-                    Ok(a) => a,
-                    Err(virtio_queue::Error::QueueNotReady) => return,
-                    Err(e) => {
-                        log_once(
-                            &AVAIL_ERR,
-                            &format_args!("cannot read the available ring: {e}"),
-                        );
-                        return;
-                    }
+                let Some(avail) = ring_ok(q.avail_idx(&*memory.memory(), Ordering::Acquire)) else {
+                    return;
                 };
                 let ready = avail.0.wrapping_sub(q.next_avail()) as usize;
                 let mem = memory.memory().into_inner();
-                let iter = match q.iter(mem.clone()) {
-                    Ok(it) => it,
-                    Err(virtio_queue::Error::QueueNotReady) => return,
-                    Err(e) => {
-                        log_once(
-                            &AVAIL_ERR,
-                            &format_args!("cannot read the available ring: {e}"),
-                        );
-                        return;
-                    }
+                let Some(iter) = ring_ok(q.iter(mem.clone())) else {
+                    return;
                 };
                 for chain in iter.take(ready) {
                     let head = chain.head_index();
@@ -200,6 +184,22 @@ impl Worker {
                     log_once(&SIGNAL_ERR, &format_args!("cannot signal the guest: {e}"));
                 }
             }
+        }
+    }
+}
+
+/// The value of an available-ring access, or None (logged once, unless the queue is simply not
+/// ready) when the ring cannot be read: the queue then waits for the next kick.
+fn ring_ok<T>(r: Result<T, virtio_queue::Error>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(virtio_queue::Error::QueueNotReady) => None,
+        Err(e) => {
+            log_once(
+                &AVAIL_ERR,
+                &format_args!("cannot read the available ring: {e}"),
+            );
+            None
         }
     }
 }
