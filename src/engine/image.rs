@@ -161,10 +161,15 @@ fn prepare_flat_file<I: Io>(
     let len = store.file.size().map_err(ctx)?;
     let first = len.saturating_sub(data_offset).div_ceil(geo.chunk_size);
     live.set_fresh_from(ChunkIndex(first));
-    store
+    // Only a speed-up: a file system that refuses the size still takes extending writes, and
+    // the fresh chunks read zeros either way.
+    if let Err(e) = store
         .file
         .grow(data_offset + geo.block_count() * geo.block_size)
-        .map_err(ctx)
+    {
+        tracing::warn!("cannot grow the flat image file to its full size ({e}); continuing");
+    }
+    Ok(())
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
