@@ -105,10 +105,15 @@ fn injected_errors_all_combinations() {
 }
 
 /// Seeds a soak once failed on: exactly-sized block devices where writes, discards and
-/// re-allocations race (one sync on ENOSPC was not always enough to recycle discarded chunks).
+/// re-allocations race (one sync on ENOSPC was not always enough to recycle discarded chunks);
+/// 9002559: a flush failing inside a deferred copy-on-read (not a guest FLUSH) left the image
+/// refusing writes without the driver reopening it.
 #[test]
 fn recorded_soak_failures() {
-    let _ = run_seeds([7000161, 7000833, 7001283, 7001395].into_iter(), 5000);
+    let _ = run_seeds(
+        [7000161, 7000833, 7001283, 7001395, 9002559].into_iter(),
+        5000,
+    );
 }
 
 /// `FVD_SIM_SEED=<seed> [FVD_SIM_OPS=<n>] cargo test --test sim_engine replay -- --nocapture`

@@ -81,8 +81,16 @@ impl<I: Io> Image<I> {
             self.cor_inflight
                 .fetch_sub(self.geo.block_size, Ordering::AcqRel);
             if let Err(e) = r {
-                // Copy-on-read is an optimization: the data stays readable from the base.
-                tracing::debug!("copy-on-read of block {} failed: {e}", job.block);
+                if self.failed() {
+                    // Its space recycling flushed, and the flush failed: no longer a detail.
+                    tracing::error!(
+                        "copy-on-read of block {} failed: {e}; the image refuses writes until reopened",
+                        job.block
+                    );
+                } else {
+                    // Copy-on-read is an optimization: the data stays readable from the base.
+                    tracing::debug!("copy-on-read of block {} failed: {e}", job.block);
+                }
             }
         }
     }

@@ -410,6 +410,11 @@ impl<I: Io> Image<I> {
     pub fn compact(&self) -> bool {
         self.live.compact()
     }
+    /// True after a failed device flush (from any path: a FLUSH, a checkpoint, a write or a
+    /// deferred copy-on-read recycling space): writes and flushes are refused until reopened.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
     pub fn counters(&self) -> &Counters {
         &self.counters
     }

@@ -208,7 +208,10 @@ impl Run {
             }
             ex.run_ready();
             self.check_failure()?;
-            let restart = self.sc.errors && self.shared.flush_failed.load(Ordering::Relaxed);
+            // A flush can fail outside a guest FLUSH too (a deferred copy-on-read recycling
+            // space, whose error only the engine sees): ask the engine.
+            let restart = self.sc.errors
+                && (self.shared.flush_failed.load(Ordering::Relaxed) || self.img.failed());
             if restart || (self.sc.crashes && self.crash_now()) {
                 ex = Executor::default();
                 self.crash()?;
@@ -320,7 +323,7 @@ impl Run {
     /// Without faults: flush, check every sector, close, lose power, reopen, check again exactly.
     fn finish(&mut self) -> Result<(), String> {
         self.world.set_config(SimConfig::default());
-        if self.shared.flush_failed.load(Ordering::Relaxed) {
+        if self.shared.flush_failed.load(Ordering::Relaxed) || self.img.failed() {
             self.crash()?;
         }
         if self.world.pending() != 0 || self.img.locked_blocks() != 0 {
