@@ -13,7 +13,7 @@ use super::counters::Counters;
 use super::error::Result;
 use super::image::Image;
 use crate::format::JournalEntry;
-use crate::io::{Buf, Io, IoFile};
+use crate::io::{Buf, Io};
 use crate::units::{BlockIndex, ChunkIndex};
 use smallvec::SmallVec;
 
@@ -101,19 +101,6 @@ impl<I: Io> Image<I> {
                     buf_off,
                     len: n,
                 }),
-            }
-        }
-        if !zeros.is_empty() && !self.store.file.is_block_device() {
-            // A file reads zeros past its end, and nobody else writes into a block we hold the
-            // fill lock of: zeroing there is wasted work (on ext4, fallocate also waits for
-            // every in-flight direct I/O of the file). New chunks of compact images usually
-            // lie past the end.
-            if let Ok(eof) = self.store.file.size() {
-                let n = zeros.len();
-                zeros.retain(|p| !matches!(*p, Piece::Zero { phys, .. } if phys >= eof));
-                if zeros.len() < n {
-                    Counters::inc(&self.counters.zeroing_skipped);
-                }
             }
         }
         pieces.extend(zeros);
