@@ -211,7 +211,7 @@ impl VhostUserBackend for BlkBackend {
         };
         let mut w = slot.worker.lock();
         if u64::from(device_event) == self.uring_token() {
-            w.io.reap();
+            w.reap();
         } else if device_event == 0 {
             w.pop_requests(vring, &self.mem, &self.ctx);
         }
