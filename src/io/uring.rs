@@ -96,7 +96,17 @@ unsafe impl Sync for IoVecs {}
 impl UringIo {
     /// A ring with `entries` submission-queue entries and a fresh eventfd registered with it.
     pub fn new(entries: u32) -> io::Result<UringIo> {
-        let ring = IoUring::new(entries)?;
+        // COOP_TASKRUN: a completion that arrives while the submitting thread runs in user space
+        // waits for its next system call instead of interrupting it with an IPI. Every thread
+        // that submits here returns to the kernel promptly (epoll_wait, poll, io_uring_enter),
+        // and a sleeping one is still woken. Where completions come from io-wq workers (tmpfs,
+        // buffered files) that interrupt cost more than the I/O: 160k against 400k reads/s
+        // (docs/PERFORMANCE.md). Kernels before 5.19 reject the flag; they get a plain ring.
+        let ring = match IoUring::builder().setup_coop_taskrun().build(entries) {
+            Ok(ring) => ring,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries)?,
+            Err(e) => return Err(e),
+        };
         // SAFETY: eventfd has no memory arguments; a non-negative result is a new fd we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
