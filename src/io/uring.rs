@@ -100,8 +100,9 @@ impl UringIo {
         // waits for its next system call instead of interrupting it with an IPI. Every thread
         // that submits here returns to the kernel promptly (epoll_wait, poll, io_uring_enter),
         // and a sleeping one is still woken. Where completions come from io-wq workers (tmpfs,
-        // buffered files) that interrupt cost more than the I/O: 160k against 400k reads/s
-        // (docs/PERFORMANCE.md). Kernels before 5.19 reject the flag; they get a plain ring.
+        // buffered files) that interrupt cost more than the I/O: 150k against 385k reads/s
+        // (docs/PERFORMANCE.md, "Completion interrupts"). Kernels before 5.19 reject the flag;
+        // they get a plain ring.
         let ring = match IoUring::builder().setup_coop_taskrun().build(entries) {
             Ok(ring) => ring,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries)?,
