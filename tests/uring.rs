@@ -423,3 +423,20 @@ fn loop_device_roundtrip() {
     drive(&io, &mut ex);
     assert!(tail.to_vec()[4096..].iter().all(|&b| b == 0));
 }
+
+/// An operation reaches the kernel on its first poll, without waiting for `submit`: the device
+/// starts on it while the event loop is still building the rest of its batch.
+#[test]
+fn first_poll_submits_without_waiting_for_the_batch() {
+    let dir = disk_dir();
+    let file = create(&dir.path().join("img"), 1 << 20);
+    let io = UringIo::new(8).unwrap();
+    let mut read = Box::pin(io.read(&file, PhysOffset(0), Buf::alloc(4096)));
+    assert!(noop_poll(read.as_mut()).is_pending());
+    assert!(
+        wait_readable(io.eventfd(), 10_000),
+        "the read was not handed to the kernel before submit()"
+    );
+    io.reap();
+    assert!(matches!(noop_poll(read.as_mut()), Poll::Ready(Ok(()))));
+}

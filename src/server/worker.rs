@@ -2,7 +2,7 @@
 //! own task executor, and the requests in flight.
 //!
 //! Each event-loop turn (one `handle_event` call): pop every available chain and spawn one task
-//! per request, run the ready tasks (they queue SQEs), submit all SQEs with one system call, put
+//! per request, run the ready tasks (each hands its I/O to the kernel at once), put
 //! finished requests in the used ring, and signal the guest once for the whole batch if
 //! EVENT_IDX says it wants to hear about it. Completions arrive through the ring's eventfd,
 //! registered in the same epoll as the queue's kick, so the thread sleeps when idle.
