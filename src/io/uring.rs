@@ -261,7 +261,7 @@ impl State {
     ///
     /// One `io_uring_enter` per operation instead of one per batch: a batch of 32 reads
     /// reaches a virtio disk as one notification after all 32 are built, and the VM disk
-    /// here served such rounds at 51k–58k reads/s against 70k–71k for operations submitted as
+    /// here served such rounds at 51k–58k reads/s against 69.7k–70.8k for operations submitted as
     /// they come (docs/PERFORMANCE.md, "Submitting at once").
     fn submit(&mut self) -> io::Result<bool> {
         loop {
