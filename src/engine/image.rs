@@ -12,7 +12,7 @@ use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::layout::Layout;
 use crate::format::{journal, BaseRef, Header, JournalEntry, SECTOR};
-use crate::io::{Buf, Io, IoFile};
+use crate::io::{Buf, Growth, Io, IoFile};
 use crate::units::{ChunkIndex, Geometry};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -163,10 +163,10 @@ fn prepare_flat_file<I: Io>(
     live.set_fresh_from(ChunkIndex(first));
     // Only a speed-up: a file system that refuses the size still takes extending writes, and
     // the fresh chunks read zeros either way.
-    if let Err(e) = store
-        .file
-        .grow(data_offset + geo.block_count() * geo.block_size)
-    {
+    if let Err(e) = store.file.grow(
+        data_offset + geo.block_count() * geo.block_size,
+        Growth::Sparse,
+    ) {
         tracing::warn!("cannot grow the flat image file to its full size ({e}); continuing");
     }
     Ok(())

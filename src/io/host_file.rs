@@ -1,11 +1,12 @@
 //! Files and block devices on the host, opened with O_DIRECT and locked against a second writer.
 
-use super::IoFile;
+use super::{Growth, IoFile};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,9 @@ struct Inner {
     read_only: bool,
     align: u32,
     mem_align: u32,
+    /// Regular file on a file system where reserving space is cheap (see [`Growth::Reserved`]);
+    /// cleared if the file system refuses.
+    reserve: AtomicBool,
 }
 
 /// How to open a host file.
@@ -107,6 +111,7 @@ impl HostFile {
         } else {
             dio_alignment(&file).unwrap_or((512, 512))
         };
+        let reserve = !block_device && !read_only && reserves_cheaply(&file);
         Ok(HostFile(Arc::new(Inner {
             file,
             path: path.to_path_buf(),
@@ -114,6 +119,7 @@ impl HostFile {
             read_only,
             align: if direct { align } else { 1 },
             mem_align: if direct { mem_align } else { 1 },
+            reserve: AtomicBool::new(reserve),
         })))
     }
 
@@ -139,9 +145,32 @@ impl HostFile {
 }
 
 impl IoFile for HostFile {
-    fn grow(&self, len: u64) -> io::Result<()> {
-        if self.0.block_device || self.size()? >= len {
+    fn grow(&self, len: u64, how: Growth) -> io::Result<()> {
+        if self.0.block_device {
             return Ok(());
+        }
+        let cur = self.size()?;
+        if cur >= len {
+            return Ok(());
+        }
+        if how == Growth::Reserved && self.0.reserve.load(Ordering::Relaxed) {
+            // SAFETY: fallocate on our own fd with plain integer arguments; mode 0 reserves the
+            // range and extends the file size over it.
+            let r = unsafe { libc::fallocate(self.fd(), 0, cur as i64, (len - cur) as i64) };
+            if r == 0 {
+                return Ok(());
+            }
+            // Reserving is only a speed-up: out of space (the writes may still fit) or refused,
+            // grow sparse as without it.
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                self.0.reserve.store(false, Ordering::Relaxed);
+            }
+            tracing::debug!(
+                "cannot reserve {} bytes of {}: {e}",
+                len - cur,
+                self.0.path.display()
+            );
         }
         self.0.file.set_len(len)
     }
@@ -207,6 +236,23 @@ fn lock(file: &File, shared: bool) -> io::Result<()> {
 /// How long a lock conflict is retried before the image is reported as in use.
 const LOCK_RETRY_FOR: Duration = Duration::from_millis(500);
 
+/// ext2/3/4 and XFS: `fallocate` creates unwritten extents without writing or zeroing memory.
+const EXT4_SUPER_MAGIC: libc::c_long = 0xEF53;
+const XFS_SUPER_MAGIC: libc::c_long = 0x5846_5342;
+
+/// Whether the file lives on a file system where [`Growth::Reserved`] is worth doing.
+fn reserves_cheaply(file: &File) -> bool {
+    // SAFETY: zero is a valid bit pattern for `struct statfs`.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `st` only.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0
+        && matches!(
+            st.f_type as libc::c_long,
+            EXT4_SUPER_MAGIC | XFS_SUPER_MAGIC
+        )
+}
+
 /// O_DIRECT (offset, memory) alignment of a regular file, from statx(STATX_DIOALIGN).
 fn dio_alignment(file: &File) -> Option<(u32, u32)> {
     // SAFETY: zero is a valid bit pattern for `struct statx`.
@@ -233,6 +279,57 @@ fn dio_alignment(file: &File) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn fs_type(dir: &Path) -> libc::c_long {
+        let f = File::open(dir).unwrap();
+        // SAFETY: zero is a valid bit pattern for `struct statfs`.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs writes into `st` only.
+        assert_eq!(unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) }, 0);
+        st.f_type as libc::c_long
+    }
+
+    /// Grows a fresh file by 8 MiB each way; returns the bytes allocated after (sparse, reserved).
+    fn grown_bytes(dir: &Path) -> (u64, u64) {
+        let path = dir.join("img");
+        let f = HostFile::open_with(&path, OpenMode::Create, false).unwrap();
+        f.grow(8 << 20, Growth::Sparse).unwrap();
+        let sparse = std::fs::metadata(&path).unwrap().blocks() * 512;
+        f.grow(16 << 20, Growth::Reserved).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 16 << 20, "either way the file has its new size");
+        (sparse, meta.blocks() * 512 - sparse)
+    }
+
+    /// On ext4/XFS reserved growth allocates the new range (unwritten: it still reads zeros);
+    /// on tmpfs, where that would take memory, it stays a hole like sparse growth.
+    #[test]
+    fn reserved_growth_allocates_only_where_it_is_cheap() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = fs_type(dir.path());
+        if matches!(t, EXT4_SUPER_MAGIC | XFS_SUPER_MAGIC) {
+            let (sparse, reserved) = grown_bytes(dir.path());
+            assert_eq!(sparse, 0);
+            assert!(reserved >= 8 << 20, "only {reserved} bytes reserved");
+            let f =
+                HostFile::open_with(&dir.path().join("img"), OpenMode::ReadOnly, false).unwrap();
+            let mut v = vec![1u8; 4096];
+            std::os::unix::fs::FileExt::read_exact_at(f.file(), &mut v, 12 << 20).unwrap();
+            assert!(v.iter().all(|&b| b == 0), "reserved space must read zeros");
+        } else {
+            eprintln!("temp dir is on file system {t:#x}, not ext4/XFS: reserving not checked");
+        }
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() && fs_type(shm) == 0x0102_1994 {
+            let dir = tempfile::tempdir_in(shm).unwrap();
+            assert_eq!(
+                grown_bytes(dir.path()),
+                (0, 0),
+                "tmpfs growth must stay sparse"
+            );
+        }
+    }
 
     #[test]
     fn lock_held_only_by_a_soon_closed_duplicate_is_acquired_but_a_live_holder_refuses() {

@@ -38,7 +38,20 @@ pub trait IoFile: Clone + Send + Sync + 'static {
     fn is_read_only(&self) -> bool;
     /// Extends a file to at least `len` bytes (the new part reads as zeros); durable with the
     /// next flush. Block devices are left alone.
-    fn grow(&self, len: u64) -> io::Result<()>;
+    fn grow(&self, len: u64, how: Growth) -> io::Result<()>;
+}
+
+/// How the part a file grows by is backed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Growth {
+    /// A hole: no space is used until written.
+    Sparse,
+    /// Space is reserved now where the file system can do that without writing (unwritten
+    /// extents on ext4 and XFS), so later direct writes there overwrite rather than allocate:
+    /// those file systems run aligned overwrites under a shared inode lock, but serialize
+    /// allocating direct writes under the exclusive one. Elsewhere (tmpfs, where reserving
+    /// means allocating memory) it is [`Growth::Sparse`].
+    Reserved,
 }
 
 /// Asynchronous positioned I/O on [`IoFile`]s. A value of this type is one I/O channel (one

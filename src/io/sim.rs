@@ -32,7 +32,7 @@ mod disk;
 #[cfg(test)]
 mod tests;
 
-use super::{executor::Executor, Buf, Io, IoFile};
+use super::{executor::Executor, Buf, Growth, Io, IoFile};
 use crate::units::PhysOffset;
 use disk::Disk;
 use parking_lot::Mutex;
@@ -459,7 +459,7 @@ impl SimFile {
 }
 
 impl IoFile for SimFile {
-    fn grow(&self, len: u64) -> io::Result<()> {
+    fn grow(&self, len: u64, _how: Growth) -> io::Result<()> {
         self.world.state.lock().disks[self.disk].grow(len);
         Ok(())
     }
