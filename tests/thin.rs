@@ -138,3 +138,46 @@ fn image_on_a_growing_loop_device_fills_past_its_initial_size() {
         assert_eq!(b.to_vec(), pattern(i), "chunk {i} after reopen");
     }
 }
+
+/// On a block device a first partial write fills its block in one write, zeros merged around
+/// the guest's bytes, instead of asking the device for WRITE ZEROES beside it (slower on an LV,
+/// docs/PERFORMANCE.md "Logical volumes"); the stale bytes the LV held never show.
+#[test]
+fn first_partial_write_on_an_lv_writes_the_block_whole_and_hides_stale_bytes() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let backing = dir.path().join("lv.img");
+    // A used LV: every byte stale.
+    std::fs::write(&backing, vec![0xAAu8; 32 * MIB as usize]).unwrap();
+    let Some(lv) = Loop::attach(&backing) else {
+        return;
+    };
+    let f = HostFile::open(&lv.dev, OpenMode::Create).unwrap();
+    let p = CreateParams {
+        virtual_size: 16 * MIB,
+        journal_size: MIB,
+        ..Default::default()
+    };
+    block_on(Image::create(&SyncIo, f, &p)).unwrap();
+    let bs = p.block_size;
+    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.dev, false)).unwrap();
+    let before = img.counters().snapshot();
+    let data = Buf::alloc(4096);
+    data.copy_from_slice(0, &[0x5A; 4096]);
+    block_on(img.write(&SyncIo, bs + 8192, data)).unwrap();
+    let after = img.counters().snapshot();
+    assert_eq!(after.host_zeroes - before.host_zeroes, 0, "no WRITE ZEROES");
+    assert_eq!(after.host_writes - before.host_writes, 1, "one write");
+    assert_eq!(after.host_bytes_written - before.host_bytes_written, bs);
+    block_on(img.close(&SyncIo)).unwrap();
+    drop(img);
+
+    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.dev, true)).unwrap();
+    let b = Buf::alloc(bs as usize);
+    block_on(img.read(&SyncIo, bs, b.clone())).unwrap();
+    let mut want = vec![0u8; bs as usize];
+    want[8192..8192 + 4096].fill(0x5A);
+    assert!(
+        b.to_vec() == want,
+        "block must hold zeros around the guest's bytes"
+    );
+}

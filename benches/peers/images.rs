@@ -4,6 +4,7 @@ use crate::procs::run_tool;
 use crate::workloads::Format;
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
+use std::cell::RefCell;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
@@ -49,9 +50,75 @@ pub fn drop_cache(path: &Path) -> Result<(), String> {
 pub struct Images {
     pub dir: PathBuf,
     pub fvd: PathBuf,
+    /// Fresh images on loop devices (`--storage lv`), with their backing files.
+    lvs: Option<RefCell<Vec<(PathBuf, PathBuf)>>>,
+}
+
+/// Room for metadata on an emulated LV beyond the image's virtual size.
+const LV_SLACK: u64 = 256 << 20;
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        if let Some(lvs) = &self.lvs {
+            for (dev, backing) in lvs.take() {
+                detach(&dev, &backing);
+            }
+        }
+    }
+}
+
+fn detach(dev: &Path, backing: &Path) {
+    let _ = Command::new("losetup").arg("-d").arg(dev).status();
+    let _ = std::fs::remove_file(backing);
 }
 
 impl Images {
+    /// Images in `dir`; with `lv`, fresh images live on emulated logical volumes: loop devices
+    /// (direct I/O) over fully written files, so neither the image's file system nor holes
+    /// play a part.
+    pub fn new(dir: &Path, fvd: &Path, lv: bool) -> Images {
+        Images {
+            dir: dir.to_path_buf(),
+            fvd: fvd.to_path_buf(),
+            lvs: lv.then(|| RefCell::new(Vec::new())),
+        }
+    }
+
+    /// Removes a fresh image made by [`Images::create_fresh`] (detaching its loop device).
+    pub fn remove_fresh(&self, p: &Path) {
+        if let Some(lvs) = &self.lvs {
+            let mut lvs = lvs.borrow_mut();
+            if let Some(i) = lvs.iter().position(|(d, _)| d == p) {
+                let (dev, backing) = lvs.remove(i);
+                detach(&dev, &backing);
+            }
+            return;
+        }
+        let _ = std::fs::remove_file(p);
+    }
+
+    /// A loop device over a fully written (zero) file of `len` bytes.
+    fn create_lv(&self, f: Format, len: u64) -> Result<PathBuf, String> {
+        let backing = self.dir.join(format!("lv-{}.img", f.ext()));
+        write_raw(&backing, len, None)?;
+        let out = Command::new("losetup")
+            .args(["--direct-io=on", "-f", "--show"])
+            .arg(&backing)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&backing);
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if let Some(lvs) = &self.lvs {
+            lvs.borrow_mut().push((dev.clone(), backing));
+        }
+        Ok(dev)
+    }
     pub fn data(&self, f: Format) -> PathBuf {
         self.dir.join(format!("data.{}", f.ext()))
     }
@@ -93,11 +160,19 @@ impl Images {
         Ok(())
     }
 
-    /// A fresh (empty) image of `size` bytes; raw files are written fully (preallocated).
+    /// A fresh (empty) image of `size` bytes; raw files are written fully (preallocated). With
+    /// `lv`, every format goes on its own new loop device.
     pub fn create_fresh(&self, f: Format, size: u64) -> Result<PathBuf, String> {
-        let p = self.fresh(f);
-        let _ = std::fs::remove_file(&p);
+        let p = if self.lvs.is_some() {
+            self.create_lv(f, size + LV_SLACK)?
+        } else {
+            let p = self.fresh(f);
+            let _ = std::fs::remove_file(&p);
+            p
+        };
         match f {
+            // An LV's raw image is the device itself (zeros, all of it written).
+            Format::Raw if self.lvs.is_some() => {}
             Format::Raw => write_raw(&p, size, None)?,
             Format::Qcow2 => {
                 run_tool(

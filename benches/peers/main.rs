@@ -1,7 +1,7 @@
 //! `fvd serve` against its peers, in one run, on the same data, through the same client.
 //!
 //! ```text
-//! cargo bench --bench peers -- [--quick] [--storage tmpfs|disk|both] [--only W1,W2]
+//! cargo bench --bench peers -- [--quick] [--storage tmpfs|disk|both|lv] [--only W1,W2]
 //!     [--targets T1,T2] [--reps N] [--alloc-gib N] [--no-probes] [--keep] [--out FILE]
 //! ```
 //! Environment: FVD_BIN=path measures that fvd binary instead of this crate's.
@@ -66,6 +66,8 @@ fn parse_args() -> Result<Args, String> {
                     "tmpfs" => vec!["tmpfs"],
                     "disk" => vec!["disk"],
                     "both" => vec!["tmpfs", "disk"],
+                    // Fresh images (alloc, locality) on loop devices over files on the disk.
+                    "lv" => vec!["lv"],
                     s => return Err(format!("unknown storage {s}")),
                 }
             }
@@ -240,10 +242,7 @@ fn run_storage(
     extras: Extras,
 ) -> String {
     let mut md = format!("### Storage: {storage} ({})\n\n", dir.display());
-    let imgs = Images {
-        dir: dir.to_path_buf(),
-        fvd: fvd.to_path_buf(),
-    };
+    let imgs = Images::new(dir, fvd, storage == "lv");
     let mut ctx = Ctx {
         fvd: fvd.to_path_buf(),
         dir: dir.to_path_buf(),
@@ -364,7 +363,7 @@ fn run_one(
     };
     let r = ctx.run(w, t, plan, &image, base.as_deref(), counting);
     if w.kind != Kind::Steady {
-        let _ = std::fs::remove_file(&image);
+        imgs.remove_fresh(&image);
     }
     r
 }

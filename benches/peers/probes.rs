@@ -111,10 +111,7 @@ pub fn rss_1tib(ctx: &Ctx, t: Target, writes: u64) -> Result<BigRss, String> {
     let _ = std::fs::remove_file(&p);
     match t.format() {
         Format::Fvd { compact } => {
-            let imgs = crate::images::Images {
-                dir: ctx.dir.clone(),
-                fvd: ctx.fvd.clone(),
-            };
+            let imgs = crate::images::Images::new(&ctx.dir, &ctx.fvd, false);
             imgs.create_fvd(&p, Some(TIB), compact, None)?;
         }
         Format::Qcow2 => {

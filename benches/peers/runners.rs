@@ -109,8 +109,12 @@ impl Ctx {
             }
             f => {
                 let file = |node: &str, path: &Path, ro: bool| {
+                    let block = std::fs::metadata(path).is_ok_and(|m| {
+                        std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())
+                    });
                     format!(
-                        "driver=file,node-name={node},filename={},cache.direct=on,aio=io_uring{}",
+                        "driver={},node-name={node},filename={},cache.direct=on,aio=io_uring{}",
+                        if block { "host_device" } else { "file" },
                         path.display(),
                         if ro { ",read-only=on" } else { "" }
                     )

@@ -6,7 +6,9 @@
 #   AB_A=/tmp/fvd-old AB_B=/tmp/fvd-new AB_LOG=/tmp/ab.log FVD_BIN=benches/tools/ab-serve.sh \
 #     cargo bench --bench peers -- --reps 16 --storage disk --only alloc-4k-flush32 --targets fvd --no-probes
 #
-# Every other command (create, info, the counting run with --log-level) uses $AB_B.
+# Every other command (create, info, the counting run with --log-level) uses $AB_B. Give one
+# workload (--only W) and one target per invocation: the harness runs workloads and targets in
+# turn within a repetition, so with several the alternation can line up with them.
 : "${AB_A:?path of build A}" "${AB_B:?path of build B}" "${AB_LOG:?log file}"
 if [ "$1" = serve ] && [ "$2" != --help ]; then
   case " $* " in

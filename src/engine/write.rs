@@ -4,10 +4,10 @@
 //! lock and no metadata change: the steady state costs exactly one host write per guest write.
 //! A first write to a block takes the block's fill lock and makes the whole block hold what the
 //! guest must read there, then sets the block's bit and queues a journal record for the next
-//! flush. Without a base image that is the guest's bytes plus the rest of the block zeroed
-//! without writing (fallocate, concurrently with the data write); with a base image, or storage
-//! that cannot zero cheaply, it is one write of the block with the guest's bytes merged into base
-//! data or zeros (never a read-modify-write loop).
+//! flush. Without a base image, on a file, that is the guest's bytes plus the rest of the block
+//! zeroed without writing (fallocate, concurrently with the data write); with a base image, on a
+//! block device, or on storage that cannot zero cheaply, it is one write of the block with the
+//! guest's bytes merged into base data or zeros (never a read-modify-write loop).
 
 use super::counters::Counters;
 use super::error::Result;
