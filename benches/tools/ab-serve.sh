@@ -14,7 +14,7 @@ if [ "$1" = serve ] && [ "$2" != --help ]; then
   case " $* " in
     *" --log-level "*) ;;
     *)
-      n=$(grep -c . "$AB_LOG" 2>/dev/null || echo 0)
+      n=$( (cat "$AB_LOG" 2>/dev/null || true) | wc -l)
       if [ $((n % 2)) = 0 ]; then bin=$AB_A; else bin=$AB_B; fi
       echo "$bin" >> "$AB_LOG"
       exec "$bin" "$@"
