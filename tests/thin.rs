@@ -38,6 +38,20 @@ impl Loop {
     }
 }
 
+impl Loop {
+    /// An FVD image of `virtual_size` on the device, with a 1 MiB journal.
+    fn create_image(&self, virtual_size: u64) -> CreateParams {
+        let f = HostFile::open(&self.dev, OpenMode::Create).unwrap();
+        let p = CreateParams {
+            virtual_size,
+            journal_size: MIB,
+            ..Default::default()
+        };
+        block_on(Image::create(&SyncIo, f, &p)).unwrap();
+        p
+    }
+}
+
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
@@ -60,13 +74,7 @@ fn image_on_a_growing_loop_device_fills_past_its_initial_size() {
         return;
     };
 
-    let f = HostFile::open(&lv.dev, OpenMode::Create).unwrap();
-    let p = CreateParams {
-        virtual_size: 256 * MIB,
-        journal_size: MIB,
-        ..Default::default()
-    };
-    block_on(Image::create(&SyncIo, f, &p)).unwrap();
+    lv.create_image(256 * MIB);
     let img = Arc::new(block_on(fvd::engine::open_image(&SyncIo, &lv.dev, false)).unwrap());
     assert!(img.free_bytes().unwrap() < 8 * MIB);
 
@@ -151,14 +159,7 @@ fn first_partial_write_on_an_lv_writes_the_block_whole_and_hides_stale_bytes() {
     let Some(lv) = Loop::attach(&backing) else {
         return;
     };
-    let f = HostFile::open(&lv.dev, OpenMode::Create).unwrap();
-    let p = CreateParams {
-        virtual_size: 16 * MIB,
-        journal_size: MIB,
-        ..Default::default()
-    };
-    block_on(Image::create(&SyncIo, f, &p)).unwrap();
-    let bs = p.block_size;
+    let bs = lv.create_image(16 * MIB).block_size;
     let img = block_on(fvd::engine::open_image(&SyncIo, &lv.dev, false)).unwrap();
     let before = img.counters().snapshot();
     let data = Buf::alloc(4096);
