@@ -67,6 +67,24 @@ impl Drop for Images {
     }
 }
 
+/// Detaches loop devices (`--storage lv`) whose backing files lie under `dir`: what a killed
+/// run leaves attached.
+pub fn detach_loops_under(dir: &Path) {
+    let Ok(out) = Command::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .output()
+    else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((dev, file)) = line.trim().split_once(char::is_whitespace) {
+            if Path::new(file.trim().trim_end_matches(" (deleted)")).starts_with(dir) {
+                let _ = Command::new("losetup").arg("-d").arg(dev).status();
+            }
+        }
+    }
+}
+
 fn detach(dev: &Path, backing: &Path) {
     let _ = Command::new("losetup").arg("-d").arg(dev).status();
     let _ = std::fs::remove_file(backing);

@@ -219,6 +219,7 @@ fn remove_stale_dirs(root: &Path) {
                 "peers: removing {} (left by a killed run)",
                 e.path().display()
             );
+            images::detach_loops_under(&e.path());
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
