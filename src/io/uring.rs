@@ -261,8 +261,9 @@ impl State {
     ///
     /// One `io_uring_enter` per operation instead of one per batch: a batch of 32 reads
     /// reaches a virtio disk as one notification after all 32 are built, and the VM disk
-    /// here served such rounds at 51k–58k reads/s against 69.7k–70.8k for operations submitted as
-    /// they come (docs/PERFORMANCE.md, "Submitting at once").
+    /// here served such rounds at 54.0k–66.9k reads/s (median 58.1k) against 67.7k–75.5k
+    /// (median 69.6k) for operations submitted as they come (docs/PERFORMANCE.md, "Submitting
+    /// at once").
     fn submit(&mut self) -> io::Result<bool> {
         loop {
             self.refill();
