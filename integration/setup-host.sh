@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs the host packages the project needs on a fresh Debian bookworm machine:
 # QEMU 10 from bookworm-backports (system emulator, qemu-storage-daemon, qemu-img, qemu-nbd),
-# fio and the pieces used to build the tiny test guest. Idempotent; safe to run every time.
+# fio, perf (the benchmark harness counts host I/O with it) and the pieces used to build the tiny
+# test guest. Idempotent; safe to run every time.
 set -euo pipefail
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
 qemu-img --version 2>/dev/null | grep -q 'version 10\.' || need+=(qemu-utils)
-for p in fio busybox-static e2fsprogs cpio zstd kmod; do
+for p in fio linux-perf busybox-static e2fsprogs cpio zstd kmod; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -eq 0 ]; then
@@ -31,4 +32,4 @@ SRC
 fi
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-apt-get install -y -qq fio busybox-static e2fsprogs cpio zstd kmod >/dev/null
+apt-get install -y -qq fio linux-perf busybox-static e2fsprogs cpio zstd kmod >/dev/null

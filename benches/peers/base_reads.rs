@@ -198,8 +198,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs every variant `sizes.reps` times, interleaved, and returns the markdown section.
-pub fn run(storage: &str, ctx: &Ctx, imgs: &Images, sizes: &Sizes) -> String {
+/// Runs every variant `sizes.reps` times, interleaved, and returns the markdown section and
+/// the runs that failed.
+pub fn run(storage: &str, ctx: &Ctx, imgs: &Images, sizes: &Sizes) -> (String, Vec<String>) {
     let mut samples: HashMap<(usize, Variant), Vec<Run>> = HashMap::new();
     let mut errors = Vec::new();
     for rep in 0..sizes.reps {
@@ -279,8 +280,8 @@ pub fn run(storage: &str, ctx: &Ctx, imgs: &Images, sizes: &Sizes) -> String {
         }
         md.push('\n');
     }
-    for e in errors {
+    for e in &errors {
         let _ = writeln!(md, "\nError: {e}");
     }
-    md
+    (md, errors)
 }

@@ -109,9 +109,14 @@ fn loadavg() -> String {
 }
 
 fn main() {
-    // `cargo test --all-targets` runs bench targets too (without --bench): measure nothing then.
+    // FVD_BIN: measure another build of fvd (e.g. a branch under test) with this harness.
+    let fvd = std::env::var_os("FVD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fvd")));
+    // `cargo test --all-targets` runs bench targets too, without --bench: like a libtest bench
+    // in test mode, run everything once at the smallest size and check that it worked.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("peers: a benchmark; run it with `cargo bench --bench peers`");
+        smoke(&fvd);
         return;
     }
     let a = match parse_args() {
@@ -121,10 +126,6 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // FVD_BIN: measure another build of fvd (e.g. a branch under test) with this harness.
-    let fvd = std::env::var_os("FVD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fvd")));
     let serve_ok = Command::new(&fvd)
         .args(["serve", "--help"])
         .output()
@@ -187,10 +188,11 @@ fn main() {
         let extras = Extras {
             probes: a.probes,
             base_reads: base,
+            perf: true,
         };
         let section = run_storage(storage, &dir, &fvd, &sizes, &ws, &targets, extras);
-        let _ = writeln!(md, "{section}");
-        println!("{section}");
+        let _ = writeln!(md, "{}", section.md);
+        println!("{}", section.md);
         if !a.keep {
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -201,6 +203,108 @@ fn main() {
             eprintln!("peers: {}: {e}", out.display());
         }
     }
+}
+
+/// The test-mode run: every workload on every target, the counting pass, the probes and the
+/// copy-on-read/prefetch section, once each at [`Sizes::smoke`] on tmpfs. Exits non-zero, listing
+/// what failed, if any run failed or any figure the report needs is missing. Timing is not
+/// checked: the figures of so short a run mean nothing.
+fn smoke(fvd: &Path) {
+    let t0 = Instant::now();
+    let root = Path::new("/dev/shm");
+    remove_stale_dirs(root);
+    let dir = root.join(format!("fvd-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(dir.join("logs")) {
+        eprintln!("peers smoke: {}: {e}", dir.display());
+        std::process::exit(1);
+    }
+    // A machine whose perf cannot count tracepoints still gets every other check.
+    let perf = procs::perf_counts_tracepoints();
+    if !perf {
+        eprintln!("peers smoke: WARNING: perf cannot count tracepoints here; host I/O not counted");
+    }
+    let extras = Extras {
+        probes: true,
+        base_reads: true,
+        perf,
+    };
+    let mut section = run_storage(
+        "tmpfs",
+        &dir,
+        fvd,
+        &Sizes::smoke(),
+        &workloads::all(),
+        &Target::ALL,
+        extras,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    if !perf {
+        section
+            .failures
+            .retain(|f| !f.contains(PERF_COUNTED_NOTHING));
+    }
+    if !section.failures.is_empty() {
+        println!("{}", section.md);
+        eprintln!("peers smoke: FAILED");
+        for f in &section.failures {
+            eprintln!("- {f}");
+        }
+        std::process::exit(1);
+    }
+    println!(
+        "peers smoke: every target, workload, counter and probe produced its figures{} ({:.0} s)",
+        if perf { "" } else { " (host I/O not counted)" },
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+const PERF_COUNTED_NOTHING: &str = "perf counted no host I/O";
+
+/// What the harness needs to report for `w` on `t` and did not get.
+fn missing(res: &report::Results, w: &Workload, t: Target) -> Vec<String> {
+    let mut out = Vec::new();
+    let key = (w.name.to_string(), t);
+    if let Some(e) = res.errors.get(&key) {
+        out.push(format!("{} on {}: {e}", w.name, t.name()));
+        return out;
+    }
+    match res.cell(w.name, t) {
+        Some(c) if c.value > 0.0 && c.value.is_finite() => {}
+        c => out.push(format!(
+            "{} on {}: no figure ({:?})",
+            w.name,
+            t.name(),
+            c.map(|c| c.value)
+        )),
+    }
+    if w.op != client::Op::Write || !t.is_server() {
+        return out;
+    }
+    let Some(counted) = res.counted.get(&key) else {
+        out.push(format!("{} on {}: no counting run", w.name, t.name()));
+        return out;
+    };
+    let flushes = w.flush_every > 0;
+    let amp_ok = |a: Option<runners::Amp>| {
+        a.is_some_and(|a| a.writes_per_write > 0.0 && (!flushes || a.flushes_per_flush.is_finite()))
+    };
+    if !amp_ok(counted.amp) {
+        out.push(format!(
+            "{} on {}: {PERF_COUNTED_NOTHING} ({:?})",
+            w.name,
+            t.name(),
+            counted.amp
+        ));
+    }
+    if matches!(t, Target::Fvd | Target::FvdFlat) && !amp_ok(counted.engine_amp) {
+        out.push(format!(
+            "{} on {}: no engine counters ({:?})",
+            w.name,
+            t.name(),
+            counted.engine_amp
+        ));
+    }
+    out
 }
 
 /// Removes `fvd-bench-PID` directories of harness runs that were killed (their PID is gone):
@@ -231,6 +335,14 @@ struct Extras {
     probes: bool,
     /// Copy-on-read and prefetch ("base-reads").
     base_reads: bool,
+    /// Host I/O counted by perf.
+    perf: bool,
+}
+
+/// One storage setting's report, and what failed in it.
+struct Section {
+    md: String,
+    failures: Vec<String>,
 }
 
 fn run_storage(
@@ -241,7 +353,7 @@ fn run_storage(
     ws: &[Workload],
     targets: &[Target],
     extras: Extras,
-) -> String {
+) -> Section {
     let mut md = format!("### Storage: {storage} ({})\n\n", dir.display());
     let imgs = Images::new(dir, fvd, storage == "lv");
     let mut ctx = Ctx {
@@ -250,10 +362,14 @@ fn run_storage(
         logs: dir.join("logs"),
         warmup: sizes.warmup,
         img_counts: HashMap::new(),
+        perf: extras.perf,
     };
     let t0 = Instant::now();
     if let Err(e) = imgs.prepare_dataset(sizes.data) {
-        return format!("{md}dataset preparation failed: {e}\n");
+        return Section {
+            md: format!("{md}dataset preparation failed: {e}\n"),
+            failures: vec![format!("dataset preparation: {e}")],
+        };
     }
     eprintln!(
         "[{storage}] dataset ready in {:.1} s",
@@ -332,15 +448,29 @@ fn run_storage(
             let _ = writeln!(md, "- {w} on {}: {e}", t.name());
         }
     }
+    let mut failures: Vec<String> = ws
+        .iter()
+        .flat_map(|w| {
+            targets
+                .iter()
+                .filter(|t| t.runs(w.kind))
+                .flat_map(|&t| missing(&res, w, t))
+                .collect::<Vec<_>>()
+        })
+        .collect();
     if extras.probes {
         md.push('\n');
-        md.push_str(&run_probes(storage, &ctx, targets));
+        let (text, failed) = run_probes(storage, &ctx, sizes, targets);
+        md.push_str(&text);
+        failures.extend(failed);
     }
     if extras.base_reads {
         md.push('\n');
-        md.push_str(&base_reads::run(storage, &ctx, &imgs, sizes));
+        let (text, failed) = base_reads::run(storage, &ctx, &imgs, sizes);
+        md.push_str(&text);
+        failures.extend(failed);
     }
-    md
+    Section { md, failures }
 }
 
 /// One measurement of `w` on `t`, on the image the workload needs (fresh ones are removed after).
@@ -369,8 +499,14 @@ fn run_one(
     r
 }
 
-fn run_probes(storage: &str, ctx: &Ctx, targets: &[Target]) -> String {
+fn run_probes(
+    storage: &str,
+    ctx: &Ctx,
+    sizes: &Sizes,
+    targets: &[Target],
+) -> (String, Vec<String>) {
     let mut md = String::new();
+    let mut failures = Vec::new();
     match probes::journal_open(&ctx.dir) {
         Ok(j) => {
             let _ =
@@ -389,16 +525,17 @@ fn run_probes(storage: &str, ctx: &Ctx, targets: &[Target]) -> String {
         }
         Err(e) => {
             let _ = writeln!(md, "Journal open probe failed: {e}");
+            failures.push(format!("journal open probe: {e}"));
         }
     }
     if storage != "tmpfs" {
-        return md;
+        return (md, failures);
     }
     for t in [Target::Fvd, Target::QsdQcow2] {
         if !targets.contains(&t) {
             continue;
         }
-        match probes::rss_1tib(ctx, t, 20_000) {
+        match probes::rss_1tib(ctx, t, sizes.big_writes, sizes.big_read_time) {
             Ok(b) => {
                 let mib = b.rss_kib as f64 / 1024.0;
                 let goal = if t == Target::Fvd {
@@ -421,8 +558,9 @@ fn run_probes(storage: &str, ctx: &Ctx, targets: &[Target]) -> String {
             }
             Err(e) => {
                 let _ = writeln!(md, "\n1 TiB RSS probe on {} failed: {e}", t.name());
+                failures.push(format!("1 TiB RSS probe on {}: {e}", t.name()));
             }
         }
     }
-    md
+    (md, failures)
 }

@@ -105,7 +105,7 @@ pub struct BigRss {
 
 /// Serves a fresh 1 TiB image, writes 4 KiB at random places all over it (FLUSH every 32),
 /// reads randomly for a while, and reports the server's peak RSS.
-pub fn rss_1tib(ctx: &Ctx, t: Target, writes: u64) -> Result<BigRss, String> {
+pub fn rss_1tib(ctx: &Ctx, t: Target, writes: u64, read_time: Duration) -> Result<BigRss, String> {
     const TIB: u64 = 1 << 40;
     let p = ctx.dir.join(format!("big.{}", t.format().ext()));
     let _ = std::fs::remove_file(&p);
@@ -148,7 +148,7 @@ pub fn rss_1tib(ctx: &Ctx, t: Target, writes: u64) -> Result<BigRss, String> {
                 pattern: Pattern::Random,
                 region: TIB,
                 count: u64::MAX,
-                time: Some(Duration::from_secs(2)),
+                time: Some(read_time),
                 flush_every: 0,
             },
             8,

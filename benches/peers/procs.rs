@@ -189,6 +189,25 @@ const EVENTS: [(&str, &str); 6] = [
     ("raw_syscalls:sys_enter", "id==285"),         // fallocate
 ];
 
+/// Whether perf can count the tracepoints [`IoCounter`] uses on this machine.
+pub fn perf_counts_tracepoints() -> bool {
+    Command::new("perf")
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            EVENTS[0].0,
+            "-e",
+            EVENTS[3].0,
+            "true",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 impl IoCounter {
     /// Starts counting for process `pid` and the threads it creates from now on.
     pub fn attach(pid: u32, out: &Path) -> Result<IoCounter, String> {

@@ -42,6 +42,9 @@ pub struct Ctx {
     pub warmup: Duration,
     /// qemu-img bench is count-based: counts that last about the run time, per (workload, target).
     pub img_counts: HashMap<(String, Target), u64>,
+    /// Count the servers' host I/O with perf in counting runs (fvd's engine counters are read
+    /// either way).
+    pub perf: bool,
 }
 
 fn figure(w: &Workload, o: &Outcome) -> f64 {
@@ -179,7 +182,7 @@ impl Ctx {
         } else {
             None
         };
-        let counter = if count_io {
+        let counter = if count_io && self.perf {
             Some(IoCounter::attach(srv.pid(), &self.logs.join("perf.txt"))?)
         } else {
             None

@@ -155,9 +155,14 @@ pub struct Sizes {
     pub alloc: u64,
     /// Range of the locality test.
     pub locality: u64,
+    /// Bytes the locality test's measured job reads (passes over its range).
+    pub locality_read: u64,
     pub reps: usize,
     pub time: Duration,
     pub warmup: Duration,
+    /// Random 4 KiB writes, then seconds of random reads, in the 1 TiB RSS probe.
+    pub big_writes: u64,
+    pub big_read_time: Duration,
 }
 
 impl Sizes {
@@ -166,9 +171,29 @@ impl Sizes {
             data: 1 << 30,
             alloc: if quick { 2 << 30 } else { 4 << 30 },
             locality: if quick { 256 << 20 } else { 1 << 30 },
+            // Several passes so that the figure is not dominated by start-up on fast storage.
+            locality_read: 4 << 30,
             reps: if quick { 3 } else { 5 },
             time: Duration::from_secs(if quick { 2 } else { 5 }),
             warmup: Duration::from_millis(300),
+            big_writes: 20_000,
+            big_read_time: Duration::from_secs(2),
+        }
+    }
+
+    /// The smallest run that still exercises every target, workload and report: a check that
+    /// the harness works (`cargo test`), not a measurement.
+    pub fn smoke() -> Sizes {
+        Sizes {
+            data: 64 << 20,
+            alloc: 128 << 20,
+            locality: 16 << 20,
+            locality_read: 64 << 20,
+            reps: 1,
+            time: Duration::from_millis(200),
+            warmup: Duration::from_millis(50),
+            big_writes: 512,
+            big_read_time: Duration::from_millis(200),
         }
     }
 
@@ -243,8 +268,7 @@ pub fn plan(w: &Workload, s: &Sizes) -> Plan {
                 },
                 ..job(Op::Write, K4, 32, seq(0), s.locality, half, None, 0)
             };
-            // Several passes so that the figure is not dominated by start-up on fast storage.
-            let passes = (4 << 30) / s.locality;
+            let passes = (s.locality_read / s.locality).max(1);
             Plan {
                 prepare: vec![phase(0), phase(K4)],
                 measure: job(
