@@ -61,7 +61,7 @@ else
     if [ ! -f "$img" ]; then
         "$fvd" create "$img" --size 4G --compact
     fi
-    "$fvd" serve "$img" --socket "$sock" --num-queues "$queues" >"$cache/logs/demo-server.log" 2>&1 &
+    "$fvd" serve "$img" -f fvd --socket "$sock" --num-queues "$queues" >"$cache/logs/demo-server.log" 2>&1 &
     server=$!
 fi
 for _ in $(seq 1 300); do

@@ -163,3 +163,126 @@ fn force_share_inspects_an_image_that_is_open_for_writing() {
     assert!(ok(p, &["check", "-U", "img.fvd"]).contains("No errors"));
     drop(img);
 }
+
+#[test]
+fn every_tool_takes_the_format_and_checks_it() {
+    let d = dir();
+    let p = d.path();
+    ok(p, &["create", "img.fvd", "--size", "4M"]);
+    // A raw file holding an FVD image's bytes past offset 0: raw by any probe.
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::write(p.join("disk.raw"), &data).unwrap();
+
+    let info = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&ok(p, &[&["info", "--output", "json"], args].concat())).unwrap()
+    };
+    assert_eq!(info(&["img.fvd"])["format"], "fvd");
+    assert_eq!(info(&["-f", "fvd", "img.fvd"])["format"], "fvd");
+    assert_eq!(info(&["--format", "raw", "img.fvd"])["format"], "raw");
+    assert_eq!(info(&["-f", "raw", "disk.raw"])["format"], "raw");
+    for args in [
+        &["info", "-f", "fvd", "disk.raw"][..],
+        &["check", "-f", "fvd", "disk.raw"],
+        &["map", "-f", "fvd", "disk.raw"],
+        &["amend", "-f", "fvd", "disk.raw", "--prefetch", "on"],
+        &["stream", "-f", "fvd", "disk.raw"],
+        &["rebase", "-f", "fvd", "disk.raw", "--drop-base"],
+        &["convert", "-f", "fvd", "disk.raw", "out.raw", "-O", "raw"],
+    ] {
+        let err = fails(p, args);
+        assert!(err.contains("not an FVD image"), "{args:?}: {err}");
+    }
+    for cmd in [
+        &["check", "-f", "raw", "img.fvd"][..],
+        &["map", "-f", "raw", "img.fvd"],
+        &["amend", "-f", "raw", "img.fvd", "--prefetch", "on"],
+        &["stream", "-f", "raw", "img.fvd"],
+        &["rebase", "-f", "raw", "img.fvd", "--drop-base"],
+    ] {
+        let err = fails(p, cmd);
+        assert!(err.contains("FVD images only"), "{cmd:?}: {err}");
+    }
+    ok(p, &["check", "-f", "fvd", "img.fvd"]);
+    ok(p, &["map", "-f", "fvd", "img.fvd"]);
+    ok(
+        p,
+        &["amend", "--format", "fvd", "img.fvd", "--prefetch", "on"],
+    );
+    // convert -f raw copies the bytes of an FVD file as they are; probed, it reads the disk.
+    ok(
+        p,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "img.fvd",
+            "bytes.raw",
+            "-O",
+            "raw",
+            "-q",
+        ],
+    );
+    assert_eq!(
+        std::fs::read(p.join("bytes.raw")).unwrap(),
+        std::fs::read(p.join("img.fvd")).unwrap()
+    );
+    ok(p, &["convert", "img.fvd", "disk2.raw", "-O", "raw", "-q"]);
+    assert_eq!(
+        std::fs::read(p.join("disk2.raw")).unwrap(),
+        vec![0u8; 4 << 20]
+    );
+    ok(p, &["convert", "-f", "raw", "disk.raw", "d.fvd", "-q"]);
+    ok(
+        p,
+        &["convert", "d.fvd", "-f", "fvd", "d.raw", "-O", "raw", "-q"],
+    );
+    assert_eq!(std::fs::read(p.join("d.raw")).unwrap(), data);
+    assert!(fails(p, &["info", "-f", "qcow2", "img.fvd"]).contains("qcow2"));
+}
+
+#[test]
+fn a_short_file_with_the_magic_is_a_truncated_image() {
+    let d = dir();
+    let p = d.path();
+    let mut v = vec![0u8; 4096];
+    v[..8].copy_from_slice(b"FVDIMAGE");
+    std::fs::write(p.join("short.img"), &v).unwrap();
+    for cmd in ["info", "check", "map", "stream"] {
+        let err = fails(p, &[cmd, "short.img"]);
+        assert!(err.contains("truncated FVD image"), "{cmd}: {err}");
+    }
+    let err = fails(p, &["convert", "short.img", "o.fvd", "-q"]);
+    assert!(err.contains("truncated FVD image"), "{err}");
+    let err = fails(p, &["create", "top.fvd", "-b", "short.img"]);
+    assert!(err.contains("truncated FVD image"), "{err}");
+    // Named raw, it is an ordinary 4 KiB disk.
+    let info: serde_json::Value = serde_json::from_str(&ok(
+        p,
+        &["info", "-f", "raw", "short.img", "--output", "json"],
+    ))
+    .unwrap();
+    assert_eq!(info["virtual_size"], 4096);
+    ok(p, &["create", "top.fvd", "-b", "short.img", "-F", "raw"]);
+}
+
+#[test]
+fn create_takes_an_fvd_base_only_when_named() {
+    let d = dir();
+    let p = d.path();
+    ok(p, &["create", "base.fvd", "--size", "2M"]);
+    let err = fails(p, &["create", "top.fvd", "-b", "base.fvd"]);
+    assert!(err.contains("-F fvd"), "{err}");
+    assert!(!p.join("top.fvd").exists());
+    ok(p, &["create", "top.fvd", "-b", "base.fvd", "-F", "fvd"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(p, &["info", "top.fvd", "--output", "json"])).unwrap();
+    assert_eq!(info["fvd"]["base"]["format"], "fvd");
+    // Named raw, its bytes are the base (the header is never followed).
+    ok(p, &["create", "top2.fvd", "-b", "base.fvd", "-F", "raw"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(p, &["info", "top2.fvd", "--output", "json"])).unwrap();
+    assert_eq!(info["fvd"]["base"]["format"], "raw");
+    // A raw base is still probed and taken as raw without -F.
+    std::fs::write(p.join("b.raw"), vec![3u8; 1 << 20]).unwrap();
+    ok(p, &["create", "top3.fvd", "-b", "b.raw"]);
+}

@@ -10,6 +10,9 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     image: PathBuf,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<super::ImageFormat>,
     /// Copy data read from the base image into this image.
     #[arg(long, value_enum)]
     copy_on_read: Option<OnOff>,
@@ -28,6 +31,7 @@ pub fn run(a: Args) -> Result<i32> {
     if a.copy_on_read.is_none() && a.prefetch.is_none() {
         bail!("nothing to change: give --copy-on-read and/or --prefetch");
     }
+    super::require_fvd("amend", a.format)?;
     let io = SyncIo;
     let img = block_on(engine::open_image(&io, &a.image, false))
         .with_context(|| format!("cannot open {}", a.image.display()))?;

@@ -14,6 +14,9 @@ use std::path::PathBuf;
 pub struct Args {
     /// Image file or block device.
     image: PathBuf,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<super::ImageFormat>,
     /// Replay the journal and fix inconsistencies (needs exclusive access).
     #[arg(short = 'r', long)]
     repair: bool,
@@ -25,10 +28,14 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    super::require_fvd("check", a.format)?;
     let io = SyncIo;
     let file = HostFile::open(&a.image, super::ro_mode(a.force_share))
         .with_context(|| format!("cannot open {}", a.image.display()))?;
-    if block_on(engine::probe(&io, &file))? != engine::Format::Fvd {
+    if block_on(engine::probe(&io, &file))
+        .with_context(|| format!("cannot check {}", a.image.display()))?
+        != engine::Format::Fvd
+    {
         bail!("{} is not an FVD image", a.image.display());
     }
     if a.repair {

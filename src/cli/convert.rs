@@ -1,4 +1,4 @@
-//! `fvd convert`: copies a disk (raw or FVD, probed; an FVD chain is flattened) into a new FVD
+//! `fvd convert`: copies a disk (raw or FVD, probed unless `-f`; an FVD chain is flattened) into a new FVD
 //! or raw image. All-zero ranges are skipped, so the output stays sparse/thin.
 
 use super::size_arg;
@@ -16,6 +16,9 @@ pub struct Args {
     src: PathBuf,
     /// Destination file or block device.
     dst: PathBuf,
+    /// Source image format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    src_format: Option<super::ImageFormat>,
     /// Output format.
     #[arg(short = 'O', long = "output-format", value_enum, default_value = "fvd")]
     format: OutFmt,
@@ -41,8 +44,13 @@ const STEP: u64 = 1 << 20;
 
 pub fn run(a: Args) -> Result<i32> {
     let io = SyncIo;
-    let src = block_on(engine::open_disk(&io, &a.src, true))
-        .with_context(|| format!("cannot open {}", a.src.display()))?;
+    let src = block_on(engine::open_disk_with(
+        &io,
+        &a.src,
+        OpenMode::ReadOnly,
+        a.src_format.map(Into::into),
+    ))
+    .with_context(|| format!("cannot open {}", a.src.display()))?;
     if a.src.canonicalize().ok() == a.dst.canonicalize().ok() {
         bail!("source and destination are the same file");
     }
@@ -70,13 +78,18 @@ fn copy(io: &SyncIo, src: &Disk<SyncIo>, a: &Args, size: u64) -> Result<()> {
                 .with_context(|| format!("cannot create {}", a.dst.display()))?;
             block_on(engine::create_image(io, f, &params))
                 .with_context(|| format!("cannot create {}", a.dst.display()))?;
-            block_on(engine::open_disk(io, &a.dst, false))?
+            block_on(engine::open_disk_with(
+                io,
+                &a.dst,
+                OpenMode::ReadWrite,
+                Some(engine::Format::Fvd),
+            ))?
         }
         OutFmt::Raw => {
             let f = HostFile::open(&a.dst, OpenMode::Create)
                 .with_context(|| format!("cannot create {}", a.dst.display()))?;
             f.ensure_len(size)?;
-            Disk::Raw(engine::RawDisk::open(f, false)?)
+            Disk::Raw(engine::RawDisk::open(f, false, false)?)
         }
     };
     let bar = if a.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

@@ -23,7 +23,8 @@ pub struct Args {
     /// nbd+unix:///EXPORT?socket=PATH.
     #[arg(short = 'b', long)]
     base: Option<String>,
-    /// Base image format (probed when omitted).
+    /// Base image format. When omitted the base is probed, and must then be raw: an FVD base
+    /// names a base of its own, so it must be named FVD with -F fvd.
     #[arg(short = 'F', long, value_enum)]
     base_format: Option<BaseFmt>,
     /// Thin layout: chunks are allocated on first write (F2 table). The default.
@@ -70,15 +71,26 @@ pub fn run(a: Args) -> Result<i32> {
             let path = engine::resolve_base(&a.image, b);
             let f = HostFile::open(&path, OpenMode::ReadOnly)
                 .with_context(|| format!("cannot open base image {}", path.display()))?;
-            let probed = match block_on(engine::probe(&io, &f))? {
-                Format::Fvd => BaseFormat::Fvd,
-                Format::Raw => BaseFormat::Raw,
+            let probed = || -> Result<Format> {
+                block_on(engine::probe(&io, &f))
+                    .with_context(|| format!("cannot open base image {}", path.display()))
             };
             let format = match a.base_format {
-                None => probed,
                 Some(BaseFmt::Raw) => BaseFormat::Raw,
-                Some(BaseFmt::Fvd) if probed == BaseFormat::Fvd => BaseFormat::Fvd,
-                Some(BaseFmt::Fvd) => bail!("base image {} is not an FVD image", path.display()),
+                Some(BaseFmt::Fvd) => match probed()? {
+                    Format::Fvd => BaseFormat::Fvd,
+                    Format::Raw => bail!("base image {} is not an FVD image", path.display()),
+                },
+                // A file that is a raw disk for some guest may hold a header the guest wrote:
+                // taking it as FVD on a guess would follow that header's base path on the host.
+                None => match probed()? {
+                    Format::Raw => BaseFormat::Raw,
+                    Format::Fvd => bail!(
+                        "base image {} looks like an FVD image: give -F fvd to use it as one \
+                         (or -F raw to use its bytes as a raw disk)",
+                        path.display()
+                    ),
+                },
             };
             let size = match format {
                 BaseFormat::Raw => f.size()?,

@@ -15,6 +15,9 @@ use std::path::PathBuf;
 pub struct Args {
     /// Image file or block device.
     image: PathBuf,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<super::ImageFormat>,
     #[arg(long, value_enum, default_value_t)]
     output: Output,
     /// Open without locking, to inspect an image a server has open (may be slightly stale).
@@ -66,6 +69,7 @@ pub fn run(a: Args) -> Result<i32> {
         &io,
         &a.image,
         super::ro_mode(a.force_share),
+        a.format.map(Into::into),
     ))
     .with_context(|| format!("cannot open {}", a.image.display()))?;
     let meta = std::fs::metadata(&a.image)?;

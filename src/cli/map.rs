@@ -11,6 +11,9 @@ use std::path::PathBuf;
 pub struct Args {
     /// FVD image file or block device.
     image: PathBuf,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<super::ImageFormat>,
     #[arg(long, value_enum, default_value_t)]
     output: Output,
     /// Open without locking, to inspect an image a server has open (may be slightly stale).
@@ -19,6 +22,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    super::require_fvd("map", a.format)?;
     let img = block_on(engine::open_image_with(
         &SyncIo,
         &a.image,

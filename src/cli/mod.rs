@@ -53,6 +53,31 @@ pub enum Output {
     Json,
 }
 
+/// `-f/--format` of every command that opens an image (qemu-img spelling). Without it the format
+/// is probed, and a raw image opened writable refuses writes that would make it probe as FVD.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormat {
+    Fvd,
+    Raw,
+}
+
+impl From<ImageFormat> for crate::engine::Format {
+    fn from(f: ImageFormat) -> Self {
+        match f {
+            ImageFormat::Fvd => crate::engine::Format::Fvd,
+            ImageFormat::Raw => crate::engine::Format::Raw,
+        }
+    }
+}
+
+/// For the commands that only work on FVD images: refuses `-f raw` with a clear error.
+pub fn require_fvd(cmd: &str, format: Option<ImageFormat>) -> anyhow::Result<()> {
+    if format == Some(ImageFormat::Raw) {
+        anyhow::bail!("fvd {cmd} works on FVD images only, not on raw ones (-f raw)");
+    }
+    Ok(())
+}
+
 /// Read-only open mode, unlocked with --force-share.
 pub fn ro_mode(force_share: bool) -> crate::io::host_file::OpenMode {
     if force_share {

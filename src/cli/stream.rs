@@ -10,6 +10,9 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct StreamArgs {
     image: PathBuf,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<super::ImageFormat>,
     /// Detach the base image when done.
     #[arg(long)]
     drop_base: bool,
@@ -20,6 +23,9 @@ pub struct StreamArgs {
 #[derive(clap::Args)]
 pub struct RebaseArgs {
     image: PathBuf,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<super::ImageFormat>,
     /// Detach the base image; only allowed once every block is in the image (after prefetch
     /// or `fvd stream`).
     #[arg(long, required = true)]
@@ -27,6 +33,7 @@ pub struct RebaseArgs {
 }
 
 pub fn stream(a: StreamArgs) -> Result<i32> {
+    super::require_fvd("stream", a.format)?;
     let io = SyncIo;
     let img = block_on(engine::open_image(&io, &a.image, false))
         .with_context(|| format!("cannot open {}", a.image.display()))?;
@@ -65,6 +72,7 @@ pub fn stream(a: StreamArgs) -> Result<i32> {
 }
 
 pub fn rebase(a: RebaseArgs) -> Result<i32> {
+    super::require_fvd("rebase", a.format)?;
     let io = SyncIo;
     let img = block_on(engine::open_image(&io, &a.image, false))
         .with_context(|| format!("cannot open {}", a.image.display()))?;

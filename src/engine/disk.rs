@@ -94,24 +94,52 @@ pub enum Format {
     Raw,
 }
 
-/// FVD if the file starts with the FVD magic (in either header slot), raw otherwise.
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Fvd => "fvd",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// Bytes `probe` looks at: both header slots. The FVD magic at offset 0 or 4096 means FVD.
+pub const PROBE_LEN: u64 = 8192;
+/// Offsets of the magic `probe` looks for.
+pub(crate) const PROBE_MAGIC_AT: [u64; 2] = [0, 4096];
+
+/// FVD if the file starts with the FVD magic (in either header slot), raw otherwise. A file too
+/// short to hold both header slots but showing the magic is an error, not a raw disk: serving
+/// it writable as raw would let its contents turn it into a (different) FVD image.
 pub async fn probe<I: Io<File = HostFile>>(io: &I, file: &HostFile) -> Result<Format> {
-    if file.size().map_err(|error| EngineError::Io {
+    let size = file.size().map_err(|error| EngineError::Io {
         context: "size of image",
         error,
-    })? < 8192
-    {
+    })?;
+    let store = Storage::<I>::new(file.clone());
+    let buf = Buf::alloc(PROBE_LEN as usize);
+    // Past the end of a short file this reads zeros, which never match the magic.
+    store.read(io, &Counters::default(), 0, buf.clone()).await?;
+    if !has_magic(&buf) {
         return Ok(Format::Raw);
     }
-    let store = Storage::<I>::new(file.clone());
-    let buf = Buf::alloc(8192);
-    store.read(io, &Counters::default(), 0, buf.clone()).await?;
-    let raw = buf.to_vec();
+    if size < PROBE_LEN {
+        return Err(EngineError::Truncated { size });
+    }
+    Ok(Format::Fvd)
+}
+
+/// Whether `buf` (the start of a disk) holds the FVD magic where `probe` looks for it.
+pub(crate) fn has_magic(buf: &Buf) -> bool {
     let magic = crate::format::header::MAGIC;
-    Ok(if &raw[..8] == magic || &raw[4096..4104] == magic {
-        Format::Fvd
-    } else {
-        Format::Raw
+    PROBE_MAGIC_AT.iter().any(|&at| {
+        let at = at as usize;
+        if at + magic.len() > buf.len() {
+            return false;
+        }
+        let mut got = [0u8; 8];
+        buf.copy_to_slice(at, &mut got);
+        &got == magic
     })
 }
 
@@ -128,20 +156,30 @@ pub async fn open_disk<I: Io<File = HostFile>>(
     path: &Path,
     read_only: bool,
 ) -> Result<Disk<I>> {
-    open_disk_with(io, path, OpenMode::for_read_only(read_only)).await
+    open_disk_with(io, path, OpenMode::for_read_only(read_only), None).await
 }
 
-/// Like [`open_disk`] with an explicit open mode (e.g. [`OpenMode::ReadOnlyShared`]).
+/// Like [`open_disk`] with an explicit open mode (e.g. [`OpenMode::ReadOnlyShared`]) and
+/// format. `None` probes; a raw image opened that way refuses writes that would make it probe
+/// as FVD (see [`RawDisk`]). A format given is checked: FVD must have the magic.
 pub async fn open_disk_with<I: Io<File = HostFile>>(
     io: &I,
     path: &Path,
     mode: OpenMode,
+    format: Option<Format>,
 ) -> Result<Disk<I>> {
     let read_only = mode != OpenMode::ReadWrite;
     let file = open_host(path, mode)?;
-    match probe(io, &file).await? {
-        Format::Fvd => Ok(Disk::Fvd(open_fvd_file(io, file, read_only, 0).await?)),
-        Format::Raw => Ok(Disk::Raw(RawDisk::open(file, read_only)?)),
+    match format {
+        Some(Format::Raw) => Ok(Disk::Raw(RawDisk::open(file, read_only, false)?)),
+        Some(Format::Fvd) => match probe(io, &file).await? {
+            Format::Fvd => Ok(Disk::Fvd(open_fvd_file(io, file, read_only, 0).await?)),
+            Format::Raw => Err(EngineError::NotFvd),
+        },
+        None => match probe(io, &file).await? {
+            Format::Fvd => Ok(Disk::Fvd(open_fvd_file(io, file, read_only, 0).await?)),
+            Format::Raw => Ok(Disk::Raw(RawDisk::open(file, read_only, true)?)),
+        },
     }
 }
 
@@ -161,6 +199,9 @@ pub async fn open_image_with<I: Io<File = HostFile>>(
     mode: OpenMode,
 ) -> Result<Image<I>> {
     let file = open_host(path, mode)?;
+    if probe(io, &file).await? != Format::Fvd {
+        return Err(EngineError::NotFvd);
+    }
     open_fvd_file(io, file, mode != OpenMode::ReadWrite, 0).await
 }
 

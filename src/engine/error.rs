@@ -25,6 +25,15 @@ pub enum EngineError {
     Corrupt(String),
     #[error("invalid parameters: {0}")]
     Invalid(String),
+    #[error("not an FVD image (no FVD magic in either header slot)")]
+    NotFvd,
+    #[error("truncated FVD image: {size} bytes, but an FVD image holds at least 8192")]
+    Truncated { size: u64 },
+    #[error(
+        "write refused: it would put the FVD magic into a header slot of this raw image, whose \
+         format was probed (name the format: -f raw)"
+    )]
+    ProbedRawMagic,
 }
 
 impl EngineError {
@@ -36,6 +45,9 @@ impl EngineError {
             EngineError::OutOfRange { .. } | EngineError::Invalid(_) => libc::EINVAL,
             EngineError::ReadOnly => libc::EROFS,
             EngineError::NoSpace(_) => libc::ENOSPC,
+            EngineError::NotFvd | EngineError::Truncated { .. } => libc::EUCLEAN,
+            // As QEMU's raw driver: the guest sees an I/O error.
+            EngineError::ProbedRawMagic => libc::EPERM,
         }
     }
 }

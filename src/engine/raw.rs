@@ -1,6 +1,12 @@
 //! A raw file or block device served as is (no FVD metadata).
+//!
+//! A raw image whose format was probed (no `-f raw`) is next probed from what the guest wrote
+//! into it. As QEMU's raw driver does for probed images, writes that would make it probe as FVD
+//! (the magic in a header slot) are refused with EPERM: otherwise, after a restart, the guest's
+//! header could name any host file as its base image and the guest would read that file.
 
 use super::counters::Counters;
+use super::disk::{has_magic, PROBE_LEN, PROBE_MAGIC_AT};
 use super::error::{EngineError, IoContext, Result};
 use super::storage::Storage;
 use crate::io::{Buf, Io, IoFile};
@@ -9,11 +15,14 @@ pub struct RawDisk<I: Io> {
     store: Storage<I>,
     size: u64,
     read_only: bool,
+    /// The format was probed: refuse writes that would change what probing finds.
+    probed: bool,
     counters: Counters,
 }
 
 impl<I: Io> RawDisk<I> {
-    pub fn open(file: I::File, read_only: bool) -> Result<Self> {
+    /// `probed`: the caller guessed the format (see the module documentation).
+    pub fn open(file: I::File, read_only: bool, probed: bool) -> Result<Self> {
         let size = file.size().ctx("size of raw image")? / 512 * 512;
         if !read_only && file.is_read_only() {
             return Err(EngineError::ReadOnly);
@@ -22,6 +31,7 @@ impl<I: Io> RawDisk<I> {
             store: Storage::new(file),
             size,
             read_only,
+            probed,
             counters: Counters::default(),
         })
     }
@@ -46,6 +56,10 @@ impl<I: Io> RawDisk<I> {
     pub fn read_only(&self) -> bool {
         self.read_only
     }
+    /// True when the format was probed rather than named.
+    pub fn probed(&self) -> bool {
+        self.probed
+    }
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
@@ -64,6 +78,11 @@ impl<I: Io> RawDisk<I> {
     pub async fn write(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
         self.check(off, buf.len() as u64, true)?;
         Counters::inc(&self.counters.guest_writes);
+        let buf = if self.probed {
+            probe_safe(off, buf)?
+        } else {
+            buf
+        };
         self.store.write(io, &self.counters, off, buf).await
     }
     pub async fn flush(&self, io: &I) -> Result<()> {
@@ -102,4 +121,26 @@ impl<I: Io> RawDisk<I> {
             }
         }
     }
+}
+
+/// For a probed raw image: the data to write at `off` in place of `buf`, or an error if it would
+/// put the FVD magic where probing looks. Writes that reach a probed offset are copied first and
+/// the copy is checked and written: `buf` is guest memory the guest can change meanwhile.
+fn probe_safe(off: u64, buf: Buf) -> Result<Buf> {
+    let end = off + buf.len() as u64;
+    if !PROBE_MAGIC_AT.iter().any(|&at| at < end && at + 8 > off) {
+        return Ok(buf);
+    }
+    // Requests are 512-byte aligned: a write touching a probed offset holds its whole sector,
+    // so the check below sees every byte probing will see.
+    let (at, len) = (off.min(PROBE_LEN), end.min(PROBE_LEN) - off.min(PROBE_LEN));
+    let head = Buf::alloc(PROBE_LEN as usize);
+    head.copy_from_buf(at as usize, &buf, 0, len as usize);
+    if has_magic(&head) {
+        return Err(EngineError::ProbedRawMagic);
+    }
+    let copy = Buf::alloc(buf.len());
+    copy.copy_from_buf(0, &head, at as usize, len as usize);
+    copy.copy_from_buf(len as usize, &buf, len as usize, buf.len() - len as usize);
+    Ok(copy)
 }

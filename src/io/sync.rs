@@ -1,6 +1,6 @@
 //! Blocking I/O with plain system calls, for the command-line tools. Futures complete on first poll.
 
-use super::{Buf, HostFile, Io};
+use super::{Buf, HostFile, Io, IoFile};
 use crate::units::PhysOffset;
 use std::io;
 
@@ -82,6 +82,14 @@ pub fn rw_all(file: &HostFile, mut off: u64, buf: &Buf, write: bool) -> io::Resu
         }
         done += r as usize;
         off += r as u64;
+        if !write && done < buf.len() && file.size().is_ok_and(|s| s <= off) {
+            // End of file after a short read: the rest reads as zeros. Checking the size first
+            // avoids an O_DIRECT read at an unaligned offset past EOF (EINVAL on some file
+            // systems), as the io_uring backend does.
+            let rest = buf.slice(done, buf.len() - done);
+            rest.zero(0, rest.len());
+            return Ok(());
+        }
     }
     Ok(())
 }

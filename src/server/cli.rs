@@ -13,8 +13,12 @@ pub fn default_num_queues() -> u16 {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Image to serve (FVD or raw file/block device, probed).
+    /// Image to serve (FVD or raw file/block device, probed unless -f).
     pub image: PathBuf,
+    /// Image format. Give it: a probed raw image refuses guest writes that would make it look
+    /// like an FVD image.
+    #[arg(short = 'f', long, value_enum)]
+    pub format: Option<crate::cli::ImageFormat>,
     /// vhost-user unix socket to listen on.
     #[arg(long)]
     pub socket: PathBuf,
@@ -111,6 +115,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let cfg = ServeConfig {
         image: a.image,
+        format: a.format.map(Into::into),
         socket: a.socket,
         num_queues: a.num_queues,
         queue_size: a.queue_size,

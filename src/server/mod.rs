@@ -17,6 +17,7 @@ pub mod request;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
+use crate::io::host_file::OpenMode;
 use crate::io::uring::UringIo;
 use backend::BlkBackend;
 use config::DeviceConfig;
@@ -34,6 +35,8 @@ use worker::Ctx;
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub image: PathBuf,
+    /// The image's format; probed when `None`.
+    pub format: Option<engine::Format>,
     pub socket: PathBuf,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -102,11 +105,24 @@ impl Server {
         }
         let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
         let disk = control
-            .block_on(engine::open_disk(control.io(), &cfg.image, cfg.read_only))
+            .block_on(engine::open_disk_with(
+                control.io(),
+                &cfg.image,
+                OpenMode::for_read_only(cfg.read_only),
+                cfg.format,
+            ))
             .map_err(|error| ServeError::Open {
                 path: cfg.image.clone(),
                 error,
             })?;
+        if matches!(&disk, Disk::Raw(r) if r.probed() && !r.read_only()) {
+            tracing::warn!(
+                "{}: the format was probed and guessed raw; probing raw images is dangerous, so \
+                 guest writes that would make it look like an FVD image are refused. Give -f raw \
+                 to lift that restriction.",
+                cfg.image.display()
+            );
+        }
         let serial = serial_bytes(&cfg.serial.clone().unwrap_or_else(|| disk.id()));
         let device = DeviceConfig {
             capacity: disk.virtual_size(),
