@@ -286,3 +286,49 @@ fn create_takes_an_fvd_base_only_when_named() {
     std::fs::write(p.join("b.raw"), vec![3u8; 1 << 20]).unwrap();
     ok(p, &["create", "top3.fvd", "-b", "b.raw"]);
 }
+
+/// Runs `fvd ARGS` with standard output a pipe whose reader has gone (`fvd info x | head -c0`).
+fn with_closed_stdout(dir: &Path, args: &[&str]) -> Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_fvd"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_every_tool_quietly() {
+    let d = dir();
+    let p = d.path();
+    ok(p, &["create", "img.fvd", "--size", "4M"]);
+    for args in [
+        &["info", "img.fvd"][..],
+        &["info", "img.fvd", "--output", "json"],
+        &["map", "img.fvd"],
+        &["map", "img.fvd", "--output", "json"],
+        &["check", "img.fvd"],
+        &["check", "img.fvd", "--output", "json"],
+        &["create", "new.fvd", "--size", "1M"],
+        &["--help"],
+    ] {
+        let o = with_closed_stdout(p, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_ne!(o.status.code(), Some(101), "{args:?}");
+        if args[0] != "--help" {
+            assert_eq!(o.status.code(), Some(141), "{args:?}: {err}");
+            assert!(err.is_empty(), "{args:?}: {err}");
+        }
+    }
+    // The work was done before the report: the image exists and is sound.
+    assert!(ok(p, &["check", "new.fvd"]).contains("No errors"));
+}

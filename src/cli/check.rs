@@ -43,7 +43,7 @@ pub fn run(a: Args) -> Result<i32> {
         let fixed = block_on(engine::repair_image(&io, &a.image))
             .with_context(|| format!("cannot repair {}", a.image.display()))?;
         for p in &fixed {
-            eprintln!("Repaired: {p}");
+            super::warn_line(format_args!("Repaired: {p}"));
         }
         let file = HostFile::open(&a.image, OpenMode::ReadOnly)?;
         return report(&a, block_on(check(&io, file))?);
@@ -54,32 +54,36 @@ pub fn run(a: Args) -> Result<i32> {
 }
 
 fn report(a: &Args, r: engine::check::CheckReport) -> Result<i32> {
+    let mut o = String::new();
     match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Output::Json => outln!(o, "{}", serde_json::to_string_pretty(&r)?),
         Output::Human => {
             for p in &r.problems {
-                println!("ERROR {p}");
+                outln!(o, "ERROR {p}");
             }
             if r.journal_records > 0 {
-                println!(
+                outln!(o,
                     "The image was not shut down cleanly: {} journal records in {} sectors will be replayed on the next open.",
                     r.journal_records, r.journal_sectors
                 );
             }
             if !r.header_slots_valid.iter().all(|&v| v) {
-                println!("One header slot is invalid (an interrupted header update); the other is in use.");
+                outln!(o, "One header slot is invalid (an interrupted header update); the other is in use.");
             }
             if r.problems.is_empty() {
-                println!("No errors were found on the image.");
+                outln!(o, "No errors were found on the image.");
             } else {
-                println!("{} errors were found on the image.", r.problems.len());
-                println!("Run 'fvd check --repair' to fix them.");
+                outln!(o, "{} errors were found on the image.", r.problems.len());
+                outln!(o, "Run 'fvd check --repair' to fix them.");
             }
-            println!(
+            outln!(
+                o,
                 "{} chunks allocated, {} blocks present.",
-                r.allocated_chunks, r.present_blocks
+                r.allocated_chunks,
+                r.present_blocks
             );
         }
     }
+    super::emit(&o)?;
     Ok(if r.corrupt() { 2 } else { 0 })
 }

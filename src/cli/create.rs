@@ -141,7 +141,9 @@ pub fn run(a: Args) -> Result<i32> {
         }
         return Err(e).with_context(|| format!("cannot create {}", a.image.display()));
     }
-    println!(
+    let mut o = String::new();
+    outln!(
+        o,
         "Formatting '{}', fmt=fvd size={} compact={} block_size={} chunk_size={}{}",
         a.image.display(),
         size,
@@ -154,6 +156,7 @@ pub fn run(a: Args) -> Result<i32> {
             .map(|b| format!(" base={} base_fmt={}", b.path, b.format.name()))
             .unwrap_or_default()
     );
+    super::emit(&o)?;
     Ok(0)
 }
 

@@ -128,10 +128,12 @@ pub fn run(a: Args) -> Result<i32> {
             }
         }
     };
+    let mut o = String::new();
     match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
-        Output::Human => print_human(&info),
+        Output::Json => outln!(o, "{}", serde_json::to_string_pretty(&info)?),
+        Output::Human => print_human(&mut o, &info),
     }
+    super::emit(&o)?;
     Ok(0)
 }
 
@@ -150,17 +152,19 @@ fn human_size(b: u64) -> String {
     }
 }
 
-fn print_human(i: &Info) {
-    println!("image: {}", i.filename);
-    println!("file format: {}", i.format);
-    println!(
+fn print_human(o: &mut String, i: &Info) {
+    outln!(o, "image: {}", i.filename);
+    outln!(o, "file format: {}", i.format);
+    outln!(
+        o,
         "virtual size: {} ({} bytes)",
         human_size(i.virtual_size),
         i.virtual_size
     );
-    println!("disk size: {}", human_size(i.actual_size));
+    outln!(o, "disk size: {}", human_size(i.actual_size));
     if let Some(f) = &i.fvd {
-        println!(
+        outln!(
+            o,
             "layout: {}",
             if f.compact {
                 "compact (thin)"
@@ -168,33 +172,39 @@ fn print_human(i: &Info) {
                 "raw-like"
             }
         );
-        println!("block size: {}", f.block_size);
-        println!("chunk size: {}", f.chunk_size);
-        println!(
+        outln!(o, "block size: {}", f.block_size);
+        outln!(o, "chunk size: {}", f.chunk_size);
+        outln!(
+            o,
             "present in image: {} ({} bytes)",
             human_size(f.present_bytes),
             f.present_bytes
         );
         if f.compact {
-            println!("allocated chunks: {}", f.allocated_chunks);
+            outln!(o, "allocated chunks: {}", f.allocated_chunks);
         }
         if let Some(b) = &f.base {
-            println!(
+            outln!(
+                o,
                 "base image: {} (format {}, {} bytes)",
-                b.filename, b.format, b.size
+                b.filename,
+                b.format,
+                b.size
             );
-            println!("base bytes remaining: {}", b.bytes_remaining);
+            outln!(o, "base bytes remaining: {}", b.bytes_remaining);
         }
-        println!(
+        outln!(
+            o,
             "journal: {} (epoch {})",
             human_size(f.journal_size),
             f.journal_epoch
         );
-        println!("clean shutdown: {}", if f.clean { "yes" } else { "no" });
-        println!(
+        outln!(o, "clean shutdown: {}", if f.clean { "yes" } else { "no" });
+        outln!(
+            o,
             "copy-on-read: {}",
             if f.copy_on_read { "on" } else { "off" }
         );
-        println!("prefetch: {}", if f.prefetch { "on" } else { "off" });
+        outln!(o, "prefetch: {}", if f.prefetch { "on" } else { "off" });
     }
 }

@@ -30,12 +30,16 @@ pub fn run(a: Args) -> Result<i32> {
     ))
     .with_context(|| format!("cannot open {}", a.image.display()))?;
     let extents = img.extents();
+    let mut o = String::new();
     match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&extents)?),
+        Output::Json => outln!(o, "{}", serde_json::to_string_pretty(&extents)?),
         Output::Human => {
-            println!(
+            outln!(
+                o,
                 "{:<20}{:<20}{:<20}Location",
-                "Offset", "Length", "Mapped to"
+                "Offset",
+                "Length",
+                "Mapped to"
             );
             for e in &extents {
                 let mapped = e.offset.map(|o| format!("{o:#x}")).unwrap_or_default();
@@ -44,9 +48,10 @@ pub fn run(a: Args) -> Result<i32> {
                     Location::Base => "base".into(),
                     Location::Zero => "zero".into(),
                 };
-                println!("{:<#20x}{:<#20x}{:<20}{loc}", e.start, e.length, mapped);
+                outln!(o, "{:<#20x}{:<#20x}{:<20}{loc}", e.start, e.length, mapped);
             }
         }
     }
+    super::emit(&o)?;
     Ok(0)
 }

@@ -1,6 +1,14 @@
 //! The `fvd` command-line tool (qemu-img conventions). Errors are printed as one line
 //! (`fvd: <what>: <why>`) with a non-zero exit status.
 
+/// `println!` into a `String` report (formatting into memory cannot fail); [`emit`] prints it.
+macro_rules! outln {
+    ($o:expr, $($t:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($o, $($t)*);
+    }};
+}
+
 pub(crate) mod amend;
 pub use amend::OnOff;
 mod check;
@@ -87,6 +95,31 @@ pub fn ro_mode(force_share: bool) -> crate::io::host_file::OpenMode {
     }
 }
 
+/// Standard output could not be written. A closed pipe (`fvd map img | head -1`) ends the
+/// command quietly with status 141, as a SIGPIPE death would in a shell; other errors are
+/// reported.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to standard output: {0}")]
+pub struct OutputError(#[source] std::io::Error);
+
+/// Exit status for a reader that went away, as the shell reports a SIGPIPE death.
+const EXIT_PIPE_CLOSED: i32 = 128 + libc::SIGPIPE;
+
+/// Prints a command's report on standard output.
+pub fn emit(report: &str) -> Result<(), OutputError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(report.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(OutputError)
+}
+
+/// A line on standard error. Its errors are ignored: there is nowhere left to report them.
+pub fn warn_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// Parses a qemu-img style size for clap.
 pub fn size_arg(s: &str) -> Result<u64, String> {
     crate::units::parse_size(s)
@@ -109,7 +142,7 @@ pub fn main() -> i32 {
             // One line: clap's first line without its usage block.
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("fvd: {}", first.trim_start_matches("error: "));
+            warn_line(format_args!("fvd: {}", first.trim_start_matches("error: ")));
             return 2;
         }
     };
@@ -131,7 +164,12 @@ pub fn main() -> i32 {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("fvd: {e:#}");
+            if let Some(o) = e.downcast_ref::<OutputError>() {
+                if o.0.kind() == std::io::ErrorKind::BrokenPipe {
+                    return EXIT_PIPE_CLOSED;
+                }
+            }
+            warn_line(format_args!("fvd: {e:#}"));
             1
         }
     }
