@@ -2,13 +2,14 @@
 //! opened read-only.
 
 use super::counters::Counters;
-use super::error::{IoContext, Result};
+use super::error::{EngineError, IoContext, Result};
 use super::image::Image;
 use super::storage::Storage;
 use crate::io::nbd::NbdClient;
-use crate::io::{Buf, Io};
+use crate::io::{Buf, Io, IoFile};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub enum Base<I: Io> {
     Raw {
@@ -51,10 +52,43 @@ impl<I: Io> Base<I> {
             }
             let part = buf.slice(0, inside as usize);
             match self {
-                Base::Raw { store, .. } => store.read(io, c, off, part).await,
+                Base::Raw { store, .. } => {
+                    store.read(io, c, off, part.clone()).await?;
+                    check_not_shrunk(store, off, &part)
+                }
                 Base::Fvd(img) => img.read(io, off, part).await,
                 Base::Nbd(c) => c.read(off, part).await.ctx("read from NBD base"),
             }
         })
     }
+}
+
+/// A raw base file or device read past its end yields zeros. If the base shrank after it was
+/// opened, the zeros that `part` may hold are not its data: fail the read instead (and the
+/// copy-on-read or prefetch that would keep them). A read whose last sector holds data reached
+/// its end, so the size is only looked up when that sector is all zeros.
+fn check_not_shrunk<I: Io>(store: &Storage<I>, off: u64, part: &Buf) -> Result<()> {
+    let len = part.len();
+    let mut tail = [0u8; 512];
+    let n = len.min(tail.len());
+    part.copy_to_slice(len - n, &mut tail[..n]);
+    if tail[..n].iter().any(|&b| b != 0) {
+        return Ok(());
+    }
+    let size = store.file.size().ctx("size of base image")?;
+    if size >= off + len as u64 {
+        return Ok(());
+    }
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::error!(
+            "the raw base image shrank to {size} bytes while in use; reads past its end fail \
+             with EIO (further ones are not logged)"
+        );
+    }
+    Err(EngineError::BaseShrank {
+        size,
+        offset: off,
+        len: len as u64,
+    })
 }

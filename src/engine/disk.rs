@@ -227,7 +227,7 @@ async fn open_base_of<I: Io<File = HostFile>>(
     depth: usize,
 ) -> Result<Option<Base<I>>> {
     let h = Image::<I>::read_header(io, file).await?;
-    Ok(match &h.base {
+    let base = match &h.base {
         None => None,
         Some(b) => {
             if depth >= MAX_CHAIN {
@@ -236,30 +236,50 @@ async fn open_base_of<I: Io<File = HostFile>>(
                 )));
             }
             if is_nbd_uri(&b.path) {
-                return open_nbd_base(&b.path, b.format).map(Some);
+                Some(open_nbd_base(&b.path, b.format)?)
+            } else {
+                Some(open_file_base(io, file, b, depth).await?)
             }
-            let path = resolve_base(file.path(), &b.path);
-            let bf =
-                HostFile::open(&path, OpenMode::ReadOnly).map_err(|error| EngineError::Io {
-                    context: "open base image",
-                    error,
-                })?;
-            Some(match b.format {
-                BaseFormat::Raw => {
-                    let size = bf.size().map_err(|error| EngineError::Io {
-                        context: "size of base",
-                        error,
-                    })?;
-                    Base::Raw {
-                        store: Storage::new(bf),
-                        size,
-                    }
-                }
-                BaseFormat::Fvd => {
-                    Base::Fvd(Box::new(open_fvd_file(io, bf, true, depth + 1).await?))
-                }
-            })
         }
+    };
+    // A base that lost its tail would read as zeros there, and copy-on-read would make those
+    // zeros permanent in this image.
+    if let (Some(base), Some(b)) = (&base, &h.base) {
+        if base.size() < b.size {
+            return Err(EngineError::BaseTooSmall {
+                path: b.path.clone(),
+                size: base.size(),
+                recorded: b.size,
+            });
+        }
+    }
+    Ok(base)
+}
+
+/// Opens the base `b` on a host file (its format is the one the header names).
+async fn open_file_base<I: Io<File = HostFile>>(
+    io: &I,
+    file: &HostFile,
+    b: &crate::format::BaseRef,
+    depth: usize,
+) -> Result<Base<I>> {
+    let path = resolve_base(file.path(), &b.path);
+    let bf = HostFile::open(&path, OpenMode::ReadOnly).map_err(|error| EngineError::Io {
+        context: "open base image",
+        error,
+    })?;
+    Ok(match b.format {
+        BaseFormat::Raw => {
+            let size = bf.size().map_err(|error| EngineError::Io {
+                context: "size of base",
+                error,
+            })?;
+            Base::Raw {
+                store: Storage::new(bf),
+                size,
+            }
+        }
+        BaseFormat::Fvd => Base::Fvd(Box::new(open_fvd_file(io, bf, true, depth + 1).await?)),
     })
 }
 

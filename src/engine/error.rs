@@ -34,6 +34,17 @@ pub enum EngineError {
          format was probed (name the format: -f raw)"
     )]
     ProbedRawMagic,
+    #[error(
+        "base image {path} is {size} bytes, smaller than the {recorded} bytes recorded in the \
+         image: it was truncated or replaced"
+    )]
+    BaseTooSmall {
+        path: String,
+        size: u64,
+        recorded: u64,
+    },
+    #[error("base image shrank to {size} bytes while in use: [{offset}, +{len}) is past its end")]
+    BaseShrank { size: u64, offset: u64, len: u64 },
 }
 
 impl EngineError {
@@ -48,6 +59,7 @@ impl EngineError {
             EngineError::NotFvd | EngineError::Truncated { .. } => libc::EUCLEAN,
             // As QEMU's raw driver: the guest sees an I/O error.
             EngineError::ProbedRawMagic => libc::EPERM,
+            EngineError::BaseTooSmall { .. } | EngineError::BaseShrank { .. } => libc::EIO,
         }
     }
 }
