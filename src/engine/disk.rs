@@ -94,17 +94,8 @@ pub enum Format {
     Raw,
 }
 
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Fvd => "fvd",
-            Format::Raw => "raw",
-        }
-    }
-}
-
 /// Bytes `probe` looks at: both header slots. The FVD magic at offset 0 or 4096 means FVD.
-pub const PROBE_LEN: u64 = 8192;
+pub(crate) const PROBE_LEN: u64 = 8192;
 /// Offsets of the magic `probe` looks for.
 pub(crate) const PROBE_MAGIC_AT: [u64; 2] = [0, 4096];
 

@@ -1,7 +1,7 @@
 //! A raw file or block device served as is (no FVD metadata).
 //!
-//! A raw image whose format was probed (no `-f raw`) is next probed from what the guest wrote
-//! into it. As QEMU's raw driver does for probed images, writes that would make it probe as FVD
+//! A raw image whose format was probed (no `-f raw`) is probed again when next opened, from
+//! what the guest wrote into it. As QEMU's raw driver does for probed images, writes that would make it probe as FVD
 //! (the magic in a header slot) are refused with EPERM: otherwise, after a restart, the guest's
 //! header could name any host file as its base image and the guest would read that file.
 
