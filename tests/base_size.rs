@@ -177,3 +177,77 @@ fn a_served_image_whose_base_shrinks_gives_the_guest_io_errors() {
         Err(_) => panic!("hung (guard timeout)"),
     }
 }
+
+/// `fvd serve` with its log (stderr) in `log`; ready once the socket exists.
+struct LoggedServer(std::process::Child);
+
+impl LoggedServer {
+    fn start(image: &Path, socket: &Path, log: &Path, args: &[&str]) -> LoggedServer {
+        let child = fvd()
+            .arg("serve")
+            .arg(image)
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut s = LoggedServer(child);
+        let t0 = std::time::Instant::now();
+        while !socket.exists() {
+            assert!(s.0.try_wait().unwrap().is_none(), "fvd serve exited");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "fvd serve not ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+}
+
+impl Drop for LoggedServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_shrunk_base_is_logged_as_an_error_once() {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(|| {
+            let d = dir();
+            setup(d.path());
+            let log = d.path().join("serve.log");
+            let sock = d.path().join("s.sock");
+            let srv = LoggedServer::start(
+                &d.path().join("img.fvd"),
+                &sock,
+                &log,
+                &["--num-queues", "1", "--log-level", "error"],
+            );
+            let mut c = connect(&sock, 1, false).unwrap();
+            truncate(&d.path().join("base.raw"), 512 << 10);
+            for i in 0..4 {
+                assert_eq!(
+                    c.run(0, Req::Read, (768 << 10) + i * 4096, 0, 4096),
+                    -libc::EIO
+                );
+            }
+            drop(c);
+            drop(srv);
+            let text = std::fs::read_to_string(&log).unwrap();
+            assert_eq!(text.matches("shrank").count(), 1, "{text}");
+            assert!(text.contains("ERROR"), "{text}");
+        });
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Ok(())) => {}
+        Ok(Err(p)) => std::panic::resume_unwind(p),
+        Err(_) => panic!("hung (guard timeout)"),
+    }
+}

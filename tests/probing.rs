@@ -259,3 +259,47 @@ fn with_format_raw_the_guest_writes_anything_and_still_reads_no_host_file() {
         assert!(err.contains("not an FVD image"), "{err}");
     })
 }
+
+/// Starts `fvd serve IMAGE ARGS` with its log in a file, waits for the socket, stops it and
+/// returns the log.
+fn serve_log(image: &Path, args: &[&str]) -> String {
+    let d = dir();
+    let (sock, log) = (d.path().join("s.sock"), d.path().join("log"));
+    let mut child = fvd()
+        .arg("serve")
+        .arg(image)
+        .arg("--socket")
+        .arg(&sock)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !sock.exists() && child.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "fvd serve not ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn serving_a_probed_raw_image_writable_warns() {
+    let d = dir();
+    let p = d.path().join("disk.raw");
+    std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+    let log = serve_log(&p, &[]);
+    assert!(log.contains("WARN") && log.contains("-f raw"), "{log}");
+    for args in [&["-f", "raw"][..], &["--readonly"]] {
+        let log = serve_log(&p, args);
+        assert!(!log.contains("probed"), "{args:?}: {log}");
+    }
+    let img = serve_support::create_image(d.path(), "img.fvd", "1M");
+    let log = serve_log(&img, &[]);
+    assert!(!log.contains("probed"), "{log}");
+}
