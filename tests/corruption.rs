@@ -266,6 +266,76 @@ fn journal_records_with_huge_values_are_corruption_not_a_hang() {
 }
 
 #[test]
+fn damaged_newest_header_slot_is_corruption_not_a_rollback() {
+    let d = tmpdir();
+    let (path, _) = compact_with_data(d.path(), false);
+    // Open bumped the epoch with a new generation; the data's records carry that epoch.
+    let h = header(&path);
+    let slot = h.slot_offset();
+    let mut s = read_at(&path, slot, SECTOR);
+    s[200] ^= 1;
+    write_at(&path, slot, &s);
+    assert_eq!(
+        header(&path).journal_epoch + 1,
+        h.journal_epoch,
+        "older slot"
+    );
+    assert_corrupt(open(&path, true), "newest header slot is damaged");
+    assert_corrupt(open(&path, false), "newest header slot is damaged");
+    assert_tools_refuse(d.path(), "img.fvd", "newest header slot is damaged");
+}
+
+#[test]
+fn bad_journal_sector_before_later_records_is_corruption() {
+    let d = tmpdir();
+    let path = d.path().join("img.fvd");
+    create(&path, 4 << 20, true);
+    let img = open(&path, false).unwrap();
+    for c in 0..3 {
+        write(&img, c * CS, &pattern(c, CS as usize));
+        block_on(img.flush(&SyncIo)).unwrap();
+    }
+    assert_eq!(block_on(img.journal_used()), 3, "one sector per flush");
+    drop(img);
+    let h = header(&path);
+    let off = h.journal_offset + SECTOR as u64;
+    let mut s = read_at(&path, off, SECTOR);
+    s[100] ^= 0x40;
+    write_at(&path, off, &s);
+    assert_corrupt(open(&path, true), "was written after sector 1");
+    assert_tools_refuse(d.path(), "img.fvd", "was written after sector 1");
+}
+
+#[test]
+fn torn_last_journal_write_stays_a_torn_tail() {
+    let d = tmpdir();
+    let path = d.path().join("img.fvd");
+    create(&path, 64 << 20, true);
+    let img = open(&path, false).unwrap();
+    write(&img, 0, &pattern(1, BS as usize));
+    block_on(img.flush(&SyncIo)).unwrap();
+    // Separate blocks: one record each, three sectors in one journal write.
+    for b in 0..600u64 {
+        write(&img, (2 * b + 4) * BS, &pattern(b, 4096));
+    }
+    let before = block_on(img.journal_used());
+    block_on(img.flush(&SyncIo)).unwrap();
+    assert!(block_on(img.journal_used()) >= before + 3);
+    drop(img);
+    // Tear the middle sector of the last write: the sectors after it are part of the same
+    // unacknowledged write, so this is a torn tail and open accepts it.
+    let h = header(&path);
+    let off = h.journal_offset + (before + 1) * SECTOR as u64;
+    write_at(&path, off, &vec![0u8; SECTOR]);
+    let img = open(&path, false).unwrap();
+    assert!(read(&img, 0, BS as usize) == pattern(1, BS as usize));
+    block_on(img.close(&SyncIo)).unwrap();
+    drop(img);
+    let (code, err) = fvd(d.path(), &["check", "img.fvd"]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
 fn truncated_compact_image_is_corruption() {
     let d = tmpdir();
     let (path, _) = compact_with_data(d.path(), true);

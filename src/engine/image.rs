@@ -525,6 +525,12 @@ impl<I: Io> Image<I> {
 }
 
 /// Reads the journal of the header's epoch; returns its entries and the number of valid sectors.
+///
+/// Replay ends at the first sector that is not a valid sector of the epoch at its position. That
+/// is a torn tail only if nothing written later survives: the rest of the journal is scanned, and
+/// a valid sector of this epoch appended by a later write, or any sector of the next epoch (whose
+/// header must then have been durable), proves damage, reported as corruption instead of
+/// silently dropping flushed records.
 pub(super) async fn replay<I: Io>(
     io: &I,
     store: &Storage<I>,
@@ -534,26 +540,61 @@ pub(super) async fn replay<I: Io>(
     let total = h.journal_len / SECTOR as u64;
     let per_read = 256u64; // 1 MiB
     let mut entries = Vec::new();
-    let mut seq = 0u64;
-    while seq < total {
-        let n = per_read.min(total - seq);
+    let mut tail = None;
+    let mut pos = 0u64;
+    while pos < total {
+        let n = per_read.min(total - pos);
         let raw = read_region(
             io,
             store,
             c,
-            h.journal_offset + seq * SECTOR as u64,
+            h.journal_offset + pos * SECTOR as u64,
             n * SECTOR as u64,
         )
         .await?;
-        for i in 0..n as usize {
-            match journal::decode(&raw[i * SECTOR..(i + 1) * SECTOR], h.journal_epoch, seq) {
-                Some(e) => {
-                    entries.extend(e);
-                    seq += 1;
-                }
-                None => return Ok((entries, seq)),
+        for sector in raw.chunks(SECTOR) {
+            match tail {
+                None => match journal::decode(sector, h.journal_epoch, pos) {
+                    Some(e) => entries.extend(e),
+                    None => {
+                        check_after_tail(sector, h.journal_epoch, pos, pos)?;
+                        tail = Some(pos);
+                    }
+                },
+                Some(t) => check_after_tail(sector, h.journal_epoch, pos, t)?,
             }
+            pos += 1;
         }
     }
-    Ok((entries, seq))
+    Ok((entries, tail.unwrap_or(total)))
+}
+
+/// Journal sector at `pos`, at or after the end `tail` of the replayed journal of `epoch`: fails
+/// if it proves that the journal was damaged rather than torn.
+fn check_after_tail(sector: &[u8], epoch: u64, pos: u64, tail: u64) -> Result<()> {
+    let Some(id) = journal::identify(sector) else {
+        return Ok(());
+    };
+    if id.seq != pos {
+        return Ok(());
+    }
+    let corrupt = |what: String| Err(EngineError::Corrupt(format!("journal sector {pos} {what}")));
+    if Some(id.epoch) == epoch.checked_add(1) {
+        return corrupt(format!(
+            "belongs to epoch {}, newer than the header's {epoch}: the newest header slot is damaged",
+            id.epoch
+        ));
+    }
+    if id.epoch != epoch {
+        return Ok(());
+    }
+    if pos == tail {
+        return corrupt("has a valid checksum but invalid records".into());
+    }
+    if id.commit_start.is_some_and(|s| s > tail) {
+        return corrupt(format!(
+            "was written after sector {tail}, which is damaged: flushed records would be lost"
+        ));
+    }
+    Ok(())
 }
