@@ -116,9 +116,19 @@ fn assert_corrupt(r: fvd::engine::Result<Image<SyncIo>>, what: &str) {
     }
 }
 
-/// Runs `fvd args` with a 20 s timeout and a 2 GiB address-space limit; returns the exit code
-/// (None: killed by a signal) and stderr. A hang fails the test.
+fn fvd_stdout(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let (code, out, _) = run_fvd(dir, args);
+    (code, out)
+}
+
 fn fvd(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let (code, _, err) = run_fvd(dir, args);
+    (code, err)
+}
+
+/// Runs `fvd args` with a 20 s timeout and a 2 GiB address-space limit; returns the exit code
+/// (None: killed by a signal), stdout and stderr. A hang fails the test.
+fn run_fvd(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fvd"));
     cmd.args(args)
         .current_dir(dir)
@@ -143,7 +153,11 @@ fn fvd(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let out = child.wait_with_output().unwrap();
-            return (status.code(), String::from_utf8_lossy(&out.stderr).into());
+            return (
+                status.code(),
+                String::from_utf8_lossy(&out.stdout).into(),
+                String::from_utf8_lossy(&out.stderr).into(),
+            );
         }
         if Instant::now() > deadline {
             child.kill().unwrap();
@@ -283,6 +297,35 @@ fn damaged_newest_header_slot_is_corruption_not_a_rollback() {
     assert_corrupt(open(&path, true), "newest header slot is damaged");
     assert_corrupt(open(&path, false), "newest header slot is damaged");
     assert_tools_refuse(d.path(), "img.fvd", "newest header slot is damaged");
+    assert_repair_drops_the_rest(d.path());
+    let img = open(&path, true).unwrap();
+    assert!(
+        read(&img, 0, CS as usize) == vec![0; CS as usize],
+        "lost epoch dropped"
+    );
+}
+
+/// `check` reports journal damage as corruption (exit 2); `check --repair` keeps the records
+/// before it, and its new epoch lies past every epoch in the journal, so no stale sector of a
+/// later epoch is ever replayed: the image then checks clean and opens.
+fn assert_repair_drops_the_rest(dir: &Path) {
+    let (code, err) = fvd(dir, &["check", "img.fvd"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, err) = fvd(dir, &["check", "--repair", "img.fvd"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("Repaired: journal sector"), "{err}");
+    let (code, out) = fvd_stdout(dir, &["check", "img.fvd", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report["journal_records"], 0,
+        "a stale sector was taken as new: {out}"
+    );
+    let img = open(&dir.join("img.fvd"), false).unwrap();
+    block_on(img.close(&SyncIo)).unwrap();
+    drop(img);
+    let (code, err) = fvd(dir, &["check", "img.fvd"]);
+    assert_eq!(code, Some(0), "{err}");
 }
 
 #[test]
@@ -304,6 +347,12 @@ fn bad_journal_sector_before_later_records_is_corruption() {
     write_at(&path, off, &s);
     assert_corrupt(open(&path, true), "was written after sector 1");
     assert_tools_refuse(d.path(), "img.fvd", "was written after sector 1");
+    assert_repair_drops_the_rest(d.path());
+    let img = open(&path, true).unwrap();
+    assert!(
+        read(&img, 0, CS as usize) == pattern(0, CS as usize),
+        "sector 0 kept"
+    );
 }
 
 #[test]

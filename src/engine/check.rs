@@ -28,6 +28,9 @@ pub enum Problem {
     /// Raw-like images: blocks from `block` on are marked present but lie past the end of the
     /// file (it was truncated; their data is gone): repair clears their bits.
     DataBeyondEnd { block: u64 },
+    /// A journal sector proves that records after the replayed journal were lost (damage, not a
+    /// torn last write): repair keeps the records before it and drops the rest.
+    JournalDamaged { sector: u64, what: String },
 }
 
 impl std::fmt::Display for Problem {
@@ -51,6 +54,7 @@ impl std::fmt::Display for Problem {
                     "chunk {chunk} maps to physical chunk {phys}, past the end of the storage"
                 )
             }
+            Problem::JournalDamaged { sector, what } => write!(f, "journal sector {sector} {what}"),
             Problem::DataBeyondEnd { block } => {
                 write!(
                     f,
@@ -123,6 +127,7 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
     let mut entries = Vec::new();
     for p in problems {
         let chunk = match *p {
+            Problem::JournalDamaged { .. } => continue,
             Problem::DataBeyondEnd { block } => {
                 entries.push(JournalEntry::ClearBits {
                     start: block,
@@ -197,9 +202,15 @@ pub async fn check<I: Io>(io: &I, file: I::File) -> Result<CheckReport> {
     let inactive = read(h.meta_offset[1 - h.active_meta as usize]).await?;
     let mut scratch = Committed::new(&geo, h.compact(), h.bitmap_sectors, h.table_sectors);
     let inactive_ok = scratch.load(1 - h.active_meta, &inactive).is_ok();
-    let (entries, tail) = super::image::replay(io, &store, &c, &h).await?;
+    let super::image::Replayed {
+        entries,
+        tail,
+        damage,
+        ..
+    } = super::image::replay(io, &store, &c, &h).await?;
     committed.apply(&entries)?;
-    let problems = find_problems(&committed, &h, Some(size));
+    let mut problems = find_problems(&committed, &h, Some(size));
+    problems.extend(damage);
     let present_blocks = committed.bits.iter().map(|w| w.count_ones() as u64).sum();
     let allocated_chunks = committed
         .table

@@ -317,6 +317,7 @@ impl<I: Io> Image<I> {
         }
         let geo = header.geometry();
         let storage_size = storage_len(&store)?;
+        let mut damaged = None;
         check_regions_fit(&header, storage_size)?;
         if store.file.is_block_device() && !header.compact() {
             let need = header.data_offset + geo.block_count() * geo.block_size;
@@ -346,9 +347,25 @@ impl<I: Io> Image<I> {
         )
         .await?;
         committed.load(active, &meta)?;
-        let (entries, tail) = replay(io, &store, &c, &header).await?;
+        let Replayed {
+            entries,
+            tail,
+            damage,
+            newest_epoch,
+        } = replay(io, &store, &c, &header).await?;
+        let mut header = header;
+        if let Some(d) = damage {
+            if !repair || read_only {
+                return Err(EngineError::Corrupt(format!(
+                    "{d}; 'fvd check --repair' drops the records after sector {tail}"
+                )));
+            }
+            // The new epoch written below must exceed every epoch in the journal.
+            header.journal_epoch = header.journal_epoch.max(newest_epoch);
+            damaged = Some(d);
+        }
         committed.apply(&entries)?;
-        let problems = super::check::find_problems(&committed, &header, Some(storage_size));
+        let mut problems = super::check::find_problems(&committed, &header, Some(storage_size));
         if !problems.is_empty() {
             if !repair || read_only {
                 return Err(EngineError::Corrupt(format!(
@@ -359,6 +376,8 @@ impl<I: Io> Image<I> {
             }
             super::check::fix_problems(&mut committed, &header, &problems);
         }
+        // Fixed by replaying only up to the damage; the checkpoint below starts a new epoch.
+        problems.extend(damaged);
         let live = LiveMetadata::from_committed(geo, &committed);
         let mut alloc = Allocator::from_table(&committed.table, &header, &store)?;
         if !read_only && !store.file.is_block_device() {
@@ -524,23 +543,39 @@ impl<I: Io> Image<I> {
     }
 }
 
-/// Reads the journal of the header's epoch; returns its entries and the number of valid sectors.
+/// What [`replay`] found in the journal.
+pub(super) struct Replayed {
+    pub entries: Vec<JournalEntry>,
+    /// Valid sectors of the header's epoch, from the start.
+    pub tail: u64,
+    /// Damage that a torn write cannot explain: flushed records follow the tail.
+    pub damage: Option<super::check::Problem>,
+    /// Highest epoch of a valid sector at its position: a new epoch must exceed it, or stale
+    /// sectors of a lost header's epoch would be replayed as new ones.
+    pub newest_epoch: u64,
+}
+
+/// Reads the journal of the header's epoch.
 ///
 /// Replay ends at the first sector that is not a valid sector of the epoch at its position. That
 /// is a torn tail only if nothing written later survives: the rest of the journal is scanned, and
 /// a valid sector of this epoch appended by a later write, or any sector of the next epoch (whose
-/// header must then have been durable), proves damage, reported as corruption instead of
-/// silently dropping flushed records.
+/// header must then have been durable), proves damage.
 pub(super) async fn replay<I: Io>(
     io: &I,
     store: &Storage<I>,
     c: &Counters,
     h: &Header,
-) -> Result<(Vec<JournalEntry>, u64)> {
+) -> Result<Replayed> {
     let total = h.journal_len / SECTOR as u64;
     let per_read = 256u64; // 1 MiB
-    let mut entries = Vec::new();
-    let mut tail = None;
+    let mut r = Replayed {
+        entries: Vec::new(),
+        tail: total,
+        damage: None,
+        newest_epoch: h.journal_epoch,
+    };
+    let mut ended = false;
     let mut pos = 0u64;
     while pos < total {
         let n = per_read.min(total - pos);
@@ -553,48 +588,51 @@ pub(super) async fn replay<I: Io>(
         )
         .await?;
         for sector in raw.chunks(SECTOR) {
-            match tail {
-                None => match journal::decode(sector, h.journal_epoch, pos) {
-                    Some(e) => entries.extend(e),
-                    None => {
-                        check_after_tail(sector, h.journal_epoch, pos, pos)?;
-                        tail = Some(pos);
-                    }
-                },
-                Some(t) => check_after_tail(sector, h.journal_epoch, pos, t)?,
+            if !ended {
+                if let Some(e) = journal::decode(sector, h.journal_epoch, pos) {
+                    r.entries.extend(e);
+                    pos += 1;
+                    continue;
+                }
+                ended = true;
+                r.tail = pos;
             }
+            after_tail(&mut r, sector, h.journal_epoch, pos);
             pos += 1;
         }
     }
-    Ok((entries, tail.unwrap_or(total)))
+    Ok(r)
 }
 
-/// Journal sector at `pos`, at or after the end `tail` of the replayed journal of `epoch`: fails
-/// if it proves that the journal was damaged rather than torn.
-fn check_after_tail(sector: &[u8], epoch: u64, pos: u64, tail: u64) -> Result<()> {
+/// Journal sector at `pos`, at or after the end of the replayed journal of `epoch`: records
+/// whether it proves that the journal was damaged rather than torn.
+fn after_tail(r: &mut Replayed, sector: &[u8], epoch: u64, pos: u64) {
     let Some(id) = journal::identify(sector) else {
-        return Ok(());
+        return;
     };
     if id.seq != pos {
-        return Ok(());
+        return;
     }
-    let corrupt = |what: String| Err(EngineError::Corrupt(format!("journal sector {pos} {what}")));
-    if Some(id.epoch) == epoch.checked_add(1) {
-        return corrupt(format!(
+    let tail = r.tail;
+    let damage = if Some(id.epoch) == epoch.checked_add(1) {
+        r.newest_epoch = id.epoch;
+        Some(format!(
             "belongs to epoch {}, newer than the header's {epoch}: the newest header slot is damaged",
             id.epoch
-        ));
-    }
-    if id.epoch != epoch {
-        return Ok(());
-    }
-    if pos == tail {
-        return corrupt("has a valid checksum but invalid records".into());
-    }
-    if id.commit_start.is_some_and(|s| s > tail) {
-        return corrupt(format!(
+        ))
+    } else if id.epoch != epoch {
+        None
+    } else if pos == tail {
+        Some("has a valid checksum but invalid records".into())
+    } else if id.commit_start.is_some_and(|s| s > tail) {
+        Some(format!(
             "was written after sector {tail}, which is damaged: flushed records would be lost"
-        ));
+        ))
+    } else {
+        None
+    };
+    if let Some(what) = damage {
+        r.damage
+            .get_or_insert(super::check::Problem::JournalDamaged { sector: pos, what });
     }
-    Ok(())
 }
