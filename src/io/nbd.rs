@@ -729,3 +729,38 @@ fn transmit(sh: &Shared, mut s: Stream) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(size: u64, min_block: u32, max_block: u32) -> Export {
+        Export {
+            size,
+            transmission_flags: 0,
+            min_block,
+            max_block,
+        }
+    }
+
+    #[test]
+    fn a_reconnect_accepts_only_an_export_that_fits_the_requests() {
+        let old = export(1 << 20, 512, 1 << 20);
+        for ok in [
+            old,
+            export(1 << 20, 1, 32 << 20),
+            export(1 << 20, 512, 2 << 20),
+        ] {
+            assert!(same_export(&old, &ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            export((1 << 20) + 512, 512, 1 << 20),
+            export(1 << 20, 4096, 1 << 20),
+            export(1 << 20, 512, 64 << 10),
+        ] {
+            let e = same_export(&old, &bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}");
+            assert!(e.to_string().contains("export changed"), "{e}");
+        }
+    }
+}
