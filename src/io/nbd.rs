@@ -140,10 +140,12 @@ impl Shared {
     }
 
     /// Consumes a wake-up. Whatever was queued before it is seen by the worker's next round.
+    /// The counter is read before the flag is cleared: a `wake` that writes after the clear is
+    /// then never swallowed by this read.
     fn take_wake(&self) {
-        self.wake_pending.store(false, Ordering::Release);
-        // EAGAIN when a racing `wake` has not written yet: its write wakes the next poll.
+        // EAGAIN only if there was nothing to consume.
         let _ = self.wake.read();
+        self.wake_pending.store(false, Ordering::Release);
     }
 
     /// Runs the timers that are not per request: the end of a shutdown's grace and of the
