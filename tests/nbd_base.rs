@@ -772,6 +772,40 @@ fn client_read_timeout_reconnect_and_shutdown_on_a_stalled_server() {
     drop(srv);
 }
 
+#[test]
+fn many_small_reads_from_many_threads_never_stall() {
+    let dir = tmpdir();
+    let p = dir.path();
+    let (base_path, base) = base_file(p, 1 << 20);
+    let srv = QemuNbd::unix(p, &base_path, "base");
+    let uri = srv.uri.clone();
+    let base = Arc::new(base);
+    // Without a read timeout a lost wake-up of the client's worker would hang a read forever.
+    within(Duration::from_secs(60), move || {
+        let opts = NbdOptions {
+            timeout: None,
+            ..Default::default()
+        };
+        let c = Arc::new(NbdClient::connect_with(&uri, opts).unwrap());
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (c, base) = (c.clone(), base.clone());
+                std::thread::spawn(move || {
+                    for i in 0..8000u64 {
+                        let off = ((t * 8000 + i) * 4099) % ((1 << 20) - 512);
+                        let got = nbd_read(&c, off, 512).unwrap();
+                        assert!(got == base[off as usize..off as usize + 512], "{off}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    });
+    drop(srv);
+}
+
 fn sigkill(pid: u32) -> i32 {
     // SAFETY: kill(2) with plain integer arguments, on a child process we started and have not
     // reaped (so the pid cannot have been reused).
