@@ -746,6 +746,12 @@ fn client_read_timeout_reconnect_and_shutdown_on_a_stalled_server() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(nbd_read(&c, 8192, 100).unwrap() == base[8192..8292]);
+        // Limits past what a clock can hold mean "never", not a crash of the worker.
+        c.set_options(NbdOptions {
+            timeout: Some(Duration::MAX),
+            reconnect_delay: Duration::MAX,
+        });
+        assert!(nbd_read(&c, 100, 100).unwrap() == base[100..200]);
 
         // No timeout at all: a shutdown still ends a read the stalled server never answers.
         c.set_options(NbdOptions {

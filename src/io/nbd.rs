@@ -163,8 +163,11 @@ impl Shared {
             }
         }
         let delay = st.opts.reconnect_delay;
-        if let Link::Down { since, why } = &st.link {
-            let end = *since + delay;
+        // An end beyond what `Instant` can hold never comes.
+        if let Some((end, why)) = match &st.link {
+            Link::Down { since, why } => since.checked_add(delay).map(|e| (e, why)),
+            _ => None,
+        } {
             if now >= end {
                 let why = why.clone();
                 expired.extend(st.pending.drain().map(|(_, p)| p));
@@ -353,7 +356,13 @@ impl NbdClient {
         let sh = shared.clone();
         let worker = std::thread::Builder::new()
             .name("nbd-client".into())
-            .spawn(move || worker(&sh, s, export))
+            .spawn(move || {
+                // Should the worker ever panic, reads must fail rather than wait forever.
+                let run = std::panic::AssertUnwindSafe(|| worker(&sh, s, export));
+                if std::panic::catch_unwind(run).is_err() {
+                    sh.close_all();
+                }
+            })
             .map_err(ctx)?;
         tracing::debug!(uri, size = export.size, "connected to NBD export");
         Ok(NbdClient {
@@ -682,8 +691,13 @@ fn transmit(sh: &Shared, mut s: Stream) -> String {
             st.sent.pop_front();
         }
         let mut due = None;
-        if let (Some(t), Some(&(at, c))) = (st.opts.timeout, st.sent.front()) {
-            if now >= at + t {
+        let oldest = st.sent.front().copied();
+        // A deadline beyond what `Instant` can hold never comes.
+        let oldest_due = st.opts.timeout.zip(oldest);
+        if let Some((t, c, end)) =
+            oldest_due.and_then(|(t, (at, c))| at.checked_add(t).map(|end| (t, c, end)))
+        {
+            if now >= end {
                 let p = st.pending.remove(&c);
                 drop(guard);
                 let why = format!("no reply within {} s", t.as_secs_f64());
@@ -695,7 +709,7 @@ fn transmit(sh: &Shared, mut s: Stream) -> String {
                 }
                 return format!("{why}: the server is not responding");
             }
-            due = Some(at + t);
+            due = Some(end);
         }
         drop(guard);
         if let Err(e) = send_some(&mut s, &mut out, &mut out_pos) {
