@@ -1,14 +1,20 @@
 //! Base images on NBD exports served by a real `qemu-nbd`, over a unix socket and loopback TCP:
 //! reads come from the export, writes stay in the image, many reads run at once, and a server
-//! that dies makes reads fail instead of hang.
+//! that dies makes reads fail instead of hang. A stalled server (SIGSTOP) and a restarted one,
+//! through a real `fvd serve` and libblkio: reads time out, reconnect, and SIGTERM still ends
+//! the server promptly.
+
+mod serve_support;
 
 use fvd::engine::{self, CreateParams, Disk, Image};
 use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::{block_on, Executor};
 use fvd::io::host_file::OpenMode;
-use fvd::io::nbd::NbdClient;
+use fvd::io::nbd::{NbdClient, NbdOptions};
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
+use serve_support::client::{connect, Req};
+use serve_support::ServerProc;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -111,14 +117,19 @@ impl Drop for QemuNbd {
 
 /// Runs `f` on its own thread; a hang fails the test instead of blocking the suite.
 fn guarded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    within(Duration::from_secs(300), f)
+}
+
+/// Runs `f` on its own thread and fails the test if it takes longer than `limit`.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
     });
-    match rx.recv_timeout(Duration::from_secs(300)) {
+    match rx.recv_timeout(limit) {
         Ok(Ok(v)) => v,
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        Err(_) => panic!("hung (guard timeout)"),
+        Err(_) => panic!("hung (guard timeout of {limit:?})"),
     }
 }
 
@@ -521,6 +532,282 @@ fn killed_server_fails_pending_and_later_reads() {
         assert_eq!(disk_read(&d, 2 << 20, 512).unwrap(), vec![9u8; 512]);
         drop(d);
         drop(c);
+    });
+    drop(srv);
+}
+
+/// Sends `sig` to a child process we started and have not reaped.
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with plain integer arguments, on our unreaped child (no pid reuse).
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+/// A 4 MiB base exported by qemu-nbd on a unix socket, and `img.fvd` (8 MiB) on top of it.
+fn image_on_nbd(p: &Path) -> (QemuNbd, PathBuf, Vec<u8>) {
+    let (base_path, base) = base_file(p, 4 << 20);
+    let srv = QemuNbd::unix(p, &base_path, "base");
+    fvd_ok(p, &["create", "img.fvd", "-b", &srv.uri, "-s", "8M"]);
+    (srv, base_path, base)
+}
+
+fn serve(img: &Path, sock: &Path, args: &[&str]) -> ServerProc {
+    let mut all = vec!["--num-queues", "1", "--no-prefetch"];
+    all.extend_from_slice(args);
+    ServerProc::start(img, sock, &all)
+}
+
+fn assert_clean(p: &Path) {
+    let o = fvd(p, &["check", "img.fvd"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+const K64: usize = 64 << 10;
+
+#[test]
+fn stalled_server_fails_reads_within_the_timeout_and_blocks_nothing_else() {
+    let dir = tmpdir();
+    let p = dir.path();
+    let (srv, _, base) = image_on_nbd(p);
+    let nbd = srv.pid();
+    let mut fvd_srv = serve(
+        &p.join("img.fvd"),
+        &p.join("v.sock"),
+        &["--base-timeout", "2"],
+    );
+    let sock = fvd_srv.socket.clone();
+    within(Duration::from_secs(150), move || {
+        let mut c = connect(&sock, 1, false).unwrap();
+        c.write(0, 6 << 20, &[0x5a; K64]);
+        assert!(c.read(0, 0, K64) == base[..K64]);
+        signal(nbd, libc::SIGSTOP);
+        // A base read waits for the stalled server; a read of the image's own data does not.
+        let t0 = Instant::now();
+        c.enqueue(0, &Req::Read, 1 << 20, 0, K64, 1);
+        c.enqueue(0, &Req::Read, 6 << 20, 1 << 20, K64, 2);
+        assert_eq!(c.wait(0, 1), vec![(2, 0)]);
+        assert!(c.buf(1 << 20, K64).iter().all(|&b| b == 0x5a));
+        // The base read fails with an I/O error once the timeout has passed, not before.
+        assert_eq!(c.wait(0, 1), vec![(1, -libc::EIO)]);
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(1900), "{waited:?}");
+        assert!(waited < Duration::from_secs(20), "{waited:?}");
+
+        // The server resumes: base reads succeed again, over a new connection.
+        signal(nbd, libc::SIGCONT);
+        let read_base_until_ok = |c: &mut serve_support::client::Client, off: u64| {
+            let t = Instant::now();
+            loop {
+                match c.run(0, Req::Read, off, 0, K64) {
+                    0 => break,
+                    r => assert_eq!(r, -libc::EIO),
+                }
+                assert!(t.elapsed() < Duration::from_secs(60), "never reconnected");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(c.buf(0, K64) == &base[off as usize..off as usize + K64]);
+        };
+        read_base_until_ok(&mut c, 3 << 20);
+
+        // A frontend leaves with a base read in flight on a stalled server: the next one is
+        // served all the same (once that read has timed out).
+        signal(nbd, libc::SIGSTOP);
+        c.enqueue(0, &Req::Read, 2 << 20, 0, K64, 3);
+        assert_eq!(c.wait_for(0, 1, Duration::from_millis(300)), vec![]);
+        drop(c);
+        let mut c = connect(&sock, 1, false).unwrap();
+        assert_eq!(c.read(0, 6 << 20, K64), vec![0x5a; K64]);
+        signal(nbd, libc::SIGCONT);
+        read_base_until_ok(&mut c, 2 << 20);
+    });
+    assert!(fvd_srv.alive());
+    assert!(fvd_srv.terminate().success());
+    assert_clean(p);
+    drop(srv);
+}
+
+#[test]
+fn server_restarted_on_the_same_socket_serves_reads_again() {
+    let dir = tmpdir();
+    let p = dir.path().to_path_buf();
+    let (srv, base_path, base) = image_on_nbd(&p);
+    let img = p.join("img.fvd");
+    let base = Arc::new(base);
+
+    // By default there is no reconnect window: reads fail at once while the server is gone,
+    // and succeed again once it is back, without restarting fvd.
+    let fvd_srv = serve(&img, &p.join("v.sock"), &[]);
+    let sock = fvd_srv.socket.clone();
+    let (pp, bp, b) = (p.clone(), base_path.clone(), base.clone());
+    let srv = within(Duration::from_secs(150), move || {
+        let mut c = connect(&sock, 1, false).unwrap();
+        assert!(c.read(0, 0, K64) == b[..K64]);
+        assert_eq!(sigkill(srv.pid()), 0);
+        wait_exited(srv.pid());
+        drop(srv);
+        let t0 = Instant::now();
+        assert_eq!(c.run(0, Req::Read, 1 << 20, 0, K64), -libc::EIO);
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        let srv = QemuNbd::unix(&pp, &bp, "base");
+        let t1 = Instant::now();
+        while c.run(0, Req::Read, 1 << 20, 0, K64) != 0 {
+            assert!(t1.elapsed() < Duration::from_secs(60), "never reconnected");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(c.buf(0, K64) == &b[1 << 20..(1 << 20) + K64]);
+        srv
+    });
+    assert!(fvd_srv.terminate().success());
+
+    // With a reconnect window, a read issued while the server is gone waits for it.
+    let fvd_srv = serve(&img, &p.join("v.sock"), &["--base-reconnect-delay", "60"]);
+    let sock = fvd_srv.socket.clone();
+    let srv = within(Duration::from_secs(150), move || {
+        let mut c = connect(&sock, 1, false).unwrap();
+        assert!(c.read(0, 0, K64) == base[..K64]);
+        assert_eq!(sigkill(srv.pid()), 0);
+        wait_exited(srv.pid());
+        drop(srv);
+        c.buf(0, K64).fill(0xee);
+        c.enqueue(0, &Req::Read, 2 << 20, 0, K64, 1);
+        assert_eq!(c.wait_for(0, 1, Duration::from_secs(1)), vec![]);
+        let srv = QemuNbd::unix(&p, &base_path, "base");
+        assert_eq!(c.wait_for(0, 1, Duration::from_secs(60)), vec![(1, 0)]);
+        assert!(c.buf(0, K64) == &base[2 << 20..(2 << 20) + K64]);
+        srv
+    });
+    assert!(fvd_srv.terminate().success());
+    assert_clean(dir.path());
+    drop(srv);
+}
+
+#[test]
+fn sigterm_with_a_stalled_server_exits_promptly_and_closes_cleanly() {
+    let dir = tmpdir();
+    let p = dir.path();
+    let (srv, _, base) = image_on_nbd(p);
+    let nbd = srv.pid();
+    // Default options: the 30 s read timeout is not what ends the wait.
+    let fvd_srv = serve(&p.join("img.fvd"), &p.join("v.sock"), &[]);
+    let mut c = connect(&fvd_srv.socket, 1, false).unwrap();
+    c.write(0, 6 << 20, &[0x77; K64]);
+    assert!(c.read(0, 0, K64) == base[..K64]);
+    signal(nbd, libc::SIGSTOP);
+    c.enqueue(0, &Req::Read, 1 << 20, 0, K64, 1);
+    assert_eq!(c.wait_for(0, 1, Duration::from_millis(300)), vec![]);
+    let t0 = Instant::now();
+    signal(fvd_srv.pid() as u32, libc::SIGTERM);
+    let st = within(Duration::from_secs(60), move || fvd_srv.wait());
+    let took = t0.elapsed();
+    assert!(st.success(), "{st}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    drop(c);
+    // Checking opens the base too, so let the server go on first.
+    signal(nbd, libc::SIGCONT);
+    assert_clean(p);
+    let img = p.join("img.fvd");
+    let got = guarded(move || disk_read(&open(&img, true), 6 << 20, K64).unwrap());
+    assert_eq!(got, vec![0x77; K64], "the write before SIGTERM was kept");
+    drop(srv);
+}
+
+#[test]
+fn client_read_timeout_reconnect_and_shutdown_on_a_stalled_server() {
+    let dir = tmpdir();
+    let p = dir.path();
+    let (base_path, base) = base_file(p, 1 << 20);
+    let srv = QemuNbd::unix(p, &base_path, "base");
+    let (uri, nbd) = (srv.uri.clone(), srv.pid());
+    within(Duration::from_secs(150), move || {
+        let opts = NbdOptions {
+            timeout: Some(Duration::from_secs(1)),
+            reconnect_delay: Duration::ZERO,
+        };
+        let c = Arc::new(NbdClient::connect_with(&uri, opts).unwrap());
+        assert!(nbd_read(&c, 4096, 4096).unwrap() == base[4096..8192]);
+        signal(nbd, libc::SIGSTOP);
+        let t0 = Instant::now();
+        let e = nbd_read(&c, 0, 4096).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(900), "{waited:?}");
+        assert!(waited < Duration::from_secs(20), "{waited:?}");
+        // The connection was dropped as stalled: without a reconnect window, reads fail at once.
+        let e = nbd_read(&c, 0, 4096).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        signal(nbd, libc::SIGCONT);
+        let t1 = Instant::now();
+        while nbd_read(&c, 0, 4096).is_err() {
+            assert!(t1.elapsed() < Duration::from_secs(60), "never reconnected");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(nbd_read(&c, 8192, 100).unwrap() == base[8192..8292]);
+        // Limits past what a clock can hold mean "never", not a crash of the worker.
+        c.set_options(NbdOptions {
+            timeout: Some(Duration::MAX),
+            reconnect_delay: Duration::MAX,
+        });
+        assert!(nbd_read(&c, 100, 100).unwrap() == base[100..200]);
+
+        // No timeout at all: a shutdown still ends a read the stalled server never answers.
+        c.set_options(NbdOptions {
+            timeout: None,
+            ..opts
+        });
+        signal(nbd, libc::SIGSTOP);
+        let c2 = c.clone();
+        let reader = std::thread::spawn(move || nbd_read(&c2, 0, 4096));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!reader.is_finished());
+        let t2 = Instant::now();
+        c.shutdown(Duration::from_millis(200));
+        let e = reader.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
+        assert!(t2.elapsed() < Duration::from_secs(10), "{:?}", t2.elapsed());
+        assert!(nbd_read(&c, 0, 4096).is_err());
+        // Dropping does not wait on the stalled server either.
+        let t3 = Instant::now();
+        drop(Arc::into_inner(c).expect("the reader thread has ended"));
+        assert!(t3.elapsed() < Duration::from_secs(10), "{:?}", t3.elapsed());
+        signal(nbd, libc::SIGCONT);
+    });
+    drop(srv);
+}
+
+#[test]
+fn many_small_reads_from_many_threads_never_stall() {
+    let dir = tmpdir();
+    let p = dir.path();
+    let (base_path, base) = base_file(p, 1 << 20);
+    let srv = QemuNbd::unix(p, &base_path, "base");
+    let uri = srv.uri.clone();
+    let base = Arc::new(base);
+    // Without a read timeout a lost wake-up of the client's worker would hang a read forever.
+    within(Duration::from_secs(60), move || {
+        let opts = NbdOptions {
+            timeout: None,
+            ..Default::default()
+        };
+        let c = Arc::new(NbdClient::connect_with(&uri, opts).unwrap());
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (c, base) = (c.clone(), base.clone());
+                std::thread::spawn(move || {
+                    for i in 0..8000u64 {
+                        let off = ((t * 8000 + i) * 4099) % ((1 << 20) - 512);
+                        let got = nbd_read(&c, off, 512).unwrap();
+                        assert!(got == base[off as usize..off as usize + 512], "{off}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     });
     drop(srv);
 }

@@ -30,6 +30,15 @@ impl<I: Io> Base<I> {
         }
     }
 
+    /// The NBD connections of this base and of its own base chain.
+    pub fn nbd_clients(&self) -> Vec<&NbdClient> {
+        match self {
+            Base::Raw { .. } => Vec::new(),
+            Base::Fvd(img) => img.base().map_or_else(Vec::new, Base::nbd_clients),
+            Base::Nbd(c) => vec![c],
+        }
+    }
+
     /// Reads `[off, off + buf.len())` of the base image; bytes past its end read as zeros.
     pub fn read<'a>(
         &'a self,

@@ -62,6 +62,13 @@ impl<I: Io> Disk<I> {
     pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
         both!(self, d => d.write_zeroes(io, off, len, unmap).await)
     }
+    /// The NBD connections of the base chain (to tune them, or to cut them short at shutdown).
+    pub fn nbd_clients(&self) -> Vec<&NbdClient> {
+        match self {
+            Disk::Fvd(d) => d.base().map_or_else(Vec::new, Base::nbd_clients),
+            Disk::Raw(_) => Vec::new(),
+        }
+    }
     /// Background work queued by requests (copy-on-read); run after completing them.
     pub async fn run_deferred(&self, io: &I) {
         if let Disk::Fvd(d) = self {

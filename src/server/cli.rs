@@ -84,6 +84,14 @@ pub struct ServeArgs {
         requires = "grow_cmd"
     )]
     pub grow_timeout: f64,
+    /// Seconds an NBD base server may take to answer a read; then the read fails with an I/O
+    /// error and the connection is re-established. 0: wait forever.
+    #[arg(long, default_value_t = crate::io::nbd::DEFAULT_TIMEOUT.as_secs_f64(), value_name = "SECS")]
+    pub base_timeout: f64,
+    /// Seconds during which reads wait for a lost NBD base server to come back (then they fail
+    /// until it is back; reconnecting goes on in the background). 0: fail at once.
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    pub base_reconnect_delay: f64,
     /// Signal the guest after each completed request instead of once per batch (for measuring
     /// the signalling policy; batching is faster).
     #[arg(long, hide = true)]
@@ -138,6 +146,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         signal_each_completion: a.signal_each_completion,
+        nbd: crate::io::nbd::NbdOptions {
+            timeout: Some(secs(a.base_timeout, "--base-timeout")?).filter(|t| !t.is_zero()),
+            reconnect_delay: secs(a.base_reconnect_delay, "--base-reconnect-delay")?,
+        },
         copy_on_read: a.copy_on_read.map(|v| v == crate::cli::OnOff::On),
         grow: match a.grow_cmd {
             None => None,

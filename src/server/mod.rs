@@ -56,7 +56,13 @@ pub struct ServeConfig {
     pub grow: Option<background::GrowConfig>,
     /// Signal the used ring per completion rather than per batch (benchmarks).
     pub signal_each_completion: bool,
+    /// Timeout and reconnect window of an NBD base.
+    pub nbd: crate::io::nbd::NbdOptions,
 }
+
+/// How long base reads over NBD still in flight may take once the server is stopping: a
+/// stalled NBD server must not hold the exit (and the clean close of the image) hostage.
+const NBD_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -123,6 +129,9 @@ impl Server {
                 cfg.image.display()
             );
         }
+        for c in disk.nbd_clients() {
+            c.set_options(cfg.nbd);
+        }
         let serial = serial_bytes(&cfg.serial.clone().unwrap_or_else(|| disk.id()));
         let device = DeviceConfig {
             capacity: disk.virtual_size(),
@@ -173,6 +182,7 @@ impl Server {
         let bg_stop = Arc::new(background::StopFlag::default());
         let workers = self.start_background(&bg_stop);
         let served = self.serve_loop(&self.stop);
+        self.cut_nbd_reads();
         let counters = self.counters_json();
         self.stop.uninstall();
         bg_stop.stop();
@@ -185,6 +195,14 @@ impl Server {
         closed.map_err(ServeError::Close)?;
         tracing::info!("disk closed cleanly; counters: {counters}");
         Ok(())
+    }
+
+    /// Bounds what NBD base reads (guest requests being drained, prefetch, closing) may still
+    /// take, so that stopping never waits on the network for long.
+    fn cut_nbd_reads(&self) {
+        for c in self.disk.nbd_clients() {
+            c.shutdown(NBD_SHUTDOWN_GRACE);
+        }
     }
 
     /// Guest requests and the host I/O they caused so far, as one JSON line (amplification).
@@ -272,6 +290,9 @@ impl Server {
                 Err(e) => tracing::warn!("frontend connection ended: {e}"),
             }
             stop.set_connection(None);
+            if stop.requested() {
+                self.cut_nbd_reads();
+            }
             // Finish what the guest submitted and make it durable before anyone else connects.
             backend.drain_all();
             backend.flush();

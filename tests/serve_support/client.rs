@@ -93,6 +93,31 @@ impl Client {
         got
     }
 
+    /// Like [`Client::wait`], but only until `limit` has passed: what completed by then.
+    pub fn wait_for(
+        &mut self,
+        q: usize,
+        n: usize,
+        limit: std::time::Duration,
+    ) -> Vec<(usize, i32)> {
+        let end = std::time::Instant::now() + limit;
+        let mut got = Vec::new();
+        let mut c: Vec<MaybeUninit<Completion>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+        while got.len() < n && std::time::Instant::now() < end {
+            let want = n - got.len();
+            let k = self.queues[q].do_io(&mut c[..want], 0, None, None).unwrap();
+            for done in &c[..k] {
+                // SAFETY: do_io initialised the first `k` completions.
+                let done = unsafe { done.assume_init_ref() };
+                got.push((done.user_data, done.ret));
+            }
+            if k == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        got
+    }
+
     /// One request, waited for; returns the completion's ret (0 or -errno).
     pub fn run(&mut self, q: usize, req: Req, off: u64, boff: usize, len: usize) -> i32 {
         self.enqueue(q, &req, off, boff, len, 7);
