@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash integration/setup-host.sh
 cargo test --all-targets
+bash integration/sanitizers.sh
 # The VM tests use the binary cargo test just built (dev profile, opt-level 1): the guest runs
 # under TCG, so a release build would only add compile time.
 FVD_BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/fvd bash integration/run-tests.sh

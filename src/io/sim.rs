@@ -218,6 +218,46 @@ impl SimWorld {
         true
     }
 
+    /// Offsets and lengths of the pending writes, in no particular order (for tests that need
+    /// one exact interleaving, with [`SimWorld::complete_write_at`]).
+    pub fn pending_writes(&self) -> Vec<(u64, u64)> {
+        let st = self.state.lock();
+        st.pending
+            .iter()
+            .filter_map(|op| match &op.kind {
+                OpKind::Write { off, buf } => Some((*off, buf.len() as u64)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Completes the pending write at `off`: normally, or with `fail` as a failed write that
+    /// reached the disk not at all. Returns false if no write at `off` was pending.
+    pub fn complete_write_at(&self, off: u64, fail: bool) -> bool {
+        let (slot, result) = {
+            let mut st = self.state.lock();
+            let Some(i) = st
+                .pending
+                .iter()
+                .position(|op| matches!(op.kind, OpKind::Write { off: o, .. } if o == off))
+            else {
+                return false;
+            };
+            let op = st.pending.swap_remove(i);
+            let r = if fail {
+                st.counters.writes += 1;
+                st.counters.injected_errors += 1;
+                st.write_seq += 1;
+                Err(err(libc::EIO))
+            } else {
+                st.apply(op.disk, op.kind)
+            };
+            (op.slot, r)
+        };
+        slot.complete(result);
+        true
+    }
+
     /// Drops every pending op (their futures fail with EIO), makes each disk keep a random
     /// mix of durable and unflushed contents, and retires every existing [`SimIo`].
     pub fn power_loss(&self) {

@@ -1,0 +1,446 @@
+//! The FLUSH / journal / checkpoint contract (src/engine/flush.rs) in exact situations the
+//! randomized runs rarely or never reach: a journal batch of several sectors at the end of the
+//! journal, a checkpoint of metadata runs that do not start at sector 0, header flags after a
+//! runtime checkpoint, and a retry after a failed journal write. Each test kills mutants that
+//! survived the randomized suite (docs/TESTING.md lists them).
+
+use super::pattern::{base_image, decode, fill, Decoded, BASE};
+use fvd::engine::base::Base;
+use fvd::engine::storage::Storage;
+use fvd::engine::{CreateParams, Image};
+use fvd::format::header::FLAG_BASE_NOT_NEEDED;
+use fvd::format::{BaseFormat, BaseRef};
+use fvd::io::executor::Executor;
+use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
+use fvd::io::Buf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const BS: u64 = 4096;
+const SECTOR: u64 = 4096;
+
+struct Env {
+    world: Arc<SimWorld>,
+    file: SimFile,
+    base: Option<SimFile>,
+    io: SimIo,
+    img: Arc<Image<SimIo>>,
+}
+
+fn make_base(base: &Option<SimFile>) -> Option<Base<SimIo>> {
+    base.as_ref().map(|f| Base::Raw {
+        store: Storage::new(f.clone()),
+        size: fvd::io::IoFile::size(f).unwrap(),
+    })
+}
+
+impl Env {
+    /// A new image on a growing simulated disk; `base_blocks` > 0 adds a raw base that long.
+    fn new(seed: u64, mut p: CreateParams, base_blocks: u64) -> Env {
+        let world = SimWorld::new(seed, SimConfig::default());
+        let file = world.create_disk(0, 512);
+        let base = (base_blocks > 0).then(|| {
+            let f = world.create_disk(0, 512);
+            f.write_now(0, &base_image(base_blocks * BS / 512));
+            f.read_only()
+        });
+        if base.is_some() {
+            p.base = Some(BaseRef {
+                path: "sim-base.raw".into(),
+                format: BaseFormat::Raw,
+                size: base_blocks * BS,
+            });
+        }
+        let (io, f) = (world.io(), file.clone());
+        world
+            .block_on(async move { Image::create(&io, f, &p).await })
+            .unwrap();
+        let io = world.io();
+        let img = Self::open(&world, &io, &file, &base);
+        Env {
+            world,
+            file,
+            base,
+            io,
+            img,
+        }
+    }
+
+    fn open(
+        world: &Arc<SimWorld>,
+        io: &SimIo,
+        file: &SimFile,
+        base: &Option<SimFile>,
+    ) -> Arc<Image<SimIo>> {
+        let (io, f, b) = (io.clone(), file.clone(), make_base(base));
+        Arc::new(
+            world
+                .block_on(async move { Image::open(&io, f, b, false).await })
+                .unwrap(),
+        )
+    }
+
+    /// Power loss (with nothing in flight) and reopen: journal replay.
+    fn crash_and_reopen(&mut self) {
+        self.world.power_loss();
+        self.io = self.world.io();
+        self.img = Self::open(&self.world, &self.io, &self.file, &self.base);
+    }
+
+    /// Writes each block of `blocks` whole, one after the other, with value `id`.
+    fn write_blocks(&self, id: u64, blocks: impl IntoIterator<Item = u64>) {
+        let blocks: Vec<u64> = blocks.into_iter().collect();
+        let (img, io) = (self.img.clone(), self.io.clone());
+        self.world
+            .block_on(async move {
+                for b in blocks {
+                    img.write(&io, b * BS, block_data(id, b)).await?;
+                }
+                Ok::<_, fvd::engine::EngineError>(())
+            })
+            .unwrap();
+    }
+
+    fn flush(&self) {
+        let (img, io) = (self.img.clone(), self.io.clone());
+        self.world
+            .block_on(async move { img.flush(&io).await })
+            .unwrap();
+    }
+
+    /// What the first sector of block `b` holds.
+    fn read_block(&self, b: u64) -> Decoded {
+        let (img, io) = (self.img.clone(), self.io.clone());
+        let sec = self.world.block_on(async move {
+            let buf = Buf::alloc(512);
+            img.read(&io, b * BS, buf.clone()).await.unwrap();
+            buf.to_vec()
+        });
+        decode(b * BS / 512, &sec)
+    }
+
+    fn expect_block(&self, b: u64, id: u64) {
+        match self.read_block(b) {
+            Decoded::Value(v) if v == id => {}
+            Decoded::Value(v) => panic!("block {b}: value {v}, expected {id}"),
+            _ => panic!("block {b}: garbage, expected value {id}"),
+        }
+    }
+
+    fn checkpoints(&self) -> u64 {
+        self.img.counters().checkpoints.load(Ordering::Relaxed)
+    }
+
+    fn journal_used(&self) -> u64 {
+        let img = self.img.clone();
+        self.world.block_on(async move { img.journal_used().await })
+    }
+}
+
+/// A whole block of value `id`.
+fn block_data(id: u64, block: u64) -> Buf {
+    let b = Buf::alloc(BS as usize);
+    let mut s = [0u8; 512];
+    for i in 0..BS / 512 {
+        fill(id, block * BS / 512 + i, &mut s);
+        b.copy_from_slice(i as usize * 512, &s);
+    }
+    b
+}
+
+/// Journal sectors hold 254 records: 300 writes of non-adjacent blocks make a 2-sector batch.
+/// A batch that ends exactly at the end of the journal is journalled; one that would run past
+/// it (a 2-sector batch with 1 or 0 sectors left) goes into a checkpoint instead, and nothing
+/// is written past the journal. All of it survives a power loss.
+#[test]
+fn multi_sector_batches_at_the_end_of_the_journal() {
+    let p = CreateParams {
+        virtual_size: 2048 * BS,
+        block_size: BS,
+        chunk_size: 4 * BS,
+        journal_size: 3 * SECTOR,
+        compact: false,
+        ..Default::default()
+    };
+    let mut env = Env::new(1, p, 0);
+    assert_eq!(env.img.header().journal_len, 3 * SECTOR);
+    let c0 = env.checkpoints();
+    let batches: [(u64, Vec<u64>); 5] = [
+        (2, vec![0]),
+        (3, (1..=300).map(|i| 2 * i).collect()),
+        (4, (0..300).map(|i| 1001 + 2 * i).collect()),
+        (5, (0..300).map(|i| 1 + 2 * i).collect()),
+        (6, (0..300).map(|i| 1002 + 2 * i).collect()),
+    ];
+    // (journal sectors used, checkpoints so far) after each batch's flush.
+    let expect = [(1, 0), (3, 0), (0, 1), (2, 1), (0, 2)];
+    for ((id, blocks), (used, ckpts)) in batches.iter().zip(expect) {
+        env.write_blocks(*id, blocks.iter().copied());
+        env.flush();
+        assert_eq!(
+            (env.journal_used(), env.checkpoints() - c0),
+            (used, ckpts),
+            "after batch {id}: (journal sectors used, checkpoints)"
+        );
+    }
+    env.crash_and_reopen();
+    for (id, blocks) in &batches {
+        for &b in blocks {
+            env.expect_block(b, *id);
+        }
+    }
+}
+
+/// Checkpoints after the first one after open rewrite only the metadata sectors changed since
+/// that copy was written: here runs [0, 2) and [3, 5) of copy 0, then [0, 1), [2, 3) and
+/// [4, 5) of copy 1 (a copy is 6 sectors: bitmap, then 5 table sectors). Nothing outside the
+/// inactive copy and the new header slot may change, the flags stay as they were
+/// (FLAG_BASE_NOT_NEEDED kept, FLAG_CLEAN clear), and the data survives a power loss.
+#[test]
+fn checkpoint_writes_only_the_inactive_copy_and_keeps_the_flags() {
+    let p = CreateParams {
+        virtual_size: 4096 * BS,
+        block_size: BS,
+        chunk_size: BS,
+        journal_size: SECTOR,
+        compact: true,
+        ..Default::default()
+    };
+    let mut env = Env::new(2, p, 2);
+    let h = env.img.header();
+    assert_eq!((h.bitmap_sectors, h.table_sectors), (1, 5));
+    // Every base block present: the header gets FLAG_BASE_NOT_NEEDED (journal: 1 sector used).
+    env.write_blocks(2, [0, 1]);
+    let (img, io) = (env.img.clone(), env.io.clone());
+    assert!(env
+        .world
+        .block_on(async move { img.mark_base_not_needed(&io).await })
+        .unwrap());
+    assert_eq!(env.img.header().flags, FLAG_BASE_NOT_NEEDED);
+    let c0 = env.checkpoints();
+    // With a 1-sector journal, even steps checkpoint and odd ones journal. Chunk c's entry is
+    // in copy sector 1 + c / 1020.
+    let steps: [(u64, u64); 5] = [(3, 2100), (4, 3100), (5, 3101), (6, 1100), (7, 3102)];
+    for (i, &(id, block)) in steps.iter().enumerate() {
+        env.write_blocks(id, [block]);
+        let before = env.img.header();
+        let target = 1 - before.active_meta as usize;
+        let meta = before.meta_offset[target]..before.meta_offset[target] + before.meta_len;
+        let old = env.file.read_now(0, before.data_offset as usize);
+        env.flush();
+        let after = env.img.header();
+        assert_eq!(
+            after.flags, FLAG_BASE_NOT_NEEDED,
+            "header flags after a runtime checkpoint"
+        );
+        if i % 2 == 1 {
+            // The journal was empty: this flush journals.
+            assert_eq!(env.checkpoints() - c0, (i as u64).div_ceil(2));
+            continue;
+        }
+        assert_eq!(
+            after.active_meta as usize, target,
+            "step {i}: no checkpoint"
+        );
+        let slot = after.slot_offset()..after.slot_offset() + SECTOR;
+        let new = env.file.read_now(0, before.data_offset as usize);
+        for (s, (a, b)) in old
+            .chunks(SECTOR as usize)
+            .zip(new.chunks(SECTOR as usize))
+            .enumerate()
+        {
+            let off = s as u64 * SECTOR;
+            if a != b && !meta.contains(&off) && !slot.contains(&off) {
+                panic!(
+                    "step {i}: checkpoint changed sector at {off}, outside the inactive copy \
+                     {meta:?} and the header slot {slot:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(env.checkpoints() - c0, 3);
+    env.crash_and_reopen();
+    assert_eq!(env.img.header().flags, FLAG_BASE_NOT_NEEDED);
+    for (b, id) in [
+        (0, 2),
+        (1, 2),
+        (2100, 3),
+        (3100, 4),
+        (3101, 5),
+        (1100, 6),
+        (3102, 7),
+    ] {
+        env.expect_block(b, id);
+    }
+}
+
+/// Runs the executor and the world until `flag` is set.
+fn run_until(world: &SimWorld, ex: &mut Executor, flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        ex.run_ready();
+        if !world.complete_one() && !ex.has_ready() && !flag.load(Ordering::SeqCst) {
+            panic!("stalled");
+        }
+    }
+}
+
+/// A FLUSH whose journal write fails queues its records again. A write that completed while
+/// that FLUSH was in flight queued a record that needs its data durable first (the block read
+/// the base before); the retry must still flush the data before journaling, or a power loss
+/// can keep the record and lose the data: the block would read neither the base nor the write.
+#[test]
+fn retry_after_a_failed_journal_write_still_flushes_data_first() {
+    for seed in 0..64 {
+        let p = CreateParams {
+            virtual_size: 16 * BS,
+            block_size: BS,
+            chunk_size: 4 * BS,
+            journal_size: 4 * SECTOR,
+            compact: false,
+            ..Default::default()
+        };
+        let mut env = Env::new(seed, p, 16);
+        let journal = {
+            let h = env.img.header();
+            h.journal_offset..h.journal_offset + h.journal_len
+        };
+        let in_journal = |w: &SimWorld| {
+            w.pending_writes()
+                .into_iter()
+                .find(|(off, _)| journal.contains(off))
+        };
+        env.write_blocks(2, [2]);
+        env.flush();
+        // DISCARD queues a record that needs no data first.
+        let (img, io) = (env.img.clone(), env.io.clone());
+        env.world
+            .block_on(async move { img.discard(&io, 2 * BS, BS).await })
+            .unwrap();
+        let mut ex = Executor::default();
+        let f1 = Arc::new(AtomicBool::new(false));
+        let (img, io, flag) = (env.img.clone(), env.io.clone(), f1.clone());
+        ex.spawn(async move {
+            assert!(img.flush(&io).await.is_err(), "the journal write failed");
+            flag.store(true, Ordering::SeqCst);
+        });
+        ex.run_ready();
+        let (j1, _) = in_journal(&env.world).expect("FLUSH 1 writes the journal");
+        // While FLUSH 1 waits for its journal write, write block 1 (it read the base).
+        let w = Arc::new(AtomicBool::new(false));
+        let (img, io, flag) = (env.img.clone(), env.io.clone(), w.clone());
+        ex.spawn(async move {
+            img.write(&io, BS, block_data(3, 1)).await.unwrap();
+            flag.store(true, Ordering::SeqCst);
+        });
+        ex.run_ready();
+        let data: Vec<u64> = env
+            .world
+            .pending_writes()
+            .into_iter()
+            .map(|(off, _)| off)
+            .filter(|&off| off != j1)
+            .collect();
+        assert_eq!(data.len(), 1, "the write of block 1 is in flight");
+        assert!(env.world.complete_write_at(data[0], false));
+        ex.run_ready();
+        assert!(w.load(Ordering::SeqCst), "the write of block 1 returned");
+        assert!(env.world.complete_write_at(j1, true));
+        run_until(&env.world, &mut ex, &f1);
+        // The retry: power fails just after its journal write completed.
+        let (img, io) = (env.img.clone(), env.io.clone());
+        ex.spawn(async move {
+            let _ = img.flush(&io).await;
+        });
+        let mut seen = None;
+        loop {
+            ex.run_ready();
+            let pending = in_journal(&env.world);
+            if pending.is_some() {
+                seen = pending;
+            } else if seen.is_some() {
+                break;
+            }
+            assert!(env.world.complete_one(), "the retry wrote no journal");
+        }
+        drop(ex);
+        env.crash_and_reopen();
+        match env.read_block(1) {
+            Decoded::Value(v) if v == BASE || v == 3 => {}
+            Decoded::Value(v) => panic!("seed {seed}: block 1 reads value {v}, not base or 3"),
+            _ => panic!("seed {seed}: block 1 reads garbage"),
+        }
+    }
+}
+
+/// A FLUSH that returned made its writes durable: power lost right after it must keep them
+/// (the journal write is flushed before the FLUSH returns).
+#[test]
+fn data_of_a_returned_flush_survives_a_power_loss() {
+    for seed in 0..32 {
+        let p = CreateParams {
+            virtual_size: 16 * BS,
+            block_size: BS,
+            chunk_size: 4 * BS,
+            journal_size: 4 * SECTOR,
+            compact: seed % 2 == 0,
+            ..Default::default()
+        };
+        let mut env = Env::new(seed, p, 0);
+        env.write_blocks(2, [3, 9]);
+        env.flush();
+        env.crash_and_reopen();
+        env.expect_block(3, 2);
+        env.expect_block(9, 2);
+    }
+}
+
+/// Power lost during a checkpoint just after the new header reached the disk, before its own
+/// flush: the header may survive and point at the new metadata copy, which must then be
+/// durable already, or writes made durable by the FLUSH before would be lost with it.
+#[test]
+fn power_loss_after_the_header_flip_keeps_flushed_data() {
+    for seed in 0..32 {
+        let p = CreateParams {
+            virtual_size: 4096 * BS,
+            block_size: BS,
+            chunk_size: BS,
+            journal_size: SECTOR,
+            compact: true,
+            ..Default::default()
+        };
+        let mut env = Env::new(seed, p, 0);
+        env.write_blocks(2, [2100]);
+        env.flush();
+        env.write_blocks(3, [3100]);
+        let header = 0..2 * SECTOR;
+        let mut ex = Executor::default();
+        let (img, io) = (env.img.clone(), env.io.clone());
+        ex.spawn(async move {
+            let _ = img.flush(&io).await;
+        });
+        let c0 = env.checkpoints();
+        let mut seen = false;
+        loop {
+            ex.run_ready();
+            let pending = env
+                .world
+                .pending_writes()
+                .iter()
+                .any(|(off, _)| header.contains(off));
+            if pending {
+                seen = true;
+            } else if seen {
+                break;
+            }
+            assert!(env.world.complete_one(), "the checkpoint wrote no header");
+        }
+        assert_eq!(env.checkpoints() - c0, 1);
+        drop(ex);
+        env.crash_and_reopen();
+        env.expect_block(2100, 2);
+        match env.read_block(3100) {
+            Decoded::Value(0 | 3) => {}
+            _ => panic!("seed {seed}: block 3100 reads neither zeros nor its write"),
+        }
+    }
+}
