@@ -326,6 +326,7 @@ impl Drop for NbdClient {
 }
 
 fn reader_loop(shared: &Shared, mut rd: BufReader<Stream>) {
+    crate::server::seccomp::enter_or_abort(crate::server::seccomp::ThreadKind::NbdReader);
     let mut scratch = vec![0u8; 64 << 10];
     let why = loop {
         let mut h = [0u8; 16];

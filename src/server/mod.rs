@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod listener;
 pub mod request;
+pub mod seccomp;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
@@ -53,6 +54,8 @@ pub struct ServeConfig {
     pub grow: Option<background::GrowConfig>,
     /// Signal the used ring per completion rather than per batch (benchmarks).
     pub signal_each_completion: bool,
+    /// Per-thread system call filters.
+    pub seccomp: seccomp::SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,8 @@ pub enum ServeError {
     Daemon(String),
     #[error("closing the disk failed: {0}")]
     Close(EngineError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// An opened disk and a bound socket, ready to [`Server::run`].
@@ -100,6 +105,8 @@ impl Server {
                 cfg.queue_size
             )));
         }
+        // Before any thread that handles input starts (an NBD base's reader starts at open).
+        seccomp::init(cfg.seccomp)?;
         let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
         let disk = control
             .block_on(engine::open_disk(control.io(), &cfg.image, cfg.read_only))
@@ -156,7 +163,10 @@ impl Server {
     pub fn run(self) -> Result<(), ServeError> {
         let bg_stop = Arc::new(background::StopFlag::default());
         let workers = self.start_background(&bg_stop);
-        let served = self.serve_loop(&self.stop);
+        // After the grower started (it stays unfiltered, see `seccomp`).
+        let served = seccomp::enter(seccomp::ThreadKind::Main)
+            .map_err(ServeError::from)
+            .and_then(|()| self.serve_loop(&self.stop));
         let counters = self.counters_json();
         self.stop.uninstall();
         bg_stop.stop();
