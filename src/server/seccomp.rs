@@ -12,7 +12,9 @@
 //! a filter of its own (`prctl(PR_SET_NO_NEW_PRIVS)`, `seccomp(SET_MODE_FILTER)`).
 //!
 //! The data path itself (reads, writes, flushes, fallocate of the image) is io_uring requests,
-//! which seccomp does not see, executed by the kernel (io-wq workers run no user code).
+//! which seccomp does not see: the rings accept only those operations
+//! (`IORING_REGISTER_RESTRICTIONS`, see `crate::io::uring`), so a thread's `io_uring_enter`
+//! cannot reach other kernel interfaces (opening files, sockets).
 //!
 //! The grow thread (`--grow-cmd`) stays unfiltered: it runs an operator-given shell command
 //! (e.g. lvextend), and a child inherits its parent's filter across exec, so any filter would
