@@ -514,6 +514,7 @@ impl Drop for NbdClient {
 
 /// The worker thread: serves the connection, and re-establishes it after a loss, until closing.
 fn worker(sh: &Shared, first: Stream, export: Export) {
+    crate::server::seccomp::enter_or_abort(crate::server::seccomp::ThreadKind::NbdReader);
     let mut conn = Some(first);
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u32;

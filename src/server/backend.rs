@@ -3,6 +3,7 @@
 
 use super::config::DeviceConfig;
 use super::control::Control;
+use super::seccomp::{enter_or_abort, ThreadKind};
 use super::worker::{Ctx, GuestMemory, Vring, Worker};
 use parking_lot::{Condvar, Mutex};
 use std::io;
@@ -131,11 +132,15 @@ impl VhostUserBackend for BlkBackend {
         usize::from(self.config.lock().queue_size)
     }
 
+    // The callbacks below run on the connection thread, which restricts itself at the first one
+    // (until then it runs under the main thread's filter, which it inherited).
     fn features(&self) -> u64 {
+        enter_or_abort(ThreadKind::Connection);
         self.features
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        enter_or_abort(ThreadKind::Connection);
         DeviceConfig::protocol_features()
     }
 
@@ -143,6 +148,7 @@ impl VhostUserBackend for BlkBackend {
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        enter_or_abort(ThreadKind::Connection);
         let r = self.config.lock().read(offset, size);
         if r.is_empty() {
             tracing::debug!("GET_CONFIG outside the config space: offset {offset}, size {size}");
@@ -151,6 +157,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        enter_or_abort(ThreadKind::Connection);
         let mut c = self.config.lock();
         if c.write(offset, buf) {
             self.ctx
@@ -173,6 +180,7 @@ impl VhostUserBackend for BlkBackend {
 
     // The memory map lives in `self.mem`, which the library updates in place.
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        enter_or_abort(ThreadKind::Connection);
         Ok(())
     }
 
@@ -193,6 +201,7 @@ impl VhostUserBackend for BlkBackend {
     /// GET_VRING_BASE: the queue is already unregistered; finish what the guest gave us, then
     /// make it durable, before the frontend reads the ring position.
     fn stop_vring(&self, q: u32) -> io::Result<()> {
+        enter_or_abort(ThreadKind::Connection);
         self.drain(q as usize);
         self.flush();
         Ok(())
@@ -205,6 +214,8 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // Before the first guest request is parsed on this thread.
+        enter_or_abort(ThreadKind::Queue);
         // Never return an error: it would end this queue's worker thread for good.
         let (Some(slot), Some(vring)) = (self.workers.get(thread_id), vrings.first()) else {
             return Ok(());

@@ -71,6 +71,7 @@ pub fn start_prefetch(
 }
 
 fn prefetch_loop(disk: &Disk<UringIo>, cfg: PrefetchConfig, stop: &StopFlag) {
+    super::seccomp::enter_or_abort(super::seccomp::ThreadKind::Prefetch);
     let Some(img) = image(disk) else { return };
     let control = match Control::new() {
         Ok(c) => c,

@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// the signalling policy; batching is faster).
     #[arg(long, hide = true)]
     pub signal_each_completion: bool,
+    /// System call filters per server thread: `on` kills the server on a call outside its
+    /// thread's list, `log` only has the kernel log it (to find missing ones), `off` installs none.
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off|log")]
+    pub seccomp: super::seccomp::SeccompMode,
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
@@ -150,6 +154,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             timeout: Some(secs(a.base_timeout, "--base-timeout")?).filter(|t| !t.is_zero()),
             reconnect_delay: secs(a.base_reconnect_delay, "--base-reconnect-delay")?,
         },
+        seccomp: a.seccomp,
         copy_on_read: a.copy_on_read.map(|v| v == crate::cli::OnOff::On),
         grow: match a.grow_cmd {
             None => None,

@@ -115,6 +115,7 @@ impl Stop {
         let thread = std::thread::Builder::new()
             .name("fvd-signals".into())
             .spawn(move || {
+                super::seccomp::enter_or_abort(super::seccomp::ThreadKind::Signals);
                 for sig in signals.forever() {
                     tracing::info!(
                         "signal {sig}: finishing in-flight requests and closing the disk"

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod listener;
 pub mod request;
+pub mod seccomp;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
@@ -58,6 +59,8 @@ pub struct ServeConfig {
     pub signal_each_completion: bool,
     /// Timeout and reconnect window of an NBD base.
     pub nbd: crate::io::nbd::NbdOptions,
+    /// Per-thread system call filters.
+    pub seccomp: seccomp::SeccompMode,
 }
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
@@ -78,6 +81,8 @@ pub enum ServeError {
     Daemon(String),
     #[error("closing the disk failed: {0}")]
     Close(EngineError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// An opened disk and a bound socket, ready to [`Server::run`].
@@ -109,6 +114,8 @@ impl Server {
                 cfg.queue_size
             )));
         }
+        // Before any thread that handles input starts (an NBD base's reader starts at open).
+        seccomp::init(cfg.seccomp)?;
         let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
         let disk = control
             .block_on(engine::open_disk_with(
@@ -181,7 +188,10 @@ impl Server {
     pub fn run(self) -> Result<(), ServeError> {
         let bg_stop = Arc::new(background::StopFlag::default());
         let workers = self.start_background(&bg_stop);
-        let served = self.serve_loop(&self.stop);
+        // After the grower started (it stays unfiltered, see `seccomp`).
+        let served = seccomp::enter(seccomp::ThreadKind::Main)
+            .map_err(ServeError::from)
+            .and_then(|()| self.serve_loop(&self.stop));
         self.cut_nbd_reads();
         let counters = self.counters_json();
         self.stop.uninstall();
