@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod guest;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
