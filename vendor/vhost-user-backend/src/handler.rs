@@ -387,6 +387,18 @@ where
         let mut regions = Vec::new();
         let mut mappings: Vec<AddrMapping> = Vec::new();
 
+        // fvd patch: refuse what mapping would turn into SIGBUS or an ambiguous address space.
+        for (i, (region, file)) in ctx.iter().zip(&files).enumerate() {
+            check_region_file(file, region.mmap_offset, region.memory_size)?;
+            let (base, size) = (region.guest_phys_addr, region.memory_size);
+            if ctx[..i]
+                .iter()
+                .any(|r| ranges_overlap(r.guest_phys_addr, r.memory_size, base, size))
+            {
+                return Err(invalid_region("guest address ranges overlap"));
+            }
+        }
+
         for (region, file) in ctx.iter().zip(files) {
             let guest_region = GuestRegionMmap::new(
                 region.mmap_region(file)?,
@@ -541,6 +553,10 @@ where
             .vrings
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
+        // fvd patch: see check_eventfd.
+        if let Some(f) = &file {
+            check_eventfd(f)?;
+        }
 
         // SAFETY: EventFd requires that it has sole ownership of its fd. So
         // does File, so this is safe.
@@ -560,6 +576,10 @@ where
             .vrings
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
+        // fvd patch: see check_eventfd.
+        if let Some(f) = &file {
+            check_eventfd(f)?;
+        }
 
         vring.set_call(file);
 
@@ -575,6 +595,10 @@ where
             .vrings
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
+        // fvd patch: see check_eventfd.
+        if let Some(f) = &file {
+            check_eventfd(f)?;
+        }
 
         vring.set_err(file);
 
@@ -694,6 +718,16 @@ where
         #[cfg(not(feature = "postcopy"))]
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
+        }
+
+        // fvd patch: as in set_mem_table, before anything is mapped.
+        check_region_file(&file, region.mmap_offset, region.memory_size)?;
+        if overlaps_any(
+            &self.atomic_mem.memory(),
+            region.guest_phys_addr,
+            region.memory_size,
+        ) {
+            return Err(invalid_region("guest address ranges overlap"));
         }
 
         let guest_region = Arc::new(
@@ -930,6 +964,60 @@ impl<T: VhostUserBackend> Drop for VhostUserHandler<T> {
                 error!("Error in vring worker: {:?}", e);
             }
         }
+    }
+}
+
+// fvd patch: checks of what a frontend hands over, before the backend relies on it.
+
+fn invalid_region(why: &str) -> VhostUserError {
+    VhostUserError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, why))
+}
+
+/// Whether `[a, a + a_len)` and `[b, b + b_len)` intersect (lengths are non-zero and the ends do
+/// not wrap: the message validation checked both).
+fn ranges_overlap(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
+    a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
+}
+
+/// Whether `[base, base + size)` intersects a region of `mem`.
+fn overlaps_any<B: vm_memory::bitmap::Bitmap>(
+    mem: &GuestMemoryMmap<B>,
+    base: u64,
+    size: u64,
+) -> bool {
+    use vm_memory::{Address, GuestMemoryRegion};
+    mem.iter()
+        .any(|r| ranges_overlap(r.start_addr().raw_value(), r.len(), base, size))
+}
+
+/// A region's mapping must lie within its file: touching a mapped page past the end of the file
+/// raises SIGBUS, which kills the backend. Regular files (memfd, tmpfs, hugetlbfs) have a size
+/// to check; other kinds of file are left to mmap.
+fn check_region_file(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
+    let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
+    if !meta.file_type().is_file() {
+        return Ok(());
+    }
+    match offset.checked_add(size) {
+        Some(end) if end <= meta.len() => Ok(()),
+        _ => Err(invalid_region(
+            "memory region extends past the end of its file",
+        )),
+    }
+}
+
+/// Kick, call and error fds must be eventfds: the vring threads read and write them as such,
+/// and another kind of file (a pipe, a socket) can block them for good.
+fn check_eventfd(file: &File) -> VhostUserResult<()> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(VhostUserError::ReqHandlerError)?;
+    if link.as_os_str() == "anon_inode:[eventfd]" {
+        Ok(())
+    } else {
+        Err(VhostUserError::ReqHandlerError(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "vring notification fd is not an eventfd",
+        )))
     }
 }
 
