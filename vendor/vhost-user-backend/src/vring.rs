@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::{Deref, DerefMut};
-use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use std::result::Result;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -17,6 +17,50 @@ use virtio_queue::{Error as VirtQueError, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+
+// fvd patch: the kick eventfd is shared with the frontend (and, if the frontend hands the same
+// one over twice, with another vring thread): it may be empty again by the time this thread,
+// woken by epoll, reads it. A blocking read would then stall the vring thread, and the end of
+// the connection that joins it, until the frontend kicks again, which it may never do. So read
+// without waiting even when the fd is blocking; an empty eventfd means nothing to consume.
+fn consume_nowait(fd: std::os::unix::io::RawFd) -> io::Result<()> {
+    let mut count = 0u64;
+    let iov = libc::iovec {
+        iov_base: (&mut count as *mut u64).cast(),
+        iov_len: std::mem::size_of::<u64>(),
+    };
+    // SAFETY: one iovec over `count`, which outlives the call.
+    let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n == 8 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        _ if n >= 0 => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short read from the kick eventfd",
+        )),
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
+        // Kernels whose eventfd ignores RWF_NOWAIT: check readiness first (narrower window).
+        Some(libc::EOPNOTSUPP) => {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; a zero timeout never blocks.
+            if unsafe { libc::poll(&mut p, 1, 0) } != 1 {
+                return Ok(());
+            }
+            // SAFETY: as for preadv2 above.
+            match unsafe { libc::read(fd, iov.iov_base, iov.iov_len) } {
+                8 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        }
+        _ => Err(err),
+    }
+}
 /// Trait for objects returned by `VringT::get_ref()`.
 pub trait VringStateGuard<'a, M: GuestAddressSpace> {
     /// Type for guard returned by `VringT::get_ref()`.
@@ -248,7 +292,8 @@ impl<M: GuestAddressSpace> VringState<M> {
     /// Read event from the kick `EventFd`.
     fn read_kick(&self) -> io::Result<bool> {
         if let Some(kick) = &self.kick {
-            kick.consume()?;
+            // fvd patch: see consume_nowait.
+            consume_nowait(kick.as_raw_fd())?;
         }
 
         Ok(self.enabled)
