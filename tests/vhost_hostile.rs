@@ -200,3 +200,58 @@ fn stray_signals_do_not_kill_the_server() {
     still_serves(&mut srv, 6);
     stop_clean(srv, &img);
 }
+
+/// SIGTERM while a request can never finish (its base image is on an NBD server that stopped
+/// answering): the server waits its stop grace (5 s) for it, then exits with status 3 instead of
+/// hanging; the image is left unclean for the journal to replay.
+#[test]
+fn sigterm_ends_a_server_stuck_on_a_request() {
+    let d = dir();
+    let base = d.path().join("base.raw");
+    File::create(&base).unwrap().set_len(8 << 20).unwrap();
+    let sock = d.path().join("nbd.sock");
+    let pid_file = d.path().join("nbd.pid");
+    let mut nbd = std::process::Command::new("qemu-nbd")
+        .args(["--read-only", "--persistent", "--shared=0", "--format=raw"])
+        .arg("--export-name=base")
+        .arg(format!("--socket={}", sock.display()))
+        .arg(format!("--pid-file={}", pid_file.display()))
+        .arg(&base)
+        .spawn()
+        .expect("qemu-nbd (qemu-utils) must be installed");
+    let t0 = std::time::Instant::now();
+    while !std::fs::metadata(&pid_file).is_ok_and(|m| m.len() > 0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "qemu-nbd never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let img = d.path().join("disk.fvd");
+    let uri = format!("nbd+unix:///base?socket={}", sock.display());
+    let o = fvd()
+        .arg("create")
+        .arg(&img)
+        .args(["-b", &uri, "-F", "raw"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let srv = ServerProc::start(&img, &d.path().join("s.sock"), &[]);
+    let _guard = srv.kill_after(Duration::from_secs(60));
+    let (mut g, _) = attach(&srv.socket);
+    // The NBD server stops answering; a read of the (unallocated) disk goes to it.
+    // SAFETY: kill with the pid of the qemu-nbd we spawned.
+    unsafe { libc::kill(nbd.id() as i32, libc::SIGSTOP) };
+    let h = g.header(virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN, 0);
+    g.post(&[h, (DATA, 4096, true), (STATUS, 1, true)]);
+    assert_eq!(g.try_complete(Duration::from_millis(300)), None);
+    let t = std::time::Instant::now();
+    let status = srv.terminate_within(Duration::from_secs(20));
+    // SAFETY: as above.
+    unsafe { libc::kill(nbd.id() as i32, libc::SIGKILL) };
+    let _ = nbd.wait();
+    let status = status.expect("SIGTERM did not end a server stuck on a request");
+    assert_eq!(status.code(), Some(3), "{status}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    drop(g);
+}
