@@ -255,3 +255,29 @@ fn sigterm_ends_a_server_stuck_on_a_request() {
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     drop(g);
 }
+
+/// A frontend that shrinks its memfd after the server mapped it: the server's next access to
+/// the lost pages raised SIGBUS and killed it. Now that connection is ended and its requests are
+/// not executed, and the server carries on.
+#[test]
+fn guest_memory_shrunk_after_mapping_ends_the_connection_not_the_server() {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "8M");
+    let mut srv = ServerProc::start(&img, &d.path().join("s.sock"), &[]);
+    let _guard = srv.kill_after(Duration::from_secs(60));
+    let (mut g, _) = attach(&srv.socket);
+    g.write_read(8, 10);
+    let h = g.header(virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID, 0);
+    g.prepare(&[h, (DATA, 20, true), (STATUS, 1, true)]);
+    // Keep only the page holding the rings: the request header, data and status are gone.
+    let file = g.mem.iter().next().unwrap().file_offset().unwrap().file();
+    file.set_len(4096).unwrap();
+    g.kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(srv.alive(), "SIGBUS killed the server");
+    assert!(g.fe.get_features().is_err(), "the connection was not ended");
+    drop(g);
+    still_serves(&mut srv, 11);
+    stop_clean(srv, &img);
+}

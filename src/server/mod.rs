@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod listener;
 pub mod request;
+pub mod sigbus;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
@@ -101,6 +102,7 @@ impl Server {
                 cfg.queue_size
             )));
         }
+        sigbus::install().map_err(|e| ServeError::Socket(format!("SIGBUS handler: {e}")))?;
         let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
         let disk = control
             .block_on(engine::open_disk(control.io(), &cfg.image, cfg.read_only))
@@ -232,9 +234,11 @@ impl Server {
                 write_through: AtomicBool::new(false),
                 limits: self.device.limits(),
                 signal_each: self.cfg.signal_each_completion,
+                sigbus_base: sigbus::faults(),
+                conn: parking_lot::Mutex::new(None),
             });
             let backend = Arc::new(
-                BlkBackend::new(ctx, self.device.clone(), self.control.clone())
+                BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())
                     .map_err(ServeError::Ring)?,
             );
             let mut daemon =
@@ -256,6 +260,7 @@ impl Server {
             }
             tracing::info!("frontend connected");
             stop.set_connection(daemon.shutdown_handle());
+            *ctx.conn.lock() = daemon.shutdown_handle();
             stop.set_phase("waiting for the frontend's connection to end");
             match daemon.wait() {
                 Ok(())
@@ -265,6 +270,7 @@ impl Server {
                 Err(e) => tracing::warn!("frontend connection ended: {e}"),
             }
             stop.set_connection(None);
+            *ctx.conn.lock() = None;
             // Finish what the guest submitted and make it durable before anyone else connects.
             stop.set_phase("draining the frontend's in-flight requests");
             backend.drain_all();

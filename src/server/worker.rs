@@ -8,6 +8,7 @@
 //! registered in the same epoll as the queue's kick, so the thread sleeps when idle.
 
 use super::request::{self, Op, Request, Segs, ID_LEN, STATUS_IOERR, STATUS_OK};
+use super::sigbus;
 use crate::engine::Disk;
 use crate::io::executor::Executor;
 use crate::io::uring::UringIo;
@@ -36,6 +37,29 @@ pub struct Ctx {
     /// Signal the guest after every completed request instead of once per event-loop turn
     /// (a benchmark knob: batching is the default because it halves interrupts at depth).
     pub signal_each: bool,
+    /// [`sigbus::faults`] when the connection started: a change means the frontend shrank
+    /// guest memory under the server, and the connection is broken.
+    pub sigbus_base: u64,
+    /// Ends the connection (set once it is established).
+    pub conn: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+}
+
+impl Ctx {
+    /// Whether guest memory was found truncated; the first call that finds it ends the
+    /// connection.
+    fn memory_lost(&self) -> bool {
+        if sigbus::faults() == self.sigbus_base {
+            return false;
+        }
+        if let Some(h) = self.conn.lock().take() {
+            tracing::error!(
+                "the frontend shrank guest memory under the server: failing its requests and \
+                 ending the connection"
+            );
+            h.shutdown();
+        }
+        true
+    }
 }
 
 /// A request that left the device: (descriptor head, bytes written into the chain).
@@ -108,7 +132,14 @@ impl Worker {
                 };
                 for chain in iter.take(ready) {
                     let head = chain.head_index();
-                    match request::parse(chain, &*mem, &ctx.limits) {
+                    let parsed = request::parse(chain, &*mem, &ctx.limits);
+                    // Read from zero pages the SIGBUS handler put in: not what the guest wrote,
+                    // so neither executed nor answered.
+                    if ctx.memory_lost() {
+                        self.done.lock().push((head, 0));
+                        continue;
+                    }
+                    match parsed {
                         Ok(req) => self.spawn(head, req, mem.clone(), ctx.clone()),
                         Err(rej) => {
                             let detail = format_args!("type {:?}, head {head}", rej.req_type);

@@ -183,6 +183,12 @@ impl Guest {
 
     /// Puts `chain` on the ring and kicks.
     pub fn post(&mut self, chain: &[D]) {
+        self.prepare(chain);
+        self.kick.write(1).unwrap();
+    }
+
+    /// Puts `chain` on the ring without kicking.
+    pub fn prepare(&mut self, chain: &[D]) {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         for (i, &(addr, len, write)) in chain.iter().enumerate() {
             let mut flags = if write { VRING_DESC_F_WRITE } else { 0 } as u16;
@@ -214,7 +220,6 @@ impl Guest {
             .write_obj(self.next_avail, GuestAddress(AVAIL + 2))
             .unwrap();
         fence(Ordering::SeqCst);
-        self.kick.write(1).unwrap();
     }
 
     /// Waits up to `timeout` for the oldest posted chain: (used len, status byte).
