@@ -1007,17 +1007,23 @@ fn check_region_file(file: &File, offset: u64, size: u64) -> VhostUserResult<()>
 }
 
 /// Kick, call and error fds must be eventfds: the vring threads read and write them as such,
-/// and another kind of file (a pipe, a socket) can block them for good.
+/// and another kind of file (a pipe, a socket) can block them for good. An eventfd is an
+/// anonymous inode (no file type in its mode); /proc, where mounted, names the kind.
 fn check_eventfd(file: &File) -> VhostUserResult<()> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(VhostUserError::ReqHandlerError)?;
-    if link.as_os_str() == "anon_inode:[eventfd]" {
-        Ok(())
-    } else {
-        Err(VhostUserError::ReqHandlerError(io::Error::new(
+    use std::os::unix::fs::MetadataExt;
+    let not_eventfd = || {
+        VhostUserError::ReqHandlerError(io::Error::new(
             io::ErrorKind::InvalidInput,
             "vring notification fd is not an eventfd",
-        )))
+        ))
+    };
+    let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
+    if meta.mode() & libc::S_IFMT != 0 {
+        return Err(not_eventfd());
+    }
+    match std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+        Ok(link) if link.as_os_str() != "anon_inode:[eventfd]" => Err(not_eventfd()),
+        _ => Ok(()),
     }
 }
 
