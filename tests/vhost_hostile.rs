@@ -281,3 +281,36 @@ fn guest_memory_shrunk_after_mapping_ends_the_connection_not_the_server() {
     still_serves(&mut srv, 11);
     stop_clean(srv, &img);
 }
+
+/// Connections, complete or not, leave no fd behind: each used to leak one eventfd per queue
+/// thread, so enough connects (no negotiation needed) exhausted the server's fds.
+#[test]
+fn connections_do_not_leak_fds() {
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "8M");
+    let mut srv = ServerProc::start(&img, &d.path().join("s.sock"), &["--num-queues", "2"]);
+    let _guard = srv.kill_after(Duration::from_secs(60));
+    let fds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // The first connection may allocate for good (e.g. the control ring's buffers).
+    still_serves(&mut srv, 12);
+    let before = fds(srv.pid());
+    for i in 0..20 {
+        drop(std::os::unix::net::UnixStream::connect(&srv.socket).unwrap());
+        still_serves(&mut srv, i);
+    }
+    // The last connection's teardown may still be under way.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while fds(srv.pid()) > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        fds(srv.pid()) <= before,
+        "{} fds after 40 connections, {before} before",
+        fds(srv.pid())
+    );
+    stop_clean(srv, &img);
+}

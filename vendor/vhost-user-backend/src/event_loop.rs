@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::fmt::{Display, Formatter};
 use std::io::{self, ErrorKind, Result};
 use std::marker::PhantomData;
-use std::os::fd::IntoRawFd;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
@@ -88,6 +87,9 @@ pub struct VringEpollHandler<T: VhostUserBackend> {
     vrings: Vec<T::Vring>,
     thread_id: usize,
     exit_event_fd: Option<EventNotifier>,
+    // fvd patch: kept so that it is closed with the handler (it used to leak, one fd per vring
+    // thread per connection, until the process ran out of fds).
+    _exit_event_consumer: Option<EventConsumer>,
     vring_enabled_event_fd: (EventConsumer, EventNotifier),
     vrings_with_pending_events: Mutex<HashSet<u16>>,
     phantom: PhantomData<T::Bitmap>,
@@ -116,19 +118,20 @@ where
         let num_backend_queues = backend.num_queues();
         let exit_event_fd = backend.exit_event(thread_id);
 
-        let exit_event_fd = if let Some((consumer, notifier)) = exit_event_fd {
-            let id = num_backend_queues;
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    consumer.into_raw_fd(),
-                    EpollEvent::new(EventSet::IN, id as u64),
-                )
-                .map_err(VringEpollError::RegisterExitEvent)?;
-            Some(notifier)
-        } else {
-            None
-        };
+        let (exit_event_fd, exit_event_consumer) =
+            if let Some((consumer, notifier)) = exit_event_fd {
+                let id = num_backend_queues;
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        consumer.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, id as u64),
+                    )
+                    .map_err(VringEpollError::RegisterExitEvent)?;
+                (Some(notifier), Some(consumer))
+            } else {
+                (None, None)
+            };
 
         let vring_enabled_event_fd =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
@@ -149,6 +152,7 @@ where
             vrings,
             thread_id,
             exit_event_fd,
+            _exit_event_consumer: exit_event_consumer,
             vring_enabled_event_fd,
             vrings_with_pending_events: Mutex::new(HashSet::new()),
             phantom: PhantomData,
