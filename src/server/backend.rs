@@ -178,9 +178,14 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    // The memory map lives in `self.mem`, which the library updates in place.
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+    // The memory map lives in `self.mem`, which the library updates in place; its mappings are
+    // recorded for the SIGBUS handler.
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         enter_or_abort(ThreadKind::Connection);
+        use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+        for r in mem.memory().iter() {
+            super::sigbus::register(r.as_ptr() as usize, r.len() as usize);
+        }
         Ok(())
     }
 

@@ -5,7 +5,8 @@
 //! frontend can reconnect the moment the previous one has left. When a frontend leaves, its
 //! in-flight requests finish and the disk is flushed before the next one is accepted. SIGTERM or
 //! SIGINT ends the current connection the same way, then the disk is closed (flushed, marked
-//! clean) and the socket removed.
+//! clean) and the socket removed; if that takes longer than [`listener::STOP_GRACE`], the
+//! process exits anyway with status [`listener::EXIT_ABANDONED`].
 
 pub mod backend;
 pub mod background;
@@ -15,6 +16,7 @@ pub mod control;
 pub mod listener;
 pub mod request;
 pub mod seccomp;
+pub mod sigbus;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
@@ -114,6 +116,8 @@ impl Server {
                 cfg.queue_size
             )));
         }
+        // Before any filter: installing a signal handler is not on the lists.
+        sigbus::install().map_err(|e| ServeError::Socket(format!("SIGBUS handler: {e}")))?;
         // Before any thread that handles input starts (an NBD base's reader starts at open).
         seccomp::init(cfg.seccomp)?;
         let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
@@ -160,7 +164,11 @@ impl Server {
             }
         };
         // Signals are handled from here on, before anyone is told the server is ready.
-        let stop = match Stop::install(&listener) {
+        let counters = {
+            let disk = disk.clone();
+            move || serde_json::to_string(&disk.counters().snapshot()).unwrap_or_default()
+        };
+        let stop = match Stop::install(&listener, counters) {
             Ok(s) => s,
             Err(e) => {
                 let _ = control.block_on(disk.close(control.io()));
@@ -194,6 +202,8 @@ impl Server {
             .and_then(|()| self.serve_loop(&self.stop));
         self.cut_nbd_reads();
         let counters = self.counters_json();
+        self.stop
+            .set_phase("stopping the background threads and closing the disk");
         self.stop.uninstall();
         bg_stop.stop();
         for w in workers {
@@ -269,9 +279,11 @@ impl Server {
                 write_through: AtomicBool::new(false),
                 limits: self.device.limits(),
                 signal_each: self.cfg.signal_each_completion,
+                sigbus_base: sigbus::faults(),
+                conn: parking_lot::Mutex::new(None),
             });
             let backend = Arc::new(
-                BlkBackend::new(ctx, self.device.clone(), self.control.clone())
+                BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())
                     .map_err(ServeError::Ring)?,
             );
             let mut daemon =
@@ -283,6 +295,7 @@ impl Server {
                     ServeError::Daemon(format!("cannot register the io_uring eventfd: {e}"))
                 })?;
 
+            stop.set_phase("waiting for a frontend");
             let accepted = self.listener.with(|l| daemon.start(l));
             if let Err(e) = accepted {
                 if stop.requested() {
@@ -292,6 +305,8 @@ impl Server {
             }
             tracing::info!("frontend connected");
             stop.set_connection(daemon.shutdown_handle());
+            *ctx.conn.lock() = daemon.shutdown_handle();
+            stop.set_phase("waiting for the frontend's connection to end");
             match daemon.wait() {
                 Ok(())
                 | Err(vhost_user_backend::Error::HandleRequest(
@@ -303,9 +318,13 @@ impl Server {
             if stop.requested() {
                 self.cut_nbd_reads();
             }
+            *ctx.conn.lock() = None;
             // Finish what the guest submitted and make it durable before anyone else connects.
+            stop.set_phase("draining the frontend's in-flight requests");
             backend.drain_all();
+            stop.set_phase("flushing the disk");
             backend.flush();
+            stop.set_phase("ending the queue threads");
             for h in daemon.get_epoll_handlers() {
                 h.send_exit_event();
             }

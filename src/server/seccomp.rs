@@ -252,6 +252,9 @@ fn common(r: &mut Rules) {
             #[cfg(target_arch = "x86_64")]
             libc::SYS_open,
             libc::SYS_rt_sigprocmask,
+            // The SIGBUS handler (`sigbus`) restores the default action when it cannot map a
+            // page over the fault, so the process dies of SIGBUS, not of SIGSYS.
+            libc::SYS_rt_sigaction,
             libc::SYS_rt_sigreturn,
             libc::SYS_sigaltstack,
             libc::SYS_restart_syscall,
@@ -345,6 +348,8 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_epoll_pwait,
                     #[cfg(target_arch = "x86_64")]
                     libc::SYS_epoll_wait,
+                    // Reading a kick eventfd without ever blocking (vendored vring.rs).
+                    libc::SYS_preadv2,
                 ],
             );
         }
@@ -360,6 +365,10 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_sendmsg,
                     libc::SYS_recvfrom,
                     libc::SYS_epoll_ctl,
+                    // Checking that vring fds are eventfds (/proc/self/fd links).
+                    #[cfg(target_arch = "x86_64")]
+                    libc::SYS_readlink,
+                    libc::SYS_readlinkat,
                     libc::SYS_shutdown,
                     libc::SYS_dup,
                     libc::SYS_eventfd2,
@@ -405,6 +414,12 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_poll,
                     // Waking a blocked accept.
                     libc::SYS_shutdown,
+                    // Starting the stop watchdog (`listener::start_watchdog`).
+                    libc::SYS_clone,
+                    libc::SYS_clone3,
+                    libc::SYS_set_robust_list,
+                    libc::SYS_rseq,
+                    libc::SYS_sched_getaffinity,
                 ],
             );
         }
@@ -429,6 +444,7 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_recvfrom,
                     libc::SYS_recvmsg,
                     libc::SYS_shutdown,
+                    #[cfg(target_arch = "x86_64")]
                     libc::SYS_poll,
                     libc::SYS_ppoll,
                     libc::SYS_socket,

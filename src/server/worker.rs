@@ -8,17 +8,20 @@
 //! registered in the same epoll as the queue's kick, so the thread sleeps when idle.
 
 use super::request::{self, Op, Request, Segs, ID_LEN, STATUS_IOERR, STATUS_OK};
+use super::sigbus;
 use crate::engine::Disk;
 use crate::io::executor::Executor;
 use crate::io::uring::UringIo;
 use crate::io::Buf;
 use parking_lot::Mutex;
 use std::cell::Cell;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::event::EventNotifier;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -34,6 +37,29 @@ pub struct Ctx {
     /// Signal the guest after every completed request instead of once per event-loop turn
     /// (a benchmark knob: batching is the default because it halves interrupts at depth).
     pub signal_each: bool,
+    /// [`sigbus::faults`] when the connection started: a change means the frontend shrank
+    /// guest memory under the server, and the connection is broken.
+    pub sigbus_base: u64,
+    /// Ends the connection (set once it is established).
+    pub conn: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+}
+
+impl Ctx {
+    /// Whether guest memory was found truncated; the first call that finds it ends the
+    /// connection.
+    fn memory_lost(&self) -> bool {
+        if sigbus::faults() == self.sigbus_base {
+            return false;
+        }
+        if let Some(h) = self.conn.lock().take() {
+            tracing::error!(
+                "the frontend shrank guest memory under the server: failing its requests and \
+                 ending the connection"
+            );
+            h.shutdown();
+        }
+        true
+    }
 }
 
 /// A request that left the device: (descriptor head, bytes written into the chain).
@@ -106,7 +132,14 @@ impl Worker {
                 };
                 for chain in iter.take(ready) {
                     let head = chain.head_index();
-                    match request::parse(chain, &*mem, &ctx.limits) {
+                    let parsed = request::parse(chain, &*mem, &ctx.limits);
+                    // Read from zero pages the SIGBUS handler put in: not what the guest wrote,
+                    // so neither executed nor answered.
+                    if ctx.memory_lost() {
+                        self.done.lock().push((head, 0));
+                        continue;
+                    }
+                    match parsed {
                         Ok(req) => self.spawn(head, req, mem.clone(), ctx.clone()),
                         Err(rej) => {
                             let detail = format_args!("type {:?}, head {head}", rej.req_type);
@@ -189,7 +222,7 @@ impl Worker {
                 );
             }
             if (signal_each || i + 1 == n) && st.needs_notification().unwrap_or(true) {
-                if let Err(e) = st.signal_used_queue() {
+                if let Err(e) = signal_guest(st.get_call()) {
                     log_once(&SIGNAL_ERR, &format_args!("cannot signal the guest: {e}"));
                 }
             }
@@ -211,6 +244,28 @@ fn ring_ok<T>(r: Result<T, virtio_queue::Error>) -> Option<T> {
             None
         }
     }
+}
+
+/// Signals the used ring, unless the call eventfd cannot take one more count without blocking:
+/// a frontend can preload its counter to the maximum, and a blocking write would stall this
+/// queue's thread, and with it the end of the connection, for good.
+fn signal_guest(call: &Option<EventNotifier>) -> std::io::Result<()> {
+    let Some(call) = call else {
+        return Ok(());
+    };
+    let mut p = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; a zero timeout never blocks.
+    if unsafe { libc::poll(&mut p, 1, 0) } != 1 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "the call eventfd is full",
+        ));
+    }
+    call.notify()
 }
 
 /// Writes the status byte; false if it is no longer inside guest memory.
