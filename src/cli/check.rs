@@ -1,8 +1,10 @@
-//! `fvd check`: exit 0 when consistent, 2 when corrupt (as qemu-img check), 1 on errors.
+//! `fvd check`: exit codes as qemu-img check: 0 consistent, 1 the check could not be done
+//! (cannot open or read the file, not an FVD image), 2 corruption found (also when a repair
+//! could not fix it), 3 only leaks found.
 
 use super::Output;
 use crate::engine;
-use crate::engine::check::check;
+use crate::engine::check::{check, CheckReport, RepairError};
 use crate::io::executor::block_on;
 use crate::io::host_file::OpenMode;
 use crate::io::sync::SyncIo;
@@ -14,7 +16,8 @@ use std::path::PathBuf;
 pub struct Args {
     /// Image file or block device.
     image: PathBuf,
-    /// Replay the journal and fix inconsistencies (needs exclusive access).
+    /// Rebuild the metadata from what survives (the other metadata copy, the journal) and fix
+    /// every inconsistency; reports what was lost (needs exclusive access).
     #[arg(short = 'r', long)]
     repair: bool,
     #[arg(long, value_enum, default_value_t)]
@@ -31,27 +34,48 @@ pub fn run(a: Args) -> Result<i32> {
     if block_on(engine::probe(&io, &file))? != engine::Format::Fvd {
         bail!("{} is not an FVD image", a.image.display());
     }
-    if a.repair {
-        drop(file);
-        let fixed = block_on(engine::repair_image(&io, &a.image))
-            .with_context(|| format!("cannot repair {}", a.image.display()))?;
-        for p in &fixed {
-            eprintln!("Repaired: {p}");
-        }
-        let file = HostFile::open(&a.image, OpenMode::ReadOnly)?;
-        return report(&a, block_on(check(&io, file))?);
+    if !a.repair {
+        let r = block_on(check(&io, file))
+            .with_context(|| format!("cannot check {}", a.image.display()))?;
+        return report(&a, r);
     }
-    let r = block_on(check(&io, file))
-        .with_context(|| format!("cannot check {}", a.image.display()))?;
+    drop(file);
+    let (fixed, lost) = match block_on(engine::repair_image(&io, &a.image)) {
+        Ok(r) => (r.fixed, r.lost),
+        // Damage repair cannot get past: report it like a check does (exit 2).
+        Err(RepairError::Unrepairable(p)) => {
+            eprintln!("fvd: cannot repair {}: {p}", a.image.display());
+            let file = HostFile::open(&a.image, OpenMode::ReadOnly)?;
+            return report(&a, block_on(check(&io, file))?);
+        }
+        Err(RepairError::Engine(e)) => {
+            return Err(e).with_context(|| format!("cannot repair {}", a.image.display()))
+        }
+    };
+    let file = HostFile::open(&a.image, OpenMode::ReadOnly)?;
+    let mut r = block_on(check(&io, file))
+        .with_context(|| format!("cannot check {} after repair", a.image.display()))?;
+    r.repaired = fixed;
+    r.lost = lost;
     report(&a, r)
 }
 
-fn report(a: &Args, r: engine::check::CheckReport) -> Result<i32> {
+fn report(a: &Args, r: CheckReport) -> Result<i32> {
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
         Output::Human => {
+            for p in &r.repaired {
+                println!("Repaired: {p}");
+            }
+            for l in &r.lost {
+                println!("{l}");
+            }
             for p in &r.problems {
-                println!("ERROR {p}");
+                if p.is_leak() {
+                    println!("LEAK {p}");
+                } else {
+                    println!("ERROR {p}");
+                }
             }
             if r.journal_records > 0 {
                 println!(
@@ -59,20 +83,31 @@ fn report(a: &Args, r: engine::check::CheckReport) -> Result<i32> {
                     r.journal_records, r.journal_sectors
                 );
             }
-            if !r.header_slots_valid.iter().all(|&v| v) {
+            if r.generation.is_some() && !r.header_slots_valid.iter().all(|&v| v) {
                 println!("One header slot is invalid (an interrupted header update); the other is in use.");
             }
-            if r.problems.is_empty() {
+            if r.corruptions == 0 && r.leaks == 0 {
                 println!("No errors were found on the image.");
-            } else {
-                println!("{} errors were found on the image.", r.problems.len());
+            }
+            if r.corruptions > 0 {
+                println!("{} errors were found on the image.", r.corruptions);
+            }
+            if r.leaks > 0 {
+                println!(
+                    "{} leaked chunks were found on the image (space wasted, no harm to data).",
+                    r.leaks
+                );
+            }
+            if r.corruptions > 0 || r.leaks > 0 {
                 println!("Run 'fvd check --repair' to fix them.");
             }
-            println!(
-                "{} chunks allocated, {} blocks present.",
-                r.allocated_chunks, r.present_blocks
-            );
+            if r.generation.is_some() {
+                println!(
+                    "{} chunks allocated, {} blocks present.",
+                    r.allocated_chunks, r.present_blocks
+                );
+            }
         }
     }
-    Ok(if r.corrupt() { 2 } else { 0 })
+    Ok(r.exit_code())
 }

@@ -1,0 +1,232 @@
+//! `fvd check` and `fvd check --repair` on damaged images: qemu-img's exit codes (0 clean, 1 the
+//! check could not be done, 2 corruption, 3 only leaks), repair from the other metadata copy, and
+//! "Lost:" reports that name what a repair could not recover.
+
+use fvd::engine::Image;
+use fvd::format::{Header, SECTOR};
+use fvd::io::executor::block_on;
+use fvd::io::sync::SyncIo;
+use fvd::io::Buf;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn fvd(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fvd"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// Runs `fvd check [args] img.fvd` and returns its exit code and stdout.
+fn check(dir: &Path, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["check"];
+    all.extend_from_slice(args);
+    all.push("img.fvd");
+    let o = fvd(dir, &all);
+    (
+        o.status.code().unwrap(),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+fn dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/var/tmp").unwrap()
+}
+
+fn header(path: &Path) -> Header {
+    let raw = std::fs::read(path).unwrap();
+    fvd::format::header::pick_header(&raw[..SECTOR], &raw[SECTOR..2 * SECTOR]).unwrap()
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
+}
+
+/// Writes `data` at each offset, flushes and closes the image cleanly.
+fn write_and_close(path: &Path, writes: &[(u64, &[u8])]) {
+    let img: Image<SyncIo> = block_on(fvd::engine::open_image(&SyncIo, path, false)).unwrap();
+    for (off, data) in writes {
+        let b = Buf::alloc(data.len());
+        b.copy_from_slice(0, data);
+        block_on(img.write(&SyncIo, *off, b)).unwrap();
+    }
+    block_on(img.close(&SyncIo)).unwrap();
+}
+
+/// The image's virtual contents, read through `fvd convert -O raw`.
+fn contents(dir: &Path) -> Vec<u8> {
+    let o = fvd(dir, &["convert", "-O", "raw", "-q", "img.fvd", "out.raw"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = std::fs::read(dir.join("out.raw")).unwrap();
+    std::fs::remove_file(dir.join("out.raw")).unwrap();
+    v
+}
+
+fn edit(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut raw = std::fs::read(path).unwrap();
+    f(&mut raw);
+    std::fs::write(path, &raw).unwrap();
+}
+
+/// Recomputes the crc32c of the 4 KiB sector at `off` (a damaged but well-formed sector).
+fn reseal(raw: &mut [u8], off: usize) {
+    let crc = crc32c::crc32c(&raw[off..off + SECTOR - 4]);
+    raw[off + SECTOR - 4..off + SECTOR].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn exit_codes_follow_qemu_img() {
+    let d = dir();
+    let p = d.path();
+    let img = p.join("img.fvd");
+    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
+        .status
+        .success());
+    write_and_close(&img, &[(0, &pattern(1, 65536))]);
+    assert_eq!(check(p, &[]).0, 0);
+
+    // 1: the check cannot be done at all.
+    assert_eq!(fvd(p, &["check", "missing.fvd"]).status.code(), Some(1));
+    std::fs::write(p.join("plain.raw"), vec![1u8; 16384]).unwrap();
+    assert_eq!(fvd(p, &["check", "plain.raw"]).status.code(), Some(1));
+
+    // 2: a damaged sector of the active metadata copy (the open that check used to do refused it,
+    // and check exited 1), reported as a problem, also in JSON.
+    let clean = std::fs::read(&img).unwrap();
+    let h = header(&img);
+    let active = h.meta_offset[h.active_meta as usize] as usize;
+    edit(&img, |raw| raw[active + 10] ^= 0x40);
+    let (code, out) = check(p, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("metadata sector 0 of copy"), "{out}");
+    let (code, out) = check(p, &["--output", "json"]);
+    assert_eq!(code, 2, "{out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["corruptions"], 1);
+    assert_eq!(j["problems"][0]["kind"], "metadata_sector");
+
+    // 2: both header slots damaged (the magic intact, so it is still an FVD image).
+    std::fs::write(&img, &clean).unwrap();
+    edit(&img, |raw| {
+        raw[100] ^= 1;
+        raw[SECTOR + 100] ^= 1;
+    });
+    let (code, out) = check(p, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no valid header slot"), "{out}");
+
+    // 3: a leak, a chunk mapped with none of its blocks present (check said 0).
+    std::fs::write(&img, &clean).unwrap();
+    let table = active + h.bitmap_sectors as usize * SECTOR;
+    edit(&img, |raw| {
+        raw[table + 4..table + 8].copy_from_slice(&7u32.to_le_bytes());
+        reseal(raw, table);
+    });
+    let (code, out) = check(p, &[]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("leak"), "{out}");
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(check(p, &[]).0, 0);
+    assert_eq!(&contents(p)[..65536], &pattern(1, 65536)[..]);
+}
+
+#[test]
+fn repair_takes_a_damaged_sector_from_the_other_copy() {
+    let d = dir();
+    let p = d.path();
+    let img = p.join("img.fvd");
+    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
+        .status
+        .success());
+    let a = pattern(3, 3 << 16);
+    write_and_close(&img, &[(1 << 20, &a)]);
+    // A second clean open and close writes the full state to the other copy as well.
+    write_and_close(&img, &[]);
+    let want = contents(p);
+    let h = header(&img);
+    let active = h.meta_offset[h.active_meta as usize] as usize;
+    // One bad byte in the active bitmap sector and one in the active table sector.
+    edit(&img, |raw| {
+        raw[active + 20] ^= 0x10;
+        raw[active + SECTOR + 20] ^= 0x10;
+        // And the other header slot (the one in force must stay: it names the active copy).
+        raw[SECTOR - h.slot_offset() as usize + 200] ^= 1;
+    });
+    assert_eq!(check(p, &[]).0, 2);
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Possibly lost: bytes 0x0..0x800000"), "{out}");
+    let (code, out) = check(p, &["--output", "json"]);
+    assert_eq!(code, 0, "{out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["header_slots_valid"], serde_json::json!([true, true]));
+    assert_eq!(j["inactive_copy_valid"], true);
+    assert_eq!(
+        contents(p),
+        want,
+        "the other copy's sectors hold the same data"
+    );
+}
+
+#[test]
+fn repair_reports_what_is_lost_and_never_exposes_other_data() {
+    let d = dir();
+    let p = d.path();
+    let img = p.join("img.fvd");
+    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
+        .status
+        .success());
+    write_and_close(
+        &img,
+        &[(0, &pattern(1, 1 << 20)), (2 << 20, &pattern(2, 1 << 20))],
+    );
+    write_and_close(&img, &[]);
+    let h = header(&img);
+    // The table sector is damaged in both copies: which physical chunk holds what is unknown.
+    let t = h.bitmap_sectors as usize * SECTOR;
+    edit(&img, |raw| {
+        raw[h.meta_offset[0] as usize + t + 3] ^= 0x01;
+        raw[h.meta_offset[1] as usize + t + 3] ^= 0x01;
+    });
+    assert_eq!(check(p, &[]).0, 2);
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Lost: bytes 0x0..0x800000"), "{out}");
+    assert_eq!(check(p, &[]).0, 0);
+    assert!(
+        contents(p).iter().all(|&b| b == 0),
+        "lost chunks must read as zeros"
+    );
+}
+
+#[test]
+fn truncated_images_are_corrupt_not_unreadable() {
+    let d = dir();
+    let p = d.path();
+    let img = p.join("img.fvd");
+    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
+        .status
+        .success());
+    write_and_close(&img, &[(3 << 20, &pattern(5, 1 << 20))]);
+    let h = header(&img);
+    // Cut into the data area: the chunk holding virtual chunk 3 is gone, and a clean image's
+    // checkpointed blocks can never lie past the end of its file (check used to say 0).
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(h.data_offset + 4096).unwrap();
+    let (code, out) = check(p, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("past the end of the image file"), "{out}");
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Lost: bytes 0x300000..0x400000"), "{out}");
+    assert!(contents(p).iter().all(|&b| b == 0));
+    // Cut into the metadata: reported as corruption, and repair cannot proceed.
+    f.set_len(h.meta_offset[1] + 100).unwrap();
+    let (code, out) = check(p, &[]);
+    assert_eq!(code, 2, "{out}");
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("cannot repair"), "{out}");
+}
