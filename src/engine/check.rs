@@ -12,7 +12,7 @@ use super::metadata::Committed;
 use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::metadata::{self as md, BITS_PER_SECTOR, ENTRIES_PER_SECTOR};
-use crate::format::{FormatError, Header, JournalEntry, SECTOR};
+use crate::format::{journal, FormatError, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Io, IoFile};
 use crate::units::PhysChunk;
 use serde::Serialize;
@@ -39,6 +39,21 @@ pub enum Problem {
         start: u64,
         end: u64,
     },
+    /// The journal holds sectors of a newer epoch than the header in force: a newer header was
+    /// written (journal sectors of an epoch follow its header) and its slot is damaged, so the
+    /// older slot, which names an older metadata copy or journal epoch, is in force. Repair
+    /// rebuilds the newer header: exactly when the older one marks a clean shutdown (the newer
+    /// one was then the next open's, on the same copy); otherwise it takes the other copy (the
+    /// newer header was then a checkpoint's, unless the next open found no records) and every
+    /// byte is possibly lost.
+    StaleHeader {
+        header_epoch: u64,
+        journal_epoch: u64,
+        exact: bool,
+    },
+    /// Journal sector `sector` is invalid but valid sectors of later flushes follow it (a torn
+    /// write cannot do that): its records are lost; repair applies the later ones.
+    JournalHole { sector: u64, valid_after: u64 },
     /// A journal record with a valid checksum names blocks or chunks outside the image: it is
     /// skipped (the change it stood for is possibly lost).
     JournalRecord { position: u64, record: String },
@@ -87,6 +102,23 @@ impl std::fmt::Display for Problem {
                 } else {
                     "the other copy's sector is corrupt too"
                 }
+            ),
+            Problem::StaleHeader {
+                header_epoch,
+                journal_epoch,
+                ..
+            } => write!(
+                f,
+                "the header in force (journal epoch {header_epoch}) is older than the journal \
+                 (epoch {journal_epoch}): the newer header slot is damaged"
+            ),
+            Problem::JournalHole {
+                sector,
+                valid_after,
+            } => write!(
+                f,
+                "journal sector {sector} is corrupt but {valid_after} valid sectors of later \
+                 flushes follow it"
             ),
             Problem::JournalRecord { position, record } => write!(
                 f,
@@ -178,6 +210,20 @@ fn losses(problems: &[Problem], h: &Header) -> Vec<Loss> {
                     (end * geo.block_size).min(geo.virtual_size),
                 ),
             ),
+            Problem::StaleHeader { exact: true, .. } => continue,
+            Problem::StaleHeader { exact: false, .. } => (false, (0, geo.virtual_size)),
+            Problem::JournalHole { sector, .. } => {
+                out.push(Loss {
+                    certain: false,
+                    start: 0,
+                    end: 0,
+                    why: format!(
+                        "the records of journal sector {sector} are unreadable; the ranges they \
+                         named are unknown"
+                    ),
+                });
+                continue;
+            }
             Problem::JournalRecord { position, record } => {
                 out.push(Loss {
                     certain: false,
@@ -300,6 +346,8 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
             // skipped), or not repairable.
             Problem::NoValidHeader { .. }
             | Problem::Truncated { .. }
+            | Problem::StaleHeader { .. }
+            | Problem::JournalHole { .. }
             | Problem::MetadataSector { .. }
             | Problem::JournalRecord { .. } => continue,
         };
@@ -316,6 +364,8 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
 /// Metadata as far as it survives: the active copy, damaged sectors taken from the other copy
 /// where valid, then the journal (records outside the image skipped), and what is wrong.
 struct Salvaged {
+    /// The header the metadata was read with (rebuilt if the one in force was stale).
+    header: Header,
     committed: Committed,
     problems: Vec<Problem>,
     journal_records: usize,
@@ -366,7 +416,85 @@ fn truncated<I: Io>(store: &Storage<I>, h: &Header) -> Result<Option<Problem>> {
     Ok((size < need).then_some(Problem::Truncated { size, need }))
 }
 
+/// Replay stops at the first invalid sector, as after a torn write. But a torn write belongs to
+/// a flush that never completed, so no later flush's sectors can follow it: if a valid sector
+/// that is not full (the last of some flush's write) and another valid sector after it follow
+/// the stop, sector `tail` was damaged after the fact. Returns how many valid sectors follow it
+/// and their records.
+async fn journal_after_hole<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+    h: &Header,
+    tail: u64,
+) -> Result<Option<(u64, Vec<JournalEntry>)>> {
+    let total = h.journal_len / SECTOR as u64;
+    if tail + 2 >= total {
+        return Ok(None);
+    }
+    let raw = read_at(
+        io,
+        store,
+        c,
+        h.journal_offset + (tail + 1) * SECTOR as u64,
+        (total - tail - 1) * SECTOR as u64,
+    )
+    .await?;
+    let mut later = Vec::new();
+    let mut valid = 0u64;
+    let mut flush_ended = false;
+    let mut proven = false;
+    for (i, sec) in raw.chunks(SECTOR).enumerate() {
+        let Some(e) = journal::decode(sec, h.journal_epoch, tail + 1 + i as u64) else {
+            break;
+        };
+        proven |= flush_ended;
+        flush_ended |= e.len() < journal::ENTRIES_PER_SECTOR;
+        valid += 1;
+        later.extend(e);
+    }
+    Ok(proven.then_some((valid, later)))
+}
+
+/// Detects a stale header in force (see [`Problem::StaleHeader`]) and rebuilds the newer one.
+async fn newer_header<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+    h: &Header,
+) -> Result<Option<(Header, Problem)>> {
+    let first = read_at(io, store, c, h.journal_offset, SECTOR as u64).await?;
+    let epoch = u64::from_le_bytes(first[8..16].try_into().unwrap_or_default());
+    if epoch <= h.journal_epoch || journal::decode(&first, epoch, 0).is_none() {
+        return Ok(None);
+    }
+    let mut nh = h.clone();
+    nh.journal_epoch = epoch;
+    nh.flags &= !FLAG_CLEAN;
+    // A clean shutdown leaves an empty journal, so the next open only bumped the epoch.
+    let exact = h.clean() && epoch == h.journal_epoch + 1;
+    if !exact {
+        nh.active_meta = 1 - h.active_meta;
+    }
+    Ok(Some((
+        nh,
+        Problem::StaleHeader {
+            header_epoch: h.journal_epoch,
+            journal_epoch: epoch,
+            exact,
+        },
+    )))
+}
+
 async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) -> Result<Salvaged> {
+    let mut problems = Vec::new();
+    let h = &match newer_header(io, store, c, h).await? {
+        Some((nh, p)) => {
+            problems.push(p);
+            nh
+        }
+        None => h.clone(),
+    };
     let geo = h.geometry();
     let mut committed = Committed::new(&geo, h.compact(), h.bitmap_sectors, h.table_sectors);
     let n = committed.sectors();
@@ -374,7 +502,6 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
     let act = h.active_meta;
     let a = read_at(io, store, c, h.meta_offset[act as usize], len).await?;
     let b = read_at(io, store, c, h.meta_offset[1 - act as usize], len).await?;
-    let mut problems = Vec::new();
     let mut suspect = vec![false; committed.table.len()];
     let mut inactive_copy_valid = true;
     for s in 0..n {
@@ -430,7 +557,17 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
     // the journal names may lie past its end after a crash (FORMAT.md, rule 5).
     let copy_bits = committed.bits.clone();
     let copy_table = committed.table.clone();
-    let (entries, tail) = super::image::replay(io, store, c, h).await?;
+    let (mut entries, tail) = super::image::replay(io, store, c, h).await?;
+    if let Some((after, later)) = journal_after_hole(io, store, c, h, tail).await? {
+        problems.push(Problem::JournalHole {
+            sector: tail,
+            valid_after: after,
+        });
+        // The lost sector may have unmapped a chunk that a later record maps again: mappings
+        // the journal does not set lose any conflict with those it sets.
+        suspect.fill(true);
+        entries.extend(later);
+    }
     for (i, e) in entries.iter().enumerate() {
         if committed.apply(std::slice::from_ref(e)).is_err() {
             problems.push(Problem::JournalRecord {
@@ -459,6 +596,7 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
     problems.extend(found);
     problems.extend(leaks);
     Ok(Salvaged {
+        header: h.clone(),
         committed,
         problems,
         journal_records: entries.len(),
@@ -607,7 +745,7 @@ pub async fn check<I: Io>(io: &I, file: I::File) -> Result<CheckReport> {
     let mut r = CheckReport::new(slots, s.problems);
     r.generation = Some(h.generation);
     r.clean_shutdown = Some(h.clean());
-    r.active_copy = Some(h.active_meta);
+    r.active_copy = Some(s.header.active_meta);
     r.inactive_copy_valid = s.inactive_copy_valid;
     r.journal_records = s.journal_records;
     r.journal_sectors = s.journal_sectors;
@@ -651,6 +789,7 @@ pub async fn repair<I: Io>(io: &I, file: I::File) -> std::result::Result<Repair,
         return Err(RepairError::Unrepairable(p));
     }
     let mut s = salvage(io, &store, &c, &h).await?;
+    let h = s.header.clone();
     fix_problems(&mut s.committed, &h, &s.problems);
     // Chunks whose every block the fixes cleared would be leaks now.
     let leaks = find_leaks(&s.committed, &h, &[]);
