@@ -217,7 +217,7 @@ fn truncated_images_are_corrupt_not_unreadable() {
     f.set_len(h.data_offset + 4096).unwrap();
     let (code, out) = check(p, &[]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("past the end of the image file"), "{out}");
+    assert!(out.contains("past the end of the storage"), "{out}");
     let (code, out) = check(p, &["--repair"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Lost: bytes 0x300000..0x400000"), "{out}");
@@ -264,7 +264,7 @@ fn a_damaged_journal_sector_followed_by_later_flushes_is_corruption() {
     edit(&img, |raw| raw[h.journal_offset as usize + 40] ^= 0x08);
     let (code, out) = check(p, &[]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("journal sector 0 is corrupt"), "{out}");
+    assert!(out.contains("after sector 0, which is damaged"), "{out}");
     let (code, out) = check(p, &["--repair"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Possibly lost"), "{out}");

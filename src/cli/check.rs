@@ -64,11 +64,12 @@ fn report(a: &Args, r: CheckReport) -> Result<i32> {
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
         Output::Human => {
+            // What repair did goes to stderr (as before), the state of the image to stdout.
             for p in &r.repaired {
-                println!("Repaired: {p}");
+                eprintln!("Repaired: {p}");
             }
             for l in &r.lost {
-                println!("{l}");
+                eprintln!("{l}");
             }
             for p in &r.problems {
                 if p.is_leak() {

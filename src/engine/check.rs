@@ -51,9 +51,6 @@ pub enum Problem {
         journal_epoch: u64,
         exact: bool,
     },
-    /// Journal sector `sector` is invalid but valid sectors of later flushes follow it (a torn
-    /// write cannot do that): its records are lost; repair applies the later ones.
-    JournalHole { sector: u64, valid_after: u64 },
     /// A journal record with a valid checksum names blocks or chunks outside the image: it is
     /// skipped (the change it stood for is possibly lost).
     JournalRecord { position: u64, record: String },
@@ -63,11 +60,16 @@ pub enum Problem {
     /// read from the base image or as zeros; no other chunk's data is exposed). An entry taken
     /// from the other metadata copy always counts as the later one.
     DuplicateMapping { chunk: u64, phys: u32 },
-    /// A chunk is mapped past the end of the block device: repair unmaps it.
+    /// A chunk is mapped past the end of the block device or file (a truncated file, or a
+    /// corrupt table entry): repair unmaps it.
     ChunkBeyondDevice { chunk: u64, phys: u32 },
-    /// Blocks `[first, end)` are present according to the metadata copy, but their data lies past
-    /// the end of the image file (the file was truncated): repair clears their bits.
-    DataPastEnd { first: u64, end: u64 },
+    /// Raw-like images: blocks from `block` on are marked present but lie past the end of the
+    /// file (it was truncated; their data is gone): repair clears their bits.
+    DataBeyondEnd { block: u64 },
+    /// A journal sector proves that records after the replayed journal were lost (damage, not a
+    /// torn last write): repair keeps the records before it and applies the valid sectors of later flushes after it
+    /// (their mappings win any conflict).
+    JournalDamaged { sector: u64, what: String },
     /// A leak: a physical chunk mapped by a virtual chunk none of whose blocks is present. It
     /// holds no reachable data but takes space; repair unmaps it.
     EmptyChunk { chunk: u64, phys: u32 },
@@ -86,7 +88,7 @@ impl std::fmt::Display for Problem {
             Problem::NoValidHeader { what } => write!(f, "no valid header slot ({what})"),
             Problem::Truncated { size, need } => write!(
                 f,
-                "the storage holds {size} bytes but the metadata copies end at byte {need}"
+                "the storage holds {size} bytes but its metadata and journal start end at byte {need}: truncated"
             ),
             Problem::MetadataSector {
                 copy,
@@ -112,14 +114,6 @@ impl std::fmt::Display for Problem {
                 "the header in force (journal epoch {header_epoch}) is older than the journal \
                  (epoch {journal_epoch}): the newer header slot is damaged"
             ),
-            Problem::JournalHole {
-                sector,
-                valid_after,
-            } => write!(
-                f,
-                "journal sector {sector} is corrupt but {valid_after} valid sectors of later \
-                 flushes follow it"
-            ),
             Problem::JournalRecord { position, record } => write!(
                 f,
                 "journal record {position} is outside the image ({record})"
@@ -139,13 +133,17 @@ impl std::fmt::Display for Problem {
             Problem::ChunkBeyondDevice { chunk, phys } => {
                 write!(
                     f,
-                    "chunk {chunk} maps to physical chunk {phys}, past the end of the device"
+                    "chunk {chunk} maps to physical chunk {phys}, past the end of the storage"
                 )
             }
-            Problem::DataPastEnd { first, end } => write!(
-                f,
-                "blocks {first}..{end} are present but lie past the end of the image file"
-            ),
+            Problem::JournalDamaged { sector, what } => write!(f, "journal sector {sector} {what}"),
+            Problem::DataBeyondEnd { block } => {
+                write!(
+                    f,
+                    "block {block} is marked present but lies past the end of the file \
+                     (truncated image)"
+                )
+            }
             Problem::EmptyChunk { chunk, phys } => write!(
                 f,
                 "chunk {chunk} holds physical chunk {phys} but none of its blocks is present"
@@ -203,16 +201,10 @@ fn losses(problems: &[Problem], h: &Header) -> Vec<Loss> {
             Problem::BitsInUnallocatedChunk { chunk: c }
             | Problem::DuplicateMapping { chunk: c, .. }
             | Problem::ChunkBeyondDevice { chunk: c, .. } => (true, chunk(*c)),
-            Problem::DataPastEnd { first, end } => (
-                true,
-                (
-                    first * geo.block_size,
-                    (end * geo.block_size).min(geo.virtual_size),
-                ),
-            ),
+            Problem::DataBeyondEnd { block } => (true, (block * geo.block_size, geo.virtual_size)),
             Problem::StaleHeader { exact: true, .. } => continue,
             Problem::StaleHeader { exact: false, .. } => (false, (0, geo.virtual_size)),
-            Problem::JournalHole { sector, .. } => {
+            Problem::JournalDamaged { sector, .. } => {
                 out.push(Loss {
                     certain: false,
                     start: 0,
@@ -261,10 +253,34 @@ fn find_problems_with(
     suspect: &[bool],
 ) -> Vec<Problem> {
     let mut out = Vec::new();
+    let geo = h.geometry();
     if !h.compact() {
+        // Raw-like: block b lives at data_offset + b * block_size; the file is grown to its
+        // full size before any write (read-write open), so a present block past its end was cut.
+        if let Some(size) = storage_size {
+            let inside = size.saturating_sub(h.data_offset) / geo.block_size;
+            let first_word = (inside / 64) as usize;
+            let found = c
+                .bits
+                .iter()
+                .enumerate()
+                .skip(first_word)
+                .find_map(|(i, &w)| {
+                    let w = if i == first_word {
+                        w & u64::MAX.checked_shl((inside % 64) as u32).unwrap_or(0)
+                    } else {
+                        w
+                    };
+                    (w != 0).then(|| i as u64 * 64 + w.trailing_zeros() as u64)
+                });
+            // Stray bits past the last block are not data (and nothing reads them).
+            let found = found.filter(|&b| b < geo.block_count());
+            if let Some(block) = found {
+                out.push(Problem::DataBeyondEnd { block });
+            }
+        }
         return out;
     }
-    let geo = h.geometry();
     let bpc = geo.blocks_per_chunk();
     let mut owner: HashMap<u32, u64> = HashMap::new();
     let cap = storage_size.map(|s| s.saturating_sub(h.data_offset) / geo.chunk_size);
@@ -328,6 +344,14 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
     let mut entries = Vec::new();
     for p in problems {
         let chunk = match *p {
+            Problem::JournalDamaged { .. } => continue,
+            Problem::DataBeyondEnd { block } => {
+                entries.push(JournalEntry::ClearBits {
+                    start: block,
+                    count: nblocks - block,
+                });
+                continue;
+            }
             Problem::BitsInUnallocatedChunk { chunk } => chunk,
             Problem::DuplicateMapping { chunk, .. }
             | Problem::ChunkBeyondDevice { chunk, .. }
@@ -335,19 +359,11 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
                 entries.push(JournalEntry::Unmap { chunk });
                 chunk
             }
-            Problem::DataPastEnd { first, end } => {
-                entries.push(JournalEntry::ClearBits {
-                    start: first,
-                    count: end - first,
-                });
-                continue;
-            }
             // Resolved while loading (sector taken from the other copy or left empty, record
             // skipped), or not repairable.
             Problem::NoValidHeader { .. }
             | Problem::Truncated { .. }
             | Problem::StaleHeader { .. }
-            | Problem::JournalHole { .. }
             | Problem::MetadataSector { .. }
             | Problem::JournalRecord { .. } => continue,
         };
@@ -364,6 +380,9 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
 /// Metadata as far as it survives: the active copy, damaged sectors taken from the other copy
 /// where valid, then the journal (records outside the image skipped), and what is wrong.
 struct Salvaged {
+    /// Highest epoch of a valid journal sector: the repaired image's epoch must exceed it, or
+    /// sectors of a lost header's epoch could later be replayed as new ones.
+    newest_epoch: u64,
     /// The header the metadata was read with (rebuilt if the one in force was stale).
     header: Header,
     committed: Committed,
@@ -412,48 +431,41 @@ async fn read_header<I: Io>(
 /// memory.
 fn truncated<I: Io>(store: &Storage<I>, h: &Header) -> Result<Option<Problem>> {
     let size = storage_size(store)?;
-    let need = h.meta_offset[0].max(h.meta_offset[1]) + h.meta_len;
+    let need =
+        (h.meta_offset[0].max(h.meta_offset[1]) + h.meta_len).max(h.journal_offset + SECTOR as u64);
     Ok((size < need).then_some(Problem::Truncated { size, need }))
 }
 
-/// Replay stops at the first invalid sector, as after a torn write. But a torn write belongs to
-/// a flush that never completed, so no later flush's sectors can follow it: if a valid sector
-/// that is not full (the last of some flush's write) and another valid sector after it follow
-/// the stop, sector `tail` was damaged after the fact. Returns how many valid sectors follow it
-/// and their records.
-async fn journal_after_hole<I: Io>(
+/// The records of the valid sectors of the header's epoch after the damaged sector `tail` (each
+/// at its own position), which later flushes wrote.
+async fn later_sectors<I: Io>(
     io: &I,
     store: &Storage<I>,
     c: &Counters,
     h: &Header,
     tail: u64,
-) -> Result<Option<(u64, Vec<JournalEntry>)>> {
+) -> Result<Vec<JournalEntry>> {
     let total = h.journal_len / SECTOR as u64;
-    if tail + 2 >= total {
-        return Ok(None);
-    }
-    let raw = read_at(
-        io,
-        store,
-        c,
-        h.journal_offset + (tail + 1) * SECTOR as u64,
-        (total - tail - 1) * SECTOR as u64,
-    )
-    .await?;
     let mut later = Vec::new();
-    let mut valid = 0u64;
-    let mut flush_ended = false;
-    let mut proven = false;
-    for (i, sec) in raw.chunks(SECTOR).enumerate() {
-        let Some(e) = journal::decode(sec, h.journal_epoch, tail + 1 + i as u64) else {
-            break;
-        };
-        proven |= flush_ended;
-        flush_ended |= e.len() < journal::ENTRIES_PER_SECTOR;
-        valid += 1;
-        later.extend(e);
+    let mut pos = tail + 1;
+    while pos < total {
+        let n = 256.min(total - pos);
+        let raw = read_at(
+            io,
+            store,
+            c,
+            h.journal_offset + pos * SECTOR as u64,
+            n * SECTOR as u64,
+        )
+        .await?;
+        for sec in raw.chunks(SECTOR) {
+            if let Some(e) = journal::decode(sec, h.journal_epoch, pos) {
+                later.extend(e);
+            }
+            pos += 1;
+        }
     }
-    Ok(proven.then_some((valid, later)))
+    Ok(later)
 }
 
 /// Detects a stale header in force (see [`Problem::StaleHeader`]) and rebuilds the newer one.
@@ -552,21 +564,18 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
             }
         }
     }
-    // Blocks the metadata copy says are present were made durable (with the file's growth) by
-    // the flush before that copy was written, so their data must lie inside the file. Blocks only
-    // the journal names may lie past its end after a crash (FORMAT.md, rule 5).
-    let copy_bits = committed.bits.clone();
-    let copy_table = committed.table.clone();
-    let (mut entries, tail) = super::image::replay(io, store, c, h).await?;
-    if let Some((after, later)) = journal_after_hole(io, store, c, h, tail).await? {
-        problems.push(Problem::JournalHole {
-            sector: tail,
-            valid_after: after,
-        });
+    let super::image::Replayed {
+        mut entries,
+        tail,
+        damage,
+        newest_epoch,
+    } = super::image::replay(io, store, c, h).await?;
+    if let Some(d) = damage {
+        problems.push(d);
         // The lost sector may have unmapped a chunk that a later record maps again: mappings
         // the journal does not set lose any conflict with those it sets.
         suspect.fill(true);
-        entries.extend(later);
+        entries.extend(later_sectors(io, store, c, h, tail).await?);
     }
     for (i, e) in entries.iter().enumerate() {
         if committed.apply(std::slice::from_ref(e)).is_err() {
@@ -579,23 +588,13 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
             suspect[chunk as usize] = false;
         }
     }
-    let dev_size = if store.file.is_block_device() {
-        Some(storage_size(store)?)
-    } else {
-        problems.extend(data_past_end(
-            &committed,
-            &copy_bits,
-            &copy_table,
-            h,
-            storage_size(store)?,
-        ));
-        None
-    };
+    let dev_size = Some(storage_size(store)?);
     let found = find_problems_with(&committed, h, dev_size, &suspect);
     let leaks = find_leaks(&committed, h, &found);
     problems.extend(found);
     problems.extend(leaks);
     Ok(Salvaged {
+        newest_epoch,
         header: h.clone(),
         committed,
         problems,
@@ -603,50 +602,6 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
         journal_sectors: tail,
         inactive_copy_valid,
     })
-}
-
-/// Image files: runs of blocks present both in the metadata copy and now, at the same physical
-/// place, whose data lies past the end of the file.
-fn data_past_end(
-    c: &Committed,
-    copy_bits: &[u64],
-    copy_table: &[u32],
-    h: &Header,
-    size: u64,
-) -> Vec<Problem> {
-    let geo = h.geometry();
-    let bpc = geo.blocks_per_chunk();
-    let bit = |bits: &[u64], b: u64| bits[(b / 64) as usize] & (1 << (b % 64)) != 0;
-    let mut out: Vec<Problem> = Vec::new();
-    let present = (0..geo.block_count())
-        .filter(|&b| copy_bits[(b / 64) as usize] != 0 && bit(copy_bits, b) && bit(&c.bits, b));
-    for b in present {
-        let v = b / bpc;
-        let phys_chunk = if h.compact() {
-            let p = c.table[v as usize];
-            if p == PhysChunk::UNALLOCATED.0 || p != copy_table[v as usize] {
-                continue;
-            }
-            p as u64
-        } else {
-            v
-        };
-        let len = geo.block_size.min(geo.virtual_size - b * geo.block_size);
-        let end = h.data_offset as u128
-            + phys_chunk as u128 * geo.chunk_size as u128
-            + ((b % bpc) * geo.block_size + len) as u128;
-        if end <= size as u128 {
-            continue;
-        }
-        match out.last_mut() {
-            Some(Problem::DataPastEnd { end, .. }) if *end == b => *end = b + 1,
-            _ => out.push(Problem::DataPastEnd {
-                first: b,
-                end: b + 1,
-            }),
-        }
-    }
-    out
 }
 
 /// What `fvd check` reports.
@@ -800,7 +755,7 @@ pub async fn repair<I: Io>(io: &I, file: I::File) -> std::result::Result<Repair,
     // the old image or the repaired one), then the old active copy and the other header slot, so
     // that both copies and both slots are valid afterwards.
     let mut nh = h.clone();
-    nh.journal_epoch += 1;
+    nh.journal_epoch = nh.journal_epoch.max(s.newest_epoch) + 1;
     nh.flags |= FLAG_CLEAN;
     for copy in [1 - h.active_meta, h.active_meta] {
         write_copy(io, &store, &c, &s.committed, nh.meta_offset[copy as usize]).await?;
