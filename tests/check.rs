@@ -300,3 +300,36 @@ fn a_damaged_newer_header_slot_is_detected_by_the_journal_and_rebuilt() {
     );
     assert_eq!(&contents(p)[1 << 20..(1 << 20) + 65536], &a[..]);
 }
+
+#[test]
+fn a_duplicate_mapping_is_repaired_without_exposing_either_chunk_to_the_other() {
+    let d = dir();
+    let p = d.path();
+    let img = p.join("img.fvd");
+    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
+        .status
+        .success());
+    write_and_close(
+        &img,
+        &[(0, &pattern(1, 1 << 20)), (2 << 20, &pattern(2, 1 << 20))],
+    );
+    let h = header(&img);
+    let table = (h.meta_offset[h.active_meta as usize] + h.bitmap_sectors * SECTOR as u64) as usize;
+    // A well-formed table sector in which chunk 0 names chunk 2's physical chunk: nothing tells
+    // which entry is right (repair used to unmap only chunk 2, and chunk 0 then read chunk 2's
+    // data).
+    edit(&img, |raw| {
+        let e2: [u8; 4] = raw[table + 8..table + 12].try_into().unwrap();
+        raw[table..table + 4].copy_from_slice(&e2);
+        reseal(raw, table);
+    });
+    assert_eq!(check(p, &[]).0, 2);
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Lost: bytes 0x0..0x100000"), "{out}");
+    assert!(out.contains("Lost: bytes 0x200000..0x300000"), "{out}");
+    assert!(
+        contents(p).iter().all(|&b| b == 0),
+        "both chunks read zeros"
+    );
+}

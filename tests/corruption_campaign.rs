@@ -425,7 +425,7 @@ enum Damage {
     HeaderInForceFlip,
     MetaFlip,
     JournalFlip,
-    /// A flip in one of the last two valid journal sectors: indistinguishable from a torn write.
+    /// A flip in the last valid journal sector: indistinguishable from a torn write.
     JournalTailFlip,
     DataFlip,
     CraftMeta,
@@ -526,8 +526,8 @@ fn damage(s: &Spec, dir: &Path) -> (Vec<Damage>, Vec<u64>) {
                     h.journal_offset + sec * SECTOR as u64 + r.gen_range(0..SECTOR as u64),
                     &mut r,
                 );
-                // Provably damaged only with two valid sectors of later flushes after it.
-                if sec < l.journal_used && sec + 2 >= l.journal_used {
+                // Provably damaged only when a later flush's sector follows it.
+                if sec < l.journal_used && sec + 1 >= l.journal_used {
                     Damage::JournalTailFlip
                 } else {
                     Damage::JournalFlip

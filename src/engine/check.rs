@@ -56,9 +56,10 @@ pub enum Problem {
     JournalRecord { position: u64, record: String },
     /// Blocks marked present in a chunk that has no physical chunk: repair clears the bits.
     BitsInUnallocatedChunk { chunk: u64 },
-    /// Two virtual chunks share one physical chunk: repair unmaps the later one (its blocks then
-    /// read from the base image or as zeros; no other chunk's data is exposed). An entry taken
-    /// from the other metadata copy always counts as the later one.
+    /// Two virtual chunks share one physical chunk: repair unmaps both (their blocks then read
+    /// from the base image or as zeros and are reported lost; neither can read the other's
+    /// data), except that an entry taken from the other metadata copy alone loses to one that
+    /// was not.
     DuplicateMapping { chunk: u64, phys: u32 },
     /// A chunk is mapped past the end of the block device or file (a truncated file, or a
     /// corrupt table entry): repair unmaps it.
@@ -282,7 +283,9 @@ fn find_problems_with(
         return out;
     }
     let bpc = geo.blocks_per_chunk();
-    let mut owner: HashMap<u32, u64> = HashMap::new();
+    // Physical chunk -> (first virtual chunk mapping it, whether that entry is suspect, whether
+    // it was reported).
+    let mut owner: HashMap<u32, (u64, bool, bool)> = HashMap::new();
     let cap = storage_size.map(|s| s.saturating_sub(h.data_offset) / geo.chunk_size);
     let is_suspect = |v: u64| suspect.get(v as usize).copied().unwrap_or(false);
     for pass_suspect in [false, true] {
@@ -299,10 +302,21 @@ fn find_problems_with(
                 }
                 continue;
             }
-            if owner.insert(p, v).is_some() {
+            if let Some((first, first_suspect, reported)) = owner.get_mut(&p) {
+                // Nothing tells which of two equally trusted entries is right: neither keeps
+                // the chunk, so neither can read the other's data.
+                if *first_suspect == pass_suspect && !*reported {
+                    *reported = true;
+                    out.push(Problem::DuplicateMapping {
+                        chunk: *first,
+                        phys: p,
+                    });
+                }
                 out.push(Problem::DuplicateMapping { chunk: v, phys: p });
             } else if cap.is_some_and(|cap| p as u64 >= cap) {
                 out.push(Problem::ChunkBeyondDevice { chunk: v, phys: p });
+            } else {
+                owner.insert(p, (v, pass_suspect, false));
             }
         }
     }
