@@ -20,7 +20,8 @@
 //!     cargo test --test corruption_campaign -- --ignored --nocapture campaign_full
 //! ```
 //!
-//! One case alone: `FVD_CAMPAIGN_FIRST=<index> FVD_CAMPAIGN_CASES=1` with the same seed.
+//! One case alone: `FVD_CAMPAIGN_FIRST=<index> FVD_CAMPAIGN_CASES=1` with the same seed;
+//! `FVD_CAMPAIGN_KEEP=1` keeps its directory (printed) with `img.undamaged` and `img.damaged`.
 
 use fvd::format::journal::{self, JournalEntry};
 use fvd::format::{Header, SECTOR};
