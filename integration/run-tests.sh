@@ -168,6 +168,8 @@ check_image() {
     local out st=0
     if [ "$backend" = fvd ]; then
         out=$("$FVD_BIN" check --output json "$1" 2>&1) || st=$?
+        # Exit 3 is leaks only: chunks mapped by a crash before any of their blocks was written.
+        if [ "$st" = 3 ] && [ "${2:-}" = crashed ]; then st=0; fi
         if [ "$st" = 0 ] && [ "${2:-}" != crashed ] && ! grep -q '"clean_shutdown": true' <<<"$out"; then
             say "$1 is not marked clean after SIGTERM"
             st=clean

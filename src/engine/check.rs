@@ -1,14 +1,19 @@
 //! Consistency checks of loaded metadata, shared by open (refuse), `fvd check` (report) and
 //! `fvd check --repair` (fix).
+//!
+//! `check` and `repair` never trust one structure to read the next: every metadata sector is
+//! verified on its own, a damaged sector of the active copy is taken from the other copy when that
+//! one is valid there, journal records that name blocks or chunks outside the image are skipped,
+//! and what could not be recovered is reported as lost byte ranges of the virtual disk.
 
 use super::counters::Counters;
-use super::error::Result;
-use super::image::Image;
+use super::error::{EngineError, Result};
 use super::metadata::Committed;
 use super::storage::Storage;
-use crate::format::header::pick_header;
-use crate::format::{Header, SECTOR};
-use crate::io::{Buf, Io};
+use crate::format::header::{pick_header, FLAG_CLEAN};
+use crate::format::metadata::{self as md, BITS_PER_SECTOR, ENTRIES_PER_SECTOR};
+use crate::format::{journal, FormatError, Header, JournalEntry, SECTOR};
+use crate::io::{Buf, Io, IoFile};
 use crate::units::PhysChunk;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -17,10 +22,44 @@ use std::collections::HashMap;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Problem {
+    /// No header slot is valid: nothing else can be located, and repair cannot proceed.
+    NoValidHeader { what: String },
+    /// The storage ends before the metadata copies do (the image was truncated): repair cannot
+    /// proceed.
+    Truncated { size: u64, need: u64 },
+    /// A sector of the active metadata copy is damaged. Repair takes it from the other copy when
+    /// that copy's sector is valid (`recovered`; it may predate the last checkpoint, so virtual
+    /// bytes `[start, end)` it describes are possibly lost); otherwise they are lost: their blocks
+    /// read from the base image or as zeros.
+    MetadataSector {
+        copy: u32,
+        index: u64,
+        what: String,
+        recovered: bool,
+        start: u64,
+        end: u64,
+    },
+    /// The journal holds sectors of a newer epoch than the header in force: a newer header was
+    /// written (journal sectors of an epoch follow its header) and its slot is damaged, so the
+    /// older slot, which names an older metadata copy or journal epoch, is in force. Repair
+    /// rebuilds the newer header: exactly when the older one marks a clean shutdown (the newer
+    /// one was then the next open's, on the same copy); otherwise it takes the other copy (the
+    /// newer header was then a checkpoint's, unless the next open found no records) and every
+    /// byte is possibly lost.
+    StaleHeader {
+        header_epoch: u64,
+        journal_epoch: u64,
+        exact: bool,
+    },
+    /// A journal record with a valid checksum names blocks or chunks outside the image: it is
+    /// skipped (the change it stood for is possibly lost).
+    JournalRecord { position: u64, record: String },
     /// Blocks marked present in a chunk that has no physical chunk: repair clears the bits.
     BitsInUnallocatedChunk { chunk: u64 },
-    /// Two virtual chunks share one physical chunk: repair unmaps the later one (its blocks then
-    /// read from the base image or as zeros; no other chunk's data is exposed).
+    /// Two virtual chunks share one physical chunk: repair unmaps both (their blocks then read
+    /// from the base image or as zeros and are reported lost; neither can read the other's
+    /// data), except that an entry taken from the other metadata copy alone loses to one that
+    /// was not.
     DuplicateMapping { chunk: u64, phys: u32 },
     /// A chunk is mapped past the end of the block device or file (a truncated file, or a
     /// corrupt table entry): repair unmaps it.
@@ -29,13 +68,57 @@ pub enum Problem {
     /// file (it was truncated; their data is gone): repair clears their bits.
     DataBeyondEnd { block: u64 },
     /// A journal sector proves that records after the replayed journal were lost (damage, not a
-    /// torn last write): repair keeps the records before it and drops the rest.
+    /// torn last write): repair keeps the records before it and applies the valid sectors of later flushes after it
+    /// (their mappings win any conflict).
     JournalDamaged { sector: u64, what: String },
+    /// A leak: a physical chunk mapped by a virtual chunk none of whose blocks is present. It
+    /// holds no reachable data but takes space; repair unmaps it.
+    EmptyChunk { chunk: u64, phys: u32 },
+}
+
+impl Problem {
+    /// Leaks waste space but lose no data (`fvd check` exits 3 when they are all it finds).
+    pub fn is_leak(&self) -> bool {
+        matches!(self, Problem::EmptyChunk { .. })
+    }
 }
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Problem::NoValidHeader { what } => write!(f, "no valid header slot ({what})"),
+            Problem::Truncated { size, need } => write!(
+                f,
+                "the storage holds {size} bytes but its metadata and journal start end at byte {need}: truncated"
+            ),
+            Problem::MetadataSector {
+                copy,
+                index,
+                what,
+                recovered,
+                ..
+            } => write!(
+                f,
+                "metadata sector {index} of copy {copy} is corrupt ({what}); {}",
+                if *recovered {
+                    "the other copy's sector is valid"
+                } else {
+                    "the other copy's sector is corrupt too"
+                }
+            ),
+            Problem::StaleHeader {
+                header_epoch,
+                journal_epoch,
+                ..
+            } => write!(
+                f,
+                "the header in force (journal epoch {header_epoch}) is older than the journal \
+                 (epoch {journal_epoch}): the newer header slot is damaged"
+            ),
+            Problem::JournalRecord { position, record } => write!(
+                f,
+                "journal record {position} is outside the image ({record})"
+            ),
             Problem::BitsInUnallocatedChunk { chunk } => {
                 write!(
                     f,
@@ -62,12 +145,114 @@ impl std::fmt::Display for Problem {
                      (truncated image)"
                 )
             }
+            Problem::EmptyChunk { chunk, phys } => write!(
+                f,
+                "chunk {chunk} holds physical chunk {phys} but none of its blocks is present"
+            ),
         }
     }
 }
 
-/// Finds inconsistencies in committed metadata.
+/// Virtual bytes whose data a repair dropped (`certain`) or may have replaced with an older
+/// version or dropped (not `certain`). After repair they read from the base image or as zeros,
+/// or (possibly lost) as the metadata copy taken from the other slot says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Loss {
+    pub certain: bool,
+    pub start: u64,
+    pub end: u64,
+    pub why: String,
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: bytes {:#x}..{:#x} ({})",
+            if self.certain {
+                "Lost"
+            } else {
+                "Possibly lost"
+            },
+            self.start,
+            self.end,
+            self.why
+        )
+    }
+}
+
+/// The losses a repair of `problems` causes, merged where they overlap.
+fn losses(problems: &[Problem], h: &Header) -> Vec<Loss> {
+    let geo = h.geometry();
+    let chunk = |c: u64| {
+        (
+            c * geo.chunk_size,
+            ((c + 1) * geo.chunk_size).min(geo.virtual_size),
+        )
+    };
+    let mut out: Vec<Loss> = Vec::new();
+    for p in problems {
+        let (certain, (start, end)) = match p {
+            Problem::MetadataSector {
+                recovered,
+                start,
+                end,
+                ..
+            } => (!recovered, (*start, *end)),
+            Problem::BitsInUnallocatedChunk { chunk: c }
+            | Problem::DuplicateMapping { chunk: c, .. }
+            | Problem::ChunkBeyondDevice { chunk: c, .. } => (true, chunk(*c)),
+            Problem::DataBeyondEnd { block } => (true, (block * geo.block_size, geo.virtual_size)),
+            Problem::StaleHeader { exact: true, .. } => continue,
+            Problem::StaleHeader { exact: false, .. } => (false, (0, geo.virtual_size)),
+            Problem::JournalDamaged { sector, .. } => {
+                out.push(Loss {
+                    certain: false,
+                    start: 0,
+                    end: 0,
+                    why: format!(
+                        "the records of journal sector {sector} are unreadable; the ranges they \
+                         named are unknown"
+                    ),
+                });
+                continue;
+            }
+            Problem::JournalRecord { position, record } => {
+                out.push(Loss {
+                    certain: false,
+                    start: 0,
+                    end: 0,
+                    why: format!("journal record {position} ({record}) was skipped; the range it stood for is unknown"),
+                });
+                continue;
+            }
+            Problem::NoValidHeader { .. }
+            | Problem::Truncated { .. }
+            | Problem::EmptyChunk { .. } => continue,
+        };
+        out.push(Loss {
+            certain,
+            start,
+            end,
+            why: p.to_string(),
+        });
+    }
+    out
+}
+
+/// Finds inconsistencies in committed metadata (the rules open enforces).
 pub(super) fn find_problems(c: &Committed, h: &Header, storage_size: Option<u64>) -> Vec<Problem> {
+    find_problems_with(c, h, storage_size, &[])
+}
+
+/// Like [`find_problems`]; chunks marked in `suspect` (table entries taken from the other,
+/// possibly older, metadata copy) lose to any other claim on the same physical chunk.
+fn find_problems_with(
+    c: &Committed,
+    h: &Header,
+    storage_size: Option<u64>,
+    suspect: &[bool],
+) -> Vec<Problem> {
     let mut out = Vec::new();
     let geo = h.geometry();
     if !h.compact() {
@@ -98,22 +283,69 @@ pub(super) fn find_problems(c: &Committed, h: &Header, storage_size: Option<u64>
         return out;
     }
     let bpc = geo.blocks_per_chunk();
-    let mut owner: HashMap<u32, u64> = HashMap::new();
+    // Physical chunk -> (first virtual chunk mapping it, whether that entry is suspect, whether
+    // it was reported).
+    let mut owner: HashMap<u32, (u64, bool, bool)> = HashMap::new();
     let cap = storage_size.map(|s| s.saturating_sub(h.data_offset) / geo.chunk_size);
+    let is_suspect = |v: u64| suspect.get(v as usize).copied().unwrap_or(false);
+    for pass_suspect in [false, true] {
+        for (v, &p) in c.table.iter().enumerate() {
+            let v = v as u64;
+            if is_suspect(v) != pass_suspect {
+                continue;
+            }
+            if p == PhysChunk::UNALLOCATED.0 {
+                let first = v * bpc;
+                let last = ((v + 1) * bpc).min(geo.block_count());
+                if (first..last).any(|b| c.bits[(b / 64) as usize] & (1 << (b % 64)) != 0) {
+                    out.push(Problem::BitsInUnallocatedChunk { chunk: v });
+                }
+                continue;
+            }
+            if let Some((first, first_suspect, reported)) = owner.get_mut(&p) {
+                // Nothing tells which of two equally trusted entries is right: neither keeps
+                // the chunk, so neither can read the other's data.
+                if *first_suspect == pass_suspect && !*reported {
+                    *reported = true;
+                    out.push(Problem::DuplicateMapping {
+                        chunk: *first,
+                        phys: p,
+                    });
+                }
+                out.push(Problem::DuplicateMapping { chunk: v, phys: p });
+            } else if cap.is_some_and(|cap| p as u64 >= cap) {
+                out.push(Problem::ChunkBeyondDevice { chunk: v, phys: p });
+            } else {
+                owner.insert(p, (v, pass_suspect, false));
+            }
+        }
+    }
+    out
+}
+
+/// Leaks: mapped chunks with no present block (not counting chunks other problems unmap).
+fn find_leaks(c: &Committed, h: &Header, problems: &[Problem]) -> Vec<Problem> {
+    let geo = h.geometry();
+    let bpc = geo.blocks_per_chunk();
+    let fixed: std::collections::HashSet<u64> = problems
+        .iter()
+        .filter_map(|p| match p {
+            Problem::DuplicateMapping { chunk, .. } | Problem::ChunkBeyondDevice { chunk, .. } => {
+                Some(*chunk)
+            }
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
     for (v, &p) in c.table.iter().enumerate() {
         let v = v as u64;
-        if p == PhysChunk::UNALLOCATED.0 {
-            let first = v * bpc;
-            let last = ((v + 1) * bpc).min(geo.block_count());
-            if (first..last).any(|b| c.bits[(b / 64) as usize] & (1 << (b % 64)) != 0) {
-                out.push(Problem::BitsInUnallocatedChunk { chunk: v });
-            }
+        if p == PhysChunk::UNALLOCATED.0 || fixed.contains(&v) {
             continue;
         }
-        if owner.insert(p, v).is_some() {
-            out.push(Problem::DuplicateMapping { chunk: v, phys: p });
-        } else if cap.is_some_and(|cap| p as u64 >= cap) {
-            out.push(Problem::ChunkBeyondDevice { chunk: v, phys: p });
+        let first = v * bpc;
+        let last = ((v + 1) * bpc).min(geo.block_count());
+        if !(first..last).any(|b| c.bits[(b / 64) as usize] & (1 << (b % 64)) != 0) {
+            out.push(Problem::EmptyChunk { chunk: v, phys: p });
         }
     }
     out
@@ -121,7 +353,6 @@ pub(super) fn find_problems(c: &Committed, h: &Header, storage_size: Option<u64>
 
 /// Applies the repairs for `problems` to committed metadata.
 pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) {
-    use crate::format::JournalEntry;
     let bpc = h.geometry().blocks_per_chunk();
     let nblocks = h.geometry().block_count();
     let mut entries = Vec::new();
@@ -136,10 +367,19 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
                 continue;
             }
             Problem::BitsInUnallocatedChunk { chunk } => chunk,
-            Problem::DuplicateMapping { chunk, .. } | Problem::ChunkBeyondDevice { chunk, .. } => {
+            Problem::DuplicateMapping { chunk, .. }
+            | Problem::ChunkBeyondDevice { chunk, .. }
+            | Problem::EmptyChunk { chunk, .. } => {
                 entries.push(JournalEntry::Unmap { chunk });
                 chunk
             }
+            // Resolved while loading (sector taken from the other copy or left empty, record
+            // skipped), or not repairable.
+            Problem::NoValidHeader { .. }
+            | Problem::Truncated { .. }
+            | Problem::StaleHeader { .. }
+            | Problem::MetadataSector { .. }
+            | Problem::JournalRecord { .. } => continue,
         };
         let start = chunk * bpc;
         entries.push(JournalEntry::ClearBits {
@@ -147,99 +387,427 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
             count: bpc.min(nblocks - start),
         });
     }
-    // Entries are built from the table itself, so they are in range.
+    // Entries are built from the table and the bitmap themselves, so they are in range.
     let _ = c.apply(&entries);
+}
+
+/// Metadata as far as it survives: the active copy, damaged sectors taken from the other copy
+/// where valid, then the journal (records outside the image skipped), and what is wrong.
+struct Salvaged {
+    /// Highest epoch of a valid journal sector: the repaired image's epoch must exceed it, or
+    /// sectors of a lost header's epoch could later be replayed as new ones.
+    newest_epoch: u64,
+    /// The header the metadata was read with (rebuilt if the one in force was stale).
+    header: Header,
+    committed: Committed,
+    problems: Vec<Problem>,
+    journal_records: usize,
+    journal_sectors: u64,
+    inactive_copy_valid: bool,
+}
+
+/// Reads `len` bytes at `off`.
+async fn read_at<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+    off: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    let b = Buf::alloc(len as usize);
+    store.read(io, c, off, b.clone()).await?;
+    Ok(b.to_vec())
+}
+
+fn storage_size<I: Io>(store: &Storage<I>) -> Result<u64> {
+    store.file.size().map_err(|error| EngineError::Io {
+        context: "size of image storage",
+        error,
+    })
+}
+
+/// Reads both header slots: their validity and the header in force (or why there is none).
+async fn read_header<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+) -> Result<([bool; 2], std::result::Result<Header, FormatError>)> {
+    let raw = read_at(io, store, c, 0, 2 * SECTOR as u64).await?;
+    let slots = [
+        Header::decode(&raw[..SECTOR]).is_ok(),
+        Header::decode(&raw[SECTOR..]).is_ok(),
+    ];
+    Ok((slots, pick_header(&raw[..SECTOR], &raw[SECTOR..])))
+}
+
+/// Problems that stop the check before the metadata is read: the storage must hold both copies
+/// (`fvd create` writes them whole), or sizes from a damaged header could ask for any amount of
+/// memory.
+fn truncated<I: Io>(store: &Storage<I>, h: &Header) -> Result<Option<Problem>> {
+    let size = storage_size(store)?;
+    let need =
+        (h.meta_offset[0].max(h.meta_offset[1]) + h.meta_len).max(h.journal_offset + SECTOR as u64);
+    Ok((size < need).then_some(Problem::Truncated { size, need }))
+}
+
+/// The records of the valid sectors of the header's epoch after the damaged sector `tail` (each
+/// at its own position), which later flushes wrote.
+async fn later_sectors<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+    h: &Header,
+    tail: u64,
+) -> Result<Vec<JournalEntry>> {
+    let total = h.journal_len / SECTOR as u64;
+    let mut later = Vec::new();
+    let mut pos = tail + 1;
+    while pos < total {
+        let n = 256.min(total - pos);
+        let raw = read_at(
+            io,
+            store,
+            c,
+            h.journal_offset + pos * SECTOR as u64,
+            n * SECTOR as u64,
+        )
+        .await?;
+        for sec in raw.chunks(SECTOR) {
+            if let Some(e) = journal::decode(sec, h.journal_epoch, pos) {
+                later.extend(e);
+            }
+            pos += 1;
+        }
+    }
+    Ok(later)
+}
+
+/// Detects a stale header in force (see [`Problem::StaleHeader`]) and rebuilds the newer one.
+async fn newer_header<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+    h: &Header,
+) -> Result<Option<(Header, Problem)>> {
+    let first = read_at(io, store, c, h.journal_offset, SECTOR as u64).await?;
+    let epoch = u64::from_le_bytes(first[8..16].try_into().unwrap_or_default());
+    if epoch <= h.journal_epoch || journal::decode(&first, epoch, 0).is_none() {
+        return Ok(None);
+    }
+    let mut nh = h.clone();
+    nh.journal_epoch = epoch;
+    nh.flags &= !FLAG_CLEAN;
+    // A clean shutdown leaves an empty journal, so the next open only bumped the epoch.
+    let exact = h.clean() && epoch == h.journal_epoch + 1;
+    if !exact {
+        nh.active_meta = 1 - h.active_meta;
+    }
+    Ok(Some((
+        nh,
+        Problem::StaleHeader {
+            header_epoch: h.journal_epoch,
+            journal_epoch: epoch,
+            exact,
+        },
+    )))
+}
+
+async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) -> Result<Salvaged> {
+    let mut problems = Vec::new();
+    let h = &match newer_header(io, store, c, h).await? {
+        Some((nh, p)) => {
+            problems.push(p);
+            nh
+        }
+        None => h.clone(),
+    };
+    let geo = h.geometry();
+    let mut committed = Committed::new(&geo, h.compact(), h.bitmap_sectors, h.table_sectors);
+    let n = committed.sectors();
+    let len = n * SECTOR as u64;
+    let act = h.active_meta;
+    let a = read_at(io, store, c, h.meta_offset[act as usize], len).await?;
+    let b = read_at(io, store, c, h.meta_offset[1 - act as usize], len).await?;
+    let mut suspect = vec![false; committed.table.len()];
+    let mut inactive_copy_valid = true;
+    for s in 0..n {
+        let at = s as usize * SECTOR..(s as usize + 1) * SECTOR;
+        let (sa, sb) = (&a[at.clone()], &b[at]);
+        let other_ok = md::verify(sb, 1 - act, s).is_ok();
+        inactive_copy_valid &= other_ok;
+        let src = match md::verify(sa, act, s) {
+            Ok(()) => Some(sa),
+            Err(e) => {
+                let what = match e {
+                    FormatError::MetadataSector { what, .. } => what.to_string(),
+                    e => e.to_string(),
+                };
+                let (start, end) = if s < h.bitmap_sectors {
+                    let first = s * BITS_PER_SECTOR as u64;
+                    (
+                        (first * geo.block_size).min(geo.virtual_size),
+                        ((first + BITS_PER_SECTOR as u64) * geo.block_size).min(geo.virtual_size),
+                    )
+                } else {
+                    let first = (s - h.bitmap_sectors) * ENTRIES_PER_SECTOR as u64;
+                    let last = (first + ENTRIES_PER_SECTOR as u64).min(geo.chunk_count());
+                    if other_ok {
+                        suspect[first as usize..last as usize].fill(true);
+                    }
+                    (
+                        (first * geo.chunk_size).min(geo.virtual_size),
+                        (last * geo.chunk_size).min(geo.virtual_size),
+                    )
+                };
+                problems.push(Problem::MetadataSector {
+                    copy: act,
+                    index: s,
+                    what,
+                    recovered: other_ok,
+                    start,
+                    end,
+                });
+                other_ok.then_some(sb)
+            }
+        };
+        if let Some(sec) = src {
+            if s < h.bitmap_sectors {
+                md::decode_bitmap_sector(sec, s, &mut committed.bits);
+            } else {
+                md::decode_table_sector(sec, s - h.bitmap_sectors, &mut committed.table);
+            }
+        }
+    }
+    let super::image::Replayed {
+        mut entries,
+        tail,
+        damage,
+        newest_epoch,
+    } = super::image::replay(io, store, c, h).await?;
+    if let Some(d) = damage {
+        problems.push(d);
+        // The lost sector may have unmapped a chunk that a later record maps again: mappings
+        // the journal does not set lose any conflict with those it sets.
+        suspect.fill(true);
+        entries.extend(later_sectors(io, store, c, h, tail).await?);
+    }
+    for (i, e) in entries.iter().enumerate() {
+        if committed.apply(std::slice::from_ref(e)).is_err() {
+            problems.push(Problem::JournalRecord {
+                position: i as u64,
+                record: format!("{e:?}"),
+            });
+        } else if let JournalEntry::Map { chunk, .. } | JournalEntry::Unmap { chunk } = *e {
+            // The journal is newer than either copy: its mapping is authoritative.
+            suspect[chunk as usize] = false;
+        }
+    }
+    let dev_size = Some(storage_size(store)?);
+    let found = find_problems_with(&committed, h, dev_size, &suspect);
+    let leaks = find_leaks(&committed, h, &found);
+    problems.extend(found);
+    problems.extend(leaks);
+    Ok(Salvaged {
+        newest_epoch,
+        header: h.clone(),
+        committed,
+        problems,
+        journal_records: entries.len(),
+        journal_sectors: tail,
+        inactive_copy_valid,
+    })
 }
 
 /// What `fvd check` reports.
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
     pub header_slots_valid: [bool; 2],
-    pub generation: u64,
-    pub clean_shutdown: bool,
-    pub active_copy: u32,
+    /// The header in force (absent when no slot is valid).
+    pub generation: Option<u64>,
+    pub clean_shutdown: Option<bool>,
+    pub active_copy: Option<u32>,
     pub inactive_copy_valid: bool,
     /// Journal records not yet folded into the metadata copy (an unclean shutdown left them).
     pub journal_records: usize,
     pub journal_sectors: u64,
+    /// Everything found, corruptions and leaks.
     pub problems: Vec<Problem>,
+    pub corruptions: usize,
+    pub leaks: usize,
     pub allocated_chunks: u64,
     pub present_blocks: u64,
+    /// With `--repair`: what the repair fixed (`problems` then describes the repaired image).
+    pub repaired: Vec<Problem>,
+    /// With `--repair`: data the repair dropped or may have replaced.
+    pub lost: Vec<Loss>,
 }
 
 impl CheckReport {
-    /// Corruptions found (not counting a journal that needs replay, which open handles).
+    /// Corruptions found (not counting a journal that needs replay, which open handles, nor
+    /// leaks).
     pub fn corrupt(&self) -> bool {
-        !self.problems.is_empty()
+        self.corruptions > 0
+    }
+
+    /// qemu-img's convention: 0 clean, 2 corrupt, 3 only leaks.
+    pub fn exit_code(&self) -> i32 {
+        if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+
+    fn new(header_slots_valid: [bool; 2], problems: Vec<Problem>) -> Self {
+        let leaks = problems.iter().filter(|p| p.is_leak()).count();
+        CheckReport {
+            header_slots_valid,
+            generation: None,
+            clean_shutdown: None,
+            active_copy: None,
+            inactive_copy_valid: false,
+            journal_records: 0,
+            journal_sectors: 0,
+            corruptions: problems.len() - leaks,
+            leaks,
+            problems,
+            allocated_chunks: 0,
+            present_blocks: 0,
+            repaired: Vec::new(),
+            lost: Vec::new(),
+        }
     }
 }
 
-/// Inspects an image without modifying it.
+/// Inspects an image without modifying it. Damage is reported as [`Problem`]s; only failures to
+/// read the storage are errors.
 pub async fn check<I: Io>(io: &I, file: I::File) -> Result<CheckReport> {
     let store = Storage::<I>::new(file);
     let c = Counters::default();
-    let buf = Buf::alloc(2 * SECTOR);
-    store.read(io, &c, 0, buf.clone()).await?;
-    let raw = buf.to_vec();
-    let slots = [
-        crate::format::Header::decode(&raw[..SECTOR]).is_ok(),
-        crate::format::Header::decode(&raw[SECTOR..]).is_ok(),
-    ];
-    let h = pick_header(&raw[..SECTOR], &raw[SECTOR..])?;
-    let size = super::image::storage_len(&store)?;
-    super::image::check_regions_fit(&h, size)?;
-    let geo = h.geometry();
-    let mut committed = Committed::new(&geo, h.compact(), h.bitmap_sectors, h.table_sectors);
-    let len = committed.sectors() * SECTOR as u64;
-    let read = |off: u64| {
-        let b = Buf::alloc(len as usize);
-        let store = &store;
-        let c = &c;
-        async move { store.read(io, c, off, b.clone()).await.map(|_| b.to_vec()) }
+    let (slots, h) = read_header(io, &store, &c).await?;
+    let h = match h {
+        Ok(h) => h,
+        Err(e) => {
+            return Ok(CheckReport::new(
+                slots,
+                vec![Problem::NoValidHeader {
+                    what: e.to_string(),
+                }],
+            ))
+        }
     };
-    let active = read(h.meta_offset[h.active_meta as usize]).await?;
-    committed.load(h.active_meta, &active)?;
-    let inactive = read(h.meta_offset[1 - h.active_meta as usize]).await?;
-    let mut scratch = Committed::new(&geo, h.compact(), h.bitmap_sectors, h.table_sectors);
-    let inactive_ok = scratch.load(1 - h.active_meta, &inactive).is_ok();
-    let super::image::Replayed {
-        entries,
-        tail,
-        damage,
-        ..
-    } = super::image::replay(io, &store, &c, &h).await?;
-    committed.apply(&entries)?;
-    let mut problems = find_problems(&committed, &h, Some(size));
-    problems.extend(damage);
-    let present_blocks = committed.bits.iter().map(|w| w.count_ones() as u64).sum();
-    let allocated_chunks = committed
+    if let Some(p) = truncated(&store, &h)? {
+        let mut r = CheckReport::new(slots, vec![p]);
+        r.generation = Some(h.generation);
+        return Ok(r);
+    }
+    let s = salvage(io, &store, &c, &h).await?;
+    let present_blocks = s.committed.bits.iter().map(|w| w.count_ones() as u64).sum();
+    let allocated_chunks = s
+        .committed
         .table
         .iter()
         .filter(|&&p| p != PhysChunk::UNALLOCATED.0)
         .count() as u64;
-    Ok(CheckReport {
-        header_slots_valid: slots,
-        generation: h.generation,
-        clean_shutdown: h.clean(),
-        active_copy: h.active_meta,
-        inactive_copy_valid: inactive_ok,
-        journal_records: entries.len(),
-        journal_sectors: tail,
-        problems,
-        allocated_chunks,
-        present_blocks,
+    let mut r = CheckReport::new(slots, s.problems);
+    r.generation = Some(h.generation);
+    r.clean_shutdown = Some(h.clean());
+    r.active_copy = Some(s.header.active_meta);
+    r.inactive_copy_valid = s.inactive_copy_valid;
+    r.journal_records = s.journal_records;
+    r.journal_sectors = s.journal_sectors;
+    r.allocated_chunks = allocated_chunks;
+    r.present_blocks = present_blocks;
+    Ok(r)
+}
+
+/// What `fvd check --repair` did.
+#[derive(Debug)]
+pub struct Repair {
+    pub fixed: Vec<Problem>,
+    pub lost: Vec<Loss>,
+}
+
+/// Why a repair could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("cannot repair: {0}")]
+    Unrepairable(Problem),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Rebuilds the metadata from what survives (see [`salvage`]), fixes every [`Problem`], and
+/// writes the result to both metadata copies and both header slots, as a cleanly closed image
+/// with an empty journal. Needs exclusive read-write access; no base image is read.
+pub async fn repair<I: Io>(io: &I, file: I::File) -> std::result::Result<Repair, RepairError> {
+    let store = Storage::<I>::new(file);
+    if store.file.is_read_only() {
+        return Err(EngineError::ReadOnly.into());
+    }
+    let c = Counters::default();
+    let (_, h) = read_header(io, &store, &c).await?;
+    let h = h.map_err(|e| {
+        RepairError::Unrepairable(Problem::NoValidHeader {
+            what: e.to_string(),
+        })
+    })?;
+    if let Some(p) = truncated(&store, &h)? {
+        return Err(RepairError::Unrepairable(p));
+    }
+    let mut s = salvage(io, &store, &c, &h).await?;
+    let h = s.header.clone();
+    fix_problems(&mut s.committed, &h, &s.problems);
+    // Chunks whose every block the fixes cleared would be leaks now.
+    let leaks = find_leaks(&s.committed, &h, &[]);
+    fix_problems(&mut s.committed, &h, &leaks);
+    s.problems.extend(leaks);
+    let lost = losses(&s.problems, &h);
+    // First the inactive copy and a header pointing at it (so a crash during repair leaves either
+    // the old image or the repaired one), then the old active copy and the other header slot, so
+    // that both copies and both slots are valid afterwards.
+    let mut nh = h.clone();
+    nh.journal_epoch = nh.journal_epoch.max(s.newest_epoch) + 1;
+    nh.flags |= FLAG_CLEAN;
+    for copy in [1 - h.active_meta, h.active_meta] {
+        write_copy(io, &store, &c, &s.committed, nh.meta_offset[copy as usize]).await?;
+        store.flush(io, &c).await?;
+        nh.active_meta = 1 - h.active_meta;
+        nh.generation += 1;
+        let buf = Buf::alloc(SECTOR);
+        buf.copy_from_slice(0, &nh.encode());
+        store.write(io, &c, nh.slot_offset(), buf).await?;
+        store.flush(io, &c).await?;
+    }
+    Ok(Repair {
+        fixed: s.problems,
+        lost,
     })
 }
 
-impl<I: Io> Image<I> {
-    /// Opens read-write, fixing any [`Problem`]s, and closes cleanly. Returns what was fixed.
-    pub async fn repair(
-        io: &I,
-        file: I::File,
-        base: Option<super::Base<I>>,
-    ) -> Result<Vec<Problem>> {
-        let (img, fixed) = Image::open_inner(io, file, base, false, true).await?;
-        img.close(io).await?;
-        Ok(fixed)
+/// Writes every sector of `committed` as the metadata copy at `off`.
+async fn write_copy<I: Io>(
+    io: &I,
+    store: &Storage<I>,
+    c: &Counters,
+    committed: &Committed,
+    off: u64,
+) -> Result<()> {
+    let n = committed.sectors();
+    let mut s = 0;
+    while s < n {
+        // At most 1 MiB per write.
+        let k = (n - s).min(256);
+        let buf = Buf::alloc(k as usize * SECTOR);
+        let mut sector = vec![0u8; SECTOR];
+        for i in 0..k {
+            committed.encode_sector(s + i, &mut sector);
+            buf.copy_from_slice(i as usize * SECTOR, &sector);
+        }
+        store.write(io, c, off + s * SECTOR as u64, buf).await?;
+        s += k;
     }
+    Ok(())
 }

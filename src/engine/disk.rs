@@ -297,17 +297,17 @@ fn open_nbd_base<I: Io>(uri: &str, format: BaseFormat) -> Result<Base<I>> {
     Ok(Base::Nbd(client))
 }
 
-/// `fvd check --repair`: replays the journal, fixes inconsistencies, closes cleanly.
+/// `fvd check --repair`: rebuilds the metadata from what survives and closes the image cleanly
+/// (see [`super::check::repair`]).
 pub async fn repair_image<I: Io<File = HostFile>>(
     io: &I,
     path: &Path,
-) -> Result<Vec<super::check::Problem>> {
+) -> std::result::Result<super::check::Repair, super::check::RepairError> {
     let file = HostFile::open(path, OpenMode::ReadWrite).map_err(|error| EngineError::Io {
         context: "open image",
         error,
     })?;
-    let base = open_base_of(io, &file, 0).await?;
-    Image::repair(io, file, base).await
+    super::check::repair(io, file).await
 }
 
 /// Relative base paths are relative to the image's directory, as in qemu-img. NBD URIs are
