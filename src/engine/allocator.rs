@@ -6,13 +6,83 @@ use super::storage::Storage;
 use crate::format::Header;
 use crate::io::{Growth, Io, IoFile};
 use crate::units::PhysChunk;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+
+/// Unused chunks below the allocator's `next`, as runs `start -> end` (exclusive), so memory
+/// follows the number of mapped chunks, never the value of a physical chunk number.
+#[derive(Default)]
+struct FreeRuns {
+    runs: BTreeMap<u32, u32>,
+    len: u64,
+}
+
+impl FreeRuns {
+    /// Takes chunk `p` if it is free.
+    fn take(&mut self, p: u32) -> bool {
+        let Some((&start, &end)) = self.runs.range(..=p).next_back() else {
+            return false;
+        };
+        if p >= end {
+            return false;
+        }
+        self.runs.remove(&start);
+        if start < p {
+            self.runs.insert(start, p);
+        }
+        if p + 1 < end {
+            self.runs.insert(p + 1, end);
+        }
+        self.len -= 1;
+        true
+    }
+
+    fn pop_first(&mut self) -> Option<u32> {
+        let (&start, _) = self.runs.first_key_value()?;
+        self.take(start).then_some(start)
+    }
+
+    /// Adds the free run `[start, end)`, merging it with its neighbours. Chunks already free
+    /// are ignored.
+    fn insert_run(&mut self, start: u32, end: u32) {
+        let mut p = start;
+        while p < end {
+            // Skip what is already free, then add the gap up to the next free run.
+            if let Some((_, &e)) = self.runs.range(..=p).next_back().filter(|(_, &e)| e > p) {
+                p = e;
+                continue;
+            }
+            let gap_end = self
+                .runs
+                .range(p..)
+                .next()
+                .map_or(end, |(&s, _)| s.min(end));
+            let mut lo = p;
+            let mut hi = gap_end;
+            if let Some((&s, &e)) = self.runs.range(..p).next_back() {
+                if e == p {
+                    self.runs.remove(&s);
+                    lo = s;
+                }
+            }
+            if let Some(e) = self.runs.remove(&gap_end) {
+                hi = e;
+            }
+            self.runs.insert(lo, hi);
+            self.len += (gap_end - p) as u64;
+            p = hi;
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
 
 pub struct Allocator {
     /// Lowest chunk index never handed out.
     next: u32,
     /// Unused chunks below `next`.
-    free: BTreeSet<u32>,
+    free: FreeRuns,
     allocated: u64,
     /// Chunks that fit the storage (block devices); `None` for files, which grow.
     capacity: Option<u64>,
@@ -24,6 +94,10 @@ pub struct Allocator {
     /// Files: length the file has been grown to (ahead of allocation, so that data writes never
     /// extend the file: file systems serialize extending direct writes).
     file_len: u64,
+    /// Files: length covered by a completed flush. A table record must never become durable
+    /// while the chunk it maps lies past the durable end of the file: a crash could then leave
+    /// a mapping past the end, which open reports as a truncated image.
+    durable_len: u64,
 }
 
 /// Files grow by this much when allocation reaches the end. The new part is reserved where
@@ -34,19 +108,28 @@ impl Allocator {
     /// Rebuilds allocation state from the table, rejecting tables that map two virtual chunks to
     /// one physical chunk (that would let one chunk's data show up in another).
     pub fn from_table<I: Io>(table: &[u32], h: &Header, store: &Storage<I>) -> Result<Allocator> {
-        let mut used = BTreeSet::new();
-        for (v, &p) in table.iter().enumerate() {
-            if p == PhysChunk::UNALLOCATED.0 {
-                continue;
-            }
-            if !used.insert(p) {
-                return Err(EngineError::Corrupt(format!(
-                    "physical chunk {p} is mapped twice (second time by virtual chunk {v})"
-                )));
-            }
+        let mut used: Vec<(u32, usize)> = table
+            .iter()
+            .enumerate()
+            .filter(|&(_, &p)| p != PhysChunk::UNALLOCATED.0)
+            .map(|(v, &p)| (p, v))
+            .collect();
+        used.sort_unstable();
+        if let Some(w) = used.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(EngineError::Corrupt(format!(
+                "physical chunk {} is mapped twice (by virtual chunks {} and {})",
+                w[0].0, w[0].1, w[1].1
+            )));
         }
-        let next = used.last().map_or(0, |&p| p + 1);
-        let free = (0..next).filter(|p| !used.contains(p)).collect();
+        let next = used.last().map_or(0, |&(p, _)| p + 1);
+        let mut free = FreeRuns::default();
+        let mut at = 0;
+        for &(p, _) in &used {
+            if at < p {
+                free.insert_run(at, p);
+            }
+            at = p + 1;
+        }
         let mut a = Allocator {
             next,
             free,
@@ -56,6 +139,7 @@ impl Allocator {
             chunk_size: h.chunk_size as u64,
             fresh_from: None,
             file_len: 0,
+            durable_len: 0,
         };
         if store.file.is_block_device() {
             a.refresh_capacity(store)?;
@@ -67,8 +151,30 @@ impl Allocator {
             let past_end = len.saturating_sub(a.data_offset).div_ceil(a.chunk_size);
             a.fresh_from = Some(past_end.min(u32::MAX as u64) as u32);
             a.file_len = len;
+            a.durable_len = len;
         }
         Ok(a)
+    }
+
+    /// Files: grows the file now over the next chunk to allocate, so that the flush of a
+    /// read-write open makes that growth durable and the first allocations need no extra flush
+    /// (see [`Allocator::undurable_growth`]).
+    pub fn grow_ahead<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
+        if self.next < PhysChunk::UNALLOCATED.0 - 1 {
+            self.grow_file(store, self.next)?;
+        }
+        Ok(())
+    }
+
+    /// Files: the length the file was grown to, if a flush has not yet made it durable. A
+    /// flush that journals table records must then flush before writing them.
+    pub fn undurable_growth(&self) -> Option<u64> {
+        (self.fresh_from.is_some() && self.file_len > self.durable_len).then_some(self.file_len)
+    }
+
+    /// A flush completed after the file had been grown to `len`.
+    pub fn growth_durable(&mut self, len: u64) {
+        self.durable_len = self.durable_len.max(len);
     }
 
     /// Re-reads the size of a block device (after it grew).
@@ -98,7 +204,7 @@ impl Allocator {
         hint: Option<u32>,
     ) -> Result<(PhysChunk, bool)> {
         if let Some(h) = hint {
-            if self.free.remove(&h) {
+            if self.free.take(h) {
                 self.allocated += 1;
                 return Ok((PhysChunk(h), false));
             }
@@ -160,18 +266,20 @@ impl Allocator {
 
     /// Makes chunks allocatable again.
     pub fn release(&mut self, chunks: impl IntoIterator<Item = u32>) {
-        self.free.extend(chunks);
+        for p in chunks {
+            self.free.insert_run(p, p + 1);
+        }
     }
 
     /// Chunks free for allocation right now, if the storage is bounded.
     pub fn free_chunks(&self) -> Option<u64> {
         self.capacity
-            .map(|cap| cap.saturating_sub(self.next as u64) + self.free.len() as u64)
+            .map(|cap| cap.saturating_sub(self.next as u64) + self.free.len())
     }
 
     /// Chunks unmapped but not yet released (their unmap is not durable yet).
     pub fn awaiting_release(&self) -> u64 {
-        (self.next as u64).saturating_sub(self.free.len() as u64 + self.allocated)
+        (self.next as u64).saturating_sub(self.free.len() + self.allocated)
     }
 
     pub fn allocated(&self) -> u64 {
@@ -181,5 +289,54 @@ impl Allocator {
     /// Chunks the storage can hold, if bounded.
     pub fn capacity(&self) -> Option<u64> {
         self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FreeRuns;
+    use std::collections::BTreeSet;
+
+    /// The runs behave like a set of chunk numbers under every operation the allocator uses.
+    #[test]
+    fn free_runs_behave_like_a_set() {
+        let mut runs = FreeRuns::default();
+        let mut set = BTreeSet::new();
+        let mut x = 12345u64;
+        let mut rnd = |n: u32| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % n as u64) as u32
+        };
+        for _ in 0..20000 {
+            match rnd(4) {
+                0 => {
+                    let s = rnd(200);
+                    let e = s + rnd(20);
+                    runs.insert_run(s, e);
+                    set.extend(s..e);
+                }
+                1 => {
+                    let p = rnd(220);
+                    assert_eq!(runs.take(p), set.remove(&p), "take {p}");
+                }
+                2 => assert_eq!(runs.pop_first(), set.pop_first()),
+                _ => {
+                    let p = rnd(220);
+                    runs.insert_run(p, p + 1);
+                    set.insert(p);
+                }
+            }
+            assert_eq!(runs.len(), set.len() as u64);
+            let flat: Vec<u32> = runs.runs.iter().flat_map(|(&s, &e)| s..e).collect();
+            assert_eq!(flat, set.iter().copied().collect::<Vec<_>>());
+            // Runs are maximal: no two touch.
+            assert!(runs
+                .runs
+                .iter()
+                .zip(runs.runs.iter().skip(1))
+                .all(|((_, &e), (&s, _))| e < s));
+        }
     }
 }

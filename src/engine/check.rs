@@ -8,7 +8,7 @@ use super::metadata::Committed;
 use super::storage::Storage;
 use crate::format::header::pick_header;
 use crate::format::{Header, SECTOR};
-use crate::io::{Buf, Io, IoFile};
+use crate::io::{Buf, Io};
 use crate::units::PhysChunk;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -22,8 +22,12 @@ pub enum Problem {
     /// Two virtual chunks share one physical chunk: repair unmaps the later one (its blocks then
     /// read from the base image or as zeros; no other chunk's data is exposed).
     DuplicateMapping { chunk: u64, phys: u32 },
-    /// A chunk is mapped past the end of the block device: repair unmaps it.
+    /// A chunk is mapped past the end of the block device or file (a truncated file, or a
+    /// corrupt table entry): repair unmaps it.
     ChunkBeyondDevice { chunk: u64, phys: u32 },
+    /// Raw-like images: blocks from `block` on are marked present but lie past the end of the
+    /// file (it was truncated; their data is gone): repair clears their bits.
+    DataBeyondEnd { block: u64 },
 }
 
 impl std::fmt::Display for Problem {
@@ -44,7 +48,14 @@ impl std::fmt::Display for Problem {
             Problem::ChunkBeyondDevice { chunk, phys } => {
                 write!(
                     f,
-                    "chunk {chunk} maps to physical chunk {phys}, past the end of the device"
+                    "chunk {chunk} maps to physical chunk {phys}, past the end of the storage"
+                )
+            }
+            Problem::DataBeyondEnd { block } => {
+                write!(
+                    f,
+                    "block {block} is marked present but lies past the end of the file \
+                     (truncated image)"
                 )
             }
         }
@@ -54,10 +65,34 @@ impl std::fmt::Display for Problem {
 /// Finds inconsistencies in committed metadata.
 pub(super) fn find_problems(c: &Committed, h: &Header, storage_size: Option<u64>) -> Vec<Problem> {
     let mut out = Vec::new();
+    let geo = h.geometry();
     if !h.compact() {
+        // Raw-like: block b lives at data_offset + b * block_size; the file is grown to its
+        // full size before any write (read-write open), so a present block past its end was cut.
+        if let Some(size) = storage_size {
+            let inside = size.saturating_sub(h.data_offset) / geo.block_size;
+            let first_word = (inside / 64) as usize;
+            let found = c
+                .bits
+                .iter()
+                .enumerate()
+                .skip(first_word)
+                .find_map(|(i, &w)| {
+                    let w = if i == first_word {
+                        w & u64::MAX.checked_shl((inside % 64) as u32).unwrap_or(0)
+                    } else {
+                        w
+                    };
+                    (w != 0).then(|| i as u64 * 64 + w.trailing_zeros() as u64)
+                });
+            // Stray bits past the last block are not data (and nothing reads them).
+            let found = found.filter(|&b| b < geo.block_count());
+            if let Some(block) = found {
+                out.push(Problem::DataBeyondEnd { block });
+            }
+        }
         return out;
     }
-    let geo = h.geometry();
     let bpc = geo.blocks_per_chunk();
     let mut owner: HashMap<u32, u64> = HashMap::new();
     let cap = storage_size.map(|s| s.saturating_sub(h.data_offset) / geo.chunk_size);
@@ -88,6 +123,13 @@ pub(super) fn fix_problems(c: &mut Committed, h: &Header, problems: &[Problem]) 
     let mut entries = Vec::new();
     for p in problems {
         let chunk = match *p {
+            Problem::DataBeyondEnd { block } => {
+                entries.push(JournalEntry::ClearBits {
+                    start: block,
+                    count: nblocks - block,
+                });
+                continue;
+            }
             Problem::BitsInUnallocatedChunk { chunk } => chunk,
             Problem::DuplicateMapping { chunk, .. } | Problem::ChunkBeyondDevice { chunk, .. } => {
                 entries.push(JournalEntry::Unmap { chunk });
@@ -139,6 +181,8 @@ pub async fn check<I: Io>(io: &I, file: I::File) -> Result<CheckReport> {
         crate::format::Header::decode(&raw[SECTOR..]).is_ok(),
     ];
     let h = pick_header(&raw[..SECTOR], &raw[SECTOR..])?;
+    let size = super::image::storage_len(&store)?;
+    super::image::check_regions_fit(&h, size)?;
     let geo = h.geometry();
     let mut committed = Committed::new(&geo, h.compact(), h.bitmap_sectors, h.table_sectors);
     let len = committed.sectors() * SECTOR as u64;
@@ -155,12 +199,7 @@ pub async fn check<I: Io>(io: &I, file: I::File) -> Result<CheckReport> {
     let inactive_ok = scratch.load(1 - h.active_meta, &inactive).is_ok();
     let (entries, tail) = super::image::replay(io, &store, &c, &h).await?;
     committed.apply(&entries)?;
-    let size = if store.file.is_block_device() {
-        store.file.size().ok()
-    } else {
-        None
-    };
-    let problems = find_problems(&committed, &h, size);
+    let problems = find_problems(&committed, &h, Some(size));
     let present_blocks = committed.bits.iter().map(|w| w.count_ones() as u64).sum();
     let allocated_chunks = committed
         .table

@@ -59,10 +59,24 @@ impl<I: Io> Image<I> {
             let freed = std::mem::take(&mut *self.freed.lock());
             (std::mem::take(&mut *pending), freed)
         };
-        let r = self.commit(io, &mut fs, &records, data_first).await;
+        // Taken after the records (the allocator grows the file before queueing a table
+        // record): a record mapping a chunk of a growth that no flush covered yet must wait for
+        // the data flush, or a crash could keep the mapping and lose the file's new length.
+        let growth = self.alloc.lock().undurable_growth();
+        let grows = growth.is_some()
+            && records
+                .iter()
+                .any(|r| matches!(r, JournalEntry::Map { .. }));
+        let r = self
+            .commit(io, &mut fs, &records, data_first || grows)
+            .await;
         if r.is_ok() {
             // Their unmap records are durable now: the chunks may be reused.
-            self.alloc.lock().release(freed);
+            let mut alloc = self.alloc.lock();
+            alloc.release(freed);
+            if let Some(len) = growth {
+                alloc.growth_durable(len);
+            }
         } else if let Err(e) = &r {
             // The records describe data that is still in place: queue them again, ahead of newer ones.
             let mut pending = self.pending.lock();

@@ -160,14 +160,46 @@ fn prepare_flat_file<I: Io>(
     };
     let len = store.file.size().map_err(ctx)?;
     let first = len.saturating_sub(data_offset).div_ceil(geo.chunk_size);
-    live.set_fresh_from(ChunkIndex(first));
-    // Only a speed-up: a file system that refuses the size still takes extending writes, and
-    // the fresh chunks read zeros either way.
-    if let Err(e) = store.file.grow(
+    // Only a speed-up: a file system that refuses the size still takes extending writes. Its
+    // chunks are then not fresh: a bit journaled before its data could outlive an extension
+    // lost in a crash, and a present block past the end of the file means a truncated image.
+    match store.file.grow(
         data_offset + geo.block_count() * geo.block_size,
         Growth::Sparse,
     ) {
-        tracing::warn!("cannot grow the flat image file to its full size ({e}); continuing");
+        Ok(()) => live.set_fresh_from(ChunkIndex(first)),
+        Err(e) => {
+            tracing::warn!("cannot grow the flat image file to its full size ({e}); continuing")
+        }
+    }
+    Ok(())
+}
+
+/// Size of the image's file or block device.
+pub(super) fn storage_len<I: Io>(store: &Storage<I>) -> Result<u64> {
+    store.file.size().map_err(|error| EngineError::Io {
+        context: "size of image storage",
+        error,
+    })
+}
+
+/// `fvd create` writes both metadata copies and the first journal sector, and nothing ever
+/// shrinks the storage: storage that ends before them was truncated. Checked before anything
+/// is allocated by the header's geometry, so memory never follows a size the storage cannot
+/// hold.
+pub(super) fn check_regions_fit(h: &Header, len: u64) -> Result<()> {
+    let need = h
+        .meta_offset
+        .iter()
+        .map(|&o| o + h.meta_len)
+        .chain([h.journal_offset + SECTOR as u64])
+        .max()
+        .unwrap_or(0);
+    if len < need {
+        return Err(EngineError::Corrupt(format!(
+            "the storage is {len} bytes, shorter than the metadata and journal start it must \
+             hold ({need} bytes): truncated"
+        )));
     }
     Ok(())
 }
@@ -284,6 +316,8 @@ impl<I: Io> Image<I> {
             return Err(EngineError::ReadOnly);
         }
         let geo = header.geometry();
+        let storage_size = storage_len(&store)?;
+        check_regions_fit(&header, storage_size)?;
         if store.file.is_block_device() && !header.compact() {
             let need = header.data_offset + geo.block_count() * geo.block_size;
             let have = store.file.size().map_err(|error| EngineError::Io {
@@ -314,12 +348,7 @@ impl<I: Io> Image<I> {
         committed.load(active, &meta)?;
         let (entries, tail) = replay(io, &store, &c, &header).await?;
         committed.apply(&entries)?;
-        let dev_size = if store.file.is_block_device() {
-            store.file.size().ok()
-        } else {
-            None
-        };
-        let problems = super::check::find_problems(&committed, &header, dev_size);
+        let problems = super::check::find_problems(&committed, &header, Some(storage_size));
         if !problems.is_empty() {
             if !repair || read_only {
                 return Err(EngineError::Corrupt(format!(
@@ -331,9 +360,13 @@ impl<I: Io> Image<I> {
             super::check::fix_problems(&mut committed, &header, &problems);
         }
         let live = LiveMetadata::from_committed(geo, &committed);
-        let alloc = Allocator::from_table(&committed.table, &header, &store)?;
-        if !live.compact() && !read_only && !store.file.is_block_device() {
-            prepare_flat_file(&store, &live, header.data_offset)?;
+        let mut alloc = Allocator::from_table(&committed.table, &header, &store)?;
+        if !read_only && !store.file.is_block_device() {
+            if live.compact() {
+                alloc.grow_ahead(&store)?;
+            } else {
+                prepare_flat_file(&store, &live, header.data_offset)?;
+            }
         }
         let lock_all_writes = store.align > 512;
         let img = Image {
@@ -381,6 +414,11 @@ impl<I: Io> Image<I> {
                 })
                 .await?;
                 fs.tail = 0;
+            }
+            // Both paths ended with a flush: the growth at open is durable.
+            let mut alloc = img.alloc.lock();
+            if let Some(len) = alloc.undurable_growth() {
+                alloc.growth_durable(len);
             }
         }
         Ok((img, problems))
@@ -487,6 +525,12 @@ impl<I: Io> Image<I> {
 }
 
 /// Reads the journal of the header's epoch; returns its entries and the number of valid sectors.
+///
+/// Replay ends at the first sector that is not a valid sector of the epoch at its position. That
+/// is a torn tail only if nothing written later survives: the rest of the journal is scanned, and
+/// a valid sector of this epoch appended by a later write, or any sector of the next epoch (whose
+/// header must then have been durable), proves damage, reported as corruption instead of
+/// silently dropping flushed records.
 pub(super) async fn replay<I: Io>(
     io: &I,
     store: &Storage<I>,
@@ -496,26 +540,61 @@ pub(super) async fn replay<I: Io>(
     let total = h.journal_len / SECTOR as u64;
     let per_read = 256u64; // 1 MiB
     let mut entries = Vec::new();
-    let mut seq = 0u64;
-    while seq < total {
-        let n = per_read.min(total - seq);
+    let mut tail = None;
+    let mut pos = 0u64;
+    while pos < total {
+        let n = per_read.min(total - pos);
         let raw = read_region(
             io,
             store,
             c,
-            h.journal_offset + seq * SECTOR as u64,
+            h.journal_offset + pos * SECTOR as u64,
             n * SECTOR as u64,
         )
         .await?;
-        for i in 0..n as usize {
-            match journal::decode(&raw[i * SECTOR..(i + 1) * SECTOR], h.journal_epoch, seq) {
-                Some(e) => {
-                    entries.extend(e);
-                    seq += 1;
-                }
-                None => return Ok((entries, seq)),
+        for sector in raw.chunks(SECTOR) {
+            match tail {
+                None => match journal::decode(sector, h.journal_epoch, pos) {
+                    Some(e) => entries.extend(e),
+                    None => {
+                        check_after_tail(sector, h.journal_epoch, pos, pos)?;
+                        tail = Some(pos);
+                    }
+                },
+                Some(t) => check_after_tail(sector, h.journal_epoch, pos, t)?,
             }
+            pos += 1;
         }
     }
-    Ok((entries, seq))
+    Ok((entries, tail.unwrap_or(total)))
+}
+
+/// Journal sector at `pos`, at or after the end `tail` of the replayed journal of `epoch`: fails
+/// if it proves that the journal was damaged rather than torn.
+fn check_after_tail(sector: &[u8], epoch: u64, pos: u64, tail: u64) -> Result<()> {
+    let Some(id) = journal::identify(sector) else {
+        return Ok(());
+    };
+    if id.seq != pos {
+        return Ok(());
+    }
+    let corrupt = |what: String| Err(EngineError::Corrupt(format!("journal sector {pos} {what}")));
+    if Some(id.epoch) == epoch.checked_add(1) {
+        return corrupt(format!(
+            "belongs to epoch {}, newer than the header's {epoch}: the newest header slot is damaged",
+            id.epoch
+        ));
+    }
+    if id.epoch != epoch {
+        return Ok(());
+    }
+    if pos == tail {
+        return corrupt("has a valid checksum but invalid records".into());
+    }
+    if id.commit_start.is_some_and(|s| s > tail) {
+        return corrupt(format!(
+            "was written after sector {tail}, which is damaged: flushed records would be lost"
+        ));
+    }
+    Ok(())
 }

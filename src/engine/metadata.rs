@@ -261,8 +261,8 @@ impl Committed {
                 JournalEntry::SetBits { start, count }
                 | JournalEntry::ClearBits { start, count } => {
                     if start.checked_add(count).is_none_or(|end| end > nblocks) {
-                        return Err(FormatError::InvalidHeader(format!(
-                            "journal entry {e:?} is outside the bitmap"
+                        return Err(FormatError::Journal(format!(
+                            "record {e:?} is outside the bitmap ({nblocks} blocks)"
                         )));
                     }
                     let set = matches!(e, JournalEntry::SetBits { .. });
@@ -294,8 +294,9 @@ impl Committed {
 
     fn set_entry(&mut self, chunk: u64, phys: u32) -> Result<(), FormatError> {
         let Some(slot) = self.table.get_mut(chunk as usize) else {
-            return Err(FormatError::InvalidHeader(format!(
-                "journal maps chunk {chunk} outside the table"
+            return Err(FormatError::Journal(format!(
+                "record for chunk {chunk} is outside the table ({} chunks)",
+                self.table.len()
             )));
         };
         *slot = phys;

@@ -11,9 +11,12 @@ const O_EPOCH: usize = 8;
 const O_SEQ: usize = 16;
 const O_ENTRIES: usize = 24;
 const ENTRY_SIZE: usize = 16;
+/// Position of the sector within the write that appended it, plus one (0: not recorded, as
+/// in sectors written before this field existed). Lies in the bytes entries never use.
+const O_COMMIT_INDEX: usize = SECTOR - 8;
 const O_CRC: usize = SECTOR - 4;
 /// Records per journal sector.
-pub const ENTRIES_PER_SECTOR: usize = (O_CRC - O_ENTRIES) / ENTRY_SIZE;
+pub const ENTRIES_PER_SECTOR: usize = (O_COMMIT_INDEX - O_ENTRIES) / ENTRY_SIZE;
 
 const KIND_SET: u64 = 1;
 const KIND_CLEAR: u64 = 2;
@@ -80,6 +83,7 @@ pub fn encode(entries: &[JournalEntry], epoch: u64, seq: u64) -> Vec<u8> {
         put_u16(s, O_COUNT, chunk.len() as u16);
         put_u64(s, O_EPOCH, epoch);
         put_u64(s, O_SEQ, seq + i as u64);
+        put_u32(s, O_COMMIT_INDEX, i as u32 + 1);
         for (j, e) in chunk.iter().enumerate() {
             e.encode(&mut s[O_ENTRIES + j * ENTRY_SIZE..]);
         }
@@ -92,6 +96,30 @@ pub fn encode(entries: &[JournalEntry], epoch: u64, seq: u64) -> Vec<u8> {
 /// Number of sectors `encode` produces for `n` entries.
 pub fn sectors_for(n: usize) -> u64 {
     n.div_ceil(ENTRIES_PER_SECTOR).max(1) as u64
+}
+
+/// What a journal sector with a valid magic and checksum says about itself, whatever its epoch
+/// and position: replay uses it to tell a torn tail from damage before later records.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SectorId {
+    pub epoch: u64,
+    pub seq: u64,
+    /// Sequence number of the first sector of the write that appended this one, if recorded.
+    pub commit_start: Option<u64>,
+}
+
+/// Identifies a journal sector; `None` if it is torn or not a journal sector.
+pub fn identify(sector: &[u8]) -> Option<SectorId> {
+    if get_u32(sector, O_MAGIC) != MAGIC || checksum(&sector[..O_CRC]) != get_u32(sector, O_CRC) {
+        return None;
+    }
+    let seq = get_u64(sector, O_SEQ);
+    let index = get_u32(sector, O_COMMIT_INDEX) as u64;
+    Some(SectorId {
+        epoch: get_u64(sector, O_EPOCH),
+        seq,
+        commit_start: index.checked_sub(1).and_then(|i| seq.checked_sub(i)),
+    })
 }
 
 /// Decodes sector `seq` of epoch `epoch`; `None` if it is torn, stale or not a journal sector.
@@ -153,9 +181,20 @@ mod tests {
             decode(&bytes[..SECTOR], 7, 11).is_none(),
             "wrong position accepted"
         );
+        for (i, s) in bytes.chunks(SECTOR).enumerate() {
+            assert_eq!(
+                identify(s),
+                Some(SectorId {
+                    epoch: 7,
+                    seq: 10 + i as u64,
+                    commit_start: Some(10)
+                })
+            );
+        }
         let mut torn = bytes[..SECTOR].to_vec();
         torn[2000..].fill(0);
         assert!(decode(&torn, 7, 10).is_none(), "torn sector accepted");
+        assert!(identify(&torn).is_none(), "torn sector identified");
         assert!(decode(&vec![0u8; SECTOR], 0, 0).is_none());
     }
 }

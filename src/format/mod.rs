@@ -34,6 +34,8 @@ pub enum FormatError {
     UnknownIncompatFeatures(u64),
     #[error("invalid header: {0}")]
     InvalidHeader(String),
+    #[error("corrupt journal: {0}")]
+    Journal(String),
     #[error("metadata sector {index} of copy {copy} is corrupt ({what})")]
     MetadataSector {
         copy: u32,
