@@ -1,8 +1,10 @@
-//! The process's one listening socket, and SIGTERM/SIGINT handling that can interrupt both a
-//! blocked accept and a live connection.
+//! The process's one listening socket, and signal handling: SIGTERM/SIGINT interrupt both a
+//! blocked accept and a live connection, and end the process within [`STOP_GRACE`] even if
+//! something is stuck; SIGUSR1 logs the counters; SIGHUP and SIGUSR2 are logged and ignored
+//! (their default action would kill the server and leave the image unclean).
 
 use parking_lot::Mutex;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::{Handle, Signals};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 use vhost_user_backend::ShutdownHandle;
 
 pub struct Listener {
@@ -76,6 +79,12 @@ impl Listener {
     }
 }
 
+/// How long a stop request may take before the process exits anyway, abandoning whatever is
+/// stuck (the image is then left unclean: its journal is replayed on the next open).
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The exit status after an abandoned stop.
+pub const EXIT_ABANDONED: i32 = 3;
+
 /// A stop request, from a signal or a test.
 pub struct Stop {
     inner: Arc<StopInner>,
@@ -87,6 +96,8 @@ struct StopInner {
     requested: AtomicBool,
     listener_fd: RawFd,
     conn: Mutex<Option<ShutdownHandle>>,
+    /// What the server is doing, for the log line of an abandoned stop.
+    phase: Mutex<&'static str>,
 }
 
 impl StopInner {
@@ -102,24 +113,39 @@ impl StopInner {
 }
 
 impl Stop {
-    /// Routes SIGTERM and SIGINT to a stop request.
-    pub fn install(listener: &Listener) -> io::Result<Stop> {
+    /// Routes SIGTERM and SIGINT to a stop request, SIGUSR1 to a log line with `counters()`,
+    /// and ignores SIGHUP and SIGUSR2.
+    pub fn install(
+        listener: &Listener,
+        counters: impl Fn() -> String + Send + 'static,
+    ) -> io::Result<Stop> {
         let inner = Arc::new(StopInner {
             requested: AtomicBool::new(false),
             listener_fd: listener.fd,
             conn: Mutex::new(None),
+            phase: Mutex::new("starting"),
         });
-        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])?;
         let handle = signals.handle();
         let i = inner.clone();
         let thread = std::thread::Builder::new()
             .name("fvd-signals".into())
             .spawn(move || {
                 for sig in signals.forever() {
-                    tracing::info!(
-                        "signal {sig}: finishing in-flight requests and closing the disk"
-                    );
-                    i.request();
+                    match sig {
+                        SIGUSR1 => tracing::info!("counters: {}", counters()),
+                        SIGHUP | SIGUSR2 => tracing::info!("signal {sig} ignored"),
+                        _ if i.requested.load(Ordering::SeqCst) => {
+                            tracing::info!("signal {sig}: already stopping")
+                        }
+                        _ => {
+                            tracing::info!(
+                                "signal {sig}: finishing in-flight requests and closing the disk"
+                            );
+                            i.request();
+                            start_watchdog(i.clone());
+                        }
+                    }
                 }
             })?;
         Ok(Stop {
@@ -127,6 +153,11 @@ impl Stop {
             handle,
             thread: Some(thread),
         })
+    }
+
+    /// Records what the server is doing now (named in the log if a stop has to abandon it).
+    pub fn set_phase(&self, phase: &'static str) {
+        *self.inner.phase.lock() = phase;
     }
 
     pub fn requested(&self) -> bool {
@@ -150,5 +181,24 @@ impl Stop {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Ends the process if the stop has not finished within [`STOP_GRACE`]: a frontend or a disk
+/// that never lets a wait end must not keep the server running after SIGTERM.
+fn start_watchdog(inner: Arc<StopInner>) {
+    let spawned = std::thread::Builder::new()
+        .name("fvd-stop-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(STOP_GRACE);
+            tracing::error!(
+                "not stopped {STOP_GRACE:?} after the stop request: abandoning {}; the image is \
+                 left unclean (its journal is replayed on the next open)",
+                *inner.phase.lock()
+            );
+            std::process::exit(EXIT_ABANDONED);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the stop watchdog: {e}");
     }
 }

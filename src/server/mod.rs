@@ -5,7 +5,8 @@
 //! frontend can reconnect the moment the previous one has left. When a frontend leaves, its
 //! in-flight requests finish and the disk is flushed before the next one is accepted. SIGTERM or
 //! SIGINT ends the current connection the same way, then the disk is closed (flushed, marked
-//! clean) and the socket removed.
+//! clean) and the socket removed; if that takes longer than [`listener::STOP_GRACE`], the
+//! process exits anyway with status [`listener::EXIT_ABANDONED`].
 
 pub mod backend;
 pub mod background;
@@ -128,7 +129,11 @@ impl Server {
             }
         };
         // Signals are handled from here on, before anyone is told the server is ready.
-        let stop = match Stop::install(&listener) {
+        let counters = {
+            let disk = disk.clone();
+            move || serde_json::to_string(&disk.counters().snapshot()).unwrap_or_default()
+        };
+        let stop = match Stop::install(&listener, counters) {
             Ok(s) => s,
             Err(e) => {
                 let _ = control.block_on(disk.close(control.io()));
@@ -158,6 +163,8 @@ impl Server {
         let workers = self.start_background(&bg_stop);
         let served = self.serve_loop(&self.stop);
         let counters = self.counters_json();
+        self.stop
+            .set_phase("stopping the background threads and closing the disk");
         self.stop.uninstall();
         bg_stop.stop();
         for w in workers {
@@ -239,6 +246,7 @@ impl Server {
                     ServeError::Daemon(format!("cannot register the io_uring eventfd: {e}"))
                 })?;
 
+            stop.set_phase("waiting for a frontend");
             let accepted = self.listener.with(|l| daemon.start(l));
             if let Err(e) = accepted {
                 if stop.requested() {
@@ -248,6 +256,7 @@ impl Server {
             }
             tracing::info!("frontend connected");
             stop.set_connection(daemon.shutdown_handle());
+            stop.set_phase("waiting for the frontend's connection to end");
             match daemon.wait() {
                 Ok(())
                 | Err(vhost_user_backend::Error::HandleRequest(
@@ -257,8 +266,11 @@ impl Server {
             }
             stop.set_connection(None);
             // Finish what the guest submitted and make it durable before anyone else connects.
+            stop.set_phase("draining the frontend's in-flight requests");
             backend.drain_all();
+            stop.set_phase("flushing the disk");
             backend.flush();
+            stop.set_phase("ending the queue threads");
             for h in daemon.get_epoll_handlers() {
                 h.send_exit_event();
             }

@@ -14,11 +14,13 @@ use crate::io::uring::UringIo;
 use crate::io::Buf;
 use parking_lot::Mutex;
 use std::cell::Cell;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::event::EventNotifier;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -189,7 +191,7 @@ impl Worker {
                 );
             }
             if (signal_each || i + 1 == n) && st.needs_notification().unwrap_or(true) {
-                if let Err(e) = st.signal_used_queue() {
+                if let Err(e) = signal_guest(st.get_call()) {
                     log_once(&SIGNAL_ERR, &format_args!("cannot signal the guest: {e}"));
                 }
             }
@@ -211,6 +213,28 @@ fn ring_ok<T>(r: Result<T, virtio_queue::Error>) -> Option<T> {
             None
         }
     }
+}
+
+/// Signals the used ring, unless the call eventfd cannot take one more count without blocking:
+/// a frontend can preload its counter to the maximum, and a blocking write would stall this
+/// queue's thread, and with it the end of the connection, for good.
+fn signal_guest(call: &Option<EventNotifier>) -> std::io::Result<()> {
+    let Some(call) = call else {
+        return Ok(());
+    };
+    let mut p = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; a zero timeout never blocks.
+    if unsafe { libc::poll(&mut p, 1, 0) } != 1 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "the call eventfd is full",
+        ));
+    }
+    call.notify()
 }
 
 /// Writes the status byte; false if it is no longer inside guest memory.

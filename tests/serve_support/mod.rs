@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod guest;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -89,6 +90,41 @@ impl ServerProc {
         self.child.wait().unwrap()
     }
 
+    /// Bounds a test that may wedge the server: SIGKILLs it if the returned guard is still alive
+    /// after `limit` (a killed server closes its socket, so a frontend blocked on it fails).
+    pub fn kill_after(&self, limit: std::time::Duration) -> KillGuard {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let pid = self.pid();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                eprintln!("server {pid} still running after {limit:?}: killing it");
+                // SAFETY: kill with a pid we spawned; the guard outlives neither the child nor
+                // the test.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        KillGuard(tx)
+    }
+
+    /// Sends `sig` to the server.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we spawned and have not reaped yet.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// Sends SIGTERM and waits at most `timeout` for the exit (None: still running, killed).
+    pub fn terminate_within(mut self, timeout: std::time::Duration) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Waits for the server to exit on its own (e.g. `--once`).
     pub fn wait(mut self) -> ExitStatus {
         self.child.wait().unwrap()
@@ -103,3 +139,6 @@ impl Drop for ServerProc {
         }
     }
 }
+
+/// See [`ServerProc::kill_after`]: dropping it cancels the kill.
+pub struct KillGuard(std::sync::mpsc::Sender<()>);

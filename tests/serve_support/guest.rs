@@ -1,0 +1,283 @@
+//! A guest for the vhost-user protocol tests: the `vhost` crate's frontend, memfd-backed guest
+//! memory shared with the server, and queue 0 driven by hand. Every wait is bounded.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{fence, Ordering};
+use std::time::Duration;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const MEM: usize = 1 << 20;
+pub const QSIZE: u16 = 16;
+pub const DESC: u64 = 0;
+pub const AVAIL: u64 = 0x100;
+pub const USED: u64 = 0x200;
+pub const HDR: u64 = 0x1000;
+pub const STATUS: u64 = 0x1100;
+pub const DATA: u64 = 0x2000;
+pub const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// How long any single reply or completion may take before the test gives up.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One guest: its memory (shared with the server through a memfd) and queue 0.
+pub struct Guest {
+    pub fe: Frontend,
+    /// The frontend's socket, for hand-made messages while the frontend is idle.
+    pub raw: UnixStream,
+    pub mem: GuestMemoryMmap<()>,
+    pub kick: EventFd,
+    pub call: EventFd,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+pub fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+/// Replays cloud-hypervisor's vhost-user-blk negotiation up to SET_FEATURES (REPLY_ACK on):
+/// the frontend, a clone of its socket and the features. Replies time out after [`TIMEOUT`].
+pub fn negotiate(socket: &std::path::Path) -> (Frontend, UnixStream, u64) {
+    let sock = UnixStream::connect(socket).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    sock.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let raw = sock.try_clone().unwrap();
+    let mut fe = Frontend::from_stream(sock, 1);
+    fe.set_owner().unwrap();
+    // The virtio features cloud-hypervisor offers for vhost-user-blk.
+    let avail = bit(VIRTIO_BLK_F_SIZE_MAX)
+        | bit(VIRTIO_BLK_F_SEG_MAX)
+        | bit(VIRTIO_BLK_F_GEOMETRY)
+        | bit(VIRTIO_BLK_F_RO)
+        | bit(VIRTIO_BLK_F_BLK_SIZE)
+        | bit(VIRTIO_BLK_F_FLUSH)
+        | bit(VIRTIO_BLK_F_TOPOLOGY)
+        | bit(VIRTIO_BLK_F_CONFIG_WCE)
+        | bit(VIRTIO_BLK_F_DISCARD)
+        | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+        | bit(VIRTIO_BLK_F_MQ)
+        | bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_RING_F_EVENT_IDX)
+        | bit(VIRTIO_RING_F_INDIRECT_DESC)
+        | PROTOCOL_FEATURES;
+    let features = fe.get_features().unwrap() & avail;
+    assert_ne!(features & PROTOCOL_FEATURES, 0);
+    let offered = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE;
+    let proto = fe.get_protocol_features().unwrap() & offered;
+    assert_eq!(
+        proto,
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::REPLY_ACK
+    );
+    fe.set_protocol_features(proto).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let queues = fe.get_queue_num().unwrap();
+    assert!(queues >= 1);
+    fe.set_features(features).unwrap();
+    (fe, raw, features)
+}
+
+/// A memfd of `len` bytes.
+pub fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create with a static name; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
+}
+
+/// [`MEM`] bytes of guest memory at guest address 0, in a memfd.
+pub fn guest_memory() -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::<()>::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM,
+        Some(FileOffset::new(memfd(MEM as u64), 0)),
+    )])
+    .unwrap()
+}
+
+/// The SET_MEM_TABLE entry describing `mem`'s one region.
+pub fn region_of(mem: &GuestMemoryMmap<()>) -> VhostUserMemoryRegionInfo {
+    VhostUserMemoryRegionInfo::from_guest_region(mem.iter().next().unwrap()).unwrap()
+}
+
+/// [`negotiate`], then the memory table and queue 0: a guest ready to submit requests.
+pub fn attach(socket: &std::path::Path) -> (Guest, u64) {
+    let (mut fe, raw, features) = negotiate(socket);
+    let mem = guest_memory();
+    fe.set_mem_table(&[region_of(&mem)]).unwrap();
+    let va = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: va(DESC),
+            used_ring_addr: va(USED),
+            avail_ring_addr: va(AVAIL),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    let call = EventFd::new(0).unwrap();
+    let kick = EventFd::new(0).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    let g = Guest {
+        fe,
+        raw,
+        mem,
+        kick,
+        call,
+        next_avail: 0,
+        next_used: 0,
+    };
+    (g, features)
+}
+
+/// A descriptor: guest address, length, device-writable.
+pub type D = (u64, u32, bool);
+
+/// Waits until `fd` is readable; false after `timeout`.
+pub fn wait_readable(fd: i32, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) == 1 }
+}
+
+impl Guest {
+    pub fn header(&self, ty: u32, sector: u64) -> D {
+        self.mem.write_obj(ty, GuestAddress(HDR)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        (HDR, 16, false)
+    }
+
+    /// Puts `chain` on the ring and kicks.
+    pub fn post(&mut self, chain: &[D]) {
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        for (i, &(addr, len, write)) in chain.iter().enumerate() {
+            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 } as u16;
+            if i + 1 < chain.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let d = DESC + 16 * i as u64;
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            self.mem
+                .write_obj(i as u16 + 1, GuestAddress(d + 14))
+                .unwrap();
+        }
+        let slot = u64::from(self.next_avail % QSIZE);
+        self.mem
+            .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * slot))
+            .unwrap();
+        // used_event: interrupt me as soon as anything beyond what I have seen is used.
+        self.mem
+            .write_obj(
+                self.next_used,
+                GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)),
+            )
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.mem
+            .write_obj(self.next_avail, GuestAddress(AVAIL + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.kick.write(1).unwrap();
+    }
+
+    /// Waits up to `timeout` for the oldest posted chain: (used len, status byte).
+    pub fn try_complete(&mut self, timeout: Duration) -> Option<(u32, u8)> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.used_idx() == self.next_used {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || !wait_readable(self.call.as_raw_fd(), left) {
+                if self.used_idx() == self.next_used {
+                    return None;
+                }
+                break;
+            }
+            self.call.read().unwrap();
+        }
+        let elem = USED + 4 + 8 * u64::from(self.next_used % QSIZE);
+        let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+        assert_eq!(id, 0, "head index");
+        self.next_used = self.next_used.wrapping_add(1);
+        Some((len, self.mem.read_obj(GuestAddress(STATUS)).unwrap()))
+    }
+
+    /// Puts `chain` on the ring, kicks, and waits for its completion: (used len, status byte).
+    pub fn submit(&mut self, chain: &[D]) -> (u32, u8) {
+        self.post(chain);
+        self.try_complete(TIMEOUT)
+            .expect("no completion within the timeout")
+    }
+
+    pub fn used_idx(&self) -> u16 {
+        fence(Ordering::SeqCst);
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    pub fn fill(&self, addr: u64, len: usize, seed: u8) -> Vec<u8> {
+        let v: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        self.mem.write_slice(&v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    pub fn read_back(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    /// A 4 KiB write then read back at `sector`, compared: the server serves this guest.
+    pub fn write_read(&mut self, sector: u64, seed: u8) {
+        let data = self.fill(DATA, 4096, seed);
+        let h = self.header(VIRTIO_BLK_T_OUT, sector);
+        assert_eq!(
+            self.submit(&[h, (DATA, 4096, false), (STATUS, 1, true)]),
+            (1, 0)
+        );
+        self.fill(DATA, 4096, seed.wrapping_add(1));
+        let h = self.header(VIRTIO_BLK_T_IN, sector);
+        assert_eq!(
+            self.submit(&[h, (DATA, 4096, true), (STATUS, 1, true)]),
+            (4097, 0)
+        );
+        assert_eq!(self.read_back(DATA, 4096), data);
+    }
+}
