@@ -8,27 +8,42 @@ use fvd::io::Segment;
 use fvd::server::request::{parse, Limits, Op, SECTOR};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const REGION: u64 = 0x4000;
 /// Regions at [0, 16K) and [16K, 32K), a hole, then [48K, 64K).
 const STARTS: [u64; 3] = [0, REGION, 3 * REGION];
 
-/// Host intervals of the guest range `[addr, addr + len)`, or None if any byte is unmapped.
-fn host_of(mem: &GuestMemoryMmap<()>, addr: u64, len: u64) -> Option<Vec<(usize, usize)>> {
+/// Host intervals of the mapped bytes of the guest range `[addr, addr + len)` (a request may
+/// use only the part of a buffer it needs, e.g. 20 bytes for GET_ID).
+fn host_of(mem: &GuestMemoryMmap<()>, addr: u64, len: u64) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
-    for s in mem.get_slices(GuestAddress(addr), usize::try_from(len).ok()?) {
-        let s = s.ok()?;
-        out.push((s.ptr_guard_mut().as_ptr() as usize, s.len()));
+    let mut at = addr;
+    let end = addr.saturating_add(len);
+    while at < end {
+        let Some(region) = mem.find_region(GuestAddress(at)) else {
+            // Skip to the next region start inside the range, if any.
+            match STARTS.iter().find(|&&s| s > at && s < end) {
+                Some(&s) => at = s,
+                None => break,
+            }
+            continue;
+        };
+        let host = mem.get_host_address(GuestAddress(at)).expect("mapped") as usize;
+        let room = region.start_addr().0 + region.len() - at;
+        let n = room.min(end - at);
+        out.push((host, n as usize));
+        at += n;
     }
-    (out.iter().map(|p| p.1 as u64).sum::<u64>() == len).then_some(out)
+    out
 }
 
-/// Every byte of `segs` lies in `allowed` and is not `status`.
-fn contained(segs: &[Segment], allowed: &[(usize, usize)], status: usize) {
+/// Every byte of `segs` lies in `allowed` and is not `status` (None: the guest made another
+/// buffer overlap the status byte, which only harms the guest itself).
+fn contained(segs: &[Segment], allowed: &[(usize, usize)], status: Option<usize>) {
     for s in segs {
         assert!(
-            !(s.addr..s.addr + s.len).contains(&status),
+            !status.is_some_and(|st| (s.addr..s.addr + s.len).contains(&st)),
             "data segment {s:?} covers the status byte"
         );
         let mut pos = s.addr;
@@ -101,13 +116,18 @@ pub fn run(data: &[u8]) {
         return;
     };
     assert!(mem.check_range(req.status, 1), "status outside memory");
-    let status = mem.get_host_address(req.status).expect("status mapped") as usize;
+    let status_host = mem.get_host_address(req.status).expect("status mapped") as usize;
+    let st = req.status.0;
+    let covering = descs
+        .iter()
+        .filter(|d| st.wrapping_sub(d.addr().0) < u64::from(d.len()))
+        .count();
+    let status = (covering == 1).then_some(status_host);
     let allowed = |write: bool| -> Vec<(usize, usize)> {
         descs
             .iter()
             .filter(|d| d.is_write_only() == write)
-            .filter_map(|d| host_of(&mem, d.addr().0, u64::from(d.len())))
-            .flatten()
+            .flat_map(|d| host_of(&mem, d.addr().0, u64::from(d.len())))
             .collect()
     };
     match &req.op {
