@@ -133,10 +133,12 @@ impl Built {
             .block_on(async move { fvd::engine::check::check(&io, file).await })
     }
 
-    pub fn repair(&self) -> fvd::engine::Result<Vec<fvd::engine::check::Problem>> {
+    /// `fvd check --repair` (the only call of the repair API here, so an API change is local).
+    pub fn repair(&self) -> Result<Vec<fvd::engine::check::Problem>, String> {
         let (io, file, base) = (self.io(), self.file.clone(), self.base());
         self.world
             .block_on(async move { Image::repair(&io, file, base).await })
+            .map_err(|e| e.to_string())
     }
 
     fn patch_sealed(&self, off: u64, f: impl FnOnce(&mut [u8])) {
