@@ -99,6 +99,23 @@ fn repair_with_next_epoch_sectors() {
     }
 }
 
+/// Known defect: `fvd check` on this corrupted image (a header field changed, checksum
+/// resealed) runs for minutes instead of answering (found by the `repair` target with a 30 s
+/// bound; the time goes into reading large regions of a small image).
+#[test]
+#[ignore = "known defect: check of a small corrupted image reads for minutes"]
+fn repair_check_is_bounded() {
+    for (path, data) in inputs("regressions/known", "repair_slow") {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            harness::repair::run(&data);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{} takes more than 10 s", path.display()));
+    }
+}
+
 /// Writes fuzz/seeds/ from fuzz/harness/seeds.rs.
 #[test]
 #[ignore = "writes the seed corpus into the source tree"]
