@@ -10,3 +10,4 @@ bash integration/sanitizers.sh
 # The VM tests use the binary cargo test just built (dev profile, opt-level 1): the guest runs
 # under TCG, so a release build would only add compile time.
 FVD_BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/fvd bash integration/run-tests.sh
+bash integration/fuzz.sh 20
