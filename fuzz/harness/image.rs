@@ -135,9 +135,10 @@ impl Built {
 
     /// `fvd check --repair` (the only call of the repair API here, so an API change is local).
     pub fn repair(&self) -> Result<Vec<fvd::engine::check::Problem>, String> {
-        let (io, file, base) = (self.io(), self.file.clone(), self.base());
+        let (io, file) = (self.io(), self.file.clone());
         self.world
-            .block_on(async move { Image::repair(&io, file, base).await })
+            .block_on(async move { fvd::engine::check::repair(&io, file).await })
+            .map(|r| r.fixed)
             .map_err(|e| e.to_string())
     }
 

@@ -27,7 +27,8 @@ pub fn run_with(data: &[u8], next_epoch: bool) {
     b.write_block(&img, 0, 2).expect("write after open");
     b.close(&img).expect("close after open");
     let report = b.check().expect("check after a clean close");
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // Leaks (exit 3) are legitimate after replaying crafted records; corruption is not.
+    assert!(!report.corrupt(), "{:?}", report.problems);
     assert_eq!(report.journal_records, 0);
     let img = b.open(false).expect("reopen after a clean close");
     b.read_all(&img).expect("reads after reopen");

@@ -83,6 +83,10 @@ fn server() -> &'static Srv {
             copy_on_read: None,
             grow: None,
             signal_each_completion: false,
+            format: Some(fvd::engine::Format::Fvd),
+            nbd: Default::default(),
+            // A filter would bind the whole fuzzer process (libFuzzer, the sanitizer runtime).
+            seccomp: fvd::server::seccomp::SeccompMode::Off,
         })
         .expect("bind the server");
         let thread = std::thread::spawn(move || srv.run());
