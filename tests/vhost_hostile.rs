@@ -319,3 +319,42 @@ fn connections_do_not_leak_fds() {
     );
     stop_clean(srv, &img);
 }
+
+/// CPU time (user + system, in clock ticks) the process has used so far.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which ends with the last ')'.
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// SET_VRING_KICK on a running queue: the queue thread stops watching the old kick eventfd. It
+/// used to stay in the thread's epoll set while the thread read the new one, so a kick on the old
+/// fd (which the frontend still holds) was never consumed: the thread spun on it for good (or,
+/// before the kick was read without waiting, blocked on the new one and wedged the server).
+#[test]
+fn a_kick_on_a_replaced_kick_fd_is_ignored() {
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "8M");
+    let mut srv = ServerProc::start(&img, &d.path().join("s.sock"), &[]);
+    let _guard = srv.kill_after(Duration::from_secs(60));
+    let (mut g, _) = attach(&srv.socket);
+    g.write_read(8, 1);
+    let b = EventFd::new(0).unwrap();
+    g.fe.set_vring_kick(0, &b).unwrap();
+    let a = std::mem::replace(&mut g.kick, b);
+    a.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = cpu_ticks(srv.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(srv.pid()) - t0;
+    assert!(
+        used < 30,
+        "the server used {used} ticks of CPU in 1 s while idle"
+    );
+    // The queue still works through the new kick fd.
+    g.write_read(16, 2);
+    drop(g);
+    still_serves(&mut srv, 3);
+    stop_clean(srv, &img);
+}
