@@ -40,13 +40,8 @@ for t in "${targets[@]}"; do
     echo "fuzz.sh: $t for ${secs} s"
     # -timeout: one input taking 10 s is a hang; -rss_limit_mb: a hostile input must not make
     # the code allocate without bound; leaks are reported by LeakSanitizer (ASan default).
-    # KNOWN DEFECT: a vhost-user connection can leave its vring worker thread's state behind
-    # (LeakSanitizer, input in fuzz/regressions/known/vhost_user/); leaks are not checked for that
-    # target until it is fixed.
-    leaks=1
-    [[ $t == vhost_user ]] && leaks=0
     if ! cargo +nightly fuzz run -O "$t" "$scratch/$t" -- \
-        -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=8192 -detect_leaks=$leaks \
+        -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
         -print_final_stats=1 >"$scratch/$t.log" 2>&1; then
         tail -n 60 "$scratch/$t.log" >&2
         echo "fuzz.sh: $t FAILED; the input is in fuzz/artifacts/$t/" >&2
