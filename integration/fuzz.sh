@@ -43,7 +43,8 @@ for t in "${targets[@]}"; do
     # vhost_user runs without leak detection: LeakSanitizer now and then reports the state of a
     # vring thread that is still running (its epoll event buffer, its spawn closure, its TLS
     # destructor list), memory only that live thread reaches: LeakSanitizer did not find the
-    # thread in its registry and so did not scan it (fuzz/README.md). Thread and fd leaks are checked on a real server by tests/vhost_hostile.rs.
+    # thread in its registry and so did not scan it (fuzz/README.md). Thread and fd leaks are
+    # checked on a real server by tests/vhost_hostile.rs.
     leaks=1
     [[ $t == vhost_user ]] && leaks=0
     if ! cargo +nightly fuzz run -O "$t" "$scratch/$t" -- \
