@@ -42,12 +42,15 @@ for t in "${targets[@]}"; do
     echo "fuzz.sh: $t for ${secs} s"
     # -timeout: one input taking 10 s is a hang; -rss_limit_mb: a hostile input must not make
     # the code allocate without bound; leaks are reported by LeakSanitizer (ASan default).
-    # KNOWN DEFECT: a vhost-user connection can leave its vring worker thread's state behind
-    # (LeakSanitizer, input in fuzz/regressions/known/vhost_user/); leaks are not checked for that
-    # target until it is fixed.
+    # vhost_user runs without leak detection: LeakSanitizer now and then reports the state of a
+    # vring thread that is still running (its epoll event buffer, its spawn closure, its TLS
+    # destructor list), memory only that live thread reaches: LeakSanitizer did not find the
+    # thread in its registry and so did not scan it (fuzz/README.md). Thread and fd leaks are
+    # checked on a real server by tests/vhost_hostile.rs.
     leaks=1
     [[ $t == vhost_user ]] && leaks=0
-    if ! cargo +nightly fuzz run -O "$t" "$scratch/$t" -- \
+    # (ASAN_OPTIONS too: -detect_leaks=0 alone leaves LeakSanitizer's check at exit on.)
+    if ! ASAN_OPTIONS=detect_leaks=$leaks cargo +nightly fuzz run -O "$t" "$scratch/$t" -- \
         -seed="${FUZZ_SEED:-1}" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=8192 -detect_leaks=$leaks \
         -print_final_stats=1 >"$scratch/$t.log" 2>&1; then
         tail -n 60 "$scratch/$t.log" >&2

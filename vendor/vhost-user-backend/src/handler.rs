@@ -258,13 +258,23 @@ where
     /// Ensures that notifications are handled only while the vring is both started and enabled
     /// and that no notifications are lost.
     fn update_vring_registration(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
+        let watch = {
+            let vring_state = vring.get_ref();
+            vring_state.get_queue().ready() && vring_state.is_enabled()
+        };
+        self.watch_kick(vring, index, watch)
+    }
+
+    // fvd patch: split out of update_vring_registration, for set_vring_kick.
+    /// Adds the vring's kick fd to the epoll instance, or removes it.
+    fn watch_kick(&self, vring: &T::Vring, index: u8, watch: bool) -> VhostUserResult<()> {
         let vring_state = vring.get_ref();
         if let Some(fd) = vring_state.get_kick() {
             for (thread_index, queues_mask) in self.queues_per_thread.iter().enumerate() {
                 let shifted_queues_mask = queues_mask >> index;
                 if shifted_queues_mask & 1u64 == 1u64 {
                     let evt_idx = queues_mask.count_ones() - shifted_queues_mask.count_ones();
-                    if vring_state.get_queue().ready() && vring_state.is_enabled() {
+                    if watch {
                         if let Err(e) = self.handlers[thread_index].register_event(
                             fd.as_raw_fd(),
                             EventSet::IN,
@@ -562,10 +572,19 @@ where
         // does File, so this is safe.
         // Ideally, we'd have a generic way to refer to a uniquely-owned fd,
         // such as that proposed by Rust RFC #3128.
+        //
+        // fvd patch: the vring thread must stop watching the old kick fd. Closing our copy does
+        // not remove it from epoll while the frontend holds its own, and its events carry the
+        // vring's index, for which the thread reads the new fd: a kick on the old one was never
+        // consumed, so the thread spun on it for good.
+        self.watch_kick(vring, index, false)?;
         vring.set_kick(file);
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
+        } else {
+            // fvd patch: a running vring goes on with the new fd.
+            self.update_vring_registration(vring, index)?;
         }
 
         Ok(())
