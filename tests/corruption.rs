@@ -535,3 +535,138 @@ fn power_loss_after_file_growth_never_leaves_a_mapping_past_the_end() {
         }
     }
 }
+
+/// Rewrites both header slots with `change` applied, checksums resealed.
+fn patch_headers(path: &Path, change: impl Fn(&mut Header)) {
+    let raw = read_at(path, 0, 2 * SECTOR);
+    for slot in 0..2 {
+        if let Ok(mut h) = Header::decode(&raw[slot * SECTOR..(slot + 1) * SECTOR]) {
+            change(&mut h);
+            write_at(path, (slot * SECTOR) as u64, &h.encode());
+        }
+    }
+}
+
+/// A header whose journal and data area lie terabytes past the end of a small file (valid
+/// checksum, regions ordered) once made `check` read zeros for hours. Every region the header
+/// names must lie within the storage: anything else is truncation, found before any read.
+#[test]
+fn regions_past_the_end_of_the_storage_are_truncation_not_a_hang() {
+    let d = tmpdir();
+    let (path, _) = compact_with_data(d.path(), true);
+    patch_headers(&path, |h| {
+        h.journal_len = 10 << 40;
+        h.data_offset = 1 << 48;
+    });
+    assert!(
+        header(&path).validate().is_ok(),
+        "the header alone is valid"
+    );
+    // In-process opens, bounded like the commands below.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send((open(&p, true).err(), open(&p, false).err()));
+    });
+    let (ro, rw) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("open still running after 10 s");
+    for e in [ro, rw] {
+        assert_corrupt(Err(e.expect("the image opened")), "truncated");
+    }
+    let t = Instant::now();
+    let (code, out, err) = run_fvd(d.path(), &["check", "img.fvd"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "check took {:?}",
+        t.elapsed()
+    );
+    assert!(out.contains("truncated"), "{out}{err}");
+    assert_tools_refuse(d.path(), "img.fvd", "truncated");
+    let (code, err) = fvd(d.path(), &["check", "--repair", "img.fvd"]);
+    assert_eq!(code, Some(2), "{err}");
+    // A new image holds its whole journal: checks clean before any read-write open.
+    let path = d.path().join("new.fvd");
+    create(&path, 4 << 20, true);
+    assert!(std::fs::metadata(&path).unwrap().len() >= header(&path).data_offset);
+    let (code, err) = fvd(d.path(), &["check", "new.fvd"]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// Writes one journal sector holding `entries` at position `seq` with `epoch` (valid CRC).
+fn plant_sector(path: &Path, epoch: u64, seq: u64, entries: &[JournalEntry]) {
+    let h = header(path);
+    let bytes = journal::encode(entries, epoch, seq);
+    write_at(
+        path,
+        h.journal_offset + seq * SECTOR as u64,
+        &bytes[..SECTOR],
+    );
+}
+
+/// Opens read-write and closes `rounds` times (each moves the journal epoch on at least twice),
+/// reading the data back each time.
+fn cycle_and_verify(path: &Path, rounds: usize) {
+    for round in 0..rounds {
+        let img = open(path, false).unwrap();
+        for c in 0..3 {
+            assert!(
+                read(&img, c * CS, CS as usize) == pattern(c, CS as usize),
+                "round {round}: chunk {c} lost its data to stale journal records"
+            );
+        }
+        block_on(img.close(&SyncIo)).unwrap();
+    }
+    let (code, err) = fvd(path.parent().unwrap(), &["check", "img.fvd"]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// Journal sectors of later epochs left in the journal area (a crafted image, a stale header's
+/// sectors, an older image on the same device) must never become records of an epoch that open,
+/// checkpoint or repair starts: each new epoch lies above every epoch in the journal area.
+#[test]
+fn journal_sectors_of_later_epochs_are_never_applied() {
+    let wipe = [
+        JournalEntry::ClearBits {
+            start: 0,
+            count: (4 << 20) / BS,
+        },
+        JournalEntry::Unmap { chunk: 1 },
+    ];
+    // Open, close, reopen: epochs E + 2 and E + 3 at the journal's start.
+    let d = tmpdir();
+    let (path, _) = compact_with_data(d.path(), true);
+    let e = header(&path).journal_epoch;
+    plant_sector(&path, e + 2, 0, &wipe);
+    plant_sector(&path, e + 3, 1, &wipe);
+    let (code, err) = fvd(d.path(), &["check", "img.fvd"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "sectors of later epochs are no damage: {err}"
+    );
+    cycle_and_verify(&path, 3);
+    plant_sector(&path, header(&path).journal_epoch + 2, 0, &wipe);
+    cycle_and_verify(&path, 2);
+
+    // Repair: epoch E + 2 at the start and E + 1 further on (journal damage, exit 2).
+    let d = tmpdir();
+    let (path, _) = compact_with_data(d.path(), true);
+    let e = header(&path).journal_epoch;
+    plant_sector(&path, e + 2, 0, &wipe);
+    plant_sector(&path, e + 1, 2, &wipe);
+    assert_corrupt(open(&path, false), "belongs to epoch");
+    let (code, err) = fvd(d.path(), &["check", "img.fvd"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, err) = fvd(d.path(), &["check", "--repair", "img.fvd"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out) = fvd_stdout(d.path(), &["check", "img.fvd", "--output", "json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report["journal_records"], 0,
+        "a stale sector was taken as new: {out}"
+    );
+    cycle_and_verify(&path, 3);
+}

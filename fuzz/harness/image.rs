@@ -150,16 +150,10 @@ impl Built {
         self.file.write_now(off, &s);
     }
 
-    /// Applies the corruptions the rest of the input describes.
-    ///
-    /// `next_epoch`: journal sectors may also carry the *next* epoch. KNOWN DEFECT (engine:
-    /// starting a new journal epoch, owned by the open/replay and check/repair work): open and
-    /// repair move to epoch + 1 without making sure no sector in the journal area already
-    /// carries it, so such sectors left in an image become valid journal records afterwards; a
-    /// repair that succeeded can then leave an image that does not check (found by the `repair`
-    /// target, kept in fuzz/regressions/known/repair/). The fuzz targets pass false until this
-    /// is fixed; the ignored regression test passes true.
-    pub fn corrupt(&self, inp: &mut Input, next_epoch: bool) {
+    /// Applies the corruptions the rest of the input describes. Journal sectors carry epochs
+    /// from the previous to two past the current one: open and repair must start every new epoch
+    /// above all of them (sectors left in the journal area never become records).
+    pub fn corrupt(&self, inp: &mut Input) {
         // The current header: a read-write open since `build` started a new journal epoch.
         let (io, f) = (self.io(), self.file.clone());
         let h = &self
@@ -183,13 +177,13 @@ impl Built {
                     });
                 }
                 1 | 2 => {
-                    // A journal sector of the current epoch with arbitrary records.
+                    // A journal sector near the current epoch with arbitrary records.
                     let seq = inp.below(journal_sectors.min(4));
-                    let choices = if next_epoch { 3 } else { 2 };
-                    let epoch = h
-                        .journal_epoch
-                        .wrapping_add(inp.below(choices))
-                        .wrapping_sub(1);
+                    // The previous, current or next epoch, and sometimes the one after that
+                    // (inputs from before that choice existed keep their meaning mostly).
+                    let r = inp.u64();
+                    let ahead = u64::from(r % 3 == 2 && (r / 3) % 2 == 1);
+                    let epoch = h.journal_epoch.wrapping_add(r % 3 + ahead).wrapping_sub(1);
                     let n = inp.below(6) as usize;
                     let mut s = vec![0u8; SECTOR];
                     s[0..4].copy_from_slice(b"FVDJ");

@@ -7,15 +7,10 @@ use super::image::{build, write_some};
 use super::Input;
 
 pub fn run(data: &[u8]) {
-    run_with(data, false)
-}
-
-/// `next_epoch`: see [`super::image::Built::corrupt`].
-pub fn run_with(data: &[u8], next_epoch: bool) {
     let mut inp = Input::new(data);
     let mut b = build(&mut inp);
     write_some(&mut b, &mut inp, 1);
-    b.corrupt(&mut inp, next_epoch);
+    b.corrupt(&mut inp);
     let _ = b.check();
     if let Ok(img) = b.open(true) {
         b.read_all(&img).expect("reads of an opened image succeed");

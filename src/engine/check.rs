@@ -89,7 +89,8 @@ impl std::fmt::Display for Problem {
             Problem::NoValidHeader { what } => write!(f, "no valid header slot ({what})"),
             Problem::Truncated { size, need } => write!(
                 f,
-                "the storage holds {size} bytes but its metadata and journal start end at byte {need}: truncated"
+                "the storage holds {size} bytes but its metadata and journal end at byte {need} \
+                 (the data area's start): truncated"
             ),
             Problem::MetadataSector {
                 copy,
@@ -445,8 +446,8 @@ async fn read_header<I: Io>(
 /// memory.
 fn truncated<I: Io>(store: &Storage<I>, h: &Header) -> Result<Option<Problem>> {
     let size = storage_size(store)?;
-    let need =
-        (h.meta_offset[0].max(h.meta_offset[1]) + h.meta_len).max(h.journal_offset + SECTOR as u64);
+    // Every region ends by the data area (see `image::check_regions_fit`).
+    let need = h.data_offset;
     Ok((size < need).then_some(Problem::Truncated { size, need }))
 }
 
@@ -491,7 +492,10 @@ async fn newer_header<I: Io>(
 ) -> Result<Option<(Header, Problem)>> {
     let first = read_at(io, store, c, h.journal_offset, SECTOR as u64).await?;
     let epoch = u64::from_le_bytes(first[8..16].try_into().unwrap_or_default());
-    if epoch <= h.journal_epoch || journal::decode(&first, epoch, 0).is_none() {
+    // Consecutive header generations differ by one epoch: anything further ahead is not a lost
+    // header's journal but stale or crafted sectors, which the new epoch below skips.
+    if Some(epoch) != h.journal_epoch.checked_add(1) || journal::decode(&first, epoch, 0).is_none()
+    {
         return Ok(None);
     }
     let mut nh = h.clone();
@@ -769,7 +773,7 @@ pub async fn repair<I: Io>(io: &I, file: I::File) -> std::result::Result<Repair,
     // the old image or the repaired one), then the old active copy and the other header slot, so
     // that both copies and both slots are valid afterwards.
     let mut nh = h.clone();
-    nh.journal_epoch = nh.journal_epoch.max(s.newest_epoch) + 1;
+    nh.journal_epoch = super::image::next_epoch(nh.journal_epoch.max(s.newest_epoch))?;
     nh.flags |= FLAG_CLEAN;
     for copy in [1 - h.active_meta, h.active_meta] {
         write_copy(io, &store, &c, &s.committed, nh.meta_offset[copy as usize]).await?;

@@ -156,9 +156,12 @@ impl<I: Io> Image<I> {
         }
         // Data and the new copy become durable before the header points at the copy.
         self.store.flush(io, &self.counters).await?;
+        // Above every epoch in the journal area: open started this run's first epoch above
+        // them all, and only this run's epochs were written since.
+        let epoch = super::image::next_epoch(fs.header.journal_epoch)?;
         self.write_header(io, fs, |h| {
             h.active_meta = target;
-            h.journal_epoch += 1;
+            h.journal_epoch = epoch;
             if clean {
                 h.flags |= FLAG_CLEAN;
             } else {

@@ -183,25 +183,29 @@ pub(super) fn storage_len<I: Io>(store: &Storage<I>) -> Result<u64> {
     })
 }
 
-/// `fvd create` writes both metadata copies and the first journal sector, and nothing ever
-/// shrinks the storage: storage that ends before them was truncated. Checked before anything
-/// is allocated by the header's geometry, so memory never follows a size the storage cannot
-/// hold.
+/// Every region the header names ends by `data_offset` (the header's validation orders them),
+/// and the storage holds at least that much: `fvd create` writes both metadata copies and sizes
+/// a file to the data area (a device is refused when smaller), and nothing ever shrinks the
+/// storage. Storage that ends before it was truncated, or the header lies. Checked before
+/// anything reads, scans or allocates by the header's sizes, so neither time nor memory follows
+/// a size the storage cannot hold.
 pub(super) fn check_regions_fit(h: &Header, len: u64) -> Result<()> {
-    let need = h
-        .meta_offset
-        .iter()
-        .map(|&o| o + h.meta_len)
-        .chain([h.journal_offset + SECTOR as u64])
-        .max()
-        .unwrap_or(0);
-    if len < need {
+    if len < h.data_offset {
         return Err(EngineError::Corrupt(format!(
-            "the storage is {len} bytes, shorter than the metadata and journal start it must \
-             hold ({need} bytes): truncated"
+            "the storage is {len} bytes, shorter than the metadata and journal it must hold \
+             (the data area starts at {}): truncated",
+            h.data_offset
         )));
     }
     Ok(())
+}
+
+/// The journal epoch after `epoch`. Epochs start below 2^33 and advance once per checkpoint, so
+/// only a damaged header or journal can exhaust them.
+pub(super) fn next_epoch(epoch: u64) -> Result<u64> {
+    epoch
+        .checked_add(1)
+        .ok_or_else(|| EngineError::Corrupt(format!("journal epoch {epoch} cannot be advanced")))
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
@@ -267,6 +271,17 @@ impl<I: Io> Image<I> {
         store
             .write(io, &c, l.journal_offset, Buf::alloc(SECTOR))
             .await?;
+        // A file holds every region up to the data area (sparse): open refuses shorter storage
+        // as truncated. Durable with the flush below.
+        if !store.file.is_block_device() {
+            store
+                .file
+                .grow(l.data_offset, Growth::Sparse)
+                .map_err(|error| EngineError::Io {
+                    context: "size new image file",
+                    error,
+                })?;
+        }
         // Both header slots, so a stale header of an earlier image can never win.
         for g in 0..2 {
             h.generation = g;
@@ -360,9 +375,12 @@ impl<I: Io> Image<I> {
                     "{d}; 'fvd check --repair' drops the records after sector {tail}"
                 )));
             }
-            // The new epoch written below must exceed every epoch in the journal.
-            header.journal_epoch = header.journal_epoch.max(newest_epoch);
             damaged = Some(d);
+        }
+        if !read_only {
+            // The new epoch written below (one above this) must exceed every epoch in the
+            // journal area, or sectors left there would become valid records of it.
+            header.journal_epoch = header.journal_epoch.max(newest_epoch);
         }
         committed.apply(&entries)?;
         let mut problems = super::check::find_problems(&committed, &header, Some(storage_size));
@@ -427,8 +445,9 @@ impl<I: Io> Image<I> {
             } else {
                 // New epoch even so: sectors past the torn tail of the old epoch must never be
                 // mistaken for new ones.
+                let epoch = next_epoch(fs.header.journal_epoch)?;
                 img.write_header(io, &mut fs, |h| {
-                    h.journal_epoch += 1;
+                    h.journal_epoch = epoch;
                     h.flags &= !FLAG_CLEAN;
                 })
                 .await?;
@@ -550,8 +569,9 @@ pub(super) struct Replayed {
     pub tail: u64,
     /// Damage that a torn write cannot explain: flushed records follow the tail.
     pub damage: Option<super::check::Problem>,
-    /// Highest epoch of a valid sector at its position: a new epoch must exceed it, or stale
-    /// sectors of a lost header's epoch would be replayed as new ones.
+    /// Highest epoch of a valid sector at its position (the header's if none is newer): a new
+    /// epoch must exceed it, or sectors left in the journal area (of a lost header's epoch, of an
+    /// older image, or crafted) would be replayed as records of the new epoch.
     pub newest_epoch: u64,
 }
 
@@ -614,8 +634,8 @@ fn after_tail(r: &mut Replayed, sector: &[u8], epoch: u64, pos: u64) {
         return;
     }
     let tail = r.tail;
+    r.newest_epoch = r.newest_epoch.max(id.epoch);
     let damage = if Some(id.epoch) == epoch.checked_add(1) {
-        r.newest_epoch = id.epoch;
         Some(format!(
             "belongs to epoch {}, newer than the header's {epoch}: the newest header slot is damaged",
             id.epoch
