@@ -407,19 +407,6 @@ struct Salvaged {
     inactive_copy_valid: bool,
 }
 
-/// Reads `len` bytes at `off`.
-async fn read_at<I: Io>(
-    io: &I,
-    store: &Storage<I>,
-    c: &Counters,
-    off: u64,
-    len: u64,
-) -> Result<Vec<u8>> {
-    let b = Buf::alloc(len as usize);
-    store.read(io, c, off, b.clone()).await?;
-    Ok(b.to_vec())
-}
-
 fn storage_size<I: Io>(store: &Storage<I>) -> Result<u64> {
     store.file.size().map_err(|error| EngineError::Io {
         context: "size of image storage",
@@ -433,7 +420,7 @@ async fn read_header<I: Io>(
     store: &Storage<I>,
     c: &Counters,
 ) -> Result<([bool; 2], std::result::Result<Header, FormatError>)> {
-    let raw = read_at(io, store, c, 0, 2 * SECTOR as u64).await?;
+    let raw = super::image::read_region(io, store, c, 0, 2 * SECTOR as u64).await?;
     let slots = [
         Header::decode(&raw[..SECTOR]).is_ok(),
         Header::decode(&raw[SECTOR..]).is_ok(),
@@ -465,7 +452,7 @@ async fn later_sectors<I: Io>(
     let mut pos = tail + 1;
     while pos < total {
         let n = 256.min(total - pos);
-        let raw = read_at(
+        let raw = super::image::read_region(
             io,
             store,
             c,
@@ -490,7 +477,7 @@ async fn newer_header<I: Io>(
     c: &Counters,
     h: &Header,
 ) -> Result<Option<(Header, Problem)>> {
-    let first = read_at(io, store, c, h.journal_offset, SECTOR as u64).await?;
+    let first = super::image::read_region(io, store, c, h.journal_offset, SECTOR as u64).await?;
     let epoch = u64::from_le_bytes(first[8..16].try_into().unwrap_or_default());
     // Consecutive header generations differ by one epoch: anything further ahead is not a lost
     // header's journal but stale or crafted sectors, which the new epoch below skips.
@@ -530,8 +517,8 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
     let n = committed.sectors();
     let len = n * SECTOR as u64;
     let act = h.active_meta;
-    let a = read_at(io, store, c, h.meta_offset[act as usize], len).await?;
-    let b = read_at(io, store, c, h.meta_offset[1 - act as usize], len).await?;
+    let a = super::image::read_region(io, store, c, h.meta_offset[act as usize], len).await?;
+    let b = super::image::read_region(io, store, c, h.meta_offset[1 - act as usize], len).await?;
     let mut suspect = vec![false; committed.table.len()];
     let mut inactive_copy_valid = true;
     for s in 0..n {

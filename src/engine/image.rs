@@ -209,7 +209,7 @@ pub(super) fn next_epoch(epoch: u64) -> Result<u64> {
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
-async fn read_region<I: Io>(
+pub(super) async fn read_region<I: Io>(
     io: &I,
     store: &Storage<I>,
     c: &Counters,
