@@ -230,8 +230,10 @@ impl Built {
                     }
                 }
                 _ => {
-                    // Raw bytes anywhere before the data area, not resealed.
-                    let off = inp.below(h.data_offset);
+                    // Raw bytes anywhere before the data area, not resealed. All 8 of them: data
+                    // has no checksum, so bytes spilling into it are legitimate new contents,
+                    // not damage the engine could see (such a spill once passed for a defect).
+                    let off = inp.below(h.data_offset - 8);
                     let b = inp.bytes(8).to_vec();
                     self.file.write_now(off, &b);
                 }
