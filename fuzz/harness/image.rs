@@ -65,8 +65,27 @@ impl Built {
         })
     }
 
+    /// Whether the header in force names a base this image was not built with (a crafted
+    /// header may add the base reference; only the real tools would open what it names).
+    pub fn names_unknown_base(&self) -> bool {
+        self.header_names_base() == Some(true) && self.base.is_none()
+    }
+
+    fn header_names_base(&self) -> Option<bool> {
+        let (io, f) = (self.io(), self.file.clone());
+        self.world
+            .block_on(async move { Image::read_header(&io, &f).await })
+            .ok()
+            .map(|h| h.base.is_some())
+    }
+
     pub fn open(&self, read_only: bool) -> fvd::engine::Result<Arc<Image<SimIo>>> {
-        let (io, file, base) = (self.io(), self.file.clone(), self.base());
+        // The base follows the header in force: a crafted header may drop the base reference.
+        let base = match self.header_names_base() {
+            Some(false) => None,
+            _ => self.base(),
+        };
+        let (io, file) = (self.io(), self.file.clone());
         self.world
             .block_on(async move { Image::open(&io, file, base, read_only).await.map(Arc::new) })
     }

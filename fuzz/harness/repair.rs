@@ -29,6 +29,9 @@ pub fn run(data: &[u8]) {
         report.problems
     );
     assert_eq!(report.journal_records, 0, "repair leaves the journal empty");
+    if b.names_unknown_base() {
+        return;
+    }
     let img = b.open(true).expect("open read-only after repair");
     b.read_all(&img).expect("reads after repair");
     drop(img);
