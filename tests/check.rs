@@ -34,6 +34,16 @@ fn dir() -> tempfile::TempDir {
     tempfile::tempdir_in("/var/tmp").unwrap()
 }
 
+/// A directory holding a new 8 MiB compact image `img.fvd`, and the image's path.
+fn new_image() -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = dir();
+    assert!(fvd(d.path(), &["create", "img.fvd", "--size", "8M"])
+        .status
+        .success());
+    let img = d.path().join("img.fvd");
+    (d, img)
+}
+
 fn header(path: &Path) -> Header {
     let raw = std::fs::read(path).unwrap();
     fvd::format::header::pick_header(&raw[..SECTOR], &raw[SECTOR..2 * SECTOR]).unwrap()
@@ -77,12 +87,8 @@ fn reseal(raw: &mut [u8], off: usize) {
 
 #[test]
 fn exit_codes_follow_qemu_img() {
-    let d = dir();
+    let (d, img) = new_image();
     let p = d.path();
-    let img = p.join("img.fvd");
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
     write_and_close(&img, &[(0, &pattern(1, 65536))]);
     assert_eq!(check(p, &[]).0, 0);
 
@@ -134,12 +140,8 @@ fn exit_codes_follow_qemu_img() {
 
 #[test]
 fn repair_takes_a_damaged_sector_from_the_other_copy() {
-    let d = dir();
+    let (d, img) = new_image();
     let p = d.path();
-    let img = p.join("img.fvd");
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
     let a = pattern(3, 3 << 16);
     write_and_close(&img, &[(1 << 20, &a)]);
     // A second clean open and close writes the full state to the other copy as well.
@@ -172,12 +174,8 @@ fn repair_takes_a_damaged_sector_from_the_other_copy() {
 
 #[test]
 fn repair_reports_what_is_lost_and_never_exposes_other_data() {
-    let d = dir();
+    let (d, img) = new_image();
     let p = d.path();
-    let img = p.join("img.fvd");
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
     write_and_close(
         &img,
         &[(0, &pattern(1, 1 << 20)), (2 << 20, &pattern(2, 1 << 20))],
@@ -203,12 +201,8 @@ fn repair_reports_what_is_lost_and_never_exposes_other_data() {
 
 #[test]
 fn truncated_images_are_corrupt_not_unreadable() {
-    let d = dir();
+    let (d, img) = new_image();
     let p = d.path();
-    let img = p.join("img.fvd");
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
     write_and_close(&img, &[(3 << 20, &pattern(5, 1 << 20))]);
     let h = header(&img);
     // Cut into the data area: the chunk holding virtual chunk 3 is gone, and a clean image's
@@ -246,12 +240,8 @@ fn write_flush_and_abandon(path: &Path, writes: &[(u64, &[u8])]) {
 
 #[test]
 fn a_damaged_journal_sector_followed_by_later_flushes_is_corruption() {
-    let d = dir();
+    let (d, img) = new_image();
     let p = d.path();
-    let img = p.join("img.fvd");
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
     let pieces: Vec<Vec<u8>> = (0..4).map(|i| pattern(i, 65536)).collect();
     let writes: Vec<(u64, &[u8])> = (0..4)
         .map(|i| ((i as u64) << 20, pieces[i].as_slice()))
@@ -277,12 +267,8 @@ fn a_damaged_journal_sector_followed_by_later_flushes_is_corruption() {
 
 #[test]
 fn a_damaged_newer_header_slot_is_detected_by_the_journal_and_rebuilt() {
-    let d = dir();
+    let (d, img) = new_image();
     let p = d.path();
-    let img = p.join("img.fvd");
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
     let a = pattern(9, 65536);
     write_flush_and_abandon(&img, &[(1 << 20, &a)]);
     let h = header(&img);
@@ -303,12 +289,8 @@ fn a_damaged_newer_header_slot_is_detected_by_the_journal_and_rebuilt() {
 
 #[test]
 fn a_duplicate_mapping_is_repaired_without_exposing_either_chunk_to_the_other() {
-    let d = dir();
+    let (d, img) = new_image();
     let p = d.path();
-    let img = p.join("img.fvd");
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
     write_and_close(
         &img,
         &[(0, &pattern(1, 1 << 20)), (2 << 20, &pattern(2, 1 << 20))],
