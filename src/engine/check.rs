@@ -438,38 +438,6 @@ fn truncated<I: Io>(store: &Storage<I>, h: &Header) -> Result<Option<Problem>> {
     Ok((size < need).then_some(Problem::Truncated { size, need }))
 }
 
-/// The records of the valid sectors of the header's epoch after the damaged sector `tail` (each
-/// at its own position), which later flushes wrote.
-async fn later_sectors<I: Io>(
-    io: &I,
-    store: &Storage<I>,
-    c: &Counters,
-    h: &Header,
-    tail: u64,
-) -> Result<Vec<JournalEntry>> {
-    let total = h.journal_len / SECTOR as u64;
-    let mut later = Vec::new();
-    let mut pos = tail + 1;
-    while pos < total {
-        let n = 256.min(total - pos);
-        let raw = super::image::read_region(
-            io,
-            store,
-            c,
-            h.journal_offset + pos * SECTOR as u64,
-            n * SECTOR as u64,
-        )
-        .await?;
-        for sec in raw.chunks(SECTOR) {
-            if let Some(e) = journal::decode(sec, h.journal_epoch, pos) {
-                later.extend(e);
-            }
-            pos += 1;
-        }
-    }
-    Ok(later)
-}
-
 /// Detects a stale header in force (see [`Problem::StaleHeader`]) and rebuilds the newer one.
 async fn newer_header<I: Io>(
     io: &I,
@@ -573,6 +541,7 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
         mut entries,
         tail,
         damage,
+        later,
         newest_epoch,
     } = super::image::replay(io, store, c, h).await?;
     if let Some(d) = damage {
@@ -580,7 +549,7 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
         // The lost sector may have unmapped a chunk that a later record maps again: mappings
         // the journal does not set lose any conflict with those it sets.
         suspect.fill(true);
-        entries.extend(later_sectors(io, store, c, h, tail).await?);
+        entries.extend(later);
     }
     for (i, e) in entries.iter().enumerate() {
         if committed.apply(std::slice::from_ref(e)).is_err() {

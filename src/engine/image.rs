@@ -367,6 +367,7 @@ impl<I: Io> Image<I> {
             tail,
             damage,
             newest_epoch,
+            ..
         } = replay(io, &store, &c, &header).await?;
         let mut header = header;
         if let Some(d) = damage {
@@ -569,6 +570,9 @@ pub(super) struct Replayed {
     pub tail: u64,
     /// Damage that a torn write cannot explain: flushed records follow the tail.
     pub damage: Option<super::check::Problem>,
+    /// Records of the valid sectors of the header's epoch past the tail, each at its own
+    /// position (written by later flushes when the tail is damage): what repair keeps.
+    pub later: Vec<JournalEntry>,
     /// Highest epoch of a valid sector at its position (the header's if none is newer): a new
     /// epoch must exceed it, or sectors left in the journal area (of a lost header's epoch, of an
     /// older image, or crafted) would be replayed as records of the new epoch.
@@ -593,6 +597,7 @@ pub(super) async fn replay<I: Io>(
         entries: Vec::new(),
         tail: total,
         damage: None,
+        later: Vec::new(),
         newest_epoch: h.journal_epoch,
     };
     let mut ended = false;
@@ -635,6 +640,11 @@ fn after_tail(r: &mut Replayed, sector: &[u8], epoch: u64, pos: u64) {
     }
     let tail = r.tail;
     r.newest_epoch = r.newest_epoch.max(id.epoch);
+    if id.epoch == epoch && pos > tail {
+        if let Some(e) = journal::decode(sector, epoch, pos) {
+            r.later.extend(e);
+        }
+    }
     let damage = if Some(id.epoch) == epoch.checked_add(1) {
         Some(format!(
             "belongs to epoch {}, newer than the header's {epoch}: the newest header slot is damaged",
