@@ -18,12 +18,15 @@ mod info;
 mod map;
 mod stream;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+
+/// `fvd --version`: the crate version and the git commit it was built from (see build.rs).
+pub const VERSION: &str = env!("FVD_VERSION");
 
 #[derive(Parser)]
 #[command(
     name = "fvd",
-    version,
+    version = VERSION,
     about = "FVD images and their vhost-user-blk server"
 )]
 struct Cli {
@@ -51,6 +54,11 @@ enum Command {
     Rebase(stream::RebaseArgs),
     /// Serve an image to a VM over a vhost-user-blk socket.
     Serve(crate::server::cli::ServeArgs),
+}
+
+/// The whole command line (every subcommand), for generating man pages and shell completions.
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 /// `--output` of the inspecting commands.
