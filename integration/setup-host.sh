@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Installs the host packages the project needs on a fresh Debian bookworm machine:
 # QEMU 10 from bookworm-backports (system emulator, qemu-storage-daemon, qemu-img, qemu-nbd),
-# fio, perf (the benchmark harness counts host I/O with it) and the pieces used to build the tiny
-# test guest. Idempotent; safe to run every time.
+# fio, perf (the benchmark harness counts host I/O with it), the pieces used to build the tiny
+# test guest, and what integration/package.sh builds and checks the .deb with (lintian,
+# cargo-deb). Idempotent; safe to run every time.
 set -euo pipefail
+
+# cargo-deb from crates.io, pinned (its output is what users install); compiles once, in under a
+# minute on 2 cores.
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb 3.8.0" ]; then
+    cargo install cargo-deb --locked --version 3.8.0
+fi
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
 qemu-img --version 2>/dev/null | grep -q 'version 10\.' || need+=(qemu-utils)
-for p in fio linux-perf busybox-static e2fsprogs cpio zstd kmod; do
+for p in fio linux-perf busybox-static e2fsprogs cpio zstd kmod lintian; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -eq 0 ]; then
@@ -32,4 +39,4 @@ SRC
 fi
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-apt-get install -y -qq fio linux-perf busybox-static e2fsprogs cpio zstd kmod >/dev/null
+apt-get install -y -qq fio linux-perf busybox-static e2fsprogs cpio zstd kmod lintian >/dev/null

@@ -52,7 +52,8 @@ fn runs_unprivileged_with_only_its_image_writable_and_seccomp_on() {
         .any(|v| v.contains("@system-service")));
     let exec = values(&u, "ExecStart");
     assert_eq!(exec.len(), 1);
-    assert!(exec[0].contains("/fvd serve /var/lib/fvd/%i.fvd"));
+    // Where the package installs the binary.
+    assert!(exec[0].starts_with("/usr/bin/fvd serve /var/lib/fvd/%i.fvd"));
     // The default is --seccomp on; the unit must not turn the filters off.
     assert!(!exec[0].contains("--seccomp"), "{}", exec[0]);
 }
@@ -61,7 +62,7 @@ fn runs_unprivileged_with_only_its_image_writable_and_seccomp_on() {
 /// exists.
 fn unit_for_this_build(dir: &Path) -> PathBuf {
     let path = dir.join("fvd@.service");
-    let text = unit().replace("/usr/local/bin/fvd", env!("CARGO_BIN_EXE_fvd"));
+    let text = unit().replace("/usr/bin/fvd", env!("CARGO_BIN_EXE_fvd"));
     std::fs::write(&path, text).unwrap();
     path
 }
