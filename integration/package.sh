@@ -67,6 +67,14 @@ check_installed() {
         [ -f "$f" ] || fail "$f is not installed"
     done
     cmp -s "$unit" packaging/fvd@.service || fail "$unit differs from packaging/fvd@.service"
+    # The installed unit as systemd reads it: ExecStart's binary exists, and (where man pages
+    # are installed) its Documentation= page is found.
+    if command -v systemd-analyze >/dev/null; then
+        local man=no out
+        [ -e /usr/share/man/man1/fvd-serve.1.gz ] && man=yes
+        out=$(systemd-analyze verify --man=$man "$unit" 2>&1) || fail "systemd-analyze verify: $out"
+        [ -z "$out" ] || fail "systemd-analyze verify: $out"
+    fi
     # Documentation is checked in the .deb: minimal images may exclude /usr/share/{man,doc}
     # from installation (dpkg path-exclude).
     local contents
