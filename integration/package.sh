@@ -4,7 +4,8 @@
 # warning fails the run unless packaging/lintian-overrides documents it), installs it with
 # dpkg, checks its files, user and directories, serves an image with the installed binary as
 # the packaged unit runs it (user fvd, umask 0077, the unit's ExecStart with its paths
-# /var/lib/fvd/NAME.fvd and /run/fvd/NAME.sock) to the libblkio client, then purges the package
+# /var/lib/fvd/NAME.fvd and /run/fvd/NAME.sock; systemd-socket-activate holds the socket when
+# the package has fvd@.socket) to the libblkio client, then purges the package
 # and checks nothing is left. Purging again with an image in /var/lib/fvd must keep the image
 # and its user. Needs root; cleans up on failure; safe to run again.
 set -euo pipefail
@@ -67,6 +68,9 @@ check_installed() {
         [ -f "$f" ] || fail "$f is not installed"
     done
     cmp -s "$unit" packaging/fvd@.service || fail "$unit differs from packaging/fvd@.service"
+    if [ -f packaging/fvd@.socket ]; then
+        cmp -s "$socket_unit" packaging/fvd@.socket || fail "$socket_unit differs from packaging/fvd@.socket"
+    fi
     # The installed unit as systemd reads it: ExecStart's binary exists, and (where man pages
     # are installed) its Documentation= page is found.
     if command -v systemd-analyze >/dev/null; then
@@ -101,19 +105,44 @@ check_installed() {
     [ "$(stat -c '%U:%G %a' /run/fvd)" = "fvd:fvd 755" ] || fail "/run/fvd: $(stat -c '%U:%G %a' /run/fvd)"
 }
 
+# With a socket unit in the package (fvd@.socket, socket activation), systemd owns the socket:
+# systemd-socket-activate stands in for it (binds as root, SocketMode, passes the listening
+# socket to the server it starts on the first connection). Without one, the server binds it.
+socket_unit=/lib/systemd/system/fvd@.socket
+activated() { [ -f "$socket_unit" ]; }
+# A [Socket] setting of the socket unit, or systemd's default.
+socket_setting() {
+    local v
+    v=$(sed -n "s/^$1=//p" "$socket_unit")
+    echo "${v:-$2}"
+}
+
 # Starts the server as the unit would: its ExecStart (instance $name, no FVD_SERVE_ARGS) as
 # User=fvd Group=fvd with UMask=0077 and NoNewPrivileges=yes.
 start_server() {
-    local exec
+    local exec activate=() listen
     exec=$(sed -n 's/^ExecStart=//p' "$unit")
     exec=${exec//%i/$name}
     exec=${exec//\$FVD_SERVE_ARGS/}
+    if activated; then
+        listen=$(sed -n 's/^ListenStream=//p' "$socket_unit")
+        [ "${listen//%i/$name}" = "$sock" ] || fail "$socket_unit listens on $listen, not $sock"
+        # A socket unit left behind by a stopped server is replaced when it starts again.
+        rm -f "$sock"
+        activate=(systemd-socket-activate -l "$sock")
+    fi
     # shellcheck disable=SC2086 # ExecStart is split into words, as systemd does.
-    (umask 0077 && exec setpriv --reuid fvd --regid fvd --init-groups --no-new-privs \
-        --bounding-set -all $exec) >"$target/package-serve.log" 2>&1 &
+    (umask 0077 && exec "${activate[@]}" setpriv --reuid fvd --regid fvd --init-groups \
+        --no-new-privs --bounding-set -all $exec) >"$target/package-serve.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 100); do
-        [ -S "$sock" ] && return 0
+        if [ -S "$sock" ]; then
+            if activated; then
+                chown "$(socket_setting SocketUser root):$(socket_setting SocketGroup root)" "$sock"
+                chmod "$(socket_setting SocketMode 0666)" "$sock"
+            fi
+            return 0
+        fi
         kill -0 "$server_pid" 2>/dev/null || break
         sleep 0.1
     done
@@ -121,14 +150,16 @@ start_server() {
     fail "the server did not listen on $sock"
 }
 
-# SIGTERM, as systemctl stop sends: the server must exit 0 and remove its socket.
+# SIGTERM, as systemctl stop sends: the server must exit 0 and remove the socket it bound (a
+# socket unit's socket is systemd's to remove).
 stop_server() {
     kill -TERM "$server_pid"
     local rc=0
     wait "$server_pid" || rc=$?
     server_pid=
     [ "$rc" = 0 ] || { cat "$target/package-serve.log" >&2; fail "the server exited with status $rc"; }
-    [ ! -e "$sock" ] || fail "the server left $sock behind"
+    activated || [ ! -e "$sock" ] || fail "the server left $sock behind"
+    rm -f "$sock"
 }
 
 echo "== package: build"
@@ -150,9 +181,13 @@ echo "== package: serve $img on $sock as the unit would"
 /usr/bin/fvd create "$img" --size 64M >/dev/null
 chown fvd:fvd "$img"
 start_server
-[ "$(stat -c '%U %a' "$sock")" = "fvd 600" ] || fail "$sock: $(stat -c '%U %a' "$sock")"
-[ "$(ps -o user= -p "$server_pid")" = fvd ] || fail "the server does not run as fvd"
+want="fvd 600"
+activated && want="$(socket_setting SocketUser root) $(socket_setting SocketMode 0666 | sed 's/^0*//')"
+[ "$(stat -c '%U %a' "$sock")" = "$want" ] || fail "$sock: $(stat -c '%U %a' "$sock"), not $want"
 "$target/debug/examples/blkio_io" "$sock" write
+# Checked while it serves: with socket activation the server starts on the first connection.
+[ "$(ps -o user= -p "$server_pid")" = fvd ] || fail "the server does not run as fvd"
+[ "$(ps -o comm= -p "$server_pid")" = fvd ] || fail "pid $server_pid is not the server"
 stop_server
 /usr/bin/fvd check "$img" || fail "fvd check after a clean stop"
 start_server
