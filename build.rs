@@ -1,5 +1,5 @@
 //! Sets `FVD_VERSION` for `fvd --version`: the crate version and, when built from this crate's
-//! git checkout, the commit (`0.1.0 (abc1234)`, `-dirty` when tracked files differ from it).
+//! git checkout, the commit (`0.1.0 (abc1234)`, `-dirty` when its sources differ from it).
 //! Without git (a source tarball) it is the crate version alone.
 
 use std::path::{Path, PathBuf};
@@ -18,7 +18,12 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
     Some(String::from_utf8(o.stdout).ok()?.trim_end().to_string())
 }
 
-/// The commit and the files whose change can change the answer, when `dir` is the top of a git
+/// What the binary is built from: a change elsewhere (docs, tests) leaves it as the commit builds
+/// it, so it neither marks the build dirty nor reruns this script (which rebuilds the crate).
+/// tests/version.rs uses the same list.
+const SOURCES: [&str; 5] = ["src", "build.rs", "Cargo.toml", "Cargo.lock", "vendor"];
+
+/// The commit and the paths whose change can change the answer, when `dir` is the top of a git
 /// work tree (not a tarball unpacked inside some other repository).
 fn commit(dir: &Path) -> Option<(String, Vec<PathBuf>)> {
     let top = PathBuf::from(git(dir, &["rev-parse", "--show-toplevel"])?);
@@ -26,21 +31,21 @@ fn commit(dir: &Path) -> Option<(String, Vec<PathBuf>)> {
         return None;
     }
     let hash = git(dir, &["rev-parse", "--short", "HEAD"])?;
-    let dirty = !git(dir, &["status", "--porcelain", "--untracked-files=no"])?.is_empty();
-    // A commit moves HEAD or the branch it names and rewrites the index; an edit changes a
-    // tracked file. (--git-path resolves both inside linked work trees.)
-    let mut watch = Vec::new();
-    let mut git_paths = vec!["HEAD".to_string(), "index".into(), "packed-refs".into()];
+    let mut status = vec!["status", "--porcelain", "--untracked-files=no", "--"];
+    status.extend(SOURCES);
+    let dirty = !git(dir, &status)?.is_empty();
+    // A commit moves HEAD or the branch it names (--git-path resolves both inside linked work
+    // trees); an edit changes a source (cargo scans directories).
+    let mut watch: Vec<PathBuf> = SOURCES.iter().map(|s| dir.join(s)).collect();
+    let mut refs = vec!["HEAD".to_string(), "packed-refs".into()];
     if let Some(r) = git(dir, &["symbolic-ref", "-q", "HEAD"]) {
-        git_paths.push(r);
+        refs.push(r);
     }
-    for p in git_paths {
-        if let Some(path) = git(dir, &["rev-parse", "--git-path", &p]) {
+    for r in refs {
+        if let Some(path) = git(dir, &["rev-parse", "--git-path", &r]) {
             watch.push(dir.join(path));
         }
     }
-    let files = git(dir, &["ls-files"])?;
-    watch.extend(files.lines().map(|f| dir.join(f)));
     let suffix = if dirty { "-dirty" } else { "" };
     Some((format!("{hash}{suffix}"), watch))
 }
