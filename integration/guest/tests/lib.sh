@@ -34,3 +34,23 @@ raw_job() {
         --verify=crc32c --verify_fatal=1 --verify_dump=0 --minimal "$@" \
         >/tmp/fio.out 2>/tmp/fio.err || { cat /tmp/fio.err /tmp/fio.out; fail "fio $* failed"; }
 }
+
+# Kernel messages that mean the guest saw a device or I/O problem (block layer, virtio ring,
+# ext4). dmesg_mark empties the kernel ring buffer so that dmesg_problems sees only what came
+# after (the boot's own virtio lines are not problems).
+DMESG_PROBLEMS='I/O error|virtio|blk_update_request|not a head|Buffer I/O|EXT4-fs error'
+dmesg_mark() {
+    dmesg -c >/dev/null
+}
+dmesg_problems() {
+    if dmesg | grep -E "$DMESG_PROBLEMS" >/tmp/dmesg.problems; then
+        sed 's/^/dmesg: /' /tmp/dmesg.problems | head -n 20
+        fail "kernel reported $(wc -l </tmp/dmesg.problems) device/I/O problem line(s), first: $(head -n1 /tmp/dmesg.problems)"
+    fi
+    echo "ok: no I/O or virtio errors in dmesg"
+}
+
+# uptime_cs: seconds since boot, in hundredths (integer arithmetic in sh).
+uptime_cs() {
+    awk '{ printf "%d\n", $1 * 100 }' /proc/uptime
+}
