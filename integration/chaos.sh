@@ -10,7 +10,8 @@
 #   MIN..MAX seconds (whole seconds, seeded) after the server started. Servers use --old until the
 #   restart the seed picks for the upgrade, --new from then on. Command words must not contain
 #   spaces. After the last restart the server runs until this script gets SIGTERM; then it is
-#   stopped with SIGTERM too.
+#   stopped with SIGTERM too. With --wait-go the schedule starts only when this script gets
+#   SIGUSR1 (run-tests.sh sends it once the guest's workload runs), so no kill is spent on boot.
 # Socket: started by `systemd-socket-activate -l PATH integration/chaos.sh ...` (LISTEN_FDS is
 # set), every server gets that listening socket as descriptor 3 with LISTEN_PID/LISTEN_FDS, the
 # way systemd passes it, and the socket file never goes away. Otherwise the commands bind the
@@ -20,7 +21,7 @@
 # own; 1 otherwise (each problem is a "chaos: PROBLEM ..." line).
 set -uo pipefail
 
-seed='' kills=0 terms=0 delay=3-7 log=/dev/null old='' new=''
+seed='' kills=0 terms=0 delay=3-7 log=/dev/null old='' new='' wait_go=0
 die() { echo "chaos: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -31,6 +32,7 @@ while [ $# -gt 0 ]; do
     --log) log=${2:?}; shift ;;
     --old) old=${2:?}; shift ;;
     --new) new=${2:?}; shift ;;
+    --wait-go) wait_go=1 ;;
     *) die "unknown argument $1" ;;
     esac
     shift
@@ -64,8 +66,9 @@ mode=bind
 [ -n "${LISTEN_FDS:-}" ] && mode="socket activation (descriptor 3)"
 say "seed $seed: $n restarts planned (${plan[*]}), delays ${delays[*]} s, upgrade at restart $upgrade_at; $mode"
 
-stop_requested=0
+stop_requested=0 go=0
 trap 'stop_requested=1' TERM INT
+trap 'go=1' USR1
 # nap SECS: a sleep that a SIGTERM to this script ends at once.
 nap() {
     sleep "$1" &
@@ -129,6 +132,10 @@ stop() {
 
 done_restarts=0 kill_count=0 term_count=0
 start 1
+if [ "$wait_go" = 1 ]; then
+    while [ "$go" = 0 ] && [ "$stop_requested" = 0 ]; do nap 3600; done
+    say "go: the schedule starts"
+fi
 for ((i = 0; i < n; i++)); do
     nap "${delays[i]}"
     [ "$stop_requested" = 1 ] && break

@@ -9,7 +9,8 @@
 #                                    or qcow2 images: checks the harness and the guest themselves.
 #   FVD_BIN=PATH                     use this fvd binary instead of `cargo build --release`
 #   FVD_BIN_OLD=PATH                 the other build the restart cases start with and upgrade
-#                                    from (default: `cargo build`, the dev profile)
+#                                    from (default: the tree built with the other cargo profile
+#                                    than FVD_BIN's: dev, or release when FVD_BIN is the dev build)
 #   FVD_RESTART_SEED=N               the restart cases' kill schedule (default: from the clock;
 #                                    the log prints the seed used)
 #   FVD_KEEP=1                       keep the run directory (images) for inspection
@@ -72,10 +73,18 @@ if [ "$backend" = fvd ]; then
     fi
     [ -x "$FVD_BIN" ] || { say "no fvd binary at $FVD_BIN"; exit 2; }
     if [[ " ${cases[*]} " == *" restart-"* ]] && [ -z "${FVD_BIN_OLD:-}" ]; then
-        # The restart cases upgrade from another build of the same tree: the dev profile.
-        say "cargo build (the other build for the restart cases)"
-        (cd "$repo" && cargo build --quiet)
-        FVD_BIN_OLD=${CARGO_TARGET_DIR:-$repo/target}/debug/fvd
+        # The restart cases upgrade from another build of the same tree: the dev profile, or the
+        # release profile when FVD_BIN is the dev build (as in test-all.sh).
+        target=${CARGO_TARGET_DIR:-$repo/target}
+        if [ "$(realpath "$FVD_BIN")" = "$(realpath -m "$target/debug/fvd")" ]; then
+            say "cargo build --release (the other build for the restart cases)"
+            (cd "$repo" && cargo build --release --quiet)
+            FVD_BIN_OLD=$target/release/fvd
+        else
+            say "cargo build (the other build for the restart cases)"
+            (cd "$repo" && cargo build --quiet)
+            FVD_BIN_OLD=$target/debug/fvd
+        fi
     fi
     if [[ " ${cases[*]} " == *" restart-"* ]]; then
         [ -x "$FVD_BIN_OLD" ] || { say "no fvd binary at $FVD_BIN_OLD"; exit 2; }
@@ -375,7 +384,7 @@ restart_case() {
     say "$current: seed $seed (FVD_RESTART_SEED=$seed repeats the kill schedule)"
     for a in "$@"; do args+=(--arg "$a"); done
     local chaos=("$here/chaos.sh" --seed "$seed" --kill "$kills" --term "$terms" --delay "$delay"
-        --log "$slog")
+        --log "$slog" --wait-go)
     rm -f "$sock" "$slog"
     if [ "$backend" = fvd ]; then
         local serve="serve $img -f fvd --num-queues 1 --serial fvd-$current"
@@ -401,11 +410,14 @@ restart_case() {
     "$here/run-vm.sh" --test "$test" --socket "$sock" --reconnect-ms 1000 --timeout "$timeout" \
         --log "$vlog" "${args[@]}" &
     vm_pid=$!
-    # A guest whose I/O hangs (a request lost across a restart) would sit until the timeout:
-    # no new FVD-PROGRESS line for 60 s ends the VM.
+    # The kill schedule starts with the guest's workload (its first FVD-PROGRESS line). A guest
+    # whose I/O hangs (a request lost across a restart) would sit until the timeout: no new
+    # FVD-PROGRESS line for 60 s ends the VM.
     while kill -0 "$vm_pid" 2>/dev/null; do
         progress=$(tr -d '\r' 2>/dev/null <"$vlog" | grep -E '^FVD-PROGRESS ' | tail -n1)
         if [ "$progress" != "$last" ]; then
+            # chaos.sh runs by then: QEMU connected before the guest booted.
+            [ -n "$last" ] || kill -USR1 "$chaos_pid"
             last=$progress last_t=$SECONDS
         elif [ $((SECONDS - last_t)) -ge 60 ]; then
             say "$current: no guest progress for 60 s (last: ${last:-none}): guest I/O hangs"

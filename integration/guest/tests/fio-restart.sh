@@ -4,8 +4,8 @@
 # kills (SIGKILL, SIGTERM) and restarts the backend and upgrades it to another build. Rounds of one
 # fio write pass over fvd.size_mb MiB (its own seed, so a block left over from an earlier round
 # fails the header's seed check) followed by a verify-only pass of that round, until the write
-# passes add up to fvd.write_secs seconds. Prints "FVD-PROGRESS N" after each round. Any fio
-# error, verify mismatch or kernel I/O/virtio message fails the test.
+# passes add up to fvd.write_secs seconds. Prints "FVD-PROGRESS start", then "FVD-PROGRESS N"
+# after each round. Any fio error, verify mismatch or kernel I/O/virtio message fails the test.
 # Arguments: [fvd.size_mb=MiB] [fvd.write_secs=S]
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . /tests/lib.sh
@@ -23,6 +23,7 @@ job() {
         >/tmp/fio.out 2>/tmp/fio.err
 }
 round=0 wrote=0 verified=0
+echo "FVD-PROGRESS start"
 while [ "$wrote" -lt "$want" ]; do
     round=$((round + 1))
     t0=$(uptime_cs)

@@ -1,10 +1,11 @@
 #!/bin/sh
 # Restart under a filesystem (host case restart-fs): ext4 files written without any sync while the
 # host kills and restarts the backend; writeback is made to run every second so the writes reach
-# the device during the restarts. Each file's sha256 is taken from the page cache as written and
-# taken right after it is written (from the page cache) and kept in /tmp (RAM). After fvd.write_secs seconds: sync, drop the page cache (still mounted) and
-# check every file against its sum, so each is read back from the device; then unmount and
-# e2fsck -fn must find the filesystem clean. Prints "FVD-PROGRESS N" every 20 files.
+# the device during the restarts. Each file's sha256 is taken right after it is written (from the
+# page cache) and kept in /tmp (RAM). After fvd.write_secs seconds: sync, drop the page cache
+# (still mounted) and check every file against its sum, so each is read back from the device;
+# then unmount and e2fsck -fn must find the filesystem clean. Prints "FVD-PROGRESS start" before
+# the first file, then "FVD-PROGRESS N" every 20 files and one line per final phase.
 # Arguments: [fvd.write_secs=S]
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . /tests/lib.sh
@@ -18,6 +19,7 @@ echo 100 >/proc/sys/vm/dirty_expire_centisecs
 fio --name=pool --filename=/tmp/pool --rw=write --bs=64k --size=32M --refill_buffers \
     --randrepeat=0 --ioengine=psync --minimal >/dev/null || fail "fio could not make the data pool"
 : >/tmp/SUMS
+echo "FVD-PROGRESS start"
 start=$(uptime_cs)
 i=0
 while [ $(($(uptime_cs) - start)) -lt "$want" ]; do
