@@ -102,7 +102,7 @@ check_installed() {
     getent group fvd >/dev/null || fail "no group fvd"
     [ "$(getent passwd fvd | cut -d: -f7)" = /usr/sbin/nologin ] || fail "fvd can log in"
     [ "$(stat -c '%U:%G %a' /var/lib/fvd)" = "fvd:fvd 750" ] || fail "/var/lib/fvd: $(stat -c '%U:%G %a' /var/lib/fvd)"
-    [ "$(stat -c '%U:%G %a' /run/fvd)" = "fvd:fvd 755" ] || fail "/run/fvd: $(stat -c '%U:%G %a' /run/fvd)"
+    [ "$(stat -c '%U:%G %a' /run/fvd)" = "root:root 755" ] || fail "/run/fvd: $(stat -c '%U:%G %a' /run/fvd)"
 }
 
 # With a socket unit in the package (fvd@.socket, socket activation), systemd owns the socket:

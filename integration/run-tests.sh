@@ -8,6 +8,11 @@
 #   FVD_INTEGRATION_BACKEND=fvd|qsd  backend to test (default fvd). qsd = qemu-storage-daemon on raw
 #                                    or qcow2 images: checks the harness and the guest themselves.
 #   FVD_BIN=PATH                     use this fvd binary instead of `cargo build --release`
+#   FVD_BIN_OLD=PATH                 the other build the restart cases start with and upgrade
+#                                    from (default: the tree built with the other cargo profile
+#                                    than FVD_BIN's: dev, or release when FVD_BIN is the dev build)
+#   FVD_RESTART_SEED=N               the restart cases' kill schedule (default: from the clock;
+#                                    the log prints the seed used)
 #   FVD_KEEP=1                       keep the run directory (images) for inspection
 # Logs: integration/.cache/logs/ (one console log per VM, one log per server start).
 set -euo pipefail
@@ -16,7 +21,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
-all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill crash readonly base fio-nocompact)
+all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill crash readonly base fio-nocompact
+    restart-load restart-fs)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -66,6 +72,24 @@ if [ "$backend" = fvd ]; then
         FVD_BIN=${CARGO_TARGET_DIR:-$repo/target}/release/fvd
     fi
     [ -x "$FVD_BIN" ] || { say "no fvd binary at $FVD_BIN"; exit 2; }
+    if [[ " ${cases[*]} " == *" restart-"* ]] && [ -z "${FVD_BIN_OLD:-}" ]; then
+        # The restart cases upgrade from another build of the same tree: the dev profile, or the
+        # release profile when FVD_BIN is the dev build (as in test-all.sh).
+        target=${CARGO_TARGET_DIR:-$repo/target}
+        if [ "$(realpath "$FVD_BIN")" = "$(realpath -m "$target/debug/fvd")" ]; then
+            say "cargo build --release (the other build for the restart cases)"
+            (cd "$repo" && cargo build --release --quiet)
+            FVD_BIN_OLD=$target/release/fvd
+        else
+            say "cargo build (the other build for the restart cases)"
+            (cd "$repo" && cargo build --quiet)
+            FVD_BIN_OLD=$target/debug/fvd
+        fi
+    fi
+    if [[ " ${cases[*]} " == *" restart-"* ]]; then
+        [ -x "$FVD_BIN_OLD" ] || { say "no fvd binary at $FVD_BIN_OLD"; exit 2; }
+        cmp -s "$FVD_BIN" "$FVD_BIN_OLD" && { say "FVD_BIN_OLD is the same build as FVD_BIN"; exit 2; }
+    fi
 else
     command -v qemu-storage-daemon >/dev/null || { say "qemu-storage-daemon missing"; exit 2; }
 fi
@@ -340,6 +364,89 @@ case_fio_nocompact() {
     start_server nocompact "$img" 1 || return 1
     vm fio-verify nocompact 1 size_mb=64 || return 1
     stop_server nocompact
+}
+
+# restart_case TEST KILLS TERMS DELAY TIMEOUT [KEY=VALUE...]: the guest test runs while
+# chaos.sh SIGKILLs the backend KILLS times and SIGTERMs it TERMS times (seeded order, DELAY
+# seconds apart, e.g. 3-7), restarting it each time, once into another build; QEMU reconnects
+# (reconnect-ms=1000). fvd gets the socket from systemd-socket-activate when it is installed, as
+# fvd@.socket would pass it. Passes when the guest test passes, the guest never stalls for 60 s,
+# every planned restart happened and every SIGTERM exited 0, and the image checks clean after
+# the final SIGTERM.
+restart_case() {
+    local test=$1 kills=$2 terms=$3 delay=$4 timeout=$5
+    shift 5
+    local img sock=$sockets/$current.sock slog=$logs/server-$current.log
+    local clog=$logs/chaos-$current.log vlog=$logs/$current-$test.log
+    local seed=${FVD_RESTART_SEED:-$(($(date +%s%N) / 1000 % 32768))} a args=() rc=0 st=0
+    local old new chaos_pid progress last='' last_t=$SECONDS
+    img=$(create_image "$current" 1G) || return 1
+    say "$current: seed $seed (FVD_RESTART_SEED=$seed repeats the kill schedule)"
+    for a in "$@"; do args+=(--arg "$a"); done
+    local chaos=("$here/chaos.sh" --seed "$seed" --kill "$kills" --term "$terms" --delay "$delay"
+        --log "$slog" --wait-go)
+    rm -f "$sock" "$slog"
+    if [ "$backend" = fvd ]; then
+        local serve="serve $img -f fvd --num-queues 1 --serial fvd-$current"
+        if command -v systemd-socket-activate >/dev/null; then
+            # Listens now; execs chaos.sh (same pid) when QEMU first connects.
+            systemd-socket-activate -l "$sock" "${chaos[@]}" \
+                --old "$FVD_BIN_OLD $serve" --new "$FVD_BIN $serve" >"$clog" 2>&1 &
+        else
+            say "systemd-socket-activate missing: each server binds the socket itself"
+            "${chaos[@]}" --old "$FVD_BIN_OLD $serve --socket $sock" \
+                --new "$FVD_BIN $serve --socket $sock" >"$clog" 2>&1 &
+        fi
+    else
+        # qemu-storage-daemon binds the socket itself; there is no other build to upgrade to.
+        local qsd="qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=$img,cache.direct=on,aio=native"
+        qsd+=" --export type=vhost-user-blk,id=e0,node-name=file0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1"
+        "${chaos[@]}" --old "$qsd" --new "$qsd" >"$clog" 2>&1 &
+    fi
+    chaos_pid=$!
+    # Registered like a server, so that the exit trap stops it (it then stops its server).
+    server_pid[$current]=$chaos_pid server_sock[$current]=$sock server_img[$current]=$img
+    rm -f "$vlog"
+    "$here/run-vm.sh" --test "$test" --socket "$sock" --reconnect-ms 1000 --timeout "$timeout" \
+        --log "$vlog" "${args[@]}" &
+    vm_pid=$!
+    # The kill schedule starts with the guest's workload (its first FVD-PROGRESS line). A guest
+    # whose I/O hangs (a request lost across a restart) would sit until the timeout: no new
+    # FVD-PROGRESS line for 60 s ends the VM.
+    while kill -0 "$vm_pid" 2>/dev/null; do
+        progress=$(tr -d '\r' 2>/dev/null <"$vlog" | grep -E '^FVD-PROGRESS ' | tail -n1)
+        if [ "$progress" != "$last" ]; then
+            # chaos.sh runs by then: QEMU connected before the guest booted.
+            [ -n "$last" ] || kill -USR1 "$chaos_pid"
+            last=$progress last_t=$SECONDS
+        elif [ $((SECONDS - last_t)) -ge 60 ]; then
+            say "$current: no guest progress for 60 s (last: ${last:-none}): guest I/O hangs"
+            rc=1
+            kill -TERM "$vm_pid" 2>/dev/null
+            break
+        fi
+        sleep 1
+    done
+    wait "$vm_pid" || rc=1
+    vm_pid=
+    kill -TERM "$chaos_pid" 2>/dev/null
+    wait "$chaos_pid" || st=$?
+    unset "server_pid[$current]"
+    sed -n 's/^chaos: /  chaos: /p' "$clog" | grep -E 'seed|PROBLEM|summary' >&2
+    if [ "$st" != 0 ]; then
+        say "$current: the restarts went wrong (exit $st; $clog, server log $slog)"
+        rc=1
+    fi
+    check_image "$img" || rc=1
+    return "$rc"
+}
+case_restart_load() {
+    # >= 60 s of fio writes (rounds of 128 MiB) under 5 SIGKILLs and 5 SIGTERMs.
+    restart_case fio-restart 5 5 3-9 300 size_mb=128 write_secs=60
+}
+case_restart_fs() {
+    # 40 s of ext4 file writes without sync under 3 SIGKILLs and 3 SIGTERMs.
+    restart_case fs-restart 3 3 3-7 240 write_secs=40
 }
 
 say "backend $backend; cases: ${cases[*]}"

@@ -6,6 +6,7 @@
 #   --socket PATH     vhost-user-blk backend listening on PATH (fvd serve, qemu-storage-daemon)
 #   --drive FILE      QEMU's own virtio-blk on a raw FILE instead (to check the guest itself)
 #   --queues N        num-queues of the vhost-user-blk device (default 1)
+#   --reconnect-ms N  reconnect to the socket N ms after the backend went away (restart tests)
 #   --smp N           guest CPUs (default: the queue count; the guest uses at most one queue per CPU)
 #   --arg KEY=VALUE   passed to the test as $FVD_KEY (repeatable)
 #   --log FILE        console log (default integration/.cache/logs/NAME.log)
@@ -16,7 +17,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-test='' socket='' drive='' queues=1 smp='' log='' timeout=300 shell=0 reboot=(-no-reboot)
+test='' socket='' drive='' queues=1 reconnect='' smp='' log='' timeout=300 shell=0 reboot=(-no-reboot)
 args=()
 die() { echo "run-vm: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
     --socket) socket=${2:?}; shift ;;
     --drive) drive=${2:?}; shift ;;
     --queues) queues=${2:?}; shift ;;
+    --reconnect-ms) reconnect=,reconnect-ms=${2:?}; shift ;;
     --smp) smp=${2:?}; shift ;;
     --arg) args+=("fvd.${2:?}"); shift ;;
     --log) log=${2:?}; shift ;;
@@ -56,7 +58,7 @@ if [ -n "$socket" ]; then
         sleep 0.1
     done
     [ -S "$socket" ] || die "no vhost-user socket at $socket"
-    disk=(-chardev "socket,id=c0,path=$socket"
+    disk=(-chardev "socket,id=c0,path=$socket$reconnect"
         -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues")
 else
     disk=(-drive "file=$drive,if=virtio,format=raw,cache=none,aio=native,discard=unmap")

@@ -39,4 +39,5 @@ SRC
 fi
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-apt-get install -y -qq fio linux-perf busybox-static e2fsprogs cpio zstd kmod lintian >/dev/null
+# systemd: systemd-socket-activate, which passes the socket in the restart cases.
+apt-get install -y -qq fio linux-perf busybox-static e2fsprogs cpio zstd kmod systemd lintian >/dev/null

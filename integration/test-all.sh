@@ -12,5 +12,6 @@ bash integration/package.sh
 bash integration/sanitizers.sh
 bash integration/fuzz.sh 20
 # The VM tests use the binary cargo test just built (dev profile, opt-level 1): the guest runs
-# under TCG, so a release build would only add compile time.
+# under TCG, so a release build would only add compile time. The restart cases build the release
+# profile too, as the other build they upgrade between.
 FVD_BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/fvd bash integration/run-tests.sh

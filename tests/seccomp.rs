@@ -77,7 +77,8 @@ fn exercise(mut srv: ServerProc, span: usize, chunks: usize) {
         srv.alive(),
         "the server died (a system call outside its list?)"
     );
-    assert!(srv.terminate().success());
+    let st = srv.terminate();
+    assert!(st.success(), "SIGTERM: {st}");
 }
 
 fn io_and_checks(sock: &Path, pid: i32, span: usize, chunks: usize) {
@@ -226,7 +227,8 @@ fn off_installs_no_filter_and_log_installs_them() {
     let srv = ServerProc::start(&image, &sock, &["--seccomp", "off"]);
     let t = thread_filters(srv.pid());
     assert!(t.values().flatten().all(|&n| n == 0), "{t:?}");
-    assert!(srv.terminate().success());
+    let st = srv.terminate();
+    assert!(st.success(), "SIGTERM: {st}");
 
     let mut srv = ServerProc::start(&image, &sock, &["--seccomp", "log", "--num-queues", "1"]);
     let pid = srv.pid();
@@ -239,7 +241,8 @@ fn off_installs_no_filter_and_log_installs_them() {
         assert_eq!(t["fvd-signals"], [2], "{t:?}");
         assert_eq!(t["vring_worker"], [4], "{t:?}");
     });
-    assert!(srv.terminate().success());
+    let st = srv.terminate();
+    assert!(st.success(), "SIGTERM: {st}");
 
     let o = fvd()
         .arg("serve")

@@ -1,5 +1,7 @@
-//! The systemd unit `packaging/fvd@.service`: it parses, runs the server unprivileged with only
-//! its image writable and the seccomp filters on, and systemd rates it as well confined.
+//! The systemd units `packaging/fvd@.service` and `packaging/fvd@.socket`: they parse, the
+//! service runs the server unprivileged with only its image writable and the seccomp filters on
+//! and on the socket the socket unit holds, and systemd rates it as well confined. (The server on
+//! a passed socket: tests/socket_activation.rs.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +12,11 @@ fn unit_path() -> PathBuf {
 
 fn unit() -> String {
     std::fs::read_to_string(unit_path()).unwrap()
+}
+
+fn socket_unit() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/fvd@.socket"))
+        .unwrap()
 }
 
 /// Values of `key=` lines in the unit, comments skipped.
@@ -41,8 +48,8 @@ fn runs_unprivileged_with_only_its_image_writable_and_seccomp_on() {
     assert!(values(&u, "DynamicUser").iter().all(|v| v == "no"));
     assert_eq!(
         values(&u, "ReadWritePaths"),
-        ["/var/lib/fvd/%i.fvd /run/fvd"],
-        "only the served image and the socket directory may be writable"
+        ["/var/lib/fvd/%i.fvd"],
+        "only the served image may be writable (the socket is passed by systemd)"
     );
     assert_eq!(values(&u, "ProtectSystem"), ["strict"]);
     assert_eq!(values(&u, "NoNewPrivileges"), ["yes"]);
@@ -58,12 +65,37 @@ fn runs_unprivileged_with_only_its_image_writable_and_seccomp_on() {
     assert!(!exec[0].contains("--seccomp"), "{}", exec[0]);
 }
 
-/// Rewrites ExecStart to the binary under test, as `systemd-analyze verify` checks that it
-/// exists.
+#[test]
+fn the_socket_unit_holds_the_socket_the_service_serves() {
+    let (u, s) = (unit(), socket_unit());
+    let listen = values(&s, "ListenStream");
+    assert_eq!(listen, ["/run/fvd/%i.sock"]);
+    assert_eq!(values(&s, "SocketMode"), ["0600"], "no access for others");
+    assert!(
+        values(&s, "Accept").iter().all(|v| v == "no"),
+        "one server for all connections"
+    );
+    // Left in place when the units stop: QEMU finds the path during a restart.
+    assert!(values(&s, "RemoveOnStop").iter().all(|v| v == "no"));
+    assert_eq!(values(&u, "Requires"), ["fvd@%i.socket"]);
+    assert!(values(&u, "After")[0]
+        .split(' ')
+        .any(|v| v == "fvd@%i.socket"));
+    // fvd refuses a --socket that differs from the passed socket's path.
+    let exec = &values(&u, "ExecStart")[0];
+    assert!(exec.contains(&format!("--socket {}", listen[0])), "{exec}");
+    // The service's unit name is what the socket activates (no Service= override).
+    assert!(values(&s, "Service").is_empty());
+    assert_eq!(values(&u, "Also"), ["fvd@%i.socket"]);
+}
+
+/// Both units, with ExecStart rewritten to the binary under test, as `systemd-analyze verify`
+/// checks that it exists. Returns the service's path.
 fn unit_for_this_build(dir: &Path) -> PathBuf {
     let path = dir.join("fvd@.service");
     let text = unit().replace("/usr/bin/fvd", env!("CARGO_BIN_EXE_fvd"));
     std::fs::write(&path, text).unwrap();
+    std::fs::write(dir.join("fvd@.socket"), socket_unit()).unwrap();
     path
 }
 
@@ -75,10 +107,16 @@ fn systemd_analyze_verify_finds_no_problem() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = unit_for_this_build(dir.path());
+    // Instances: a template itself is not loadable.
+    let service = dir.path().join("fvd@vm1.service");
+    let socket = dir.path().join("fvd@vm1.socket");
+    std::fs::copy(&path, &service).unwrap();
+    std::fs::copy(dir.path().join("fvd@.socket"), &socket).unwrap();
     let o = Command::new("systemd-analyze")
         .arg("verify")
         .arg("--man=no")
-        .arg(&path)
+        .arg(&socket)
+        .arg(&service)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);

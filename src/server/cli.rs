@@ -1,6 +1,6 @@
 //! `fvd serve`: command-line arguments and the entry point.
 
-use super::{attach_hints, ServeConfig, Server};
+use super::{attach_hints, ServeConfig, ServeError, Server};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -19,9 +19,11 @@ pub struct ServeArgs {
     /// like an FVD image.
     #[arg(short = 'f', long, value_enum)]
     pub format: Option<crate::cli::ImageFormat>,
-    /// vhost-user unix socket to listen on.
+    /// vhost-user unix socket to listen on. Optional when the service manager passes the
+    /// listening socket (socket activation, e.g. packaging/fvd@.socket): then it may only name
+    /// that socket's path, and the socket file is left in place at exit.
     #[arg(long)]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
     /// Queues offered (each served by its own thread); default: host CPUs, at most 4.
     #[arg(long, default_value_t = default_num_queues(), value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
@@ -34,7 +36,8 @@ pub struct ServeArgs {
     /// Serial number the guest reads (GET_ID), at most 20 bytes; default: the image's name.
     #[arg(long, value_parser = parse_serial)]
     pub serial: Option<String>,
-    /// Permissions of the socket file, in octal.
+    /// Permissions of the socket file, in octal (a passed socket keeps the mode its manager
+    /// gave it: SocketMode= in the socket unit).
     #[arg(long, default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
     /// Exit after the first frontend disconnects.
@@ -125,10 +128,25 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    // First, while the process has one thread: it edits the environment.
+    let inherited = super::activation::take().map_err(ServeError::from)?;
+    let socket = match &inherited {
+        Some(sock) => {
+            super::activation::check_socket_arg(a.socket.as_deref(), &sock.path)
+                .map_err(ServeError::from)?;
+            sock.path.clone()
+        }
+        None => a.socket.ok_or_else(|| {
+            anyhow::anyhow!(
+                "--socket PATH is required (unless a service manager passes the listening \
+                 socket: LISTEN_FDS)"
+            )
+        })?,
+    };
     let cfg = ServeConfig {
         image: a.image,
         format: a.format.map(Into::into),
-        socket: a.socket,
+        socket,
         num_queues: a.num_queues,
         queue_size: a.queue_size,
         read_only: a.readonly,
@@ -168,7 +186,19 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             }),
         },
     };
-    let server = Server::bind(cfg.clone())?;
+    let server = match inherited {
+        Some(sock) => {
+            tracing::info!(
+                "serving on the socket passed by the service manager: {}{}",
+                sock.path.display(),
+                sock.name
+                    .as_deref()
+                    .map_or(String::new(), |n| format!(" (name {n})"))
+            );
+            Server::bind_inherited(cfg.clone(), sock)?
+        }
+        None => Server::bind(cfg.clone())?,
+    };
     let d = server.device();
     let mut out = std::io::stdout().lock();
     // Write errors (a closed stdout) must not stop the server.

@@ -1,5 +1,5 @@
-//! The process's one listening socket, and signal handling: SIGTERM/SIGINT interrupt both a
-//! blocked accept and a live connection, and end the process within [`STOP_GRACE`] even if
+//! The process's one listening socket, and signal handling: SIGTERM/SIGINT interrupt both the
+//! wait for a frontend and a live connection, and end the process within [`STOP_GRACE`] even if
 //! something is stuck; SIGUSR1 logs the counters; SIGHUP and SIGUSR2 are logged and ignored
 //! (their default action would kill the server and leave the image unclean).
 
@@ -16,13 +16,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vhost_user_backend::ShutdownHandle;
+use vmm_sys_util::eventfd::EventFd;
 
 pub struct Listener {
     inner: Mutex<vhost::vhost_user::Listener>,
     fd: RawFd,
     path: PathBuf,
-    /// (device, inode) of the socket file we created, so we never delete someone else's.
-    id: (u64, u64),
+    /// (device, inode) of the socket file we created, so we never delete someone else's; `None`
+    /// for a socket the service manager passed, whose file is the manager's to keep.
+    id: Option<(u64, u64)>,
 }
 
 impl Listener {
@@ -56,8 +58,64 @@ impl Listener {
             inner: Mutex::new(vhost::vhost_user::Listener::from(l)),
             fd,
             path: path.to_path_buf(),
-            id: (meta.dev(), meta.ino()),
+            id: Some((meta.dev(), meta.ino())),
         })
+    }
+
+    /// Serves on the listening socket the service manager passed (socket activation). The
+    /// socket file is never removed: the manager keeps listening on it between servers.
+    pub fn inherited(sock: super::activation::InheritedSocket) -> Listener {
+        let l = UnixListener::from(sock.fd);
+        Listener {
+            fd: l.as_raw_fd(),
+            inner: Mutex::new(vhost::vhost_user::Listener::from(l)),
+            path: sock.path,
+            id: None,
+        }
+    }
+
+    /// Blocks until a frontend is waiting to be accepted (true) or a stop is requested (false).
+    /// The listening socket itself is never shut down to wake a waiting accept: a passed socket
+    /// is shared with the service manager and the next server, which would find it dead.
+    pub fn wait_for_frontend(&self, stop: &Stop) -> io::Result<bool> {
+        loop {
+            if stop.requested() {
+                return Ok(false);
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.inner.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll reads and writes the two pollfd entries of `fds` only.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if stop.requested() {
+                return Ok(false);
+            }
+            if fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                return Err(io::Error::other(format!(
+                    "the listening socket reports poll events {:#x}",
+                    fds[0].revents
+                )));
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                return Ok(true);
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -69,10 +127,11 @@ impl Listener {
         f(&mut self.inner.lock())
     }
 
-    /// Unlinks the socket file if it is still the one we created.
+    /// Unlinks the socket file if it is still the one we created (never a passed one).
     pub fn remove(&self) {
+        let Some(id) = self.id else { return };
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if (m.dev(), m.ino()) == self.id {
+            if (m.dev(), m.ino()) == id {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
@@ -96,7 +155,8 @@ pub struct Stop {
 
 struct StopInner {
     requested: AtomicBool,
-    listener_fd: RawFd,
+    /// Readable once a stop is requested: ends [`Listener::wait_for_frontend`].
+    wake: EventFd,
     conn: Mutex<Option<ShutdownHandle>>,
     /// What the server is doing, for the log line of an abandoned stop.
     phase: Mutex<&'static str>,
@@ -105,9 +165,8 @@ struct StopInner {
 impl StopInner {
     fn request(&self) {
         self.requested.store(true, Ordering::SeqCst);
-        // Wakes a blocked accept (it fails with EINVAL); the listener is not used afterwards.
-        // SAFETY: shutdown on the listening fd, which stays open until after `uninstall`.
-        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        // Ends the wait for a frontend. A full counter (EAGAIN) is readable already.
+        let _ = self.wake.write(1);
         if let Some(h) = &*self.conn.lock() {
             h.shutdown();
         }
@@ -117,13 +176,10 @@ impl StopInner {
 impl Stop {
     /// Routes SIGTERM and SIGINT to a stop request, SIGUSR1 to a log line with `counters()`,
     /// and ignores SIGHUP and SIGUSR2.
-    pub fn install(
-        listener: &Listener,
-        counters: impl Fn() -> String + Send + 'static,
-    ) -> io::Result<Stop> {
+    pub fn install(counters: impl Fn() -> String + Send + 'static) -> io::Result<Stop> {
         let inner = Arc::new(StopInner {
             requested: AtomicBool::new(false),
-            listener_fd: listener.fd,
+            wake: EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?,
             conn: Mutex::new(None),
             phase: Mutex::new("starting"),
         });

@@ -5,9 +5,11 @@
 //! frontend can reconnect the moment the previous one has left. When a frontend leaves, its
 //! in-flight requests finish and the disk is flushed before the next one is accepted. SIGTERM or
 //! SIGINT ends the current connection the same way, then the disk is closed (flushed, marked
-//! clean) and the socket removed; if that takes longer than [`listener::STOP_GRACE`], the
+//! clean) and the socket removed (unless the service manager passed it: socket activation, see
+//! [`activation`]); if that takes longer than [`listener::STOP_GRACE`], the
 //! process exits anyway with status [`listener::EXIT_ABANDONED`].
 
+pub mod activation;
 pub mod backend;
 pub mod background;
 pub mod cli;
@@ -85,6 +87,8 @@ pub enum ServeError {
     Close(EngineError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Activation(#[from] activation::ActivationError),
 }
 
 /// An opened disk and a bound socket, ready to [`Server::run`].
@@ -99,8 +103,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the disk and binds the socket.
+    /// Opens the disk and binds the socket `cfg.socket`.
     pub fn bind(cfg: ServeConfig) -> Result<Server, ServeError> {
+        Self::open(cfg, None)
+    }
+
+    /// Opens the disk and serves on a listening socket the service manager passed (socket
+    /// activation); `cfg.socket` and `cfg.socket_mode` are not used.
+    pub fn bind_inherited(
+        mut cfg: ServeConfig,
+        sock: activation::InheritedSocket,
+    ) -> Result<Server, ServeError> {
+        cfg.socket = sock.path.clone();
+        Self::open(cfg, Some(sock))
+    }
+
+    fn open(
+        cfg: ServeConfig,
+        inherited: Option<activation::InheritedSocket>,
+    ) -> Result<Server, ServeError> {
         if let Some(s) = cfg.serial.as_ref().filter(|s| s.len() > ID_LEN) {
             return Err(ServeError::Serial(s.len()));
         }
@@ -154,7 +175,11 @@ impl Server {
             writeback: true,
         };
         let disk = Arc::new(disk);
-        let listener = match Listener::bind(&cfg.socket, cfg.socket_mode) {
+        let bound = match inherited {
+            Some(sock) => Ok(Listener::inherited(sock)),
+            None => Listener::bind(&cfg.socket, cfg.socket_mode),
+        };
+        let listener = match bound {
             Ok(l) => l,
             Err(e) => {
                 // Leave the image clean: nothing was written, but an FVD open may have replayed
@@ -168,7 +193,7 @@ impl Server {
             let disk = disk.clone();
             move || serde_json::to_string(&disk.counters().snapshot()).unwrap_or_default()
         };
-        let stop = match Stop::install(&listener, counters) {
+        let stop = match Stop::install(counters) {
             Ok(s) => s,
             Err(e) => {
                 let _ = control.block_on(disk.close(control.io()));
@@ -296,6 +321,17 @@ impl Server {
                 })?;
 
             stop.set_phase("waiting for a frontend");
+            match self.listener.wait_for_frontend(stop) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    return Err(ServeError::Socket(format!(
+                        "waiting for a frontend on {}: {e}",
+                        self.listener.path().display()
+                    )))
+                }
+            }
+            // A frontend is waiting, so the accept inside does not block.
             let accepted = self.listener.with(|l| daemon.start(l));
             if let Err(e) = accepted {
                 if stop.requested() {

@@ -412,7 +412,7 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_ppoll,
                     #[cfg(target_arch = "x86_64")]
                     libc::SYS_poll,
-                    // Waking a blocked accept.
+                    // Ending a live frontend connection (`ShutdownHandle`).
                     libc::SYS_shutdown,
                     // Starting the stop watchdog (`listener::start_watchdog`).
                     libc::SYS_clone,
