@@ -372,6 +372,8 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_shutdown,
                     libc::SYS_dup,
                     libc::SYS_eventfd2,
+                    // GET_INFLIGHT_FD's region (sealed with fcntl, sized with ftruncate).
+                    libc::SYS_memfd_create,
                 ],
             );
             allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO, FIOCLEX]);
