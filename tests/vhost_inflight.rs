@@ -369,7 +369,7 @@ fn requests_in_flight_survive_a_killed_server() {
     for &(slot, sector) in &reads {
         g.post(slot, VIRTIO_BLK_T_IN, sector, K64);
     }
-    // A request that completes at once. (No write and flush here: see the open defect below.)
+    // A request that completes at once.
     g.post(6, VIRTIO_BLK_T_GET_ID, 0, 20);
     c.kick.write(1).unwrap();
     wait_flagged(region, reads.len());
@@ -735,20 +735,19 @@ fn sigterm_publishes_requests_in_flight_before_closing() {
     let _nbd = resume.join().unwrap();
 }
 
-/// OPEN DEFECT (engine, not inflight tracking; found by this file): a write and a flush that
-/// both complete while a base read is held in flight by a stopped NBD server are lost when the
-/// server is then killed (SIGKILL): the next server reads zeros. The same write and flush
-/// with the base read finished first survive. Fails today; run with `--ignored`.
+/// A write, then a flush, both completed while a base read is held in flight; the server is
+/// killed. The next server has the flushed write, and resubmits the read (with the base's data).
 #[test]
-#[ignore = "open defect: a flush completed while a base read is in flight is not durable"]
-fn known_defect_flush_with_a_base_read_in_flight_is_not_durable() {
+fn a_flushed_write_survives_a_kill_with_a_read_in_flight() {
     let d = dir();
-    let (nbd, _base) = Nbd::start(d.path());
+    let (nbd, base) = Nbd::start(d.path());
     let img = image_on_nbd(d.path(), &nbd);
     let sock = d.path().join("s.sock");
     let mut srv = serve(&img, &sock);
+    let _guard = srv.kill_after(Duration::from_secs(120));
     let mut g = Guest::new();
-    let c = connect(&sock, &g, &mut None, 0);
+    let mut inflight = None;
+    let c = connect(&sock, &g, &mut inflight, 0);
     g.post(1, VIRTIO_BLK_T_IN, 0, K64);
     c.kick.write(1).unwrap();
     g.wait_used(1, TIMEOUT);
@@ -757,10 +756,18 @@ fn known_defect_flush_with_a_base_read_in_flight_is_not_durable() {
     let w: Vec<u8> = (0..K64).map(|i| (i % 241) as u8 ^ 0x5a).collect();
     g.fill(6, &w);
     g.post(6, VIRTIO_BLK_T_OUT, 7 * MIB, K64);
+    c.kick.write(1).unwrap();
+    g.wait_used(2, TIMEOUT);
+    // A flush covers the writes completed before it was submitted.
     g.post(7, VIRTIO_BLK_T_FLUSH, 0, 0);
     c.kick.write(1).unwrap();
     g.wait_used(3, TIMEOUT);
     assert_eq!((g.used(1).0, g.used(2).0), (18, 21), "write and flush done");
+    assert_eq!(
+        flagged(&inflight.as_ref().unwrap().1),
+        vec![6],
+        "the read in flight"
+    );
     srv.signal(libc::SIGKILL);
     while srv.alive() {
         std::thread::sleep(Duration::from_millis(10));
@@ -769,9 +776,15 @@ fn known_defect_flush_with_a_base_read_in_flight_is_not_durable() {
     nbd.signal(libc::SIGCONT);
     let srv = serve(&img, &sock);
     let _guard = srv.kill_after(Duration::from_secs(60));
-    let c = connect(&sock, &g, &mut None, 3);
+    let c = connect(&sock, &g, &mut inflight, 3);
+    g.wait_used(4, TIMEOUT);
+    assert_eq!(g.used(3), (6, K64 + 1), "the read resubmitted");
+    assert!(g.data(2, K64 as usize) == base[1 << 20..(1 << 20) + K64 as usize]);
     g.post(9, VIRTIO_BLK_T_IN, 7 * MIB, K64);
     c.kick.write(1).unwrap();
     g.wait_used(5, TIMEOUT);
     assert!(g.data(9, K64 as usize) == w, "the flushed write was lost");
+    drop(c);
+    let st = srv.terminate_within(Duration::from_secs(15)).unwrap();
+    assert!(st.success(), "{st}");
 }
