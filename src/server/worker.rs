@@ -145,7 +145,6 @@ impl Worker {
         };
         let mem = memory.memory().into_inner();
         let heads = std::mem::take(&mut self.resubmit);
-        tracing::info!("resubmitting {} requests in flight before", heads.len());
         for head in heads {
             let chain = request::chain_at(&*mem, table, size, head);
             self.take(head, chain, &mem, ctx);
