@@ -232,14 +232,6 @@ impl VhostUserBackend for BlkBackend {
             w.started = false;
             w.tracker = None;
             w.poll_ring = false;
-            if !w.resubmit.is_empty() {
-                // Never taken: the region still has them, and the next start resubmits them.
-                tracing::warn!(
-                    "queue {q} stopped before {} requests could be resubmitted",
-                    w.resubmit.len()
-                );
-                w.resubmit.clear();
-            }
         }
         self.flush();
         Ok(())
@@ -273,8 +265,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     /// The queue is about to run: with an inflight region, repair the used index, set where
-    /// the available ring is read from next and queue what was in flight for resubmission;
-    /// then have the worker look at the ring once, kick or not.
+    /// the available ring is read from next and resubmit what was in flight; then have the
+    /// worker look at the ring once, kick or not.
     fn start_vring(&self, q: u32, vring: &Vring) -> io::Result<()> {
         enter_or_abort(ThreadKind::Connection);
         let Some(slot) = self.workers.get(q as usize) else {
@@ -305,7 +297,7 @@ impl VhostUserBackend for BlkBackend {
                 );
             }
             w.tracker = Some(tracker);
-            w.resubmit = found.resubmit;
+            w.resubmit(found.resubmit, vring, &self.mem, &self.ctx);
         }
         w.started = true;
         // Also without a region: requests the guest queued while no server ran may come with
@@ -335,7 +327,6 @@ impl VhostUserBackend for BlkBackend {
             look |= std::mem::take(&mut w.poll_ring);
         }
         if look {
-            w.resubmit(vring, &self.mem, &self.ctx);
             w.pop_requests(vring, &self.mem, &self.ctx);
         }
         w.turn(vring, self.ctx.signal_each);

@@ -83,9 +83,6 @@ pub struct Worker {
     done: Arc<Mutex<Vec<Done>>>,
     /// The queue's part of the inflight region, while the queue runs with one.
     pub tracker: Option<Tracker>,
-    /// Heads the inflight region says were in flight when the queue started, oldest first:
-    /// taken before anything new on the available ring.
-    pub resubmit: Vec<u16>,
     /// The queue was started (`start_vring`) and not stopped since.
     pub started: bool,
     /// Look at the ring at the next wake-up even without a kick (set when the queue starts).
@@ -110,7 +107,6 @@ impl Worker {
             exec: Executor::new(Some(Box::new(notify))),
             done: Arc::new(Mutex::new(Vec::new())),
             tracker: None,
-            resubmit: Vec::new(),
             started: false,
             poll_ring: false,
         })
@@ -123,28 +119,27 @@ impl Worker {
         self.exec.live_tasks()
     }
 
-    /// Takes the requests the inflight region had in flight when the queue started, oldest
-    /// first, before anything new (their descriptors are still the guest's to read: it has not
-    /// had them back).
+    /// Takes `heads`, the requests the inflight region had in flight when the queue started,
+    /// oldest first. Called as the queue starts, before any kick is watched, so their tasks are
+    /// queued before anything new on the available ring (the queue thread runs them when
+    /// woken). Their descriptors are still the guest's to read: it has not had them back.
     pub fn resubmit(
         &mut self,
+        heads: Vec<u16>,
         vring: &Vring,
         memory: &GuestMemoryAtomic<GuestMemory>,
         ctx: &Arc<Ctx>,
     ) {
-        if self.resubmit.is_empty() || ctx.stopping.load(Ordering::SeqCst) {
+        // A stopping server leaves them flagged in the region for the next one.
+        if heads.is_empty() || ctx.stopping.load(Ordering::SeqCst) {
             return;
         }
         let (table, size) = {
             let st = vring.get_ref();
             let q = st.get_queue();
-            if !q.ready() || !st.is_enabled() {
-                return;
-            }
             (GuestAddress(q.desc_table()), q.size())
         };
         let mem = memory.memory().into_inner();
-        let heads = std::mem::take(&mut self.resubmit);
         for head in heads {
             let chain = request::chain_at(&*mem, table, size, head);
             self.take(head, chain, &mem, ctx);
