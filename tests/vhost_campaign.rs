@@ -100,6 +100,84 @@ impl Case {
         }
     }
 
+    /// GET_INFLIGHT_FD or SET_INFLIGHT_FD with a well-formed body whose values are mostly
+    /// plausible, and for SET a sealed memfd whose contents are mostly a valid header with
+    /// random flags, counters and heads (or an fd of another kind).
+    fn inflight_message(&mut self) -> (u32, Vec<u8>, Vec<RawFd>) {
+        let qs = [16u16, 32, 256, 512, 0, 1][self.rng.gen_range(0..6)];
+        let nq = [1u16, 2, 0, 65][self.rng.gen_range(0..4)];
+        let part = (16 + 16 * u64::from(qs)).div_ceil(64) * 64;
+        let size = self.pick(part * u64::from(nq));
+        let offset = if self.rng.gen_ratio(1, 4) {
+            self.pick(0)
+        } else {
+            0
+        };
+        let mut p = u64s(&[size, offset]);
+        p.extend_from_slice(&nq.to_le_bytes());
+        p.extend_from_slice(&qs.to_le_bytes());
+        // The struct's tail padding (repr(C): 24 bytes).
+        p.extend_from_slice(&[0; 4]);
+        if self.rng.gen_ratio(1, 3) {
+            return (GET_INFLIGHT_FD, p, vec![]);
+        }
+        if self.rng.gen_ratio(1, 5) {
+            return (SET_INFLIGHT_FD, p, vec![self.fd(true)]);
+        }
+        // SAFETY: memfd_create with a static name; a non-negative result is a new fd we own.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let f = unsafe { File::from_raw_fd(fd) };
+        let len = if self.rng.gen_ratio(1, 4) {
+            self.rng
+                .gen_range(0..2 * part.max(64) * u64::from(nq.max(1)))
+        } else {
+            part * u64::from(nq)
+        };
+        f.set_len(len).unwrap();
+        use std::os::unix::fs::FileExt;
+        for q in 0..u64::from(nq.min(2)) {
+            let base = q * part;
+            let version = [1u16, 1, 1, 0, 2][self.rng.gen_range(0..5)];
+            let _ = f.write_all_at(&version.to_le_bytes(), base + 8);
+            let _ = f.write_all_at(&qs.to_le_bytes(), base + 10);
+            for _ in 0..self.rng.gen_range(0..6) {
+                let (at, v) = match self.rng.gen_range(0..4) {
+                    0 => (12, self.rng.gen_range(0..600u16).to_le_bytes().to_vec()),
+                    1 => (14, self.rng.gen::<u16>().to_le_bytes().to_vec()),
+                    2 => (
+                        16 + 16 * self.rng.gen_range(0..u64::from(qs).max(1)),
+                        vec![[1u8, 1, 0, 0x80][self.rng.gen_range(0..4)]],
+                    ),
+                    _ => (
+                        24 + 16 * self.rng.gen_range(0..u64::from(qs).max(1)),
+                        self.rng.gen::<u64>().to_le_bytes().to_vec(),
+                    ),
+                };
+                let _ = f.write_all_at(&v, base + at);
+            }
+        }
+        if self.rng.gen_ratio(4, 5) {
+            // SAFETY: fcntl on our own fd with an integer argument.
+            unsafe {
+                libc::fcntl(
+                    f.as_raw_fd(),
+                    libc::F_ADD_SEALS,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+                )
+            };
+        }
+        let raw = f.as_raw_fd();
+        self.keep.push(f.into());
+        (SET_INFLIGHT_FD, p, vec![raw])
+    }
+
     /// An fd of a random kind: mostly the right kind (eventfd or memfd), sometimes not.
     fn fd(&mut self, want_memory: bool) -> RawFd {
         let f: OwnedFd = match self.rng.gen_range(0..10) {
@@ -155,7 +233,7 @@ impl Case {
             2 => (SET_OWNER, vec![], vec![]),
             3 => (GET_PROTOCOL_FEATURES, vec![], vec![]),
             4 => {
-                let f = self.pick(0x1 | 0x8 | 0x200 | 0x8000);
+                let f = self.pick(0x1 | 0x8 | 0x200 | 0x1000 | 0x8000);
                 (SET_PROTOCOL_FEATURES, u64s(&[f]), vec![])
             }
             5 => {
@@ -249,6 +327,7 @@ impl Case {
                 };
                 (code, p, vec![])
             }
+            16 if self.rng.gen_ratio(1, 2) => self.inflight_message(),
             16 => {
                 let code =
                     [SET_LOG_BASE, GET_INFLIGHT_FD, SET_INFLIGHT_FD][self.rng.gen_range(0..3)];
@@ -335,12 +414,12 @@ fn prefix(c: &mut Case, steps: usize) {
     table.extend(u64s(&[0, MEM_LEN, UA, 0]));
     let mut addr = u32s(&[0, 0]);
     addr.extend(u64s(&[UA, UA + 0x200, UA + 0x100, 0]));
-    let msgs: Vec<(u32, Vec<u8>, Vec<RawFd>)> = vec![
+    let mut msgs: Vec<(u32, Vec<u8>, Vec<RawFd>)> = vec![
         (SET_OWNER, vec![], vec![]),
         (GET_FEATURES, vec![], vec![]),
         (
             SET_PROTOCOL_FEATURES,
-            u64s(&[0x1 | 0x8 | 0x200 | 0x8000]),
+            u64s(&[0x1 | 0x8 | 0x200 | 0x1000 | 0x8000]),
             vec![],
         ),
         (SET_FEATURES, u64s(&[c.features]), vec![]),
@@ -352,6 +431,17 @@ fn prefix(c: &mut Case, steps: usize) {
         (SET_VRING_KICK, u64s(&[0]), vec![kick.as_raw_fd()]),
         (SET_VRING_ENABLE, u32s(&[0, 1]), vec![]),
     ];
+    // An inflight region before the queue starts, as QEMU sends it, for the start to check.
+    let mut steps = steps;
+    if c.rng.gen_ratio(1, 2) {
+        let m = c.inflight_message();
+        msgs.insert(4, m);
+        steps += usize::from(steps > 4);
+        // Mostly up to the queue start, which is what reads the region.
+        if c.rng.gen_ratio(2, 3) {
+            steps = msgs.len();
+        }
+    }
     for (code, payload, fds) in msgs.into_iter().take(steps) {
         let mut msg = u32s(&[code, VERSION, payload.len() as u32]);
         msg.extend(payload);
@@ -450,4 +540,29 @@ fn malformed_vhost_user_campaign() {
 #[test]
 fn campaign_case_kick_set_twice() {
     campaign(1_000_946, 1);
+}
+
+/// Found by the campaign: GPU_SET_SOCKET (or SET_BACKEND_REQ_FD) with a unix socket fd. The
+/// vhost crate checks the fd with getsockopt, which the connection thread's seccomp filter did
+/// not allow: the server died of SIGSYS.
+#[test]
+fn socket_fd_messages_do_not_kill_the_server() {
+    const SET_BACKEND_REQ_FD: u32 = 21;
+    const GPU_SET_SOCKET: u32 = 33;
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "8M");
+    let mut srv = ServerProc::start(&img, &d.path().join("s.sock"), &[]);
+    let _guard = srv.kill_after(Duration::from_secs(60));
+    for code in [GPU_SET_SOCKET, SET_BACKEND_REQ_FD] {
+        let (fe, raw, _) = negotiate(&srv.socket);
+        let (a, _b) = UnixStream::pair().unwrap();
+        let msg = u32s(&[code, VERSION | NEED_REPLY, 0]);
+        raw.send_with_fds(&[&msg[..]], &[a.as_raw_fd()]).unwrap();
+        let mut reply = [0u8; 12];
+        let _ = (&raw).read(&mut reply);
+        drop((fe, raw));
+        assert!(srv.alive(), "message {code} killed the server");
+        let (mut g, _) = attach(&srv.socket);
+        g.write_read(8, code as u8);
+    }
 }

@@ -12,13 +12,14 @@ use fvd::server::{ServeConfig, ServeError, Server};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -180,7 +181,58 @@ struct Guest {
     avail: u16,
 }
 
-fn negotiate(fe: &mut Frontend, level: u8) -> Option<Guest> {
+/// Hands over an inflight region before vring 0 starts, as QEMU does, if the input says so:
+/// the server's own (GET_INFLIGHT_FD) or a fuzzer-made memfd, either with fuzzer-written bytes
+/// (version, counters, flags, heads) and a fuzzer-chosen description.
+fn inflight(fe: &mut Frontend, inp: &mut Input) {
+    let (msg, file) = match inp.below(3) {
+        0 => return,
+        1 => match fe.get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE)) {
+            Ok(r) => r,
+            Err(_) => return,
+        },
+        _ => {
+            // SAFETY: memfd_create with a static name; a non-negative result is a new fd we own.
+            let fd = unsafe {
+                libc::memfd_create(
+                    c"fuzz".as_ptr(),
+                    libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+                )
+            };
+            assert!(fd >= 0, "memfd_create");
+            // SAFETY: `fd` was just created and is owned by nobody else.
+            let f = unsafe { File::from_raw_fd(fd) };
+            f.set_len(64 * inp.below(40)).expect("size the memfd");
+            if inp.bool() {
+                // SAFETY: fcntl on our own fd with an integer argument.
+                unsafe {
+                    libc::fcntl(
+                        fd,
+                        libc::F_ADD_SEALS,
+                        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+                    )
+                };
+            }
+            let qs = [4u16, 8, 16, 32, 1][inp.below(5) as usize];
+            let msg = VhostUserInflight::new(
+                inp.below(4096),
+                4096 * inp.below(2),
+                1 + inp.below(2) as u16,
+                qs,
+            );
+            (msg, f)
+        }
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    for _ in 0..inp.below(6) {
+        let at = inp.below(len.max(1));
+        let n = inp.below(24) as usize;
+        let _ = file.write_all_at(inp.bytes(n), at);
+    }
+    let _ = fe.set_inflight_fd(&msg, file.as_raw_fd());
+}
+
+fn negotiate(fe: &mut Frontend, level: u8, inp: &mut Input) -> Option<Guest> {
     let kick = EventFd::new(0).ok()?;
     let call = EventFd::new(0).ok()?;
     let mut g = Guest {
@@ -195,7 +247,8 @@ fn negotiate(fe: &mut Frontend, level: u8) -> Option<Guest> {
         let proto = fe.get_protocol_features().ok()?
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         fe.set_protocol_features(proto).ok()?;
     }
     fe.set_features(features).ok()?;
@@ -210,6 +263,7 @@ fn negotiate(fe: &mut Frontend, level: u8) -> Option<Guest> {
     .ok()?;
     let region = VhostUserMemoryRegionInfo::from_guest_region(mem.iter().next()?).ok()?;
     fe.set_mem_table(&[region]).ok()?;
+    inflight(fe, inp);
     let va = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
     fe.set_vring_num(0, QSIZE).ok()?;
     fe.set_vring_addr(
@@ -333,7 +387,7 @@ pub fn kick_old_fd_after_set_vring_kick() {
     sock.set_read_timeout(Some(CLOSE_TIMEOUT)).unwrap();
     let raw = sock.try_clone().unwrap();
     let mut fe = Frontend::from_stream(sock, 1);
-    let g = negotiate(&mut fe, 2).expect("negotiation");
+    let g = negotiate(&mut fe, 2, &mut Input::new(&[])).expect("negotiation");
     let new_kick = EventFd::new(0).unwrap();
     fe.set_vring_kick(0, &new_kick).expect("SET_VRING_KICK");
     // Let the server apply it before the old fd is kicked.
@@ -365,7 +419,7 @@ pub fn run(data: &[u8]) {
     let level = inp.below(3) as u8;
     let mut fe = Frontend::from_stream(sock, 1);
     let mut guest = if level > 0 {
-        negotiate(&mut fe, level)
+        negotiate(&mut fe, level, &mut inp)
     } else {
         None
     };

@@ -3,15 +3,18 @@
 
 use super::config::DeviceConfig;
 use super::control::Control;
+use super::inflight::{Region, Tracker};
 use super::seccomp::{enter_or_abort, ThreadKind};
 use super::worker::{Ctx, GuestMemory, Vring, Worker};
 use parking_lot::{Condvar, Mutex};
+use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -26,6 +29,8 @@ pub struct BlkBackend {
     mem: GuestMemoryAtomic<GuestMemory>,
     workers: Vec<Slot>,
     control: Arc<Control>,
+    /// The frontend's inflight region (SET_INFLIGHT_FD), taken up by each queue as it starts.
+    inflight: Mutex<Option<Arc<Region>>>,
 }
 
 struct Slot {
@@ -59,6 +64,7 @@ impl BlkBackend {
             mem: GuestMemoryAtomic::new(GuestMemory::new()),
             workers,
             control,
+            inflight: Mutex::new(None),
         })
     }
 
@@ -109,6 +115,18 @@ impl BlkBackend {
         for q in 0..self.workers.len() {
             self.drain(q);
         }
+    }
+
+    /// Stops taking requests from the available rings (the server is stopping): what was taken
+    /// finishes, what the guest adds stays for the next server.
+    pub fn quiesce(&self) {
+        self.ctx.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// The device's limits for an inflight region: (queues, queue size).
+    fn inflight_limits(&self) -> (u16, u16) {
+        let qs = self.config.lock().queue_size;
+        (self.workers.len() as u16, qs)
     }
 
     /// Flushes the disk from the calling thread.
@@ -203,12 +221,89 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 
-    /// GET_VRING_BASE: the queue is already unregistered; finish what the guest gave us, then
-    /// make it durable, before the frontend reads the ring position.
+    /// GET_VRING_BASE: the queue is already unregistered; finish what the guest gave us and
+    /// publish it (so the base returned equals the used index), then make it durable, before
+    /// the frontend reads the ring position.
     fn stop_vring(&self, q: u32) -> io::Result<()> {
         enter_or_abort(ThreadKind::Connection);
         self.drain(q as usize);
+        if let Some(slot) = self.workers.get(q as usize) {
+            let mut w = slot.worker.lock();
+            w.started = false;
+            w.tracker = None;
+            w.poll_ring = false;
+        }
         self.flush();
+        Ok(())
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        enter_or_abort(ThreadKind::Connection);
+        let (max_queues, max_size) = self.inflight_limits();
+        if msg.num_queues > max_queues || msg.queue_size > max_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "GET_INFLIGHT_FD for {} queues of {}; the device has {max_queues} of up to \
+                     {max_size}",
+                    msg.num_queues, msg.queue_size
+                ),
+            ));
+        }
+        let (_, file, reply) = Region::create(msg.num_queues, msg.queue_size)?;
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        enter_or_abort(ThreadKind::Connection);
+        let (max_queues, max_size) = self.inflight_limits();
+        let region = Region::open(msg, &file, max_queues, max_size).inspect_err(|e| {
+            tracing::warn!("SET_INFLIGHT_FD refused: {e}");
+        })?;
+        *self.inflight.lock() = Some(Arc::new(region));
+        Ok(())
+    }
+
+    /// The queue is about to run: with an inflight region, repair the used index, set where
+    /// the available ring is read from next and resubmit what was in flight; then have the
+    /// worker look at the ring once, kick or not.
+    fn start_vring(&self, q: u32, vring: &Vring) -> io::Result<()> {
+        enter_or_abort(ThreadKind::Connection);
+        let Some(slot) = self.workers.get(q as usize) else {
+            return Ok(());
+        };
+        let mut w = slot.worker.lock();
+        if w.started {
+            return Ok(());
+        }
+        if let Some(region) = self.inflight.lock().clone() {
+            let size = vring.get_ref().get_queue().size();
+            let used = vring.queue_used_idx().map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("queue {q}: cannot read the used index: {e}"),
+                )
+            })?;
+            let (tracker, found) = Tracker::start(region, q as u16, size, used)
+                .inspect_err(|e| tracing::warn!("queue {q} not started: {e}"))?;
+            if let Some(next) = found.next_avail {
+                vring.set_queue_next_avail(next);
+                vring.set_queue_next_used(used);
+            }
+            if !found.resubmit.is_empty() {
+                tracing::info!(
+                    "queue {q}: {} requests were in flight; resubmitting them",
+                    found.resubmit.len()
+                );
+            }
+            w.tracker = Some(tracker);
+            w.resubmit(found.resubmit, vring, &self.mem, &self.ctx);
+        }
+        w.started = true;
+        // Also without a region: requests the guest queued while no server ran may come with
+        // no further kick.
+        w.poll_ring = true;
+        w.io.kick();
         Ok(())
     }
 
@@ -226,9 +321,12 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let mut w = slot.worker.lock();
+        let mut look = device_event == 0;
         if u64::from(device_event) == self.uring_token() {
             w.reap();
-        } else if device_event == 0 {
+            look |= std::mem::take(&mut w.poll_ring);
+        }
+        if look {
             w.pop_requests(vring, &self.mem, &self.ctx);
         }
         w.turn(vring, self.ctx.signal_each);

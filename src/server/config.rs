@@ -73,6 +73,8 @@ impl DeviceConfig {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // Requests in flight survive a crash of the server (`inflight`).
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     /// The whole configuration space.

@@ -153,11 +153,31 @@ pub struct Stop {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Finishes a connection's in-flight requests and publishes their used entries (blocking).
+pub type Drain = Arc<dyn Fn() + Send + Sync>;
+
+/// The live connection: how to end it, and what must happen before.
+#[derive(Clone)]
+pub struct Connection {
+    pub handle: ShutdownHandle,
+    pub drain: Drain,
+}
+
+impl Connection {
+    /// Drains, then ends the connection: the frontend reads the used index only after every
+    /// request taken from the ring is in it (a completion landing after the frontend read it
+    /// would leave the next server starting from a stale index).
+    fn stop(&self) {
+        (self.drain)();
+        self.handle.shutdown();
+    }
+}
+
 struct StopInner {
     requested: AtomicBool,
     /// Readable once a stop is requested: ends [`Listener::wait_for_frontend`].
     wake: EventFd,
-    conn: Mutex<Option<ShutdownHandle>>,
+    conn: Mutex<Option<Connection>>,
     /// What the server is doing, for the log line of an abandoned stop.
     phase: Mutex<&'static str>,
 }
@@ -167,8 +187,11 @@ impl StopInner {
         self.requested.store(true, Ordering::SeqCst);
         // Ends the wait for a frontend. A full counter (EAGAIN) is readable already.
         let _ = self.wake.write(1);
-        if let Some(h) = &*self.conn.lock() {
-            h.shutdown();
+        // Not under the lock: draining waits for the queue threads.
+        let conn = self.conn.lock().clone();
+        if let Some(c) = conn {
+            *self.phase.lock() = "finishing the frontend's in-flight requests";
+            c.stop();
         }
     }
 }
@@ -201,8 +224,9 @@ impl Stop {
                             tracing::info!(
                                 "signal {sig}: finishing in-flight requests and closing the disk"
                             );
-                            i.request();
+                            // First: draining may itself be what never ends.
                             start_watchdog(i.clone());
+                            i.request();
                         }
                     }
                 }
@@ -224,12 +248,11 @@ impl Stop {
     }
 
     /// The live connection a stop request must end (None when it has ended).
-    pub fn set_connection(&self, h: Option<ShutdownHandle>) {
-        let mut conn = self.inner.conn.lock();
-        *conn = h;
+    pub fn set_connection(&self, c: Option<Connection>) {
+        *self.inner.conn.lock() = c.clone();
         if self.requested() {
-            if let Some(h) = &*conn {
-                h.shutdown();
+            if let Some(c) = c {
+                c.stop();
             }
         }
     }

@@ -4,8 +4,9 @@
 //! `VhostUserDaemon` (with fresh queue worker threads) started on that same listener, so a
 //! frontend can reconnect the moment the previous one has left. When a frontend leaves, its
 //! in-flight requests finish and the disk is flushed before the next one is accepted. SIGTERM or
-//! SIGINT ends the current connection the same way, then the disk is closed (flushed, marked
-//! clean) and the socket removed (unless the service manager passed it: socket activation, see
+//! SIGINT first stops taking requests, lets those taken finish and publishes them to the used
+//! rings, and only then ends the connection; then the disk is closed (flushed, marked clean) and
+//! the socket removed (unless the service manager passed it: socket activation, see
 //! [`activation`]); if that takes longer than [`listener::STOP_GRACE`], the
 //! process exits anyway with status [`listener::EXIT_ABANDONED`].
 
@@ -15,6 +16,7 @@ pub mod background;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod inflight;
 pub mod listener;
 pub mod request;
 pub mod seccomp;
@@ -306,6 +308,7 @@ impl Server {
                 signal_each: self.cfg.signal_each_completion,
                 sigbus_base: sigbus::faults(),
                 conn: parking_lot::Mutex::new(None),
+                stopping: AtomicBool::new(false),
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())
@@ -340,7 +343,19 @@ impl Server {
                 return Err(daemon_err(e));
             }
             tracing::info!("frontend connected");
-            stop.set_connection(daemon.shutdown_handle());
+            if let Some(handle) = daemon.shutdown_handle() {
+                let (b, disk) = (backend.clone(), self.disk.clone());
+                let drain: listener::Drain = Arc::new(move || {
+                    // Bound what base reads still in flight may take, then let everything taken
+                    // from the rings finish and reach the used rings before the socket closes.
+                    for c in disk.nbd_clients() {
+                        c.shutdown(NBD_SHUTDOWN_GRACE);
+                    }
+                    b.quiesce();
+                    b.drain_all();
+                });
+                stop.set_connection(Some(listener::Connection { handle, drain }));
+            }
             *ctx.conn.lock() = daemon.shutdown_handle();
             stop.set_phase("waiting for the frontend's connection to end");
             match daemon.wait() {

@@ -14,7 +14,7 @@ use smallvec::SmallVec;
 use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 pub const SECTOR: u64 = 512;
 const HEADER_LEN: u64 = 16;
@@ -470,6 +470,51 @@ fn host_segs<M: GuestMemoryBackend>(
         }
     }
     Ok(out)
+}
+
+/// The descriptor chain whose head is descriptor `head` of the table at `table` (`size`
+/// entries), as `virtio_queue`'s `DescriptorChain` walks it from the available ring (whose
+/// constructor is not public): indirect tables followed once, at most one pass over a table,
+/// at most 4 GiB in all. Used to resubmit requests by head (inflight I/O tracking); a chain
+/// that cannot be read simply ends, and `parse` rejects what it got.
+pub fn chain_at<M: GuestMemoryBackend>(
+    mem: &M,
+    table: GuestAddress,
+    size: u16,
+    head: u16,
+) -> impl Iterator<Item = Descriptor> + '_ {
+    let mut table = table;
+    let mut size = size;
+    let mut next = head;
+    let mut ttl = size;
+    let mut indirect = false;
+    let mut bytes: u32 = 0;
+    std::iter::from_fn(move || loop {
+        if ttl == 0 || next >= size {
+            return None;
+        }
+        let at = table.checked_add(u64::from(next) * 16)?;
+        let desc: Descriptor = mem.read_obj(at).ok()?;
+        if desc.refers_to_indirect_table() {
+            if indirect || desc.len() % 16 != 0 || desc.len() / 16 > u32::from(u16::MAX) {
+                return None;
+            }
+            indirect = true;
+            table = desc.addr();
+            size = (desc.len() / 16) as u16;
+            next = 0;
+            ttl = size;
+            continue;
+        }
+        bytes = bytes.checked_add(desc.len())?;
+        if desc.has_next() {
+            next = desc.next();
+            ttl -= 1;
+        } else {
+            ttl = 0;
+        }
+        return Some(desc);
+    })
 }
 
 #[cfg(test)]

@@ -372,9 +372,24 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_shutdown,
                     libc::SYS_dup,
                     libc::SYS_eventfd2,
+                    // GET_INFLIGHT_FD's region (sealed with fcntl, sized with ftruncate).
+                    libc::SYS_memfd_create,
                 ],
             );
             allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO, FIOCLEX]);
+            // The vhost crate checks that the fd of GPU_SET_SOCKET / SET_BACKEND_REQ_FD is a
+            // unix stream socket before refusing or using it (a frontend may send either).
+            let entry = r.entry(libc::SYS_getsockopt).or_default();
+            for opt in [libc::SO_DOMAIN, libc::SO_TYPE] {
+                let cond = |arg, v: libc::c_int| {
+                    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64)
+                        .expect("argument index below 6")
+                };
+                entry.push(
+                    SeccompRule::new(vec![cond(1, libc::SOL_SOCKET), cond(2, opt)])
+                        .expect("two conditions"),
+                );
+            }
         }
         ThreadKind::Main => {
             // Everything the connection and queue threads it starts need (filters stack).

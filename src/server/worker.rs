@@ -7,6 +7,7 @@
 //! EVENT_IDX says it wants to hear about it. Completions arrive through the ring's eventfd,
 //! registered in the same epoll as the queue's kick, so the thread sleeps when idle.
 
+use super::inflight::Tracker;
 use super::request::{self, Op, Request, Segs, ID_LEN, STATUS_IOERR, STATUS_OK};
 use super::sigbus;
 use crate::engine::Disk;
@@ -42,6 +43,9 @@ pub struct Ctx {
     pub sigbus_base: u64,
     /// Ends the connection (set once it is established).
     pub conn: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    /// The server is stopping: requests still on the available ring stay there (for the next
+    /// server), those taken finish.
+    pub stopping: AtomicBool,
 }
 
 impl Ctx {
@@ -77,6 +81,12 @@ pub struct Worker {
     exec: Executor,
     /// Filled by tasks and by rejected chains, drained into the used ring once per turn.
     done: Arc<Mutex<Vec<Done>>>,
+    /// The queue's part of the inflight region, while the queue runs with one.
+    pub tracker: Option<Tracker>,
+    /// The queue was started (`start_vring`) and not stopped since.
+    pub started: bool,
+    /// Look at the ring at the next wake-up even without a kick (set when the queue starts).
+    pub poll_ring: bool,
 }
 
 impl Worker {
@@ -96,6 +106,9 @@ impl Worker {
             io,
             exec: Executor::new(Some(Box::new(notify))),
             done: Arc::new(Mutex::new(Vec::new())),
+            tracker: None,
+            started: false,
+            poll_ring: false,
         })
     }
 
@@ -106,6 +119,65 @@ impl Worker {
         self.exec.live_tasks()
     }
 
+    /// Takes `heads`, the requests the inflight region had in flight when the queue started,
+    /// oldest first. Called as the queue starts, before any kick is watched, so their tasks are
+    /// queued before anything new on the available ring (the queue thread runs them when
+    /// woken). Their descriptors are still the guest's to read: it has not had them back.
+    pub fn resubmit(
+        &mut self,
+        heads: Vec<u16>,
+        vring: &Vring,
+        memory: &GuestMemoryAtomic<GuestMemory>,
+        ctx: &Arc<Ctx>,
+    ) {
+        // A stopping server leaves them flagged in the region for the next one.
+        if heads.is_empty() || ctx.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let (table, size) = {
+            let st = vring.get_ref();
+            let q = st.get_queue();
+            (GuestAddress(q.desc_table()), q.size())
+        };
+        let mem = memory.memory().into_inner();
+        for head in heads {
+            let chain = request::chain_at(&*mem, table, size, head);
+            self.take(head, chain, &mem, ctx);
+        }
+    }
+
+    /// Marks one chain in flight and turns it into a task (or a rejection).
+    fn take(
+        &mut self,
+        head: u16,
+        chain: impl IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+        mem: &Arc<GuestMemory>,
+        ctx: &Arc<Ctx>,
+    ) {
+        if let Some(t) = &mut self.tracker {
+            t.get(head);
+        }
+        let parsed = request::parse(chain, &**mem, &ctx.limits);
+        // Read from zero pages the SIGBUS handler put in: not what the guest wrote,
+        // so neither executed nor answered.
+        if ctx.memory_lost() {
+            self.done.lock().push((head, 0));
+            return;
+        }
+        match parsed {
+            Ok(req) => self.spawn(head, req, mem.clone(), ctx.clone()),
+            Err(rej) => {
+                let detail = format_args!("type {:?}, head {head}", rej.req_type);
+                rej.reason.log_once(&detail);
+                let len = match rej.status {
+                    Some(addr) if write_status(mem, addr, rej.reason.status()) => 1,
+                    _ => 0,
+                };
+                self.done.lock().push((head, len));
+            }
+        }
+    }
+
     /// Turns the queue's available chains into tasks.
     pub fn pop_requests(
         &mut self,
@@ -114,6 +186,9 @@ impl Worker {
         ctx: &Arc<Ctx>,
     ) {
         loop {
+            if ctx.stopping.load(Ordering::SeqCst) {
+                return;
+            }
             let _ = vring.disable_notification();
             {
                 let mut st = vring.get_mut();
@@ -132,25 +207,7 @@ impl Worker {
                 };
                 for chain in iter.take(ready) {
                     let head = chain.head_index();
-                    let parsed = request::parse(chain, &*mem, &ctx.limits);
-                    // Read from zero pages the SIGBUS handler put in: not what the guest wrote,
-                    // so neither executed nor answered.
-                    if ctx.memory_lost() {
-                        self.done.lock().push((head, 0));
-                        continue;
-                    }
-                    match parsed {
-                        Ok(req) => self.spawn(head, req, mem.clone(), ctx.clone()),
-                        Err(rej) => {
-                            let detail = format_args!("type {:?}, head {head}", rej.req_type);
-                            rej.reason.log_once(&detail);
-                            let len = match rej.status {
-                                Some(addr) if write_status(&mem, addr, rej.reason.status()) => 1,
-                                _ => 0,
-                            };
-                            self.done.lock().push((head, len));
-                        }
-                    }
+                    self.take(head, chain, &mem, ctx);
                 }
             }
             // With EVENT_IDX this re-arms the kick at the current position; true means the guest
@@ -215,11 +272,22 @@ impl Worker {
         let mut st = vring.get_mut();
         let n = done.len();
         for (i, (head, len)) in done.into_iter().enumerate() {
-            if let Err(e) = st.add_used(head, len) {
-                log_once(
+            // One entry at a time, in the spec's order: the last head, the used entry and
+            // index, then the head's flag and the region's used index. A crash anywhere in
+            // between leaves the region telling the next server exactly what was published.
+            if let Some(t) = &self.tracker {
+                t.pre_put(head);
+            }
+            match st.add_used(head, len) {
+                Ok(()) => {
+                    if let Some(t) = &self.tracker {
+                        t.post_put(head, st.get_queue().next_used());
+                    }
+                }
+                Err(e) => log_once(
                     &USED_ERR,
                     &format_args!("cannot add head {head} to the used ring: {e}"),
-                );
+                ),
             }
             if (signal_each || i + 1 == n) && st.needs_notification().unwrap_or(true) {
                 if let Err(e) = signal_guest(st.get_call()) {

@@ -86,6 +86,7 @@ pub fn negotiate(socket: &std::path::Path) -> (Frontend, UnixStream, u64) {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     );
     fe.set_protocol_features(proto).unwrap();
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);

@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -143,6 +143,36 @@ pub trait VhostUserBackend: Send + Sync {
     /// unregistered. Asynchronous backends should block until previously accepted requests
     /// have completed. Wrapper implementations may hold their backend lock during this call.
     fn stop_vring(&self, _queue_index: u32) -> Result<()> {
+        Ok(())
+    }
+
+    // fvd patch: inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is left to the
+    // backend, which knows when a request starts and ends; these hooks hand it the messages.
+    /// `GET_INFLIGHT_FD`: allocate the inflight region and return its description and fd.
+    fn get_inflight_fd(
+        &self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    // fvd patch: see get_inflight_fd.
+    /// `SET_INFLIGHT_FD`: use the frontend's inflight region (untrusted: validate before use).
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    // fvd patch: see get_inflight_fd.
+    /// Called when the vring is about to be processed (ready and enabled), before its kick fd is
+    /// watched; also when a running vring is re-registered, so it must be idempotent. An error
+    /// fails the message that started the vring.
+    fn start_vring(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
         Ok(())
     }
 
@@ -422,6 +452,24 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.deref().stop_vring(queue_index)
+    }
+
+    // fvd patch: see get_inflight_fd.
+    fn get_inflight_fd(
+        &self,
+        inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    // fvd patch: see get_inflight_fd.
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
+
+    // fvd patch: see get_inflight_fd.
+    fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
+        self.deref().start_vring(queue_index, vring)
     }
 
     fn handle_event(

@@ -262,6 +262,12 @@ where
             let vring_state = vring.get_ref();
             vring_state.get_queue().ready() && vring_state.is_enabled()
         };
+        // fvd patch: the backend sets the vring up (inflight requests) before any kick is seen.
+        if watch {
+            self.backend
+                .start_vring(u32::from(index), vring)
+                .map_err(VhostUserError::ReqHandlerError)?;
+        }
         self.watch_kick(vring, index, watch)
     }
 
@@ -706,22 +712,25 @@ where
         }
     }
 
+    // fvd patch: handed to the backend (see VhostUserBackend::get_inflight_fd).
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
+    // fvd patch: handed to the backend (see VhostUserBackend::set_inflight_fd).
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
