@@ -6,7 +6,7 @@
 mod sim;
 
 use sim::driver::{run, Stats};
-use sim::scenario::{Scenario, MODE_BASE, MODE_COMPACT, MODE_CRASH, MODE_ERRORS};
+use sim::scenario::{Scenario, MODE_BASE, MODE_COMPACT, MODE_CRASH, MODE_ERRORS, MODE_PROCESS};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -43,6 +43,7 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, ops: u64) -> Stats {
             Ok(s) => {
                 total.engine_ops += s.engine_ops;
                 total.power_losses += s.power_losses;
+                total.process_crashes += s.process_crashes;
                 total.engine_errors += s.engine_errors;
                 total.checkpoints += s.checkpoints;
                 total.journal_writes += s.journal_writes;
@@ -94,6 +95,15 @@ fn power_loss_all_combinations() {
         s.journal_unordered > 0 && s.journal_writes > s.journal_unordered,
         "{s:?}"
     );
+}
+
+/// Crashes of the process (the host keeps every completed write, unflushed ones too) mixed with
+/// power losses: after a process crash every completed write or write-zeroes reads back, FLUSH
+/// or not.
+#[test]
+fn process_crash_all_combinations() {
+    let s = run_seeds(seeds(MODE_PROCESS | MODE_CRASH, 6), CI_OPS);
+    assert!(s.process_crashes > 0 && s.power_losses > 0, "{s:?}");
 }
 
 #[test]
