@@ -109,7 +109,9 @@ fn process_crash_all_combinations() {
 #[test]
 fn injected_errors_all_combinations() {
     let _ = run_seeds(
-        seeds(MODE_ERRORS, 3).chain(seeds(MODE_ERRORS | MODE_CRASH, 3)),
+        seeds(MODE_ERRORS, 3)
+            .chain(seeds(MODE_ERRORS | MODE_CRASH, 3))
+            .chain(seeds(MODE_ERRORS | MODE_CRASH | MODE_PROCESS, 3)),
         CI_OPS,
     );
 }

@@ -109,6 +109,10 @@ impl<I: Io> Image<I> {
             pending.records.extend(newer);
             pending.base = taken_from;
             pending.data_first |= data_first;
+            // The failed write may have damaged intent sectors: the next request that queued
+            // records rewrites the whole intent area.
+            fs.journaled = taken_from;
+            self.journaled.store(taken_from, Ordering::Release);
             self.freed.lock().extend(freed);
             if matches!(e, EngineError::Io { context, .. } if context.starts_with("flush")) {
                 // After a failed device flush we cannot know what is durable; journaling the
