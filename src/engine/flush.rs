@@ -103,20 +103,31 @@ impl<I: Io> Image<I> {
                 alloc.growth_durable(len);
             }
         } else if let Err(e) = &r {
+            let device_flush_failed =
+                matches!(e, EngineError::Io { context, .. } if context.starts_with("flush"));
             // The records describe data that is still in place: queue them again, ahead of newer ones.
-            let mut pending = self.pending.lock();
-            let newer = std::mem::replace(&mut pending.records, records);
-            pending.records.extend(newer);
-            pending.base = taken_from;
-            pending.data_first |= data_first;
-            // The failed write may have damaged intent sectors: the next request that queued
-            // records rewrites the whole intent area.
+            let had_records = !records.is_empty();
+            {
+                let mut pending = self.pending.lock();
+                let newer = std::mem::replace(&mut pending.records, records);
+                pending.records.extend(newer);
+                pending.base = taken_from;
+                pending.data_first |= data_first;
+                self.freed.lock().extend(freed);
+            }
+            // The failed journal write may have damaged intent sectors of completed requests.
             fs.journaled = taken_from;
             self.journaled.store(taken_from, Ordering::Release);
-            self.freed.lock().extend(freed);
-            if matches!(e, EngineError::Io { context, .. } if context.starts_with("flush")) {
+            if device_flush_failed {
                 // After a failed device flush we cannot know what is durable; journaling the
                 // records later could point at lost data.
+                self.failed.store(true, Ordering::Release);
+            } else if had_records
+                && fs.header.boot_id != [0; 16]
+                && !matches!(self.write_intents(io, fs).await, Ok(true))
+            {
+                // Their intents could not be put back: a crash of the process could now lose
+                // completed requests, so refuse further ones until reopened.
                 self.failed.store(true, Ordering::Release);
             }
         }
@@ -140,6 +151,18 @@ impl<I: Io> Image<I> {
             // The storage's boot is unknown: replay would ignore intents.
             return Ok(());
         }
+        match self.write_intents(io, &mut fs).await {
+            Ok(true) => Ok(()),
+            // No room for the intent, or its write failed (and may have damaged the sector
+            // holding earlier requests' intents): the full FLUSH work instead, whose journal
+            // write (or checkpoint) replaces the intent area.
+            Ok(false) | Err(_) => self.sync_locked(io, &mut fs).await,
+        }
+    }
+
+    /// Writes the queued records not yet in the journal as intents; `Ok(false)` if they do
+    /// not fit in it.
+    async fn write_intents(&self, io: &I, fs: &mut FlushState) -> Result<bool> {
         let per = journal::ENTRIES_PER_SECTOR as u64;
         let (records, first, end) = {
             let p = self.pending.lock();
@@ -149,31 +172,23 @@ impl<I: Io> Image<I> {
             (p.records[(first * per) as usize..].to_vec(), first, p.end())
         };
         if fs.tail + first + journal::sectors_for(records.len()) > self.journal_sectors {
-            // No room for the intent: the full FLUSH work (journal write or checkpoint) instead.
-            return self.sync_locked(io, &mut fs).await;
+            return Ok(false);
         }
         let bytes = journal::encode_part(&records, fs.header.journal_epoch, fs.tail, first, true);
         let buf = Buf::alloc(bytes.len());
         buf.copy_from_slice(0, &bytes);
         Counters::inc(&self.counters.journal_intents);
-        let written = self
-            .store
+        self.store
             .write(
                 io,
                 &self.counters,
                 self.journal_offset + (fs.tail + first) * SECTOR as u64,
                 buf,
             )
-            .await;
-        if let Err(e) = written {
-            // The failed write may have damaged the sector holding earlier writers' intents:
-            // commit everything as a FLUSH would (its journal write replaces that sector).
-            tracing::debug!("intent write failed ({e}); committing instead");
-            return self.sync_locked(io, &mut fs).await;
-        }
+            .await?;
         fs.journaled = end;
         self.journaled.store(end, Ordering::Release);
-        Ok(())
+        Ok(true)
     }
 
     async fn commit(

@@ -237,7 +237,17 @@ impl<I: Io> Image<I> {
     /// The caller holds the blocks' fill locks.
     pub(super) async fn mark_present(&self, io: &I, blocks: &[u64]) -> Result<()> {
         let upto = self.queue_present(blocks);
-        self.persist(io, upto).await?;
+        if let Err(e) = self.persist(io, upto).await {
+            // The blocks stay absent (the request fails): a later FLUSH must not commit their
+            // queued bits either, or they would read differently after a reopen.
+            let mut pending = self.pending.lock();
+            for (start, count) in runs(blocks) {
+                pending
+                    .records
+                    .push(JournalEntry::ClearBits { start, count });
+            }
+            return Err(e);
+        }
         for (start, count) in runs(blocks) {
             self.live.set(start, count);
         }
