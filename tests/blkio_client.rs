@@ -430,6 +430,15 @@ fn completed_requests_survive_sigkill_without_flush() {
         unsafe { libc::kill(srv.pid(), libc::SIGKILL) };
         assert!(!srv.wait().success());
         drop(c);
+        // The checker reads the intents (same boot) as journal records to replay, not damage.
+        let o = serve_support::fvd()
+            .arg("check")
+            .arg(&img)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{what}: {out}");
+        assert!(out.contains("will be replayed"), "{what}: {out}");
 
         let srv = ServerProc::start(&img, &sock, &[]);
         let mut c = connect(&sock, 1, false).unwrap();

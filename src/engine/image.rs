@@ -468,6 +468,11 @@ impl<I: Io> Image<I> {
                 .await?;
                 fs.tail = 0;
             }
+            // The header just written announces intents; the other slot still holds the one
+            // read at open, which a reader that does not know intents would fall back to (a
+            // slot it cannot decode looks like a torn update). Writing the other slot too makes
+            // such a reader refuse the image until the clean-shutdown header.
+            img.write_header(io, &mut fs, |_| {}).await?;
             // Both paths ended with a flush: the growth at open is durable.
             let mut alloc = img.alloc.lock();
             if let Some(len) = alloc.undurable_growth() {

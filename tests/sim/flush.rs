@@ -496,6 +496,11 @@ fn intents_are_adopted_after_a_process_crash_and_made_durable() {
             ..Default::default()
         };
         let mut env = Env::new(seed, p, if seed % 4 < 2 { 0 } else { 64 });
+        let h = env.img.header();
+        assert!(
+            h.intents() && h.boot_id != [0; 16],
+            "open read-write announces intents"
+        );
         env.write_blocks(2, [3, 40]);
         assert_eq!(
             env.journal_sector(0),
@@ -509,6 +514,13 @@ fn intents_are_adopted_after_a_process_crash_and_made_durable() {
         env.crash_and_reopen();
         env.expect_block(3, 2);
         env.expect_block(40, 2);
+        // A clean close leaves no intents: an older reader may open the image again.
+        let (img, io) = (env.img.clone(), env.io.clone());
+        env.world
+            .block_on(async move { img.close(&io).await })
+            .unwrap();
+        let h = env.img.header();
+        assert!(!h.intents() && h.boot_id == [0; 16]);
     }
 }
 
