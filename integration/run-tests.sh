@@ -21,7 +21,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
-all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill crash readonly base fio-nocompact
+all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill wb-kill crash readonly base fio-nocompact
     restart-load restart-fs)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
@@ -289,6 +289,37 @@ case_wt_kill() {
     start_server wt-kill "$img" 1 || return 1
     vm raw-verify wt-kill 1 || return 1
     stop_server wt-kill
+}
+case_wb_kill() {
+    # Write-back, and still no FLUSH: fio's direct writes complete, then, with the guest still
+    # connected (a disconnect flushes), the server is SIGKILLed with the host up, and every
+    # completed write must read back (the process-crash contract, docs/FORMAT.md). A compact
+    # image allocates on these writes, so their metadata is at stake.
+    local img log=$logs/$current-raw-write.log held=0 wb=(--arg cache=back)
+    [ "$backend" = qsd ] && wb=() # qsd is write-through and refuses the switch (see wt-kill)
+    img=$(create_image wb-kill 1G) || return 1
+    start_server wb-kill "$img" 1 || return 1
+    rm -f "$log"
+    "$here/run-vm.sh" --test raw-write --socket "${server_sock[wb-kill]}" --log "$log" \
+        "${wb[@]}" --arg hold=1 2>/dev/null &
+    vm_pid=$!
+    # A synchronisation point, not a timing assertion: the guest has written and verified.
+    for _ in $(seq 1 3000); do
+        if tr -d '\r' 2>/dev/null <"$log" | grep -q '^FVD-HOLD$'; then held=1; break; fi
+        kill -0 "$vm_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    stop_server wb-kill KILL
+    kill -TERM "$vm_pid" 2>/dev/null
+    wait "$vm_pid" 2>/dev/null
+    vm_pid=
+    [ "$held" = 1 ] || { say "raw-write did not finish (log $log)"; return 1; }
+    tr -d '\r' <"$log" | grep -q ", 0 flushes" ||
+        { say "the guest sent FLUSHes: this case would not test unflushed writes"; return 1; }
+    check_image "$img" crashed || return 1
+    start_server wb-kill "$img" 1 || return 1
+    vm raw-verify wb-kill 1 || return 1
+    stop_server wb-kill
 }
 case_crash() {
     # The server is SIGKILLed while the guest writes and fsyncs files (fs-stress). The image must

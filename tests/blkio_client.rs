@@ -341,3 +341,127 @@ fn restart_after_sigkill_replaces_the_stale_socket() {
     drop(c);
     assert!(srv.terminate().success());
 }
+
+/// A crash of the server process (SIGKILL) while the host stays up loses no completed request,
+/// FLUSH or not: writes (first writes into new blocks and chunks, partial blocks, rewrites),
+/// WRITE ZEROES and DISCARD all read back after a restart. Compact and flat images, with and
+/// without a raw base image.
+#[test]
+fn completed_requests_survive_sigkill_without_flush() {
+    let mb = 1u64 << 20;
+    for (layout, with_base) in [
+        ("--compact", false),
+        ("--no-compact", false),
+        ("--compact", true),
+        ("--no-compact", true),
+    ] {
+        let what = format!("{layout}, base {with_base}");
+        let d = dir();
+        let img = d.path().join("disk.fvd");
+        let mut create = serve_support::fvd();
+        create.arg("create").arg(&img).args(["-s", "32M", layout]);
+        let base = pattern(500, 0, 32 * mb as usize);
+        if with_base {
+            std::fs::write(d.path().join("base.raw"), &base).unwrap();
+            create.args(["-b", "base.raw", "-F", "raw"]);
+        }
+        let o = create.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let before = |off: u64, len: usize| {
+            if with_base {
+                base[off as usize..off as usize + len].to_vec()
+            } else {
+                vec![0u8; len]
+            }
+        };
+        let sock = d.path().join("s.sock");
+        let srv = ServerProc::start(&img, &sock, &["--num-queues", "2"]);
+        let mut c = connect(&sock, 2, false).unwrap();
+        // What the disk must read afterwards: (offset, bytes).
+        let mut expect: Vec<(u64, Vec<u8>)> = Vec::new();
+        // One FLUSH early on, so later records land on a journal that already holds some.
+        c.write(0, 0, &pattern(1, 0, 4096));
+        assert_eq!(c.run(0, Req::Flush, 0, 0, 0), 0);
+        expect.push((0, pattern(1, 0, 4096)));
+        // First writes: whole blocks, a partial block, across a chunk boundary, on both queues.
+        for (i, (off, len)) in [
+            (mb, 64 << 10),
+            (3 * mb + 4096, 4096),
+            (6 * mb - 8192, 16384),
+            (9 * mb + 512, 3584),
+            (20 * mb, mb as usize),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data = pattern(10 + i as u64, off, len);
+            c.write(i % 2, off, &data);
+            expect.push((off, data));
+        }
+        // Many first writes in flight at once (group commit of their records).
+        let n = 32;
+        for i in 0..n {
+            let off = 12 * mb + i as u64 * 65536;
+            let data = pattern(100 + i as u64, off, 4096);
+            c.buf(i * 8192, 4096).copy_from_slice(&data);
+            c.enqueue(0, &Req::Write, off, i * 8192, 4096, i);
+            expect.push((off, data));
+        }
+        assert!(c.wait(0, n).iter().all(|&(_, r)| r == 0), "{what}");
+        // A rewrite of a block that is present.
+        let data = pattern(7, mb + 4096, 8192);
+        c.write(1, mb + 4096, &data);
+        expect[1].1[4096..4096 + 8192].copy_from_slice(&data);
+        // WRITE ZEROES over the 1 MiB write (whole blocks dropped, edges written) and DISCARD
+        // of whole blocks, which then read as the base (or zeros).
+        let z = 20 * mb + 4096;
+        assert_eq!(
+            c.run(0, Req::WriteZeroes(ReqFlags::empty()), z, 0, 512 << 10),
+            0
+        );
+        let last = expect.len() - 1 - n;
+        expect[last].1[4096..4096 + (512 << 10)].fill(0);
+        let (doff, dlen) = (12 * mb, 4 * 65536);
+        assert_eq!(c.run(1, Req::Discard, doff, 0, dlen), 0);
+        expect.retain(|(off, _)| !(doff..doff + dlen as u64).contains(off));
+        expect.push((doff, before(doff, dlen)));
+
+        // SAFETY: kill with a pid we spawned and have not reaped.
+        unsafe { libc::kill(srv.pid(), libc::SIGKILL) };
+        assert!(!srv.wait().success());
+        drop(c);
+        // The checker reads the intents (same boot) as journal records to replay, not damage.
+        let o = serve_support::fvd()
+            .arg("check")
+            .arg(&img)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{what}: {out}");
+        assert!(out.contains("will be replayed"), "{what}: {out}");
+
+        let srv = ServerProc::start(&img, &sock, &[]);
+        let mut c = connect(&sock, 1, false).unwrap();
+        for (off, data) in &expect {
+            assert!(
+                c.read(0, *off, data.len()) == *data,
+                "{what}: {} bytes at {off} differ after SIGKILL",
+                data.len()
+            );
+        }
+        // Never written: as before.
+        assert_eq!(c.read(0, 30 * mb, 4096), before(30 * mb, 4096), "{what}");
+        drop(c);
+        assert!(srv.terminate().success());
+        let o = serve_support::fvd()
+            .arg("check")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}

@@ -283,8 +283,17 @@ fn journal_records_with_huge_values_are_corruption_not_a_hang() {
 fn damaged_newest_header_slot_is_corruption_not_a_rollback() {
     let d = tmpdir();
     let (path, _) = compact_with_data(d.path(), false);
-    // Open bumped the epoch with a new generation; the data's records carry that epoch.
+    // Open bumped the epoch with a new generation; the data's records carry that epoch. It
+    // wrote that header to both slots; an earlier version wrote only one, leaving the clean
+    // header it opened in the other, as here.
     let h = header(&path);
+    let mut before = h.clone();
+    before.generation -= 1;
+    before.journal_epoch -= 1;
+    before.flags |= fvd::format::header::FLAG_CLEAN;
+    before.incompat &= !fvd::format::header::INCOMPAT_INTENTS;
+    before.boot_id = [0; 16];
+    write_at(&path, before.slot_offset(), &before.encode());
     let slot = h.slot_offset();
     let mut s = read_at(&path, slot, SECTOR);
     s[200] ^= 1;

@@ -6,7 +6,7 @@
 mod sim;
 
 use sim::driver::{run, Stats};
-use sim::scenario::{Scenario, MODE_BASE, MODE_COMPACT, MODE_CRASH, MODE_ERRORS};
+use sim::scenario::{Scenario, MODE_BASE, MODE_COMPACT, MODE_CRASH, MODE_ERRORS, MODE_PROCESS};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -43,6 +43,7 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, ops: u64) -> Stats {
             Ok(s) => {
                 total.engine_ops += s.engine_ops;
                 total.power_losses += s.power_losses;
+                total.process_crashes += s.process_crashes;
                 total.engine_errors += s.engine_errors;
                 total.checkpoints += s.checkpoints;
                 total.journal_writes += s.journal_writes;
@@ -96,10 +97,21 @@ fn power_loss_all_combinations() {
     );
 }
 
+/// Crashes of the process (the host keeps every completed write, unflushed ones too) mixed with
+/// power losses: after a process crash every completed write or write-zeroes reads back, FLUSH
+/// or not.
+#[test]
+fn process_crash_all_combinations() {
+    let s = run_seeds(seeds(MODE_PROCESS | MODE_CRASH, 6), CI_OPS);
+    assert!(s.process_crashes > 0 && s.power_losses > 0, "{s:?}");
+}
+
 #[test]
 fn injected_errors_all_combinations() {
     let _ = run_seeds(
-        seeds(MODE_ERRORS, 3).chain(seeds(MODE_ERRORS | MODE_CRASH, 3)),
+        seeds(MODE_ERRORS, 3)
+            .chain(seeds(MODE_ERRORS | MODE_CRASH, 3))
+            .chain(seeds(MODE_ERRORS | MODE_CRASH | MODE_PROCESS, 3)),
         CI_OPS,
     );
 }
@@ -112,6 +124,20 @@ fn injected_errors_all_combinations() {
 fn recorded_soak_failures() {
     let _ = run_seeds(
         [7000161, 7000833, 7001283, 7001395, 9002559].into_iter(),
+        5000,
+    );
+}
+
+/// Seeds a process-crash soak failed on, all with injected errors: 4294967304, a first write
+/// whose intent failed left its bit queued for the next FLUSH while it read absent (it read
+/// differently after a clean reopen); the others, a FLUSH whose journal write failed damaged
+/// intents of completed writes, which a process crash then lost (the engine now rewrites them
+/// at once; since the oracle holds a process crash after an I/O error only to the power-loss
+/// contract, these seeds now check that and consistency).
+#[test]
+fn recorded_process_crash_failures() {
+    let _ = run_seeds(
+        [4294967304, 4294967340, 4294967356, 4294967644, 4294967661].into_iter(),
         5000,
     );
 }

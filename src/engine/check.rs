@@ -543,6 +543,7 @@ async fn salvage<I: Io>(io: &I, store: &Storage<I>, c: &Counters, h: &Header) ->
         damage,
         later,
         newest_epoch,
+        ..
     } = super::image::replay(io, store, c, h).await?;
     if let Some(d) = damage {
         problems.push(d);

@@ -25,6 +25,8 @@ pub struct Counters {
     pub zeroing_skipped: AtomicU64,
     /// Journal writes made durable by the same flush as the data they describe (no flush first).
     pub journal_unordered: AtomicU64,
+    /// Intent writes: records journaled (not flushed) before a write or discard completed.
+    pub journal_intents: AtomicU64,
 }
 
 /// A plain copy of [`Counters`] for printing.
@@ -47,6 +49,7 @@ pub struct CounterSnapshot {
     pub host_zeroes: u64,
     pub zeroing_skipped: u64,
     pub journal_unordered: u64,
+    pub journal_intents: u64,
 }
 
 impl Counters {
@@ -75,6 +78,7 @@ impl Counters {
             host_zeroes: self.host_zeroes.load(Relaxed),
             zeroing_skipped: self.zeroing_skipped.load(Relaxed),
             journal_unordered: self.journal_unordered.load(Relaxed),
+            journal_intents: self.journal_intents.load(Relaxed),
         }
     }
 }

@@ -21,7 +21,8 @@ impl<I: Io> Image<I> {
         self.check_range(off, len)?;
         self.check_writable()?;
         Counters::inc(&self.counters.guest_discards);
-        self.drop_blocks(io, off, len).await
+        self.drop_blocks(io, off, len).await?;
+        self.persist_queued(io).await
     }
 
     /// Makes `[off, off + len)` read as zeros. `unmap` allows freeing the space.
@@ -51,7 +52,15 @@ impl<I: Io> Image<I> {
         };
         self.write_zero_range(io, off, head_end).await?;
         self.write_zero_range(io, tail_start.max(head_end), end)
-            .await
+            .await?;
+        self.persist_queued(io).await
+    }
+
+    /// Journals every record queued so far (see `persist`): a DISCARD or WRITE ZEROES does not
+    /// complete before its records survive a crash of this process.
+    async fn persist_queued(&self, io: &I) -> Result<()> {
+        let upto = self.pending.lock().end();
+        self.persist(io, upto).await
     }
 
     async fn write_zero_range(&self, io: &I, mut off: u64, end: u64) -> Result<()> {

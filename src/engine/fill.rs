@@ -124,7 +124,9 @@ impl<I: Io> Image<I> {
         self.store
             .write(io, &self.counters, self.phys_of(b * bs), blk)
             .await?;
-        self.mark_present(&[b]);
+        // Journaled before the bit is set even though losing a copy loses nothing: a guest
+        // write that then finds the block present must not depend on an unjournaled record.
+        self.mark_present(io, &[b]).await?;
         Ok(true)
     }
 

@@ -13,6 +13,17 @@
 //! reading as before if its data is lost. Then the one flush after the journal write makes data
 //! and records durable together.
 //!
+//! A write (or discard) that queued records does not complete before those records are in the
+//! journal as *intent* sectors (written, not flushed), so they survive a crash of this process:
+//! the host still holds every completed write. Intents fill the journal from the tail, where the
+//! next FLUSH writes the same records (and newer ones) as normal sectors over them, so they use
+//! no journal space of their own. Sector `i` past the tail always holds queued records
+//! `[254 i, 254 (i + 1))` since the last FLUSH took its records, so a later intent only rewrites
+//! the last partial sector and appends. Replay adopts intents only under the boot that wrote them
+//! (the header records it); after a power loss they are ignored, and the journal up to the first
+//! intent is exactly what it would have been without them. One journal write is in flight at a
+//! time (the flush state lock); records queued meanwhile go into the next one.
+//!
 //! When the journal is full, the records go into a checkpoint instead: the committed metadata is
 //! written to the *inactive* copy (nothing points at it yet), one flush makes data and that copy
 //! durable, then the header flips to it with a new journal epoch and a second flush. Journal
@@ -21,9 +32,9 @@
 use super::counters::Counters;
 use super::error::{EngineError, Result};
 use super::image::{FlushState, Image};
-use crate::format::header::FLAG_CLEAN;
+use crate::format::header::{FLAG_CLEAN, INCOMPAT_INTENTS};
 use crate::format::{journal, Header, JournalEntry, SECTOR};
-use crate::io::{Buf, Io};
+use crate::io::{Buf, Io, IoFile};
 use std::sync::atomic::Ordering;
 
 /// Metadata records queued for the next flush.
@@ -32,6 +43,15 @@ pub(super) struct Pending {
     pub records: Vec<JournalEntry>,
     /// Some record must not become durable before the data it describes (see the module doc).
     pub data_first: bool,
+    /// Queue number of `records[0]` (records are numbered from the open on).
+    pub base: u64,
+}
+
+impl Pending {
+    /// Queue number after the newest record.
+    pub fn end(&self) -> u64 {
+        self.base + self.records.len() as u64
+    }
 }
 
 impl<I: Io> Image<I> {
@@ -48,16 +68,18 @@ impl<I: Io> Image<I> {
         }
         self.check_writable()?;
         let mut fs = self.flush_state.lock().await;
-        let (
-            Pending {
-                records,
-                data_first,
-            },
-            freed,
-        ) = {
+        self.sync_locked(io, &mut fs).await
+    }
+
+    async fn sync_locked(&self, io: &I, fs: &mut FlushState) -> Result<()> {
+        let (records, data_first, taken_from, freed) = {
             let mut pending = self.pending.lock();
             let freed = std::mem::take(&mut *self.freed.lock());
-            (std::mem::take(&mut *pending), freed)
+            let base = pending.base;
+            pending.base = pending.end();
+            let records = std::mem::take(&mut pending.records);
+            let data_first = std::mem::take(&mut pending.data_first);
+            (records, data_first, base, freed)
         };
         // Taken after the records (the allocator grows the file before queueing a table
         // record): a record mapping a chunk of a growth that no flush covered yet must wait for
@@ -67,10 +89,13 @@ impl<I: Io> Image<I> {
             && records
                 .iter()
                 .any(|r| matches!(r, JournalEntry::Map { .. }));
-        let r = self
-            .commit(io, &mut fs, &records, data_first || grows)
-            .await;
+        let r = self.commit(io, fs, &records, data_first || grows).await;
         if r.is_ok() {
+            // Normal sectors (or the checkpoint) hold them now; intents past the new tail are
+            // for records queued from here on.
+            let end = taken_from + records.len() as u64;
+            fs.journaled = fs.journaled.max(end);
+            self.journaled.store(fs.journaled, Ordering::Release);
             // Their unmap records are durable now: the chunks may be reused.
             let mut alloc = self.alloc.lock();
             alloc.release(freed);
@@ -78,19 +103,92 @@ impl<I: Io> Image<I> {
                 alloc.growth_durable(len);
             }
         } else if let Err(e) = &r {
+            let device_flush_failed =
+                matches!(e, EngineError::Io { context, .. } if context.starts_with("flush"));
             // The records describe data that is still in place: queue them again, ahead of newer ones.
-            let mut pending = self.pending.lock();
-            let newer = std::mem::replace(&mut pending.records, records);
-            pending.records.extend(newer);
-            pending.data_first |= data_first;
-            self.freed.lock().extend(freed);
-            if matches!(e, EngineError::Io { context, .. } if context.starts_with("flush")) {
+            let had_records = !records.is_empty();
+            {
+                let mut pending = self.pending.lock();
+                let newer = std::mem::replace(&mut pending.records, records);
+                pending.records.extend(newer);
+                pending.base = taken_from;
+                pending.data_first |= data_first;
+                self.freed.lock().extend(freed);
+            }
+            // The failed journal write may have damaged intent sectors of completed requests.
+            fs.journaled = taken_from;
+            self.journaled.store(taken_from, Ordering::Release);
+            if device_flush_failed {
                 // After a failed device flush we cannot know what is durable; journaling the
                 // records later could point at lost data.
+                self.failed.store(true, Ordering::Release);
+            } else if had_records
+                && fs.header.boot_id != [0; 16]
+                && !matches!(self.write_intents(io, fs).await, Ok(true))
+            {
+                // Their intents could not be put back: a crash of the process could now lose
+                // completed requests, so refuse further ones until reopened.
                 self.failed.store(true, Ordering::Release);
             }
         }
         r
+    }
+
+    /// Returns once the records queued up to queue number `upto` are in the journal (as intents
+    /// or normal records), so that a crash of this process cannot lose them. Called before a
+    /// write or discard that queued them completes.
+    pub(super) async fn persist(&self, io: &I, upto: u64) -> Result<()> {
+        if self.read_only || self.journaled.load(Ordering::Acquire) >= upto {
+            return Ok(());
+        }
+        let mut fs = self.flush_state.lock().await;
+        if fs.journaled >= upto {
+            // Another writer's journal write took ours along.
+            return Ok(());
+        }
+        self.check_writable()?;
+        if fs.header.boot_id == [0; 16] {
+            // The storage's boot is unknown: replay would ignore intents.
+            return Ok(());
+        }
+        match self.write_intents(io, &mut fs).await {
+            Ok(true) => Ok(()),
+            // No room for the intent, or its write failed (and may have damaged the sector
+            // holding earlier requests' intents): the full FLUSH work instead, whose journal
+            // write (or checkpoint) replaces the intent area.
+            Ok(false) | Err(_) => self.sync_locked(io, &mut fs).await,
+        }
+    }
+
+    /// Writes the queued records not yet in the journal as intents; `Ok(false)` if they do
+    /// not fit in it.
+    async fn write_intents(&self, io: &I, fs: &mut FlushState) -> Result<bool> {
+        let per = journal::ENTRIES_PER_SECTOR as u64;
+        let (records, first, end) = {
+            let p = self.pending.lock();
+            // Sector `first` past the tail holds the oldest record not yet journaled; it is
+            // rewritten whole (it may hold earlier records) and the rest appended.
+            let first = (fs.journaled - p.base) / per;
+            (p.records[(first * per) as usize..].to_vec(), first, p.end())
+        };
+        if fs.tail + first + journal::sectors_for(records.len()) > self.journal_sectors {
+            return Ok(false);
+        }
+        let bytes = journal::encode_part(&records, fs.header.journal_epoch, fs.tail, first, true);
+        let buf = Buf::alloc(bytes.len());
+        buf.copy_from_slice(0, &bytes);
+        Counters::inc(&self.counters.journal_intents);
+        self.store
+            .write(
+                io,
+                &self.counters,
+                self.journal_offset + (fs.tail + first) * SECTOR as u64,
+                buf,
+            )
+            .await?;
+        fs.journaled = end;
+        self.journaled.store(end, Ordering::Release);
+        Ok(true)
     }
 
     async fn commit(
@@ -184,6 +282,15 @@ impl<I: Io> Image<I> {
         let mut h = fs.header.clone();
         change(&mut h);
         h.generation += 1;
+        // Intents may be written in this epoch unless the image is being closed cleanly; they are
+        // replayed only under the boot recorded here.
+        if h.clean() {
+            h.incompat &= !INCOMPAT_INTENTS;
+            h.boot_id = [0; 16];
+        } else {
+            h.incompat |= INCOMPAT_INTENTS;
+            h.boot_id = self.store.file.boot_id().unwrap_or([0; 16]);
+        }
         let buf = Buf::alloc(SECTOR);
         buf.copy_from_slice(0, &h.encode());
         let written = async {

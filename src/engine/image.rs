@@ -89,6 +89,7 @@ impl CreateParams {
             journal_epoch: rand::random::<u32>() as u64 + 1,
             data_offset: l.data_offset,
             base: p.base.clone(),
+            boot_id: [0; 16],
         };
         h.validate().map_err(|e| {
             EngineError::Invalid(
@@ -106,8 +107,11 @@ impl CreateParams {
 pub(super) struct FlushState {
     pub header: Header,
     pub committed: Committed,
-    /// Journal sectors used in the current epoch.
+    /// Journal sectors used in the current epoch (intents past it are not counted).
     pub tail: u64,
+    /// Queue number up to which queued records are in the journal of this epoch, as normal
+    /// records or intents (see [`super::flush::Pending::base`]).
+    pub journaled: u64,
 }
 
 pub struct Image<I: Io> {
@@ -125,6 +129,8 @@ pub struct Image<I: Io> {
     pub(super) locks: BlockLocks,
     pub(super) alloc: Mutex<Allocator>,
     pub(super) flush_state: futures::lock::Mutex<FlushState>,
+    /// `FlushState::journaled`, readable without the lock (writers that queued nothing new).
+    pub(super) journaled: std::sync::atomic::AtomicU64,
     pub(super) base: Option<Base<I>>,
     pub(super) counters: Counters,
     /// Storage with a logical block larger than 512 bytes: every write may need a
@@ -367,6 +373,7 @@ impl<I: Io> Image<I> {
             tail,
             damage,
             newest_epoch,
+            intents,
             ..
         } = replay(io, &store, &c, &header).await?;
         let mut header = header;
@@ -423,7 +430,9 @@ impl<I: Io> Image<I> {
                 header: header.clone(),
                 committed,
                 tail,
+                journaled: 0,
             }),
+            journaled: Default::default(),
             base,
             counters: c,
             lock_all_writes,
@@ -440,6 +449,11 @@ impl<I: Io> Image<I> {
         img.set_copy_on_read(img.cor_default());
         if !read_only {
             let mut fs = img.flush_state.lock().await;
+            if intents {
+                // The intents describe writes that only the storage's volatile cache may hold
+                // (the process died, the host did not): durable before anything records them.
+                img.store.flush(io, &img.counters).await?;
+            }
             if !entries.is_empty() || !problems.is_empty() {
                 // Fold the replayed records into the inactive copy so the journal starts empty.
                 img.checkpoint(io, &mut fs, false).await?;
@@ -454,6 +468,11 @@ impl<I: Io> Image<I> {
                 .await?;
                 fs.tail = 0;
             }
+            // The header just written announces intents; the other slot still holds the one
+            // read at open, which a reader that does not know intents would fall back to (a
+            // slot it cannot decode looks like a torn update). Writing the other slot too makes
+            // such a reader refuse the image until the clean-shutdown header.
+            img.write_header(io, &mut fs, |_| {}).await?;
             // Both paths ended with a flush: the growth at open is durable.
             let mut alloc = img.alloc.lock();
             if let Some(len) = alloc.undurable_growth() {
@@ -577,20 +596,32 @@ pub(super) struct Replayed {
     /// epoch must exceed it, or sectors left in the journal area (of a lost header's epoch, of an
     /// older image, or crafted) would be replayed as records of the new epoch.
     pub newest_epoch: u64,
+    /// Some replayed records came from intent sectors.
+    pub intents: bool,
+}
+
+/// True if the intent sectors of `h`'s epoch are to be replayed: they were written under the
+/// storage's current boot, so every write that completed before them is still in the storage.
+/// After a power loss they are ignored: no completed FLUSH needs them.
+pub(super) fn adopt_intents<F: IoFile>(h: &Header, file: &F) -> bool {
+    h.intents() && h.boot_id != [0; 16] && file.boot_id() == Some(h.boot_id)
 }
 
 /// Reads the journal of the header's epoch.
 ///
-/// Replay ends at the first sector that is not a valid sector of the epoch at its position. That
-/// is a torn tail only if nothing written later survives: the rest of the journal is scanned, and
-/// a valid sector of this epoch appended by a later write, or any sector of the next epoch (whose
-/// header must then have been durable), proves damage.
+/// Replay ends at the first sector that is not a valid sector of the epoch at its position (or
+/// at an intent sector, unless [`adopt_intents`]). That is a torn tail only if nothing written
+/// later survives: the rest of the journal is scanned, and a valid sector of this epoch appended
+/// by a later write, or any sector of the next epoch (whose header must then have been durable),
+/// proves damage. Intents are written from the tail, as part of the next normal write there, so
+/// lost or ignored intents never look like damage.
 pub(super) async fn replay<I: Io>(
     io: &I,
     store: &Storage<I>,
     c: &Counters,
     h: &Header,
 ) -> Result<Replayed> {
+    let adopt = adopt_intents(h, &store.file);
     let total = h.journal_len / SECTOR as u64;
     let per_read = 256u64; // 1 MiB
     let mut r = Replayed {
@@ -599,6 +630,7 @@ pub(super) async fn replay<I: Io>(
         damage: None,
         later: Vec::new(),
         newest_epoch: h.journal_epoch,
+        intents: false,
     };
     let mut ended = false;
     let mut pos = 0u64;
@@ -614,15 +646,19 @@ pub(super) async fn replay<I: Io>(
         .await?;
         for sector in raw.chunks(SECTOR) {
             if !ended {
-                if let Some(e) = journal::decode(sector, h.journal_epoch, pos) {
-                    r.entries.extend(e);
-                    pos += 1;
-                    continue;
+                match journal::decode_any(sector, h.journal_epoch, pos) {
+                    Some((e, intent)) if adopt || !intent => {
+                        r.entries.extend(e);
+                        r.intents |= intent;
+                        pos += 1;
+                        continue;
+                    }
+                    _ => {}
                 }
                 ended = true;
                 r.tail = pos;
             }
-            after_tail(&mut r, sector, h.journal_epoch, pos);
+            after_tail(&mut r, sector, h.journal_epoch, pos, adopt);
             pos += 1;
         }
     }
@@ -631,7 +667,7 @@ pub(super) async fn replay<I: Io>(
 
 /// Journal sector at `pos`, at or after the end of the replayed journal of `epoch`: records
 /// whether it proves that the journal was damaged rather than torn.
-fn after_tail(r: &mut Replayed, sector: &[u8], epoch: u64, pos: u64) {
+fn after_tail(r: &mut Replayed, sector: &[u8], epoch: u64, pos: u64, adopt: bool) {
     let Some(id) = journal::identify(sector) else {
         return;
     };
@@ -640,8 +676,9 @@ fn after_tail(r: &mut Replayed, sector: &[u8], epoch: u64, pos: u64) {
     }
     let tail = r.tail;
     r.newest_epoch = r.newest_epoch.max(id.epoch);
-    if id.epoch == epoch && pos > tail {
-        if let Some(e) = journal::decode(sector, epoch, pos) {
+    let ignored_intent = id.intent && !adopt;
+    if id.epoch == epoch && pos > tail && !ignored_intent {
+        if let Some((e, _)) = journal::decode_any(sector, epoch, pos) {
             r.later.extend(e);
         }
     }
@@ -652,7 +689,7 @@ fn after_tail(r: &mut Replayed, sector: &[u8], epoch: u64, pos: u64) {
         ))
     } else if id.epoch != epoch {
         None
-    } else if pos == tail {
+    } else if pos == tail && !ignored_intent {
         Some("has a valid checksum but invalid records".into())
     } else if id.commit_start.is_some_and(|s| s > tail) {
         Some(format!(

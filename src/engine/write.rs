@@ -3,8 +3,8 @@
 //! Writes to blocks already present in the image go straight to their physical location with no
 //! lock and no metadata change: the steady state costs exactly one host write per guest write.
 //! A first write to a block takes the block's fill lock and makes the whole block hold what the
-//! guest must read there, then sets the block's bit and queues a journal record for the next
-//! flush. Without a base image, on a file, that is the guest's bytes plus the rest of the block
+//! guest must read there, then queues a journal record for the next flush, writes it to the
+//! journal as an intent (see flush.rs) and sets the block's bit. Without a base image, on a file, that is the guest's bytes plus the rest of the block
 //! zeroed without writing (fallocate, concurrently with the data write); with a base image, on a
 //! block device, or on storage that cannot zero cheaply, it is one write of the block with the
 //! guest's bytes merged into base data or zeros (never a read-modify-write loop).
@@ -116,7 +116,13 @@ impl<I: Io> Image<I> {
             return Err(e);
         }
         if !newly.is_empty() {
-            self.mark_present(&newly);
+            if let Err(e) = self.mark_present(io, &newly).await {
+                for &b in &newly {
+                    self.live
+                        .set_fresh(self.geo.chunk_of_block(BlockIndex(b)), false);
+                }
+                return Err(e);
+            }
         }
         drop(guards);
         Ok(())
@@ -225,8 +231,31 @@ impl<I: Io> Image<I> {
         }
     }
 
-    /// Sets the bits of blocks whose data is now written and queues their journal records.
-    pub(super) fn mark_present(&self, blocks: &[u64]) {
+    /// Queues the journal records of blocks whose data is now written, journals them (so a
+    /// crash of this process keeps them), then sets their bits. Only then may another request
+    /// see the blocks present and complete a write into them without a journal write of its own.
+    /// The caller holds the blocks' fill locks.
+    pub(super) async fn mark_present(&self, io: &I, blocks: &[u64]) -> Result<()> {
+        let upto = self.queue_present(blocks);
+        if let Err(e) = self.persist(io, upto).await {
+            // The blocks stay absent (the request fails): a later FLUSH must not commit their
+            // queued bits either, or they would read differently after a reopen.
+            let mut pending = self.pending.lock();
+            for (start, count) in runs(blocks) {
+                pending
+                    .records
+                    .push(JournalEntry::ClearBits { start, count });
+            }
+            return Err(e);
+        }
+        for (start, count) in runs(blocks) {
+            self.live.set(start, count);
+        }
+        Ok(())
+    }
+
+    /// Queues the journal records of `blocks`; returns the queue number after them.
+    fn queue_present(&self, blocks: &[u64]) -> u64 {
         // Without a base an absent block read zeros, and in a fresh chunk its storage reads
         // zeros until written: if the record became durable before the data, the block would
         // read as it did before the write. Anywhere else the data must be durable first.
@@ -236,18 +265,10 @@ impl<I: Io> Image<I> {
                 .all(|&b| self.live.is_fresh(self.geo.chunk_of_block(BlockIndex(b))));
         let mut pending = self.pending.lock();
         pending.data_first |= !zeros_before;
-        let mut i = 0;
-        while i < blocks.len() {
-            let start = blocks[i];
-            let mut j = i + 1;
-            while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
-                j += 1;
-            }
-            let count = (j - i) as u64;
+        for (start, count) in runs(blocks) {
             pending.records.push(JournalEntry::SetBits { start, count });
-            self.live.set(start, count);
-            i = j;
         }
+        pending.end()
     }
 
     /// Gives every chunk touched by blocks `first..=last` a physical chunk; true if it allocated.
@@ -282,4 +303,19 @@ impl<I: Io> Image<I> {
         }
         Ok(allocated)
     }
+}
+
+/// Runs `(start, count)` of consecutive blocks in an ascending list.
+fn runs(blocks: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let start = *blocks.get(i)?;
+        let mut j = i + 1;
+        while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
+            j += 1;
+        }
+        let count = (j - i) as u64;
+        i = j;
+        Some((start, count))
+    })
 }

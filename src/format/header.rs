@@ -7,8 +7,12 @@ pub const VERSION: u32 = 1;
 
 /// Incompatible feature: the F2 chunk table is in use (compact / thin layout).
 pub const INCOMPAT_COMPACT: u64 = 1 << 0;
+/// Incompatible feature: the journal may hold intent sectors (records no FLUSH covered yet, see
+/// docs/FORMAT.md). Set while the image is open read-write, cleared by a clean shutdown, so a
+/// reader that would take intents for committed records refuses the image instead.
+pub const INCOMPAT_INTENTS: u64 = 1 << 1;
 /// Incompatible features this program understands.
-pub const INCOMPAT_KNOWN: u64 = INCOMPAT_COMPACT;
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_COMPACT | INCOMPAT_INTENTS;
 
 /// Compatible feature: copy data read from the base image into this image.
 pub const COMPAT_COPY_ON_READ: u64 = 1 << 0;
@@ -48,6 +52,8 @@ const O_BASE_FORMAT: usize = 144;
 const O_BASE_PATH_LEN: usize = 148;
 const O_BASE_SIZE: usize = 152;
 const O_BASE_PATH: usize = 160;
+/// Boot of the host that started the journal epoch (after the longest base path).
+const O_BOOT_ID: usize = O_BASE_PATH + MAX_BASE_PATH;
 const O_CRC: usize = SECTOR - 4;
 
 /// Format of the base (backing) image.
@@ -95,6 +101,9 @@ pub struct Header {
     pub journal_epoch: u64,
     pub data_offset: u64,
     pub base: Option<BaseRef>,
+    /// Linux boot_id of the host when the current journal epoch started (zeros: none). Intent
+    /// sectors of the epoch are replayed only under this same boot.
+    pub boot_id: [u8; 16],
 }
 
 impl Header {
@@ -103,6 +112,10 @@ impl Header {
     }
     pub fn clean(&self) -> bool {
         self.flags & FLAG_CLEAN != 0
+    }
+    /// The journal may hold intent sectors.
+    pub fn intents(&self) -> bool {
+        self.incompat & INCOMPAT_INTENTS != 0
     }
     /// Byte offset of the header slot this generation is written to.
     pub fn slot_offset(&self) -> u64 {
@@ -151,6 +164,7 @@ impl Header {
             put_u64(&mut b, O_BASE_SIZE, base.size);
             b[O_BASE_PATH..O_BASE_PATH + p.len()].copy_from_slice(p);
         }
+        b[O_BOOT_ID..O_BOOT_ID + 16].copy_from_slice(&self.boot_id);
         let crc = checksum(&b[..O_CRC]);
         put_u32(&mut b, O_CRC, crc);
         b
@@ -217,6 +231,7 @@ impl Header {
             journal_epoch: get_u64(b, O_JOURNAL_EPOCH),
             data_offset: get_u64(b, O_DATA_OFFSET),
             base,
+            boot_id: b[O_BOOT_ID..O_BOOT_ID + 16].try_into().unwrap_or_default(),
         };
         h.validate()?;
         Ok(h)

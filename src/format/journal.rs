@@ -1,12 +1,18 @@
 //! Journal (F3) sectors. Each 4 KiB sector is self-checking: magic, epoch, sequence number and a
 //! crc32c. Replay accepts sector `i` only if it carries the current epoch and sequence `i`, so torn
 //! writes and records left over from earlier epochs are ignored.
+//!
+//! An *intent* sector (flag [`FLAG_INTENT`]) holds records that no FLUSH covered yet, written so
+//! that they survive a crash of the process (not of the host): see docs/FORMAT.md, "Crash
+//! contract: process crash vs power loss".
 
 use super::{checksum, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, SECTOR};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"FVDJ");
 const O_MAGIC: usize = 0;
 const O_COUNT: usize = 4;
+/// u16 of sector flags (zero in sectors written before flags existed).
+const O_FLAGS: usize = 6;
 const O_EPOCH: usize = 8;
 const O_SEQ: usize = 16;
 const O_ENTRIES: usize = 24;
@@ -17,6 +23,11 @@ const O_COMMIT_INDEX: usize = SECTOR - 8;
 const O_CRC: usize = SECTOR - 4;
 /// Records per journal sector.
 pub const ENTRIES_PER_SECTOR: usize = (O_COMMIT_INDEX - O_ENTRIES) / ENTRY_SIZE;
+
+/// Sector flag: the records are an intent, replayed only under the boot that wrote them.
+pub const FLAG_INTENT: u16 = 1;
+/// Sector flags this program understands; a sector with others is not valid.
+const FLAGS_KNOWN: u16 = FLAG_INTENT;
 
 const KIND_SET: u64 = 1;
 const KIND_CLEAR: u64 = 2;
@@ -75,15 +86,29 @@ impl JournalEntry {
 
 /// Encodes `entries` into consecutive sectors starting at sequence number `seq`.
 pub fn encode(entries: &[JournalEntry], epoch: u64, seq: u64) -> Vec<u8> {
+    encode_part(entries, epoch, seq, 0, false)
+}
+
+/// Encodes sectors `first..` of a write of records starting at sequence number `start`
+/// (`entries` begins with the first record of sector `first`), as intents or normal records.
+pub fn encode_part(
+    entries: &[JournalEntry],
+    epoch: u64,
+    start: u64,
+    first: u64,
+    intent: bool,
+) -> Vec<u8> {
     let nsec = entries.len().div_ceil(ENTRIES_PER_SECTOR).max(1);
     let mut out = vec![0u8; nsec * SECTOR];
     for (i, chunk) in entries.chunks(ENTRIES_PER_SECTOR).enumerate() {
         let s = &mut out[i * SECTOR..(i + 1) * SECTOR];
+        let index = first + i as u64;
         put_u32(s, O_MAGIC, MAGIC);
         put_u16(s, O_COUNT, chunk.len() as u16);
+        put_u16(s, O_FLAGS, if intent { FLAG_INTENT } else { 0 });
         put_u64(s, O_EPOCH, epoch);
-        put_u64(s, O_SEQ, seq + i as u64);
-        put_u32(s, O_COMMIT_INDEX, i as u32 + 1);
+        put_u64(s, O_SEQ, start + index);
+        put_u32(s, O_COMMIT_INDEX, index as u32 + 1);
         for (j, e) in chunk.iter().enumerate() {
             e.encode(&mut s[O_ENTRIES + j * ENTRY_SIZE..]);
         }
@@ -106,11 +131,16 @@ pub struct SectorId {
     pub seq: u64,
     /// Sequence number of the first sector of the write that appended this one, if recorded.
     pub commit_start: Option<u64>,
+    /// An intent sector (see [`FLAG_INTENT`]).
+    pub intent: bool,
 }
 
 /// Identifies a journal sector; `None` if it is torn or not a journal sector.
 pub fn identify(sector: &[u8]) -> Option<SectorId> {
-    if get_u32(sector, O_MAGIC) != MAGIC || checksum(&sector[..O_CRC]) != get_u32(sector, O_CRC) {
+    if get_u32(sector, O_MAGIC) != MAGIC
+        || checksum(&sector[..O_CRC]) != get_u32(sector, O_CRC)
+        || get_u16(sector, O_FLAGS) & !FLAGS_KNOWN != 0
+    {
         return None;
     }
     let seq = get_u64(sector, O_SEQ);
@@ -119,25 +149,31 @@ pub fn identify(sector: &[u8]) -> Option<SectorId> {
         epoch: get_u64(sector, O_EPOCH),
         seq,
         commit_start: index.checked_sub(1).and_then(|i| seq.checked_sub(i)),
+        intent: get_u16(sector, O_FLAGS) & FLAG_INTENT != 0,
     })
 }
 
-/// Decodes sector `seq` of epoch `epoch`; `None` if it is torn, stale or not a journal sector.
+/// Decodes normal (not intent) sector `seq` of epoch `epoch`; `None` if it is torn, stale, an
+/// intent or not a journal sector.
 pub fn decode(sector: &[u8], epoch: u64, seq: u64) -> Option<Vec<JournalEntry>> {
-    if get_u32(sector, O_MAGIC) != MAGIC
-        || get_u64(sector, O_EPOCH) != epoch
-        || get_u64(sector, O_SEQ) != seq
-        || checksum(&sector[..O_CRC]) != get_u32(sector, O_CRC)
-    {
+    decode_any(sector, epoch, seq).and_then(|(e, intent)| (!intent).then_some(e))
+}
+
+/// Decodes sector `seq` of epoch `epoch`, normal or intent (true); `None` if it is torn, stale
+/// or not a journal sector.
+pub fn decode_any(sector: &[u8], epoch: u64, seq: u64) -> Option<(Vec<JournalEntry>, bool)> {
+    let id = identify(sector)?;
+    if id.epoch != epoch || id.seq != seq {
         return None;
     }
     let n = get_u16(sector, O_COUNT) as usize;
     if n > ENTRIES_PER_SECTOR {
         return None;
     }
-    (0..n)
+    let entries = (0..n)
         .map(|j| JournalEntry::decode(&sector[O_ENTRIES + j * ENTRY_SIZE..]))
-        .collect()
+        .collect::<Option<Vec<_>>>()?;
+    Some((entries, id.intent))
 }
 
 #[cfg(test)]
@@ -187,7 +223,8 @@ mod tests {
                 Some(SectorId {
                     epoch: 7,
                     seq: 10 + i as u64,
-                    commit_start: Some(10)
+                    commit_start: Some(10),
+                    intent: false,
                 })
             );
         }
@@ -196,5 +233,27 @@ mod tests {
         assert!(decode(&torn, 7, 10).is_none(), "torn sector accepted");
         assert!(identify(&torn).is_none(), "torn sector identified");
         assert!(decode(&vec![0u8; SECTOR], 0, 0).is_none());
+    }
+
+    #[test]
+    fn intent_sectors_are_told_apart_and_continue_a_write() {
+        let entries: Vec<JournalEntry> = (0..300u64)
+            .map(|i| JournalEntry::SetBits { start: i, count: 1 })
+            .collect();
+        // Sector 1 of a write that starts at sequence 20: the records from the 255th on.
+        let bytes = encode_part(&entries[ENTRIES_PER_SECTOR..], 9, 20, 1, true);
+        assert_eq!(bytes.len(), SECTOR);
+        assert!(decode(&bytes, 9, 21).is_none(), "intent read as normal");
+        let (back, intent) = decode_any(&bytes, 9, 21).unwrap();
+        assert!(intent);
+        assert_eq!(back, entries[ENTRIES_PER_SECTOR..]);
+        let id = identify(&bytes).unwrap();
+        assert_eq!((id.seq, id.commit_start, id.intent), (21, Some(20), true));
+        // An unknown flag makes the sector invalid rather than misread.
+        let mut odd = bytes.clone();
+        put_u16(&mut odd, O_FLAGS, 4);
+        let crc = checksum(&odd[..O_CRC]);
+        put_u32(&mut odd, O_CRC, crc);
+        assert!(identify(&odd).is_none() && decode_any(&odd, 9, 21).is_none());
     }
 }

@@ -144,7 +144,36 @@ impl HostFile {
     }
 }
 
+/// The host's Linux boot_id (read once per process: it cannot change while we run), as 16
+/// bytes; `None` without /proc.
+pub fn host_boot_id() -> Option<[u8; 16]> {
+    static ID: std::sync::OnceLock<Option<[u8; 16]>> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map_err(|e| tracing::warn!("cannot read the host's boot_id ({e}): writes not followed by a FLUSH will not survive a crash of this process"))
+            .ok()?;
+        parse_boot_id(&text)
+    })
+}
+
+/// Parses a boot_id ("8-4-4-4-12" hex digits) into its 16 bytes.
+fn parse_boot_id(text: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = text.trim().bytes().filter(|&c| c != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    // All zeros means "none" in the header.
+    (out != [0; 16]).then_some(out)
+}
+
 impl IoFile for HostFile {
+    fn boot_id(&self) -> Option<[u8; 16]> {
+        host_boot_id()
+    }
     fn grow(&self, len: u64, how: Growth) -> io::Result<()> {
         if self.0.block_device {
             return Ok(());

@@ -39,6 +39,10 @@ pub trait IoFile: Clone + Send + Sync + 'static {
     /// Extends a file to at least `len` bytes (the new part reads as zeros); durable with the
     /// next flush. Block devices are left alone.
     fn grow(&self, len: u64, how: Growth) -> io::Result<()>;
+    /// Identifies the lifetime of the storage's volatile state: while it stays the same, every
+    /// write that completed is still there (flushed or not), even after this process died.
+    /// For host storage, the host's boot (Linux boot_id). `None` if unknown.
+    fn boot_id(&self) -> Option<[u8; 16]>;
 }
 
 /// How the part a file grows by is backed.

@@ -83,8 +83,10 @@ struct State {
     pending: Vec<PendingOp>,
     /// Completion sequence number of writes (flush cut-offs compare against it).
     write_seq: u64,
-    /// Incremented by each power loss; ops from older `SimIo`s fail.
+    /// Incremented by each power loss or process crash; ops from older `SimIo`s fail.
     epoch: u64,
+    /// Incremented by each power loss (the host's boot: see [`IoFile::boot_id`]).
+    boot: u64,
     counters: SimCounters,
 }
 
@@ -141,6 +143,7 @@ impl SimWorld {
             pending: Vec::new(),
             write_seq: 0,
             epoch: 0,
+            boot: 1,
             counters: SimCounters::default(),
         };
         Arc::new(SimWorld {
@@ -265,11 +268,46 @@ impl SimWorld {
             let mut st = self.state.lock();
             let st = &mut *st;
             st.epoch += 1;
+            st.boot += 1;
             st.counters.power_losses += 1;
             for d in &mut st.disks {
                 d.power_loss(&mut st.crash);
             }
             st.pending.drain(..).map(|op| op.slot).collect()
+        };
+        for s in slots {
+            s.complete(Err(err(libc::EIO)));
+        }
+    }
+
+    /// A crash of the process while the host stays up: every completed write stays (flushed or
+    /// not), each pending write lands whole or not at all, and every pending op's future fails
+    /// with EIO; every existing [`SimIo`] is retired.
+    pub fn process_crash(&self) {
+        let slots: Vec<Arc<Slot>> = {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            st.epoch += 1;
+            let ops: Vec<PendingOp> = st.pending.drain(..).collect();
+            let mut slots = Vec::with_capacity(ops.len());
+            for op in ops {
+                let data = match &op.kind {
+                    OpKind::Write { off, buf } => Some((*off, buf.to_vec())),
+                    OpKind::Punch { off, len } => {
+                        let len = (*len).min(st.disks[op.disk].size.saturating_sub(*off));
+                        Some((*off, vec![0u8; len as usize]))
+                    }
+                    _ => None,
+                };
+                if let Some((off, data)) = data {
+                    if st.crash.gen_bool(0.5) {
+                        st.write_seq += 1;
+                        st.disks[op.disk].write(off, &data, st.write_seq, None);
+                    }
+                }
+                slots.push(op.slot);
+            }
+            slots
         };
         for s in slots {
             s.complete(Err(err(libc::EIO)));
@@ -517,6 +555,12 @@ impl IoFile for SimFile {
     }
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+    fn boot_id(&self) -> Option<[u8; 16]> {
+        let boot = self.world.state.lock().boot;
+        let mut id = [0x5a; 16];
+        id[..8].copy_from_slice(&boot.to_le_bytes());
+        Some(id)
     }
 }
 

@@ -39,6 +39,7 @@ impl Shared {
 pub struct Stats {
     pub engine_ops: u64,
     pub power_losses: u64,
+    pub process_crashes: u64,
     pub engine_errors: u64,
     pub checkpoints: u64,
     pub journal_writes: u64,
@@ -62,6 +63,8 @@ pub struct Run {
     pub shared: Arc<Shared>,
     pub next_id: u64,
     stats: Stats,
+    /// Injected I/O errors when the image was last opened.
+    errors_at_open: u64,
 }
 
 fn faults(sc: &Scenario) -> SimConfig {
@@ -130,6 +133,7 @@ pub fn run(sc: Scenario, ops: u64) -> Result<Stats, String> {
         shared,
         next_id: FIRST_WRITE,
         stats: Stats::default(),
+        errors_at_open: 0,
     };
     r.drive(ops)?;
     r.finish()?;
@@ -254,9 +258,70 @@ impl Run {
         self.stats.journal_unordered += c.journal_unordered.load(Ordering::Relaxed);
     }
 
-    /// Power loss with requests in flight, reopen (journal replay), check the crash contract.
-    /// The caller has dropped every task of the old image.
+    /// A crash with requests in flight (a power loss, or with `process_crashes` sometimes a
+    /// crash of the process), reopen (journal replay), check the crash contract. The caller
+    /// has dropped every task of the old image.
     fn crash(&mut self) -> Result<(), String> {
+        if self.sc.process_crashes && self.rng.gen_bool(0.5) {
+            return self.process_crash();
+        }
+        self.power_loss()
+    }
+
+    /// The process dies with requests in flight, the host stays up: reopen, and every write
+    /// that completed must read back.
+    fn process_crash(&mut self) -> Result<(), String> {
+        self.add_counters();
+        self.stats.process_crashes += 1;
+        // An image that failed (a device flush, or journal writes that could not put intents
+        // back, failed) promises only what a power loss keeps; so does one that saw any I/O
+        // error since it was opened: a failed intent write may have damaged the sector holding
+        // other requests' intents, which the engine rewrites at once, but a crash can come first.
+        let strict =
+            !self.img.failed() && self.world.counters().injected_errors == self.errors_at_open;
+        let at = self.shared.model.lock().crash_tick();
+        self.world.process_crash();
+        // Sometimes it dies again while reopening (replay, adopting intents, checkpoint).
+        if self.rng.gen_bool(0.3) {
+            let mut ex = Executor::default();
+            let (io, f, b) = (self.world.io(), self.file.clone(), make_base(&self.base));
+            ex.spawn(async move {
+                let _ = Image::open(&io, f, b, false).await;
+            });
+            for _ in 0..self.rng.gen_range(0..60) {
+                ex.run_ready();
+                if !self.world.complete_one() {
+                    break;
+                }
+            }
+            self.stats.process_crashes += 1;
+            self.world.process_crash();
+        }
+        self.reopen()?;
+        let data = self.read_all()?;
+        if strict {
+            self.shared.model.lock().process_crash_check(&data, at)
+        } else {
+            self.shared.model.lock().crash_check(&data)
+        }
+    }
+
+    fn reopen(&mut self) -> Result<(), String> {
+        self.io = self.world.io();
+        self.img = Arc::new(open(
+            &self.sc,
+            &self.world,
+            &self.io,
+            &self.file,
+            &self.base,
+        )?);
+        self.errors_at_open = self.world.counters().injected_errors;
+        self.shared.flush_failed.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Power loss with requests in flight, reopen (journal replay), check the crash contract.
+    fn power_loss(&mut self) -> Result<(), String> {
         self.add_counters();
         self.stats.power_losses += 1;
         self.world.power_loss();
@@ -278,15 +343,7 @@ impl Run {
                 self.world.power_loss();
             }
         }
-        self.io = self.world.io();
-        self.img = Arc::new(open(
-            &self.sc,
-            &self.world,
-            &self.io,
-            &self.file,
-            &self.base,
-        )?);
-        self.shared.flush_failed.store(false, Ordering::Relaxed);
+        self.reopen()?;
         let data = self.read_all()?;
         self.shared.model.lock().crash_check(&data)
     }
@@ -324,7 +381,7 @@ impl Run {
     fn finish(&mut self) -> Result<(), String> {
         self.world.set_config(SimConfig::default());
         if self.shared.flush_failed.load(Ordering::Relaxed) || self.img.failed() {
-            self.crash()?;
+            self.power_loss()?;
         }
         if self.world.pending() != 0 || self.img.locked_blocks() != 0 {
             return Err(format!(
@@ -345,7 +402,7 @@ impl Run {
             .block_on(async move { img.close(&io).await })
             .map_err(|e| format!("close failed: {e}"))?;
         self.shared.model.lock().flush_end(t, true);
-        self.crash()?;
+        self.power_loss()?;
         self.add_counters();
         self.stats.engine_errors = self.shared.engine_errors.load(Ordering::Relaxed);
         self.stats.sim_ops = {

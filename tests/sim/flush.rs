@@ -87,6 +87,32 @@ impl Env {
         self.img = Self::open(&self.world, &self.io, &self.file, &self.base);
     }
 
+    /// The process dies (the host keeps every completed write) and the image is reopened.
+    fn process_crash_and_reopen(&mut self) {
+        self.world.process_crash();
+        self.io = self.world.io();
+        self.img = Self::open(&self.world, &self.io, &self.file, &self.base);
+    }
+
+    /// Makes every completed write durable behind the engine's back (a flush of the storage
+    /// alone, no journal write).
+    fn flush_storage(&self) {
+        let (io, f) = (self.io.clone(), self.file.clone());
+        self.world
+            .block_on(async move { fvd::io::Io::flush(&io, &f).await })
+            .unwrap();
+    }
+
+    /// What journal sector `i` of the current header is: `Some(intent?)` if it is a valid
+    /// sector of the header's epoch at that position.
+    fn journal_sector(&self, i: u64) -> Option<bool> {
+        let h = self.img.header();
+        let raw = self
+            .file
+            .read_now(h.journal_offset + i * SECTOR, SECTOR as usize);
+        fvd::format::journal::decode_any(&raw, h.journal_epoch, i).map(|(_, intent)| intent)
+    }
+
     /// Writes each block of `blocks` whole, one after the other, with value `id`.
     fn write_blocks(&self, id: u64, blocks: impl IntoIterator<Item = u64>) {
         let blocks: Vec<u64> = blocks.into_iter().collect();
@@ -150,8 +176,10 @@ fn block_data(id: u64, block: u64) -> Buf {
 
 /// Journal sectors hold 254 records: 300 writes of non-adjacent blocks make a 2-sector batch.
 /// A batch that ends exactly at the end of the journal is journalled; one that would run past
-/// it (a 2-sector batch with 1 or 0 sectors left) goes into a checkpoint instead, and nothing
-/// is written past the journal. All of it survives a power loss.
+/// it goes into a checkpoint instead, and nothing is written past the journal. Each write puts
+/// its record in the journal as an intent first, so the checkpoint comes at the first write
+/// whose intent does not fit (batch 4's first, batch 5's 255th), and the records queued after it
+/// start the new epoch. All of it survives a power loss.
 #[test]
 fn multi_sector_batches_at_the_end_of_the_journal() {
     let p = CreateParams {
@@ -173,7 +201,7 @@ fn multi_sector_batches_at_the_end_of_the_journal() {
         (6, (0..300).map(|i| 1002 + 2 * i).collect()),
     ];
     // (journal sectors used, checkpoints so far) after each batch's flush.
-    let expect = [(1, 0), (3, 0), (0, 1), (2, 1), (0, 2)];
+    let expect = [(1, 0), (3, 0), (2, 1), (1, 2), (3, 2)];
     for ((id, blocks), (used, ckpts)) in batches.iter().zip(expect) {
         env.write_blocks(*id, blocks.iter().copied());
         env.flush();
@@ -222,11 +250,13 @@ fn checkpoint_writes_only_the_inactive_copy_and_keeps_the_flags() {
     // in copy sector 1 + c / 1020.
     let steps: [(u64, u64); 5] = [(3, 2100), (4, 3100), (5, 3101), (6, 1100), (7, 3102)];
     for (i, &(id, block)) in steps.iter().enumerate() {
-        env.write_blocks(id, [block]);
+        // Taken before the write: when the journal is full, the write's intent does not fit
+        // and the write checkpoints (the FLUSH then has nothing left to journal).
         let before = env.img.header();
         let target = 1 - before.active_meta as usize;
         let meta = before.meta_offset[target]..before.meta_offset[target] + before.meta_len;
         let old = env.file.read_now(0, before.data_offset as usize);
+        env.write_blocks(id, [block]);
         env.flush();
         let after = env.img.header();
         assert_eq!(
@@ -343,9 +373,14 @@ fn retry_after_a_failed_journal_write_still_flushes_data_first() {
         assert_eq!(data.len(), 1, "the write of block 1 is in flight");
         assert!(env.world.complete_write_at(data[0], false));
         ex.run_ready();
-        assert!(w.load(Ordering::SeqCst), "the write of block 1 returned");
+        // Its record is queued; it waits for FLUSH 1 to journal it as an intent.
+        assert!(
+            !w.load(Ordering::SeqCst),
+            "the write of block 1 returned unjournaled"
+        );
         assert!(env.world.complete_write_at(j1, true));
         run_until(&env.world, &mut ex, &f1);
+        run_until(&env.world, &mut ex, &w);
         // The retry: power fails just after its journal write completed.
         let (img, io) = (env.img.clone(), env.io.clone());
         ex.spawn(async move {
@@ -411,12 +446,12 @@ fn power_loss_after_the_header_flip_keeps_flushed_data() {
         let mut env = Env::new(seed, p, 0);
         env.write_blocks(2, [2100]);
         env.flush();
-        env.write_blocks(3, [3100]);
         let header = 0..2 * SECTOR;
         let mut ex = Executor::default();
         let (img, io) = (env.img.clone(), env.io.clone());
+        // The journal is full: the write's intent does not fit, so the write checkpoints.
         ex.spawn(async move {
-            let _ = img.flush(&io).await;
+            let _ = img.write(&io, 3100 * BS, block_data(3, 3100)).await;
         });
         let c0 = env.checkpoints();
         let mut seen = false;
@@ -443,4 +478,163 @@ fn power_loss_after_the_header_flip_keeps_flushed_data() {
             _ => panic!("seed {seed}: block 3100 reads neither zeros nor its write"),
         }
     }
+}
+
+/// A write that completed without a FLUSH survives a crash of the process: its record is in
+/// the journal as an intent, which reopening under the same boot adopts, after flushing the
+/// storage (the data may still be only in its volatile cache): a power loss right after the
+/// reopen keeps the write.
+#[test]
+fn intents_are_adopted_after_a_process_crash_and_made_durable() {
+    for seed in 0..16 {
+        let p = CreateParams {
+            virtual_size: 64 * BS,
+            block_size: BS,
+            chunk_size: 4 * BS,
+            journal_size: 4 * SECTOR,
+            compact: seed % 2 == 0,
+            ..Default::default()
+        };
+        let mut env = Env::new(seed, p, if seed % 4 < 2 { 0 } else { 64 });
+        let h = env.img.header();
+        assert!(
+            h.intents() && h.boot_id != [0; 16],
+            "open read-write announces intents"
+        );
+        env.write_blocks(2, [3, 40]);
+        assert_eq!(
+            env.journal_sector(0),
+            Some(true),
+            "an intent sector at the tail"
+        );
+        assert_eq!(env.journal_used(), 0, "intents take no journal space");
+        env.process_crash_and_reopen();
+        env.expect_block(3, 2);
+        env.expect_block(40, 2);
+        env.crash_and_reopen();
+        env.expect_block(3, 2);
+        env.expect_block(40, 2);
+        // A clean close leaves no intents: an older reader may open the image again.
+        let (img, io) = (env.img.clone(), env.io.clone());
+        env.world
+            .block_on(async move { img.close(&io).await })
+            .unwrap();
+        let h = env.img.header();
+        assert!(!h.intents() && h.boot_id == [0; 16]);
+    }
+}
+
+/// After a power loss the boot differs and intents are ignored, even where they survived with
+/// their data (no FLUSH promised them): the journal replays as if they had never been written,
+/// and the image opens without reporting damage.
+#[test]
+fn intents_of_another_boot_are_ignored() {
+    for seed in 0..8 {
+        let p = CreateParams {
+            virtual_size: 64 * BS,
+            block_size: BS,
+            chunk_size: 4 * BS,
+            journal_size: 4 * SECTOR,
+            compact: seed % 2 == 0,
+            ..Default::default()
+        };
+        let mut env = Env::new(seed, p, 0);
+        env.write_blocks(2, [5]);
+        env.flush();
+        env.write_blocks(3, [6, 7]);
+        assert_eq!(env.journal_sector(0), Some(false));
+        assert_eq!(env.journal_sector(1), Some(true));
+        // Intent and data durable, then the host loses power.
+        env.flush_storage();
+        env.crash_and_reopen();
+        env.expect_block(5, 2);
+        for b in [6, 7] {
+            match env.read_block(b) {
+                Decoded::Value(0) => {}
+                _ => panic!("seed {seed}: block {b} does not read zeros: intent adopted"),
+            }
+        }
+    }
+}
+
+/// Intents past a damaged or missing one (a power loss keeps unflushed sectors in any pattern)
+/// are not corruption: the journal is only torn there. Open and `fvd check` accept it, under
+/// the same boot (adopting the intents before the gap) and under another (ignoring them all).
+#[test]
+fn a_damaged_intent_sector_before_later_ones_is_tolerated() {
+    for process in [true, false] {
+        let p = CreateParams {
+            virtual_size: 2048 * BS,
+            block_size: BS,
+            chunk_size: 4 * BS,
+            journal_size: 4 * SECTOR,
+            compact: false,
+            ..Default::default()
+        };
+        let mut env = Env::new(7, p, 0);
+        // 300 records: intents in journal sectors 0 and 1.
+        let blocks: Vec<u64> = (0..300).map(|i| 2 * i).collect();
+        env.write_blocks(2, blocks.iter().copied());
+        assert_eq!(
+            (env.journal_sector(0), env.journal_sector(1)),
+            (Some(true), Some(true))
+        );
+        env.flush_storage();
+        let h = env.img.header();
+        env.file.write_now(h.journal_offset + 100, &[0xEE; 8]);
+        if process {
+            env.world.process_crash();
+        } else {
+            env.world.power_loss();
+        }
+        env.io = env.world.io();
+        let (io, f) = (env.io.clone(), env.file.clone());
+        let report = env
+            .world
+            .block_on(async move { fvd::engine::check::check(&io, f).await })
+            .unwrap();
+        assert!(
+            !report.corrupt(),
+            "process crash {process}: {:?}",
+            report.problems
+        );
+        env.img = Env::open(&env.world, &env.io, &env.file, &env.base);
+        // Sector 0 (the first 254 records) is gone, so is everything after it.
+        for &b in &blocks {
+            match env.read_block(b) {
+                Decoded::Value(0) => {}
+                _ => panic!("process crash {process}: block {b} does not read zeros"),
+            }
+        }
+    }
+}
+
+/// An intent that does not fit the journal: the write commits like a FLUSH (here a checkpoint)
+/// before it completes, so it even survives a power loss.
+#[test]
+fn an_intent_that_does_not_fit_commits_instead() {
+    let p = CreateParams {
+        virtual_size: 64 * BS,
+        block_size: BS,
+        chunk_size: 4 * BS,
+        journal_size: SECTOR,
+        compact: true,
+        ..Default::default()
+    };
+    let mut env = Env::new(3, p, 0);
+    env.write_blocks(2, [1]);
+    env.flush();
+    assert_eq!(env.journal_used(), 1, "the journal is full");
+    let c0 = env.checkpoints();
+    let i0 = env.img.counters().journal_intents.load(Ordering::Relaxed);
+    env.write_blocks(3, [9]);
+    assert_eq!(env.checkpoints() - c0, 1, "the write checkpointed");
+    assert_eq!(
+        env.img.counters().journal_intents.load(Ordering::Relaxed),
+        i0,
+        "no intent written"
+    );
+    env.crash_and_reopen();
+    env.expect_block(1, 2);
+    env.expect_block(9, 3);
 }

@@ -8,7 +8,9 @@
 //!
 //! Crash contract: after a power loss, a sector may hold any candidate that was still alive when
 //! the last flush that returned Ok was *submitted* (its value as of that flush, or anything
-//! written since, even if overwritten later).
+//! written since, even if overwritten later). After a crash of the process (the host stays up),
+//! a sector may hold any candidate still alive at the crash: every completed write (or write
+//! zeroes) is there, flushed or not, as a read at that moment would have seen it.
 
 use super::pattern::{decode, Decoded, BASE, ZERO};
 use std::collections::BTreeMap;
@@ -275,6 +277,22 @@ impl Model {
         for lba in 0..self.sectors.len() as u64 {
             let sec = &data[lba as usize * 512..(lba as usize + 1) * 512];
             self.check(lba, sec, floor, "after power loss, read")?;
+        }
+        self.settle(data, true);
+        Ok(())
+    }
+
+    /// The moment of a process crash (for [`Model::process_crash_check`]).
+    pub fn crash_tick(&mut self) -> u64 {
+        self.next()
+    }
+
+    /// After a process crash at tick `at` and reopen: checks every sector like a read started
+    /// at the crash, then makes what was read the only value (reopening flushed it).
+    pub fn process_crash_check(&mut self, data: &[u8], at: u64) -> Result<(), String> {
+        for lba in 0..self.sectors.len() as u64 {
+            let sec = &data[lba as usize * 512..(lba as usize + 1) * 512];
+            self.check(lba, sec, at, "after a process crash, read")?;
         }
         self.settle(data, true);
         Ok(())

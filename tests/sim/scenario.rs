@@ -10,6 +10,9 @@ pub const MODE_COMPACT: u64 = 1;
 pub const MODE_BASE: u64 = 2;
 pub const MODE_CRASH: u64 = 4;
 pub const MODE_ERRORS: u64 = 8;
+/// With MODE_CRASH: each crash is, at random, a crash of the process (the host keeps every
+/// completed write) or a power loss. A high bit, so seeds recorded before it keep their runs.
+pub const MODE_PROCESS: u64 = 1 << 32;
 
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -18,6 +21,8 @@ pub struct Scenario {
     pub base: bool,
     /// Random power losses during the run.
     pub crashes: bool,
+    /// Some of those crashes are process crashes instead (see [`MODE_PROCESS`]).
+    pub process_crashes: bool,
     /// Injected I/O errors (and a restart after each failed flush).
     pub errors: bool,
     pub block_size: u64,
@@ -76,6 +81,7 @@ impl Scenario {
             compact,
             base: seed & MODE_BASE != 0,
             crashes: seed & MODE_CRASH != 0,
+            process_crashes: seed & MODE_CRASH != 0 && seed & MODE_PROCESS != 0,
             errors,
             block_size,
             chunk_size,

@@ -3,7 +3,9 @@
 # crc32c in every block), verified in place. fvd.cache=through first switches the guest to
 # write-through (VIRTIO_BLK_F_CONFIG_WCE): then no FLUSH is ever sent and each completed write must
 # already be durable. The host then kills or restarts the server; raw-verify checks the data.
-# Arguments: [fvd.cache=through|back] [fvd.size_mb=MiB]
+# With fvd.hold=1 the guest then prints FVD-HOLD and waits, still connected (so the server gets
+# no disconnect, whose flush would make everything durable), for the host to kill the server.
+# Arguments: [fvd.cache=through|back] [fvd.size_mb=MiB] [fvd.hold=1]
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . /tests/lib.sh
 
@@ -19,3 +21,7 @@ if [ "$mode" = "write through" ]; then
     expect "flushes sent in write-through mode" "$(($(flush_count) - before))" 0
 fi
 echo "ok: written and verified"
+if [ "${FVD_hold:-0}" = 1 ]; then
+    echo "FVD-HOLD"
+    while :; do sleep 60; done
+fi
