@@ -2,15 +2,17 @@
 //! (`struct virtio_blk_config`, little-endian) and the limits requests are checked against.
 
 use super::request::Limits;
+use std::mem::{offset_of, size_of};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{ByteValued, Le16, Le32, Le64};
 
 /// Bytes of `struct virtio_blk_config` we implement: everything up to and including
 /// `write_zeroes_may_unmap` plus its padding (secure erase and zoned fields are not offered).
 /// libblkio insists on exactly this size; QEMU asks for a prefix of it.
-pub const CONFIG_LEN: usize = 60;
+pub const CONFIG_LEN: usize = size_of::<VirtioBlkConfig>();
 
 /// Largest single data segment we accept (advertised as `size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
@@ -20,7 +22,72 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 pub const MAX_DISCARD_SEG: u32 = 16;
 
 /// Offset of the `wce` (writeback) byte, the only field the driver may write.
-const WCE_OFFSET: usize = 32;
+const WCE_OFFSET: usize = offset_of!(VirtioBlkConfig, wce);
+
+/// The configuration space, virtio 1.2 section 5.2.4, up to the secure-erase fields.
+/// virtio-bindings' `virtio_blk_config` has the same layout (checked below) but host-endian
+/// fields and the secure-erase and zoned tails, and `ByteValued` cannot be implemented for it
+/// here; this one is little-endian whatever the host.
+#[repr(C, packed)]
+#[derive(Copy, Clone, Debug, Default)]
+struct VirtioBlkConfig {
+    capacity: Le64,
+    size_max: Le32,
+    seg_max: Le32,
+    geometry_cylinders: Le16,
+    geometry_heads: u8,
+    geometry_sectors: u8,
+    blk_size: Le32,
+    physical_block_exp: u8,
+    alignment_offset: u8,
+    min_io_size: Le16,
+    opt_io_size: Le32,
+    wce: u8,
+    unused0: u8,
+    num_queues: Le16,
+    max_discard_sectors: Le32,
+    max_discard_seg: Le32,
+    discard_sector_alignment: Le32,
+    max_write_zeroes_sectors: Le32,
+    max_write_zeroes_seg: Le32,
+    write_zeroes_may_unmap: u8,
+    unused1: [u8; 3],
+}
+
+// SAFETY: a packed struct of integers and integer arrays: no padding, and every byte pattern is
+// a valid value.
+unsafe impl ByteValued for VirtioBlkConfig {}
+
+// Same layout as the kernel's header (virtio-bindings), field by field.
+macro_rules! same_offset {
+    ($ours:ident, $theirs:ident $(. $sub:ident)?) => {
+        const _: () = assert!(
+            offset_of!(VirtioBlkConfig, $ours)
+                == offset_of!(virtio_blk_config, $theirs)
+                    $(+ offset_of!(virtio_blk_config_virtio_blk_geometry, $sub))?
+        );
+    };
+}
+same_offset!(capacity, capacity);
+same_offset!(size_max, size_max);
+same_offset!(seg_max, seg_max);
+same_offset!(geometry_cylinders, geometry.cylinders);
+same_offset!(geometry_heads, geometry.heads);
+same_offset!(geometry_sectors, geometry.sectors);
+same_offset!(blk_size, blk_size);
+same_offset!(physical_block_exp, physical_block_exp);
+same_offset!(alignment_offset, alignment_offset);
+same_offset!(min_io_size, min_io_size);
+same_offset!(opt_io_size, opt_io_size);
+same_offset!(wce, wce);
+same_offset!(num_queues, num_queues);
+same_offset!(max_discard_sectors, max_discard_sectors);
+same_offset!(max_discard_seg, max_discard_seg);
+same_offset!(discard_sector_alignment, discard_sector_alignment);
+same_offset!(max_write_zeroes_sectors, max_write_zeroes_sectors);
+same_offset!(max_write_zeroes_seg, max_write_zeroes_seg);
+same_offset!(write_zeroes_may_unmap, write_zeroes_may_unmap);
+const _: () = assert!(CONFIG_LEN == offset_of!(virtio_blk_config, max_secure_erase_sectors));
 
 /// What the device exposes; fixed for the life of a connection except `writeback`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,30 +146,30 @@ impl DeviceConfig {
 
     /// The whole configuration space.
     pub fn encode(&self) -> [u8; CONFIG_LEN] {
-        let mut c = [0u8; CONFIG_LEN];
-        let put32 = |c: &mut [u8; CONFIG_LEN], off: usize, v: u32| {
-            c[off..off + 4].copy_from_slice(&v.to_le_bytes())
+        let lbs = self.block_size.max(512);
+        let discard = self.discard && !self.read_only;
+        let if_discard = |v: u32| Le32::from(if discard { v } else { 0 });
+        let c = VirtioBlkConfig {
+            capacity: (self.capacity / 512).into(),
+            size_max: SIZE_MAX.into(),
+            seg_max: self.seg_max().into(),
+            // geometry stays zero: VIRTIO_BLK_F_GEOMETRY is not offered.
+            blk_size: lbs.into(),
+            // Physical block == logical block, no offset, no preferred I/O size.
+            min_io_size: 1u16.into(),
+            wce: u8::from(self.writeback),
+            num_queues: self.num_queues.into(),
+            max_discard_sectors: if_discard(MAX_DISCARD_SECTORS),
+            max_discard_seg: if_discard(MAX_DISCARD_SEG),
+            discard_sector_alignment: if_discard(lbs / 512),
+            max_write_zeroes_sectors: if_discard(MAX_DISCARD_SECTORS),
+            max_write_zeroes_seg: if_discard(MAX_DISCARD_SEG),
+            write_zeroes_may_unmap: u8::from(discard),
+            ..Default::default()
         };
-        c[0..8].copy_from_slice(&(self.capacity / 512).to_le_bytes());
-        put32(&mut c, 8, SIZE_MAX);
-        put32(&mut c, 12, self.seg_max());
-        // geometry (16..20) stays zero: VIRTIO_BLK_F_GEOMETRY is not offered.
-        put32(&mut c, 20, self.block_size);
-        c[24] = 0; // physical_block_exp: physical == logical block
-        c[25] = 0; // alignment_offset
-        c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size, in logical blocks
-        put32(&mut c, 28, 0); // opt_io_size: no preference
-        c[WCE_OFFSET] = u8::from(self.writeback);
-        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
-        if self.discard && !self.read_only {
-            put32(&mut c, 36, MAX_DISCARD_SECTORS);
-            put32(&mut c, 40, MAX_DISCARD_SEG);
-            put32(&mut c, 44, self.block_size / 512);
-            put32(&mut c, 48, MAX_DISCARD_SECTORS);
-            put32(&mut c, 52, MAX_DISCARD_SEG);
-            c[56] = 1; // write_zeroes_may_unmap
-        }
-        c
+        let mut out = [0u8; CONFIG_LEN];
+        out.copy_from_slice(c.as_slice());
+        out
     }
 
     /// Answer to GET_CONFIG: exactly `size` bytes from `offset`, or an empty vector (which the
@@ -161,6 +228,70 @@ mod tests {
 
     fn le32(b: &[u8], off: usize) -> u32 {
         u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    /// The struct against the spec's table (virtio 1.2, 5.2.4), independently of
+    /// virtio-bindings: each field set to a distinct value lands at its offset, little-endian.
+    #[test]
+    fn layout_is_the_spec_layout() {
+        assert_eq!(CONFIG_LEN, 60);
+        let c = VirtioBlkConfig {
+            capacity: 0x0807_0605_0403_0201u64.into(),
+            size_max: 0x1111_1110u32.into(),
+            seg_max: 0x1212_1211u32.into(),
+            geometry_cylinders: 0x1313u16.into(),
+            geometry_heads: 0x14,
+            geometry_sectors: 0x15,
+            blk_size: 0x1616_1617u32.into(),
+            physical_block_exp: 0x18,
+            alignment_offset: 0x19,
+            min_io_size: 0x1a1bu16.into(),
+            opt_io_size: 0x1c1d_1e1fu32.into(),
+            wce: 0x20,
+            unused0: 0,
+            num_queues: 0x2122u16.into(),
+            max_discard_sectors: 0x2324_2526u32.into(),
+            max_discard_seg: 0x2728_292au32.into(),
+            discard_sector_alignment: 0x2b2c_2d2eu32.into(),
+            max_write_zeroes_sectors: 0x3132_3334u32.into(),
+            max_write_zeroes_seg: 0x3536_3738u32.into(),
+            write_zeroes_may_unmap: 0x39,
+            unused1: [0; 3],
+        };
+        let b = c.as_slice();
+        assert_eq!(b.len(), 60);
+        let le = |off: usize, len: usize| {
+            b[off..off + len]
+                .iter()
+                .rev()
+                .fold(0u64, |a, &x| a << 8 | u64::from(x))
+        };
+        for (off, len, v) in [
+            (0, 8, 0x0807_0605_0403_0201u64),
+            (8, 4, 0x1111_1110),
+            (12, 4, 0x1212_1211),
+            (16, 2, 0x1313),
+            (18, 1, 0x14),
+            (19, 1, 0x15),
+            (20, 4, 0x1616_1617),
+            (24, 1, 0x18),
+            (25, 1, 0x19),
+            (26, 2, 0x1a1b),
+            (28, 4, 0x1c1d_1e1f),
+            (32, 1, 0x20),
+            (33, 1, 0),
+            (34, 2, 0x2122),
+            (36, 4, 0x2324_2526),
+            (40, 4, 0x2728_292a),
+            (44, 4, 0x2b2c_2d2e),
+            (48, 4, 0x3132_3334),
+            (52, 4, 0x3536_3738),
+            (56, 1, 0x39),
+            (57, 3, 0),
+        ] {
+            assert_eq!(le(off, len), v, "field at offset {off}");
+        }
+        assert_eq!(WCE_OFFSET, 32);
     }
 
     #[test]
