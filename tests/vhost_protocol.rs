@@ -73,6 +73,16 @@ fn negotiation_config_and_malformed_requests() {
         (8 << 20) / 512
     );
     assert_eq!(cfg[32], 1, "write-back cache");
+    // Topology (sizes in logical blocks): 4 KiB minimum, the image's 64 KiB block optimal.
+    let lbs = u32::from_le_bytes(cfg[20..24].try_into().unwrap());
+    assert_eq!(
+        u32::from(u16::from_le_bytes([cfg[26], cfg[27]])) * lbs,
+        4096
+    );
+    assert_eq!(
+        u32::from_le_bytes(cfg[28..32].try_into().unwrap()) * lbs,
+        65536
+    );
     assert_eq!(u16::from_le_bytes([cfg[34], cfg[35]]), 2);
     let (_, short) =
         g.fe.get_config(0, 57, VhostUserConfigFlags::WRITABLE, &[0; 57])
@@ -234,4 +244,53 @@ fn readonly_device_refuses_writes_at_the_protocol_level() {
     assert_eq!(g.read_back(DATA, 512), vec![0; 512]);
     drop(g);
     assert!(srv.alive());
+}
+
+/// VIRTIO_BLK_F_TOPOLOGY: the optimal I/O size is the image's block size (none for a raw
+/// disk), the minimum 4 KiB; both in logical blocks.
+#[test]
+fn topology_follows_the_image() {
+    let d = dir();
+    let fvd_img = d.path().join("big.fvd");
+    let o = serve_support::fvd()
+        .arg("create")
+        .arg(&fvd_img)
+        .args(["-s", "8M", "--block-size", "1M"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let raw_img = d.path().join("disk.raw");
+    std::fs::File::create(&raw_img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    for (img, args, optimal, sock) in [
+        (&fvd_img, &[][..], 1u32 << 20, "f.sock"),
+        (&raw_img, &["-f", "raw"][..], 0, "r.sock"),
+    ] {
+        let srv = ServerProc::start(img, &d.path().join(sock), args);
+        let (mut fe, _raw, features) = negotiate(&srv.socket);
+        assert_ne!(features & bit(VIRTIO_BLK_F_TOPOLOGY), 0);
+        let (_, cfg) = fe
+            .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0; 60])
+            .unwrap();
+        let lbs = u32::from_le_bytes(cfg[20..24].try_into().unwrap());
+        assert_eq!(
+            cfg[24..26],
+            [0, 0],
+            "{img:?}: physical block exp, alignment"
+        );
+        assert_eq!(
+            u32::from(u16::from_le_bytes([cfg[26], cfg[27]])) * lbs,
+            4096,
+            "{img:?}: min_io_size"
+        );
+        assert_eq!(
+            u32::from_le_bytes(cfg[28..32].try_into().unwrap()) * lbs,
+            optimal,
+            "{img:?}: opt_io_size"
+        );
+        drop(fe);
+        assert!(srv.terminate().success());
+    }
 }

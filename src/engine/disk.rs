@@ -41,6 +41,14 @@ impl<I: Io> Disk<I> {
     pub fn alignment(&self) -> u32 {
         both!(self, d => d.alignment())
     }
+    /// Writes of this size and alignment cost least (0: no preference): an FVD image's block,
+    /// which a first write fills whole. A raw disk passes each write through as it is.
+    pub fn preferred_write_size(&self) -> u32 {
+        match self {
+            Disk::Fvd(d) => u32::try_from(d.geometry().block_size).unwrap_or(0),
+            Disk::Raw(_) => 0,
+        }
+    }
     pub fn supports_discard(&self) -> bool {
         true
     }

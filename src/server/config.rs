@@ -20,6 +20,11 @@ pub const SIZE_MAX: u32 = 1 << 20;
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 /// Ranges per discard / write-zeroes request.
 pub const MAX_DISCARD_SEG: u32 = 16;
+/// Smallest write the guest should prefer (advertised as `min_io_size`, at least one logical
+/// block). A write to a present block is one direct host write of any sector-aligned size, but
+/// ext4 and XFS take the exclusive inode lock for a direct write not aligned to their block
+/// (4 KiB almost everywhere) that lands in reserved (unwritten) space, as the image's do.
+pub const MIN_IO_BYTES: u32 = 4096;
 
 /// Offset of the `wce` (writeback) byte, the only field the driver may write.
 const WCE_OFFSET: usize = offset_of!(VirtioBlkConfig, wce);
@@ -96,6 +101,9 @@ pub struct DeviceConfig {
     pub capacity: u64,
     /// Logical block size advertised in `blk_size` (512 or 4096).
     pub block_size: u32,
+    /// Preferred write size and alignment in bytes (`opt_io_size`; 0: no preference): an FVD
+    /// image's block size, since the first write to a block fills all of it.
+    pub optimal_io: u32,
     pub read_only: bool,
     /// The disk supports discard; enables DISCARD and WRITE_ZEROES.
     pub discard: bool,
@@ -155,8 +163,10 @@ impl DeviceConfig {
             seg_max: self.seg_max().into(),
             // geometry stays zero: VIRTIO_BLK_F_GEOMETRY is not offered.
             blk_size: lbs.into(),
-            // Physical block == logical block, no offset, no preferred I/O size.
-            min_io_size: 1u16.into(),
+            // Physical block == logical block, no offset; sizes in logical blocks.
+            // At most 8 (4096 / 512).
+            min_io_size: ((MIN_IO_BYTES.max(lbs) / lbs) as u16).into(),
+            opt_io_size: (self.optimal_io / lbs).into(),
             wce: u8::from(self.writeback),
             num_queues: self.num_queues.into(),
             max_discard_sectors: if_discard(MAX_DISCARD_SECTORS),
@@ -218,6 +228,7 @@ mod tests {
         DeviceConfig {
             capacity: (1 << 30) + 700,
             block_size: 4096,
+            optimal_io: 65536,
             read_only: false,
             discard: true,
             num_queues: 3,
@@ -292,6 +303,35 @@ mod tests {
             assert_eq!(le(off, len), v, "field at offset {off}");
         }
         assert_eq!(WCE_OFFSET, 32);
+    }
+
+    #[test]
+    fn topology_follows_the_image() {
+        let c = cfg().encode();
+        assert_eq!(c[24], 0, "physical block = logical block");
+        assert_eq!(c[25], 0, "no alignment offset");
+        assert_eq!(
+            u16::from_le_bytes([c[26], c[27]]),
+            1,
+            "4 KiB in 4 KiB blocks"
+        );
+        assert_eq!(le32(&c, 28), 16, "64 KiB in 4 KiB blocks");
+        let small = DeviceConfig {
+            block_size: 512,
+            optimal_io: 1 << 20,
+            ..cfg()
+        }
+        .encode();
+        assert_eq!(le32(&small, 20), 512);
+        assert_eq!(u16::from_le_bytes([small[26], small[27]]), 8);
+        assert_eq!(le32(&small, 28), 2048);
+        assert_eq!(le32(&small, 44), 1, "discard alignment in sectors");
+        let raw = DeviceConfig {
+            optimal_io: 0,
+            ..cfg()
+        }
+        .encode();
+        assert_eq!(le32(&raw, 28), 0, "no preferred size");
     }
 
     #[test]

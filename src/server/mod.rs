@@ -170,6 +170,7 @@ impl Server {
         let device = DeviceConfig {
             capacity: disk.virtual_size(),
             block_size: disk.alignment().clamp(512, 4096),
+            optimal_io: disk.preferred_write_size(),
             read_only: cfg.read_only || disk.read_only(),
             discard: disk.supports_discard(),
             num_queues: cfg.num_queues,

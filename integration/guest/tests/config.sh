@@ -1,7 +1,7 @@
 #!/bin/sh
 # (d) The guest sees the configuration the backend was started with.
 # Arguments: fvd.size=BYTES fvd.queues=N fvd.wc=back|through fvd.discard=0|1|any [fvd.ro=0|1]
-#            [fvd.serial=S] [fvd.lbs=512|4096]
+#            [fvd.serial=S] [fvd.lbs=512|4096] [fvd.minio=BYTES] [fvd.optio=BYTES]
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . /tests/lib.sh
 
@@ -24,6 +24,13 @@ if [ -n "${FVD_serial:-}" ]; then
 fi
 if [ -n "${FVD_lbs:-}" ]; then
     expect "logical block size" "$(cat "$BLK/queue/logical_block_size")" "$FVD_lbs"
+fi
+# Topology: the I/O sizes the server announced (VIRTIO_BLK_F_TOPOLOGY).
+if [ -n "${FVD_minio:-}" ]; then
+    expect "minimum_io_size" "$(cat "$BLK/queue/minimum_io_size")" "$FVD_minio"
+fi
+if [ -n "${FVD_optio:-}" ]; then
+    expect "optimal_io_size" "$(cat "$BLK/queue/optimal_io_size")" "$FVD_optio"
 fi
 echo "info: write_zeroes_max_bytes = $(cat "$BLK/queue/write_zeroes_max_bytes")"
 
