@@ -1,7 +1,7 @@
 //! Physical chunk allocation for compact images. Chunks are handed out lowest-first, so data
 //! written together lands together and the data area stays dense.
 
-use super::error::{EngineError, Result};
+use super::error::{EngineError, IoContext, IoOp, Result};
 use super::storage::Storage;
 use crate::format::Header;
 use crate::io::{Growth, Io, IoFile};
@@ -144,10 +144,7 @@ impl Allocator {
         if store.file.is_block_device() {
             a.refresh_capacity(store)?;
         } else {
-            let len = store.file.size().map_err(|error| EngineError::Io {
-                context: "size of image file",
-                error,
-            })?;
+            let len = store.file.size().ctx(IoOp::Size, "size of image file")?;
             let past_end = len.saturating_sub(a.data_offset).div_ceil(a.chunk_size);
             a.fresh_from = Some(past_end.min(u32::MAX as u64) as u32);
             a.file_len = len;
@@ -186,10 +183,7 @@ impl Allocator {
     }
 
     fn refresh_capacity<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
-        let size = store.file.size().map_err(|error| EngineError::Io {
-            context: "size of device",
-            error,
-        })?;
+        let size = store.file.size().ctx(IoOp::Size, "size of device")?;
         self.capacity = Some(size.saturating_sub(self.data_offset) / self.chunk_size);
         Ok(())
     }
@@ -250,10 +244,7 @@ impl Allocator {
         store
             .file
             .grow(len, Growth::Reserved)
-            .map_err(|error| EngineError::Io {
-                context: "grow image file",
-                error,
-            })?;
+            .ctx(IoOp::Grow, "grow image file")?;
         self.file_len = len;
         Ok(())
     }

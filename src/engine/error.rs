@@ -1,16 +1,44 @@
-//! Engine errors. I/O errors keep their errno so the server can log it and the tools can print it.
+//! Engine errors. I/O errors keep their errno so the server can log it and the tools can print it,
+//! and the operation that failed as a kind, so that callers decide on it, never on message text.
 
 use crate::format::FormatError;
 use std::io;
+
+/// The kind of I/O operation an [`EngineError::Io`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    Open,
+    /// Reading the size of a file or device.
+    Size,
+    Read,
+    Write,
+    /// A device flush (fdatasync): after a failure nothing written since the last one is known
+    /// to be durable.
+    Flush,
+    /// Writing zeros (fallocate zero-range, or writing them).
+    Zero,
+    /// Punching a hole (discard).
+    Punch,
+    /// Growing a file.
+    Grow,
+    /// Connecting to an NBD server.
+    Connect,
+}
 
 /// Everything that can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{context}: {error}")]
     Io {
+        op: IoOp,
+        /// What was being done, for messages.
         context: &'static str,
         error: io::Error,
     },
+    /// A device flush failed earlier: what is durable is unknown, so the image refuses writes
+    /// until it is reopened (and its journal replayed).
+    #[error("image failed after a flush error; reopen it")]
+    Failed,
     #[error(transparent)]
     Format(#[from] FormatError),
     #[error(
@@ -52,6 +80,7 @@ impl EngineError {
     pub fn errno(&self) -> i32 {
         match self {
             EngineError::Io { error, .. } => error.raw_os_error().unwrap_or(libc::EIO),
+            EngineError::Failed => libc::EIO,
             EngineError::Format(_) | EngineError::Corrupt(_) => libc::EUCLEAN,
             EngineError::OutOfRange { .. } | EngineError::Invalid(_) => libc::EINVAL,
             EngineError::ReadOnly => libc::EROFS,
@@ -64,14 +93,29 @@ impl EngineError {
     }
 }
 
-/// Attaches a static context to an io::Error.
+impl EngineError {
+    /// An I/O error of operation `op`; `context` says what was being done.
+    pub(crate) fn io(op: IoOp, context: &'static str) -> impl FnOnce(io::Error) -> EngineError {
+        move |error| EngineError::Io { op, context, error }
+    }
+
+    /// The I/O operation this error comes from, if it is an I/O error.
+    pub fn io_op(&self) -> Option<IoOp> {
+        match self {
+            EngineError::Io { op, .. } => Some(*op),
+            _ => None,
+        }
+    }
+}
+
+/// Attaches the operation and a static context to an io::Error.
 pub(crate) trait IoContext<T> {
-    fn ctx(self, context: &'static str) -> std::result::Result<T, EngineError>;
+    fn ctx(self, op: IoOp, context: &'static str) -> std::result::Result<T, EngineError>;
 }
 
 impl<T> IoContext<T> for io::Result<T> {
-    fn ctx(self, context: &'static str) -> std::result::Result<T, EngineError> {
-        self.map_err(|error| EngineError::Io { context, error })
+    fn ctx(self, op: IoOp, context: &'static str) -> std::result::Result<T, EngineError> {
+        self.map_err(EngineError::io(op, context))
     }
 }
 

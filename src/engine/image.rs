@@ -5,7 +5,7 @@ use super::allocator::Allocator;
 use super::base::Base;
 use super::block_locks::BlockLocks;
 use super::counters::Counters;
-use super::error::{EngineError, Result};
+use super::error::{EngineError, IoContext, IoOp, Result};
 use super::flush::Pending;
 use super::metadata::{Committed, LiveMetadata};
 use super::storage::Storage;
@@ -160,11 +160,7 @@ fn prepare_flat_file<I: Io>(
     data_offset: u64,
 ) -> Result<()> {
     let geo = live.geo;
-    let ctx = |error| EngineError::Io {
-        context: "size flat image file",
-        error,
-    };
-    let len = store.file.size().map_err(ctx)?;
+    let len = store.file.size().ctx(IoOp::Size, "size flat image file")?;
     let first = len.saturating_sub(data_offset).div_ceil(geo.chunk_size);
     // Only a speed-up: a file system that refuses the size still takes extending writes. Its
     // chunks are then not fresh: a bit journaled before its data could outlive an extension
@@ -183,10 +179,7 @@ fn prepare_flat_file<I: Io>(
 
 /// Size of the image's file or block device.
 pub(super) fn storage_len<I: Io>(store: &Storage<I>) -> Result<u64> {
-    store.file.size().map_err(|error| EngineError::Io {
-        context: "size of image storage",
-        error,
-    })
+    store.file.size().ctx(IoOp::Size, "size of image storage")
 }
 
 /// Every region the header names ends by `data_offset` (the header's validation orders them),
@@ -240,10 +233,7 @@ impl<I: Io> Image<I> {
             } else {
                 l.data_offset + geo.block_count() * p.block_size
             };
-            let have = store.file.size().map_err(|error| EngineError::Io {
-                context: "size of device",
-                error,
-            })?;
+            let have = store.file.size().ctx(IoOp::Size, "size of device")?;
             if have < need {
                 return Err(EngineError::NoSpace(format!(
                     "device has {have} bytes; this image needs at least {need}"
@@ -283,10 +273,7 @@ impl<I: Io> Image<I> {
             store
                 .file
                 .grow(l.data_offset, Growth::Sparse)
-                .map_err(|error| EngineError::Io {
-                    context: "size new image file",
-                    error,
-                })?;
+                .ctx(IoOp::Grow, "size new image file")?;
         }
         // Both header slots, so a stale header of an earlier image can never win.
         for g in 0..2 {
@@ -342,10 +329,7 @@ impl<I: Io> Image<I> {
         check_regions_fit(&header, storage_size)?;
         if store.file.is_block_device() && !header.compact() {
             let need = header.data_offset + geo.block_count() * geo.block_size;
-            let have = store.file.size().map_err(|error| EngineError::Io {
-                context: "size of device",
-                error,
-            })?;
+            let have = store.file.size().ctx(IoOp::Size, "size of device")?;
             if have < need {
                 return Err(EngineError::Corrupt(format!(
                     "device has {have} bytes, the image needs {need}"
@@ -570,10 +554,7 @@ impl<I: Io> Image<I> {
             return Err(EngineError::ReadOnly);
         }
         if self.failed.load(Ordering::Acquire) {
-            return Err(EngineError::Io {
-                context: "image failed after a flush error; reopen it",
-                error: std::io::Error::from_raw_os_error(libc::EIO),
-            });
+            return Err(EngineError::Failed);
         }
         if self.closed.load(Ordering::Acquire) {
             return Err(EngineError::Invalid("image is closed".into()));

@@ -2,7 +2,7 @@
 //! only when O_DIRECT requires it, with every host operation counted.
 
 use super::counters::Counters;
-use super::error::{IoContext, Result};
+use super::error::{IoContext, IoOp, Result};
 use crate::io::{Buf, Io, IoFile};
 use crate::units::PhysOffset;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,7 +58,7 @@ impl<I: Io> Storage<I> {
             return io
                 .read(&self.file, PhysOffset(off), buf)
                 .await
-                .ctx("read from image storage");
+                .ctx(IoOp::Read, "read from image storage");
         }
         Counters::inc(&c.bounced);
         let (start, bounce) = self.read_around(io, off, len).await?;
@@ -73,7 +73,7 @@ impl<I: Io> Storage<I> {
         let bounce = Buf::alloc((end - start) as usize);
         io.read(&self.file, PhysOffset(start), bounce.clone())
             .await
-            .ctx("read from image storage")?;
+            .ctx(IoOp::Read, "read from image storage")?;
         Ok((start, bounce))
     }
 
@@ -88,7 +88,7 @@ impl<I: Io> Storage<I> {
                 return io
                     .write(&self.file, PhysOffset(off), buf)
                     .await
-                    .ctx("write to image storage");
+                    .ctx(IoOp::Write, "write to image storage");
             }
             Counters::inc(&c.bounced);
             let bounce = Buf::alloc(len as usize);
@@ -96,19 +96,21 @@ impl<I: Io> Storage<I> {
             return io
                 .write(&self.file, PhysOffset(off), bounce)
                 .await
-                .ctx("write to image storage");
+                .ctx(IoOp::Write, "write to image storage");
         }
         Counters::inc(&c.bounced);
         let (start, bounce) = self.read_around(io, off, len).await?;
         bounce.copy_from_buf((off - start) as usize, &buf, 0, len as usize);
         io.write(&self.file, PhysOffset(start), bounce)
             .await
-            .ctx("write to image storage")
+            .ctx(IoOp::Write, "write to image storage")
     }
 
     pub async fn flush(&self, io: &I, c: &Counters) -> Result<()> {
         Counters::inc(&c.host_flushes);
-        io.flush(&self.file).await.ctx("flush image storage")
+        io.flush(&self.file)
+            .await
+            .ctx(IoOp::Flush, "flush image storage")
     }
 
     /// Granularity of [`Storage::write_zeroes`] ranges that can be zeroed without writing: a
@@ -142,7 +144,7 @@ impl<I: Io> Storage<I> {
                     );
                     self.zero_by_punch.store(false, Ordering::Relaxed);
                 }
-                r => return r.ctx("zero a range of image storage"),
+                r => return r.ctx(IoOp::Zero, "zero a range of image storage"),
             }
         }
         self.write(io, c, off, Buf::alloc(len as usize)).await
@@ -159,7 +161,7 @@ impl<I: Io> Storage<I> {
             {
                 Ok(())
             }
-            r => r.ctx("punch hole in image storage"),
+            r => r.ctx(IoOp::Punch, "punch hole in image storage"),
         }
     }
 }

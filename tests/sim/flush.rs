@@ -7,7 +7,7 @@
 use super::pattern::{base_image, decode, fill, Decoded, BASE};
 use fvd::engine::base::Base;
 use fvd::engine::storage::Storage;
-use fvd::engine::{CreateParams, Image};
+use fvd::engine::{CreateParams, EngineError, Image, IoOp};
 use fvd::format::header::FLAG_BASE_NOT_NEEDED;
 use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::Executor;
@@ -311,6 +311,96 @@ fn run_until(world: &SimWorld, ex: &mut Executor, flag: &AtomicBool) {
         if !world.complete_one() && !ex.has_ready() && !flag.load(Ordering::SeqCst) {
             panic!("stalled");
         }
+    }
+}
+
+fn small_image() -> CreateParams {
+    CreateParams {
+        virtual_size: 16 * BS,
+        block_size: BS,
+        chunk_size: 4 * BS,
+        journal_size: 4 * SECTOR,
+        compact: false,
+        ..Default::default()
+    }
+}
+
+/// A failed device flush leaves what is durable unknown: the image refuses further writes and
+/// FLUSHes until reopened, and the reopened image still has the data of the FLUSH before.
+#[test]
+fn a_failed_device_flush_poisons_the_image() {
+    for seed in 0..8 {
+        let mut env = Env::new(seed, small_image(), 0);
+        env.write_blocks(1, [0]);
+        env.flush();
+        env.write_blocks(2, [5]);
+        env.world.set_config(SimConfig {
+            flush_error_prob: 1.0,
+            ..Default::default()
+        });
+        let (img, io) = (env.img.clone(), env.io.clone());
+        let e = env
+            .world
+            .block_on(async move { img.flush(&io).await })
+            .unwrap_err();
+        assert_eq!(e.io_op(), Some(IoOp::Flush), "seed {seed}: {e}");
+        env.world.set_config(SimConfig::default());
+        let (img, io) = (env.img.clone(), env.io.clone());
+        let later = env.world.block_on(async move {
+            let w = img.write(&io, 6 * BS, block_data(3, 6)).await;
+            (w, img.flush(&io).await)
+        });
+        assert!(
+            matches!(later, (Err(EngineError::Failed), Err(EngineError::Failed))),
+            "seed {seed}: the image took a write and a FLUSH after a failed device flush"
+        );
+        env.crash_and_reopen();
+        env.expect_block(0, 1);
+    }
+}
+
+/// A FLUSH whose journal write fails is an ordinary write error: its records are queued again
+/// and the image keeps serving; the next FLUSH makes everything durable.
+#[test]
+fn a_failed_journal_write_does_not_poison_the_image() {
+    for seed in 0..8 {
+        let mut env = Env::new(seed, small_image(), 0);
+        let journal = {
+            let h = env.img.header();
+            h.journal_offset..h.journal_offset + h.journal_len
+        };
+        env.write_blocks(1, [0]);
+        let mut ex = Executor::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let (img, io, flag) = (env.img.clone(), env.io.clone(), done.clone());
+        ex.spawn(async move {
+            let e = img.flush(&io).await.unwrap_err();
+            assert_eq!(e.io_op(), Some(IoOp::Write), "{e}");
+            flag.store(true, Ordering::SeqCst);
+        });
+        loop {
+            ex.run_ready();
+            let j = env
+                .world
+                .pending_writes()
+                .into_iter()
+                .find(|(off, _)| journal.contains(off));
+            if let Some((off, _)) = j {
+                assert!(env.world.complete_write_at(off, true));
+                break;
+            }
+            assert!(
+                env.world.complete_one(),
+                "seed {seed}: the FLUSH wrote no journal"
+            );
+        }
+        run_until(&env.world, &mut ex, &done);
+        drop(ex);
+        env.write_blocks(2, [5]);
+        env.flush();
+        env.crash_and_reopen();
+        env.expect_block(0, 1);
+        env.expect_block(5, 2);
     }
 }
 
