@@ -77,8 +77,23 @@ const NBD_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5
 pub enum ServeError {
     #[error("cannot open {path}: {error}")]
     Open { path: PathBuf, error: EngineError },
-    #[error("{0}")]
-    Socket(String),
+    #[error("num-queues must be 1..=64, not {0}")]
+    NumQueues(u16),
+    #[error("queue-size must be a power of two in 4..=32768, not {0}")]
+    QueueSize(u16),
+    #[error(transparent)]
+    Listener(#[from] listener::ListenerError),
+    /// Setting up the process (signal handlers) failed.
+    #[error("{what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("waiting for a frontend on {}: {source}", path.display())]
+    WaitFrontend {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("io_uring: {0}")]
     Ring(std::io::Error),
     #[error("serial is {0} bytes; virtio-blk allows at most 20")]
@@ -128,19 +143,16 @@ impl Server {
             return Err(ServeError::Serial(s.len()));
         }
         if cfg.num_queues == 0 || cfg.num_queues > 64 {
-            return Err(ServeError::Socket(format!(
-                "num-queues must be 1..=64, not {}",
-                cfg.num_queues
-            )));
+            return Err(ServeError::NumQueues(cfg.num_queues));
         }
         if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 || cfg.queue_size > 32768 {
-            return Err(ServeError::Socket(format!(
-                "queue-size must be a power of two in 4..=32768, not {}",
-                cfg.queue_size
-            )));
+            return Err(ServeError::QueueSize(cfg.queue_size));
         }
         // Before any filter: installing a signal handler is not on the lists.
-        sigbus::install().map_err(|e| ServeError::Socket(format!("SIGBUS handler: {e}")))?;
+        sigbus::install().map_err(|source| ServeError::Setup {
+            what: "SIGBUS handler",
+            source,
+        })?;
         // Before any thread that handles input starts (an NBD base's reader starts at open).
         seccomp::init(cfg.seccomp)?;
         let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
@@ -187,7 +199,7 @@ impl Server {
                 // Leave the image clean: nothing was written, but an FVD open may have replayed
                 // its journal.
                 let _ = control.block_on(disk.close(control.io()));
-                return Err(ServeError::Socket(e));
+                return Err(e.into());
             }
         };
         // Signals are handled from here on, before anyone is told the server is ready.
@@ -200,7 +212,10 @@ impl Server {
             Err(e) => {
                 let _ = control.block_on(disk.close(control.io()));
                 listener.remove();
-                return Err(ServeError::Socket(format!("signals: {e}")));
+                return Err(ServeError::Setup {
+                    what: "signals",
+                    source: e,
+                });
             }
         };
         Ok(Server {
@@ -275,11 +290,15 @@ impl Server {
             .prefetch
             .unwrap_or(header.compat & crate::format::header::COMPAT_PREFETCH != 0);
         if prefetch {
-            threads.extend(background::start_prefetch(
+            match background::start_prefetch(
                 self.disk.clone(),
                 self.cfg.prefetch_config.clone(),
                 stop.clone(),
-            ));
+            ) {
+                Ok(t) => threads.extend(t),
+                // The guest is served without it, as before; the log says why.
+                Err(e) => tracing::error!("{e}; serving without prefetching"),
+            }
         }
         if let Some(g) = &self.cfg.grow {
             match background::start_grower(
@@ -288,10 +307,11 @@ impl Server {
                 g.clone(),
                 stop.clone(),
             ) {
-                Some(t) => threads.push(t),
-                None => tracing::warn!(
+                Ok(Some(t)) => threads.push(t),
+                Ok(None) => tracing::warn!(
                     "--grow-cmd ignored: the image is not a compact image on a block device"
                 ),
+                Err(e) => tracing::error!("{e}; the storage will not be grown"),
             }
         }
         threads
@@ -327,11 +347,11 @@ impl Server {
             match self.listener.wait_for_frontend(stop) {
                 Ok(true) => {}
                 Ok(false) => break,
-                Err(e) => {
-                    return Err(ServeError::Socket(format!(
-                        "waiting for a frontend on {}: {e}",
-                        self.listener.path().display()
-                    )))
+                Err(source) => {
+                    return Err(ServeError::WaitFrontend {
+                        path: self.listener.path().to_path_buf(),
+                        source,
+                    })
                 }
             }
             // A frontend is waiting, so the accept inside does not block.
