@@ -69,6 +69,12 @@ impl<I: Io> Disk<I> {
             Disk::Raw(_) => Vec::new(),
         }
     }
+    /// How first writes zero the rest of their block (an FVD image's storage).
+    pub fn set_zero_ranges(&self, how: super::storage::ZeroRanges) {
+        if let Disk::Fvd(d) = self {
+            d.store.set_zero_ranges(how);
+        }
+    }
     /// Background work queued by requests (copy-on-read); run after completing them.
     pub async fn run_deferred(&self, io: &I) {
         if let Disk::Fvd(d) = self {

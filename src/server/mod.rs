@@ -67,6 +67,8 @@ pub struct ServeConfig {
     pub nbd: crate::io::nbd::NbdOptions,
     /// Per-thread system call filters.
     pub seccomp: seccomp::SeccompMode,
+    /// How first writes zero the rest of their block.
+    pub zero_ranges: engine::storage::ZeroRanges,
 }
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
@@ -178,6 +180,7 @@ impl Server {
         for c in disk.nbd_clients() {
             c.set_options(cfg.nbd);
         }
+        disk.set_zero_ranges(cfg.zero_ranges);
         let serial = serial_bytes(&cfg.serial.clone().unwrap_or_else(|| disk.id()));
         let device = DeviceConfig {
             capacity: disk.virtual_size(),
