@@ -332,6 +332,7 @@ impl Server {
                 sigbus_base: sigbus::faults(),
                 conn: parking_lot::Mutex::new(None),
                 stopping: AtomicBool::new(false),
+                log: Default::default(),
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())
