@@ -41,9 +41,6 @@ impl<I: Io> Disk<I> {
     pub fn alignment(&self) -> u32 {
         both!(self, d => d.alignment())
     }
-    pub fn supports_discard(&self) -> bool {
-        true
-    }
     pub fn counters(&self) -> &Counters {
         both!(self, d => d.counters())
     }

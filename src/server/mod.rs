@@ -186,7 +186,9 @@ impl Server {
             capacity: disk.virtual_size(),
             block_size: disk.alignment().clamp(512, 4096),
             read_only: cfg.read_only || disk.read_only(),
-            discard: disk.supports_discard(),
+            // Every disk takes DISCARD and WRITE ZEROES: a discard the storage cannot honour
+            // leaves the space used, zeros it cannot make without writing are written.
+            discard: true,
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
             writeback: true,
