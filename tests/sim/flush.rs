@@ -153,6 +153,16 @@ impl Env {
         }
     }
 
+    /// The pending write into the journal area, if any: (offset, length).
+    fn pending_journal_write(&self) -> Option<(u64, u64)> {
+        let h = self.img.header();
+        let journal = h.journal_offset..h.journal_offset + h.journal_len;
+        self.world
+            .pending_writes()
+            .into_iter()
+            .find(|(off, _)| journal.contains(off))
+    }
+
     fn checkpoints(&self) -> u64 {
         self.img.counters().checkpoints.load(Ordering::Relaxed)
     }
@@ -365,10 +375,6 @@ fn a_failed_device_flush_poisons_the_image() {
 fn a_failed_journal_write_does_not_poison_the_image() {
     for seed in 0..8 {
         let mut env = Env::new(seed, small_image(), 0);
-        let journal = {
-            let h = env.img.header();
-            h.journal_offset..h.journal_offset + h.journal_len
-        };
         env.write_blocks(1, [0]);
         let mut ex = Executor::default();
         let done = Arc::new(AtomicBool::new(false));
@@ -380,12 +386,7 @@ fn a_failed_journal_write_does_not_poison_the_image() {
         });
         loop {
             ex.run_ready();
-            let j = env
-                .world
-                .pending_writes()
-                .into_iter()
-                .find(|(off, _)| journal.contains(off));
-            if let Some((off, _)) = j {
+            if let Some((off, _)) = env.pending_journal_write() {
                 assert!(env.world.complete_write_at(off, true));
                 break;
             }
@@ -411,24 +412,7 @@ fn a_failed_journal_write_does_not_poison_the_image() {
 #[test]
 fn retry_after_a_failed_journal_write_still_flushes_data_first() {
     for seed in 0..64 {
-        let p = CreateParams {
-            virtual_size: 16 * BS,
-            block_size: BS,
-            chunk_size: 4 * BS,
-            journal_size: 4 * SECTOR,
-            compact: false,
-            ..Default::default()
-        };
-        let mut env = Env::new(seed, p, 16);
-        let journal = {
-            let h = env.img.header();
-            h.journal_offset..h.journal_offset + h.journal_len
-        };
-        let in_journal = |w: &SimWorld| {
-            w.pending_writes()
-                .into_iter()
-                .find(|(off, _)| journal.contains(off))
-        };
+        let mut env = Env::new(seed, small_image(), 16);
         env.write_blocks(2, [2]);
         env.flush();
         // DISCARD queues a record that needs no data first.
@@ -444,7 +428,9 @@ fn retry_after_a_failed_journal_write_still_flushes_data_first() {
             flag.store(true, Ordering::SeqCst);
         });
         ex.run_ready();
-        let (j1, _) = in_journal(&env.world).expect("FLUSH 1 writes the journal");
+        let (j1, _) = env
+            .pending_journal_write()
+            .expect("FLUSH 1 writes the journal");
         // While FLUSH 1 waits for its journal write, write block 1 (it read the base).
         let w = Arc::new(AtomicBool::new(false));
         let (img, io, flag) = (env.img.clone(), env.io.clone(), w.clone());
@@ -479,7 +465,7 @@ fn retry_after_a_failed_journal_write_still_flushes_data_first() {
         let mut seen = None;
         loop {
             ex.run_ready();
-            let pending = in_journal(&env.world);
+            let pending = env.pending_journal_write();
             if pending.is_some() {
                 seen = pending;
             } else if seen.is_some() {
