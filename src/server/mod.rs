@@ -100,8 +100,12 @@ pub enum ServeError {
     Ring(std::io::Error),
     #[error("serial is {0} bytes; virtio-blk allows at most 20")]
     Serial(usize),
-    #[error("vhost-user: {0}")]
-    Daemon(String),
+    /// The daemon's error is kept as text: vhost_user_backend::Error may hold a thread's panic
+    /// payload, which is not Sync, so it cannot be a source of this (Sync) error.
+    #[error("vhost-user: cannot {op}: {error}")]
+    Daemon { op: &'static str, error: String },
+    #[error("vhost-user: cannot register the io_uring eventfd: {0}")]
+    RegisterEventfd(std::io::Error),
     #[error("closing the disk failed: {0}")]
     Close(EngineError),
     #[error(transparent)]
@@ -323,7 +327,12 @@ impl Server {
     }
 
     fn serve_loop(&self, stop: &Stop) -> Result<(), ServeError> {
-        let daemon_err = |e: vhost_user_backend::Error| ServeError::Daemon(e.to_string());
+        let daemon_err = |op| {
+            move |e: vhost_user_backend::Error| ServeError::Daemon {
+                op,
+                error: e.to_string(),
+            }
+        };
         while !stop.requested() {
             let ctx = Arc::new(Ctx {
                 disk: self.disk.clone(),
@@ -342,12 +351,10 @@ impl Server {
             );
             let mut daemon =
                 VhostUserDaemon::new("fvd-vhost-user".into(), backend.clone(), backend.memory())
-                    .map_err(daemon_err)?;
+                    .map_err(daemon_err("create the daemon"))?;
             backend
                 .register(&daemon.get_epoll_handlers())
-                .map_err(|e| {
-                    ServeError::Daemon(format!("cannot register the io_uring eventfd: {e}"))
-                })?;
+                .map_err(ServeError::RegisterEventfd)?;
 
             stop.set_phase("waiting for a frontend");
             match self.listener.wait_for_frontend(stop) {
@@ -366,7 +373,7 @@ impl Server {
                 if stop.requested() {
                     break;
                 }
-                return Err(daemon_err(e));
+                return Err(daemon_err("accept a frontend")(e));
             }
             tracing::info!("frontend connected");
             if let Some(handle) = daemon.shutdown_handle() {
