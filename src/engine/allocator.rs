@@ -1,7 +1,7 @@
 //! Physical chunk allocation for compact images. Chunks are handed out lowest-first, so data
 //! written together lands together and the data area stays dense.
 
-use super::error::{EngineError, IoContext, IoOp, Result};
+use super::error::{EngineError, IoContext, IoOp, NoSpace, Result};
 use super::storage::Storage;
 use crate::format::Header;
 use crate::io::{Growth, Io, IoFile};
@@ -211,15 +211,14 @@ impl Allocator {
             if self.next as u64 >= cap {
                 self.refresh_capacity(store)?;
                 if self.next as u64 >= self.capacity.unwrap_or(0) {
-                    return Err(EngineError::NoSpace(format!(
-                        "all {} chunks of the device are in use",
-                        self.capacity.unwrap_or(0)
-                    )));
+                    return Err(EngineError::NoSpace(NoSpace::DeviceFull {
+                        chunks: self.capacity.unwrap_or(0),
+                    }));
                 }
             }
         }
         if self.next >= PhysChunk::UNALLOCATED.0 - 1 {
-            return Err(EngineError::NoSpace("chunk index space exhausted".into()));
+            return Err(EngineError::NoSpace(NoSpace::ChunkIndex));
         }
         let p = self.next;
         self.grow_file(store, p)?;

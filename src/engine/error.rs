@@ -25,6 +25,17 @@ pub enum IoOp {
     Connect,
 }
 
+/// Why a new chunk could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoSpace {
+    #[error("all {chunks} chunks of the device are in use")]
+    DeviceFull { chunks: u64 },
+    #[error("chunk index space exhausted")]
+    ChunkIndex,
+    #[error("device has {have} bytes; this image needs at least {need}")]
+    DeviceTooSmall { have: u64, need: u64 },
+}
+
 /// Everything that can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -48,11 +59,13 @@ pub enum EngineError {
     #[error("the image is open read-only")]
     ReadOnly,
     #[error("no space left in the image's storage for a new chunk ({0})")]
-    NoSpace(String),
+    NoSpace(NoSpace),
     #[error("corrupt image: {0}")]
     Corrupt(String),
     #[error("invalid parameters: {0}")]
     Invalid(String),
+    #[error("the image is closed")]
+    Closed,
     #[error("not an FVD image (no FVD magic in either header slot)")]
     NotFvd,
     #[error("truncated FVD image: {size} bytes, but an FVD image holds at least 8192")]
@@ -82,7 +95,9 @@ impl EngineError {
             EngineError::Io { error, .. } => error.raw_os_error().unwrap_or(libc::EIO),
             EngineError::Failed => libc::EIO,
             EngineError::Format(_) | EngineError::Corrupt(_) => libc::EUCLEAN,
-            EngineError::OutOfRange { .. } | EngineError::Invalid(_) => libc::EINVAL,
+            EngineError::OutOfRange { .. } | EngineError::Invalid(_) | EngineError::Closed => {
+                libc::EINVAL
+            }
             EngineError::ReadOnly => libc::EROFS,
             EngineError::NoSpace(_) => libc::ENOSPC,
             EngineError::NotFvd | EngineError::Truncated { .. } => libc::EUCLEAN,

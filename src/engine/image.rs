@@ -5,13 +5,13 @@ use super::allocator::Allocator;
 use super::base::Base;
 use super::block_locks::BlockLocks;
 use super::counters::Counters;
-use super::error::{EngineError, IoContext, IoOp, Result};
+use super::error::{EngineError, IoContext, IoOp, NoSpace, Result};
 use super::flush::Pending;
 use super::metadata::{Committed, LiveMetadata};
 use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::layout::Layout;
-use crate::format::{journal, BaseRef, Header, JournalEntry, SECTOR};
+use crate::format::{journal, BaseRef, FormatError, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Growth, Io, IoFile};
 use crate::units::{ChunkIndex, Geometry};
 use parking_lot::Mutex;
@@ -91,12 +91,10 @@ impl CreateParams {
             base: p.base.clone(),
             boot_id: [0; 16],
         };
-        h.validate().map_err(|e| {
-            EngineError::Invalid(
-                e.to_string()
-                    .trim_start_matches("invalid header: ")
-                    .to_string(),
-            )
+        h.validate().map_err(|e| match e {
+            // The caller's parameters make an invalid header: say what is wrong with them.
+            FormatError::InvalidHeader(why) => EngineError::Invalid(why),
+            e => EngineError::Format(e),
         })?;
         Ok(h)
     }
@@ -235,9 +233,7 @@ impl<I: Io> Image<I> {
             };
             let have = store.file.size().ctx(IoOp::Size, "size of device")?;
             if have < need {
-                return Err(EngineError::NoSpace(format!(
-                    "device has {have} bytes; this image needs at least {need}"
-                )));
+                return Err(EngineError::NoSpace(NoSpace::DeviceTooSmall { have, need }));
             }
         }
         let c = Counters::default();
@@ -557,7 +553,7 @@ impl<I: Io> Image<I> {
             return Err(EngineError::Failed);
         }
         if self.closed.load(Ordering::Acquire) {
-            return Err(EngineError::Invalid("image is closed".into()));
+            return Err(EngineError::Closed);
         }
         Ok(())
     }
