@@ -1,7 +1,7 @@
 //! Physical chunk allocation for compact images. Chunks are handed out lowest-first, so data
 //! written together lands together and the data area stays dense.
 
-use super::error::{EngineError, IoContext, IoOp, NoSpace, Result};
+use super::error::{Corruption, EngineError, IoContext, IoOp, NoSpace, Result};
 use super::storage::Storage;
 use crate::format::Header;
 use crate::io::{Growth, Io, IoFile};
@@ -116,10 +116,11 @@ impl Allocator {
             .collect();
         used.sort_unstable();
         if let Some(w) = used.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(EngineError::Corrupt(format!(
-                "physical chunk {} is mapped twice (by virtual chunks {} and {})",
-                w[0].0, w[0].1, w[1].1
-            )));
+            return Err(EngineError::Corrupt(Corruption::ChunkMappedTwice {
+                phys: w[0].0,
+                first: w[0].1,
+                second: w[1].1,
+            }));
         }
         let next = used.last().map_or(0, |&(p, _)| p + 1);
         let mut free = FreeRuns::default();

@@ -1,6 +1,7 @@
 //! Engine errors. I/O errors keep their errno so the server can log it and the tools can print it,
 //! and the operation that failed as a kind, so that callers decide on it, never on message text.
 
+use super::check::Problem;
 use crate::format::FormatError;
 use std::io;
 
@@ -36,6 +37,32 @@ pub enum NoSpace {
     DeviceTooSmall { have: u64, need: u64 },
 }
 
+/// What is wrong with an image that cannot be opened as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Corruption {
+    #[error("physical chunk {phys} is mapped twice (by virtual chunks {first} and {second})")]
+    ChunkMappedTwice {
+        phys: u32,
+        first: usize,
+        second: usize,
+    },
+    #[error(
+        "the storage is {len} bytes, shorter than the metadata and journal it must hold (the \
+         data area starts at {data_offset}): truncated"
+    )]
+    StorageTruncated { len: u64, data_offset: u64 },
+    #[error("device has {have} bytes, the image needs {need}")]
+    DeviceTooSmall { have: u64, need: u64 },
+    #[error("journal epoch {epoch} cannot be advanced")]
+    EpochExhausted { epoch: u64 },
+    /// Journal records follow damage a torn write cannot explain.
+    #[error("{damage}; 'fvd check --repair' drops the records after sector {tail}")]
+    JournalDamage { damage: Problem, tail: u64 },
+    /// The metadata is inconsistent; `first` of `1 + more` problems.
+    #[error("{first} (and {more} more); run 'fvd check --repair'")]
+    Problems { first: Problem, more: usize },
+}
+
 /// Everything that can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -61,7 +88,7 @@ pub enum EngineError {
     #[error("no space left in the image's storage for a new chunk ({0})")]
     NoSpace(NoSpace),
     #[error("corrupt image: {0}")]
-    Corrupt(String),
+    Corrupt(Corruption),
     #[error("invalid parameters: {0}")]
     Invalid(String),
     #[error("the image is closed")]

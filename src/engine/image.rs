@@ -5,7 +5,7 @@ use super::allocator::Allocator;
 use super::base::Base;
 use super::block_locks::BlockLocks;
 use super::counters::Counters;
-use super::error::{EngineError, IoContext, IoOp, NoSpace, Result};
+use super::error::{Corruption, EngineError, IoContext, IoOp, NoSpace, Result};
 use super::flush::Pending;
 use super::metadata::{Committed, LiveMetadata};
 use super::storage::Storage;
@@ -188,11 +188,10 @@ pub(super) fn storage_len<I: Io>(store: &Storage<I>) -> Result<u64> {
 /// a size the storage cannot hold.
 pub(super) fn check_regions_fit(h: &Header, len: u64) -> Result<()> {
     if len < h.data_offset {
-        return Err(EngineError::Corrupt(format!(
-            "the storage is {len} bytes, shorter than the metadata and journal it must hold \
-             (the data area starts at {}): truncated",
-            h.data_offset
-        )));
+        return Err(EngineError::Corrupt(Corruption::StorageTruncated {
+            len,
+            data_offset: h.data_offset,
+        }));
     }
     Ok(())
 }
@@ -202,7 +201,7 @@ pub(super) fn check_regions_fit(h: &Header, len: u64) -> Result<()> {
 pub(super) fn next_epoch(epoch: u64) -> Result<u64> {
     epoch
         .checked_add(1)
-        .ok_or_else(|| EngineError::Corrupt(format!("journal epoch {epoch} cannot be advanced")))
+        .ok_or(EngineError::Corrupt(Corruption::EpochExhausted { epoch }))
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
@@ -327,9 +326,10 @@ impl<I: Io> Image<I> {
             let need = header.data_offset + geo.block_count() * geo.block_size;
             let have = store.file.size().ctx(IoOp::Size, "size of device")?;
             if have < need {
-                return Err(EngineError::Corrupt(format!(
-                    "device has {have} bytes, the image needs {need}"
-                )));
+                return Err(EngineError::Corrupt(Corruption::DeviceTooSmall {
+                    have,
+                    need,
+                }));
             }
         }
         let mut committed = Committed::new(
@@ -359,9 +359,10 @@ impl<I: Io> Image<I> {
         let mut header = header;
         if let Some(d) = damage {
             if !repair || read_only {
-                return Err(EngineError::Corrupt(format!(
-                    "{d}; 'fvd check --repair' drops the records after sector {tail}"
-                )));
+                return Err(EngineError::Corrupt(Corruption::JournalDamage {
+                    damage: d,
+                    tail,
+                }));
             }
             damaged = Some(d);
         }
@@ -374,11 +375,10 @@ impl<I: Io> Image<I> {
         let mut problems = super::check::find_problems(&committed, &header, Some(storage_size));
         if !problems.is_empty() {
             if !repair || read_only {
-                return Err(EngineError::Corrupt(format!(
-                    "{} (and {} more); run 'fvd check --repair'",
-                    problems[0],
-                    problems.len() - 1
-                )));
+                return Err(EngineError::Corrupt(Corruption::Problems {
+                    more: problems.len() - 1,
+                    first: problems.swap_remove(0),
+                }));
             }
             super::check::fix_problems(&mut committed, &header, &problems);
         }
