@@ -3,7 +3,7 @@
 //! `fvd` commands report them within a time and memory bound, never hanging, never exiting 0
 //! from `check`, never silently dropping flushed data.
 
-use fvd::engine::{CreateParams, EngineError, Image};
+use fvd::engine::{Corruption, CreateParams, EngineError, Image};
 use fvd::format::header::pick_header;
 use fvd::format::{journal, metadata, Header, JournalEntry, SECTOR};
 use fvd::io::executor::block_on;
@@ -581,7 +581,16 @@ fn regions_past_the_end_of_the_storage_are_truncation_not_a_hang() {
         .recv_timeout(Duration::from_secs(10))
         .expect("open still running after 10 s");
     for e in [ro, rw] {
-        assert_corrupt(Err(e.expect("the image opened")), "truncated");
+        let e = e.expect("the image opened");
+        assert!(
+            matches!(
+                e,
+                EngineError::Corrupt(Corruption::StorageTruncated { data_offset, .. })
+                    if data_offset == 1 << 48
+            ),
+            "{e:?}"
+        );
+        assert_corrupt(Err(e), "truncated");
     }
     let t = Instant::now();
     let (code, out, err) = run_fvd(d.path(), &["check", "img.fvd"]);

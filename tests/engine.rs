@@ -1,7 +1,7 @@
 //! Engine tests on real files through the synchronous backend: every feature combination,
 //! recovery after an unclean stop, checkpoints, base chains, locking and corruption.
 
-use fvd::engine::{CreateParams, Image};
+use fvd::engine::{CreateParams, EngineError, Image};
 use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
@@ -474,4 +474,30 @@ fn flat_image_file_is_grown_at_open_and_its_new_chunks_need_neither_zeroing_nor_
     let want = block_with(bs, 4096, &pattern(1, 4096));
     assert!(read(&img, 5 * bs, bs as usize) == want);
     block_on(img.close(&SyncIo)).unwrap();
+}
+
+/// Parameters that make an invalid header are the caller's mistake (EINVAL, saying what is
+/// wrong), not a corrupt image; a closed image refuses requests as closed.
+#[test]
+fn invalid_parameters_and_a_closed_image_are_their_own_kinds() {
+    let dir = tmpdir();
+    let path = dir.path().join("bad.fvd");
+    let f = HostFile::open(&path, OpenMode::Create).unwrap();
+    let mut p = params(1 << 20, false, None);
+    p.block_size = 3000;
+    match block_on(Image::create(&SyncIo, f, &p)) {
+        Err(e @ EngineError::Invalid(_)) => {
+            assert_eq!(e.errno(), libc::EINVAL);
+            assert!(e.to_string().contains("block size"), "{e}");
+        }
+        Err(e) => panic!("block size 3000: {e:?}, not Invalid"),
+        Ok(_) => panic!("block size 3000 accepted"),
+    }
+    let path = dir.path().join("good.fvd");
+    create(&path, params(1 << 20, false, None));
+    let img = open_image(&SyncIo, &path, false).unwrap();
+    block_on(img.close(&SyncIo)).unwrap();
+    let buf = Buf::alloc(4096);
+    let e = block_on(img.write(&SyncIo, 0, buf)).unwrap_err();
+    assert!(matches!(e, EngineError::Closed), "{e:?}");
 }

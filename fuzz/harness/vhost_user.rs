@@ -88,6 +88,7 @@ fn server() -> &'static Srv {
             nbd: Default::default(),
             // A filter would bind the whole fuzzer process (libFuzzer, the sanitizer runtime).
             seccomp: fvd::server::seccomp::SeccompMode::Off,
+            zero_ranges: Default::default(),
         })
         .expect("bind the server");
         let thread = std::thread::spawn(move || srv.run());

@@ -9,21 +9,6 @@ use crate::io::IoFile;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-
-#[derive(clap::Args)]
-pub struct Args {
-    /// Image file or block device.
-    image: PathBuf,
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long, value_enum)]
-    format: Option<super::ImageFormat>,
-    #[arg(long, value_enum, default_value_t)]
-    output: Output,
-    /// Open without locking, to inspect an image a server has open (may be slightly stale).
-    #[arg(short = 'U', long)]
-    force_share: bool,
-}
 
 #[derive(Serialize)]
 struct Info {
@@ -63,7 +48,7 @@ struct BaseInfo {
     bytes_remaining: u64,
 }
 
-pub fn run(a: Args) -> Result<i32> {
+pub fn run(a: super::InspectArgs) -> Result<i32> {
     let io = SyncIo;
     let disk = block_on(engine::open_disk_with(
         &io,

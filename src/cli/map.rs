@@ -5,23 +5,8 @@ use crate::engine::{self, map::Location};
 use crate::io::executor::block_on;
 use crate::io::sync::SyncIo;
 use anyhow::{Context, Result};
-use std::path::PathBuf;
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// FVD image file or block device.
-    image: PathBuf,
-    /// Image format (probed when omitted).
-    #[arg(short = 'f', long, value_enum)]
-    format: Option<super::ImageFormat>,
-    #[arg(long, value_enum, default_value_t)]
-    output: Output,
-    /// Open without locking, to inspect an image a server has open (may be slightly stale).
-    #[arg(short = 'U', long)]
-    force_share: bool,
-}
-
-pub fn run(a: Args) -> Result<i32> {
+pub fn run(a: super::InspectArgs) -> Result<i32> {
     super::require_fvd("map", a.format)?;
     let img = block_on(engine::open_image_with(
         &SyncIo,

@@ -39,11 +39,11 @@ enum Command {
     /// Create an FVD image (file or block device).
     Create(create::Args),
     /// Show an image's format, sizes, features and allocation.
-    Info(info::Args),
+    Info(InspectArgs),
     /// Check an image's metadata; --repair fixes what it finds.
     Check(check::Args),
     /// Show which ranges are in the image, in the base image, or zero.
-    Map(map::Args),
+    Map(InspectArgs),
     /// Convert an image (raw or FVD, probed) to FVD or raw.
     Convert(convert::Args),
     /// Change image features (copy-on-read, prefetch).
@@ -59,6 +59,21 @@ enum Command {
 /// The whole command line (every subcommand), for generating man pages and shell completions.
 pub fn command() -> clap::Command {
     Cli::command()
+}
+
+/// The arguments of the inspecting commands (`info`, `map`).
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Image file or block device.
+    image: std::path::PathBuf,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<ImageFormat>,
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+    /// Open without locking, to inspect an image a server has open (may be slightly stale).
+    #[arg(short = 'U', long)]
+    force_share: bool,
 }
 
 /// `--output` of the inspecting commands.

@@ -1,7 +1,7 @@
 //! Physical chunk allocation for compact images. Chunks are handed out lowest-first, so data
 //! written together lands together and the data area stays dense.
 
-use super::error::{EngineError, Result};
+use super::error::{Corruption, EngineError, IoContext, IoOp, NoSpace, Result};
 use super::storage::Storage;
 use crate::format::Header;
 use crate::io::{Growth, Io, IoFile};
@@ -116,10 +116,11 @@ impl Allocator {
             .collect();
         used.sort_unstable();
         if let Some(w) = used.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(EngineError::Corrupt(format!(
-                "physical chunk {} is mapped twice (by virtual chunks {} and {})",
-                w[0].0, w[0].1, w[1].1
-            )));
+            return Err(EngineError::Corrupt(Corruption::ChunkMappedTwice {
+                phys: w[0].0,
+                first: w[0].1,
+                second: w[1].1,
+            }));
         }
         let next = used.last().map_or(0, |&(p, _)| p + 1);
         let mut free = FreeRuns::default();
@@ -144,10 +145,7 @@ impl Allocator {
         if store.file.is_block_device() {
             a.refresh_capacity(store)?;
         } else {
-            let len = store.file.size().map_err(|error| EngineError::Io {
-                context: "size of image file",
-                error,
-            })?;
+            let len = store.file.size().ctx(IoOp::Size, "size of image file")?;
             let past_end = len.saturating_sub(a.data_offset).div_ceil(a.chunk_size);
             a.fresh_from = Some(past_end.min(u32::MAX as u64) as u32);
             a.file_len = len;
@@ -186,10 +184,7 @@ impl Allocator {
     }
 
     fn refresh_capacity<I: Io>(&mut self, store: &Storage<I>) -> Result<()> {
-        let size = store.file.size().map_err(|error| EngineError::Io {
-            context: "size of device",
-            error,
-        })?;
+        let size = store.file.size().ctx(IoOp::Size, "size of device")?;
         self.capacity = Some(size.saturating_sub(self.data_offset) / self.chunk_size);
         Ok(())
     }
@@ -217,15 +212,14 @@ impl Allocator {
             if self.next as u64 >= cap {
                 self.refresh_capacity(store)?;
                 if self.next as u64 >= self.capacity.unwrap_or(0) {
-                    return Err(EngineError::NoSpace(format!(
-                        "all {} chunks of the device are in use",
-                        self.capacity.unwrap_or(0)
-                    )));
+                    return Err(EngineError::NoSpace(NoSpace::DeviceFull {
+                        chunks: self.capacity.unwrap_or(0),
+                    }));
                 }
             }
         }
         if self.next >= PhysChunk::UNALLOCATED.0 - 1 {
-            return Err(EngineError::NoSpace("chunk index space exhausted".into()));
+            return Err(EngineError::NoSpace(NoSpace::ChunkIndex));
         }
         let p = self.next;
         self.grow_file(store, p)?;
@@ -250,10 +244,7 @@ impl Allocator {
         store
             .file
             .grow(len, Growth::Reserved)
-            .map_err(|error| EngineError::Io {
-                context: "grow image file",
-                error,
-            })?;
+            .ctx(IoOp::Grow, "grow image file")?;
         self.file_len = len;
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! opened read-only.
 
 use super::counters::Counters;
-use super::error::{EngineError, IoContext, Result};
+use super::error::{EngineError, IoContext, IoOp, Result};
 use super::image::Image;
 use super::storage::Storage;
 use crate::io::nbd::NbdClient;
@@ -66,7 +66,10 @@ impl<I: Io> Base<I> {
                     check_not_shrunk(store, off, &part)
                 }
                 Base::Fvd(img) => img.read(io, off, part).await,
-                Base::Nbd(c) => c.read(off, part).await.ctx("read from NBD base"),
+                Base::Nbd(c) => c
+                    .read(off, part)
+                    .await
+                    .ctx(IoOp::Read, "read from NBD base"),
             }
         })
     }
@@ -84,7 +87,7 @@ fn check_not_shrunk<I: Io>(store: &Storage<I>, off: u64, part: &Buf) -> Result<(
     if tail[..n].iter().any(|&b| b != 0) {
         return Ok(());
     }
-    let size = store.file.size().ctx("size of base image")?;
+    let size = store.file.size().ctx(IoOp::Size, "size of base image")?;
     if size >= off + len as u64 {
         return Ok(());
     }

@@ -7,7 +7,7 @@
 //! and what could not be recovered is reported as lost byte ranges of the virtual disk.
 
 use super::counters::Counters;
-use super::error::{EngineError, Result};
+use super::error::{EngineError, IoContext, IoOp, Result};
 use super::metadata::Committed;
 use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
@@ -408,10 +408,7 @@ struct Salvaged {
 }
 
 fn storage_size<I: Io>(store: &Storage<I>) -> Result<u64> {
-    store.file.size().map_err(|error| EngineError::Io {
-        context: "size of image storage",
-        error,
-    })
+    store.file.size().ctx(IoOp::Size, "size of image storage")
 }
 
 /// Reads both header slots: their validity and the header in force (or why there is none).

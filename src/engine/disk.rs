@@ -3,7 +3,7 @@
 
 use super::base::Base;
 use super::counters::Counters;
-use super::error::{EngineError, Result};
+use super::error::{EngineError, IoContext, IoOp, Result};
 use super::image::{CreateParams, Image};
 use super::raw::RawDisk;
 use super::storage::Storage;
@@ -49,9 +49,6 @@ impl<I: Io> Disk<I> {
             Disk::Raw(_) => 0,
         }
     }
-    pub fn supports_discard(&self) -> bool {
-        true
-    }
     pub fn counters(&self) -> &Counters {
         both!(self, d => d.counters())
     }
@@ -75,6 +72,12 @@ impl<I: Io> Disk<I> {
         match self {
             Disk::Fvd(d) => d.base().map_or_else(Vec::new, Base::nbd_clients),
             Disk::Raw(_) => Vec::new(),
+        }
+    }
+    /// How first writes zero the rest of their block (an FVD image's storage).
+    pub fn set_zero_ranges(&self, how: super::storage::ZeroRanges) {
+        if let Disk::Fvd(d) = self {
+            d.store.set_zero_ranges(how);
         }
     }
     /// Background work queued by requests (copy-on-read); run after completing them.
@@ -118,10 +121,7 @@ pub(crate) const PROBE_MAGIC_AT: [u64; 2] = [0, 4096];
 /// short to hold both header slots but showing the magic is an error, not a raw disk: serving
 /// it writable as raw would let its contents turn it into a (different) FVD image.
 pub async fn probe<I: Io<File = HostFile>>(io: &I, file: &HostFile) -> Result<Format> {
-    let size = file.size().map_err(|error| EngineError::Io {
-        context: "size of image",
-        error,
-    })?;
+    let size = file.size().ctx(IoOp::Size, "size of image")?;
     let store = Storage::<I>::new(file.clone());
     let buf = Buf::alloc(PROBE_LEN as usize);
     // Past the end of a short file this reads zeros, which never match the magic.
@@ -150,10 +150,7 @@ pub(crate) fn has_magic(buf: &Buf) -> bool {
 }
 
 fn open_host(path: &Path, mode: OpenMode) -> Result<HostFile> {
-    HostFile::open(path, mode).map_err(|error| EngineError::Io {
-        context: "open image",
-        error,
-    })
+    HostFile::open(path, mode).ctx(IoOp::Open, "open image")
 }
 
 /// Opens `path` (FVD or raw, probed), with its base chain for FVD images.
@@ -270,16 +267,10 @@ async fn open_file_base<I: Io<File = HostFile>>(
     depth: usize,
 ) -> Result<Base<I>> {
     let path = resolve_base(file.path(), &b.path);
-    let bf = HostFile::open(&path, OpenMode::ReadOnly).map_err(|error| EngineError::Io {
-        context: "open base image",
-        error,
-    })?;
+    let bf = HostFile::open(&path, OpenMode::ReadOnly).ctx(IoOp::Open, "open base image")?;
     Ok(match b.format {
         BaseFormat::Raw => {
-            let size = bf.size().map_err(|error| EngineError::Io {
-                context: "size of base",
-                error,
-            })?;
+            let size = bf.size().ctx(IoOp::Size, "size of base")?;
             Base::Raw {
                 store: Storage::new(bf),
                 size,
@@ -298,10 +289,7 @@ fn open_nbd_base<I: Io>(uri: &str, format: BaseFormat) -> Result<Base<I>> {
         )));
     }
     // Connecting blocks briefly; opening an image is not on the I/O path.
-    let client = NbdClient::connect(uri).map_err(|error| EngineError::Io {
-        context: "connect to NBD base",
-        error,
-    })?;
+    let client = NbdClient::connect(uri).ctx(IoOp::Connect, "connect to NBD base")?;
     Ok(Base::Nbd(client))
 }
 
@@ -311,10 +299,7 @@ pub async fn repair_image<I: Io<File = HostFile>>(
     io: &I,
     path: &Path,
 ) -> std::result::Result<super::check::Repair, super::check::RepairError> {
-    let file = HostFile::open(path, OpenMode::ReadWrite).map_err(|error| EngineError::Io {
-        context: "open image",
-        error,
-    })?;
+    let file = HostFile::open(path, OpenMode::ReadWrite).ctx(IoOp::Open, "open image")?;
     super::check::repair(io, file).await
 }
 

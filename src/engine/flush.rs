@@ -30,7 +30,7 @@
 //! space is reused only after that flip.
 
 use super::counters::Counters;
-use super::error::{EngineError, Result};
+use super::error::{IoOp, Result};
 use super::image::{FlushState, Image};
 use crate::format::header::{FLAG_CLEAN, INCOMPAT_INTENTS};
 use crate::format::{journal, Header, JournalEntry, SECTOR};
@@ -103,8 +103,7 @@ impl<I: Io> Image<I> {
                 alloc.growth_durable(len);
             }
         } else if let Err(e) = &r {
-            let device_flush_failed =
-                matches!(e, EngineError::Io { context, .. } if context.starts_with("flush"));
+            let device_flush_failed = e.io_op() == Some(IoOp::Flush);
             // The records describe data that is still in place: queue them again, ahead of newer ones.
             let had_records = !records.is_empty();
             {

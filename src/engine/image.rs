@@ -5,13 +5,13 @@ use super::allocator::Allocator;
 use super::base::Base;
 use super::block_locks::BlockLocks;
 use super::counters::Counters;
-use super::error::{EngineError, Result};
+use super::error::{Corruption, EngineError, IoContext, IoOp, NoSpace, Result};
 use super::flush::Pending;
 use super::metadata::{Committed, LiveMetadata};
 use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::layout::Layout;
-use crate::format::{journal, BaseRef, Header, JournalEntry, SECTOR};
+use crate::format::{journal, BaseRef, FormatError, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Growth, Io, IoFile};
 use crate::units::{ChunkIndex, Geometry};
 use parking_lot::Mutex;
@@ -91,12 +91,10 @@ impl CreateParams {
             base: p.base.clone(),
             boot_id: [0; 16],
         };
-        h.validate().map_err(|e| {
-            EngineError::Invalid(
-                e.to_string()
-                    .trim_start_matches("invalid header: ")
-                    .to_string(),
-            )
+        h.validate().map_err(|e| match e {
+            // The caller's parameters make an invalid header: say what is wrong with them.
+            FormatError::InvalidHeader(why) => EngineError::Invalid(why),
+            e => EngineError::Format(e),
         })?;
         Ok(h)
     }
@@ -160,11 +158,7 @@ fn prepare_flat_file<I: Io>(
     data_offset: u64,
 ) -> Result<()> {
     let geo = live.geo;
-    let ctx = |error| EngineError::Io {
-        context: "size flat image file",
-        error,
-    };
-    let len = store.file.size().map_err(ctx)?;
+    let len = store.file.size().ctx(IoOp::Size, "size flat image file")?;
     let first = len.saturating_sub(data_offset).div_ceil(geo.chunk_size);
     // Only a speed-up: a file system that refuses the size still takes extending writes. Its
     // chunks are then not fresh: a bit journaled before its data could outlive an extension
@@ -183,10 +177,7 @@ fn prepare_flat_file<I: Io>(
 
 /// Size of the image's file or block device.
 pub(super) fn storage_len<I: Io>(store: &Storage<I>) -> Result<u64> {
-    store.file.size().map_err(|error| EngineError::Io {
-        context: "size of image storage",
-        error,
-    })
+    store.file.size().ctx(IoOp::Size, "size of image storage")
 }
 
 /// Every region the header names ends by `data_offset` (the header's validation orders them),
@@ -197,11 +188,10 @@ pub(super) fn storage_len<I: Io>(store: &Storage<I>) -> Result<u64> {
 /// a size the storage cannot hold.
 pub(super) fn check_regions_fit(h: &Header, len: u64) -> Result<()> {
     if len < h.data_offset {
-        return Err(EngineError::Corrupt(format!(
-            "the storage is {len} bytes, shorter than the metadata and journal it must hold \
-             (the data area starts at {}): truncated",
-            h.data_offset
-        )));
+        return Err(EngineError::Corrupt(Corruption::StorageTruncated {
+            len,
+            data_offset: h.data_offset,
+        }));
     }
     Ok(())
 }
@@ -211,7 +201,7 @@ pub(super) fn check_regions_fit(h: &Header, len: u64) -> Result<()> {
 pub(super) fn next_epoch(epoch: u64) -> Result<u64> {
     epoch
         .checked_add(1)
-        .ok_or_else(|| EngineError::Corrupt(format!("journal epoch {epoch} cannot be advanced")))
+        .ok_or(EngineError::Corrupt(Corruption::EpochExhausted { epoch }))
 }
 
 /// Reads `len` bytes at `off` into a fresh buffer.
@@ -240,14 +230,9 @@ impl<I: Io> Image<I> {
             } else {
                 l.data_offset + geo.block_count() * p.block_size
             };
-            let have = store.file.size().map_err(|error| EngineError::Io {
-                context: "size of device",
-                error,
-            })?;
+            let have = store.file.size().ctx(IoOp::Size, "size of device")?;
             if have < need {
-                return Err(EngineError::NoSpace(format!(
-                    "device has {have} bytes; this image needs at least {need}"
-                )));
+                return Err(EngineError::NoSpace(NoSpace::DeviceTooSmall { have, need }));
             }
         }
         let c = Counters::default();
@@ -283,10 +268,7 @@ impl<I: Io> Image<I> {
             store
                 .file
                 .grow(l.data_offset, Growth::Sparse)
-                .map_err(|error| EngineError::Io {
-                    context: "size new image file",
-                    error,
-                })?;
+                .ctx(IoOp::Grow, "size new image file")?;
         }
         // Both header slots, so a stale header of an earlier image can never win.
         for g in 0..2 {
@@ -342,14 +324,12 @@ impl<I: Io> Image<I> {
         check_regions_fit(&header, storage_size)?;
         if store.file.is_block_device() && !header.compact() {
             let need = header.data_offset + geo.block_count() * geo.block_size;
-            let have = store.file.size().map_err(|error| EngineError::Io {
-                context: "size of device",
-                error,
-            })?;
+            let have = store.file.size().ctx(IoOp::Size, "size of device")?;
             if have < need {
-                return Err(EngineError::Corrupt(format!(
-                    "device has {have} bytes, the image needs {need}"
-                )));
+                return Err(EngineError::Corrupt(Corruption::DeviceTooSmall {
+                    have,
+                    need,
+                }));
             }
         }
         let mut committed = Committed::new(
@@ -379,9 +359,10 @@ impl<I: Io> Image<I> {
         let mut header = header;
         if let Some(d) = damage {
             if !repair || read_only {
-                return Err(EngineError::Corrupt(format!(
-                    "{d}; 'fvd check --repair' drops the records after sector {tail}"
-                )));
+                return Err(EngineError::Corrupt(Corruption::JournalDamage {
+                    damage: d,
+                    tail,
+                }));
             }
             damaged = Some(d);
         }
@@ -394,11 +375,10 @@ impl<I: Io> Image<I> {
         let mut problems = super::check::find_problems(&committed, &header, Some(storage_size));
         if !problems.is_empty() {
             if !repair || read_only {
-                return Err(EngineError::Corrupt(format!(
-                    "{} (and {} more); run 'fvd check --repair'",
-                    problems[0],
-                    problems.len() - 1
-                )));
+                return Err(EngineError::Corrupt(Corruption::Problems {
+                    more: problems.len() - 1,
+                    first: problems.swap_remove(0),
+                }));
             }
             super::check::fix_problems(&mut committed, &header, &problems);
         }
@@ -570,13 +550,10 @@ impl<I: Io> Image<I> {
             return Err(EngineError::ReadOnly);
         }
         if self.failed.load(Ordering::Acquire) {
-            return Err(EngineError::Io {
-                context: "image failed after a flush error; reopen it",
-                error: std::io::Error::from_raw_os_error(libc::EIO),
-            });
+            return Err(EngineError::Failed);
         }
         if self.closed.load(Ordering::Acquire) {
-            return Err(EngineError::Invalid("image is closed".into()));
+            return Err(EngineError::Closed);
         }
         Ok(())
     }

@@ -7,7 +7,7 @@
 
 use super::counters::Counters;
 use super::disk::{has_magic, PROBE_LEN, PROBE_MAGIC_AT};
-use super::error::{EngineError, IoContext, Result};
+use super::error::{EngineError, IoContext, IoOp, Result};
 use super::storage::Storage;
 use crate::io::{Buf, Io, IoFile};
 
@@ -23,7 +23,7 @@ pub struct RawDisk<I: Io> {
 impl<I: Io> RawDisk<I> {
     /// `probed`: the caller guessed the format (see the module documentation).
     pub fn open(file: I::File, read_only: bool, probed: bool) -> Result<Self> {
-        let size = file.size().ctx("size of raw image")? / 512 * 512;
+        let size = file.size().ctx(IoOp::Size, "size of raw image")? / 512 * 512;
         if !read_only && file.is_read_only() {
             return Err(EngineError::ReadOnly);
         }

@@ -2,7 +2,7 @@
 //! only when O_DIRECT requires it, with every host operation counted.
 
 use super::counters::Counters;
-use super::error::{IoContext, Result};
+use super::error::{IoContext, IoOp, Result};
 use crate::io::{Buf, Io, IoFile};
 use crate::units::PhysOffset;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,19 +16,29 @@ pub struct Storage<I: Io> {
     zero_by_punch: AtomicBool,
 }
 
-/// Whether first writes zero the rest of their block without writing it. On files a hole is
-/// cheap. On a block device it is a WRITE ZEROES request beside the data write: on a loop-device
-/// LV that made allocating writes 3.5x slower than writing the block whole with zeros merged in,
-/// and halved later sequential reads of it (docs/PERFORMANCE.md, "Logical volumes").
-/// FVD_ZERO_BY_WRITING=1 / FVD_ZERO_BY_PUNCH=1 force either way (measurements, devices whose
-/// WRITE ZEROES is cheap).
-fn zero_by_punch(block_device: bool) -> bool {
-    if std::env::var_os("FVD_ZERO_BY_WRITING").is_some() {
-        false
-    } else if std::env::var_os("FVD_ZERO_BY_PUNCH").is_some() {
-        true
-    } else {
-        !block_device
+/// How a first write zeroes the rest of its block (`fvd serve --zero-ranges`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ZeroRanges {
+    /// Without writing on files (a hole), by writing zeros on block devices: there a WRITE
+    /// ZEROES beside the data write made allocating writes 3.5x slower on a loop-device LV than
+    /// writing the block whole with zeros merged in, and halved later sequential reads of it
+    /// (docs/PERFORMANCE.md, "Logical volumes").
+    #[default]
+    Auto,
+    /// fallocate(PUNCH_HOLE) on files and block devices alike (devices whose WRITE ZEROES is
+    /// cheap).
+    Punch,
+    /// Zeros merged into the block's one write, on files too.
+    Write,
+}
+
+impl ZeroRanges {
+    fn by_punch(self, block_device: bool) -> bool {
+        match self {
+            ZeroRanges::Auto => !block_device,
+            ZeroRanges::Punch => true,
+            ZeroRanges::Write => false,
+        }
     }
 }
 
@@ -36,7 +46,7 @@ impl<I: Io> Storage<I> {
     pub fn new(file: I::File) -> Self {
         let align = file.alignment().max(1) as u64;
         let mem_align = file.mem_alignment().max(1) as usize;
-        let zero_by_punch = zero_by_punch(file.is_block_device());
+        let zero_by_punch = ZeroRanges::Auto.by_punch(file.is_block_device());
         Storage {
             file,
             align,
@@ -58,7 +68,7 @@ impl<I: Io> Storage<I> {
             return io
                 .read(&self.file, PhysOffset(off), buf)
                 .await
-                .ctx("read from image storage");
+                .ctx(IoOp::Read, "read from image storage");
         }
         Counters::inc(&c.bounced);
         let (start, bounce) = self.read_around(io, off, len).await?;
@@ -73,7 +83,7 @@ impl<I: Io> Storage<I> {
         let bounce = Buf::alloc((end - start) as usize);
         io.read(&self.file, PhysOffset(start), bounce.clone())
             .await
-            .ctx("read from image storage")?;
+            .ctx(IoOp::Read, "read from image storage")?;
         Ok((start, bounce))
     }
 
@@ -88,7 +98,7 @@ impl<I: Io> Storage<I> {
                 return io
                     .write(&self.file, PhysOffset(off), buf)
                     .await
-                    .ctx("write to image storage");
+                    .ctx(IoOp::Write, "write to image storage");
             }
             Counters::inc(&c.bounced);
             let bounce = Buf::alloc(len as usize);
@@ -96,25 +106,34 @@ impl<I: Io> Storage<I> {
             return io
                 .write(&self.file, PhysOffset(off), bounce)
                 .await
-                .ctx("write to image storage");
+                .ctx(IoOp::Write, "write to image storage");
         }
         Counters::inc(&c.bounced);
         let (start, bounce) = self.read_around(io, off, len).await?;
         bounce.copy_from_buf((off - start) as usize, &buf, 0, len as usize);
         io.write(&self.file, PhysOffset(start), bounce)
             .await
-            .ctx("write to image storage")
+            .ctx(IoOp::Write, "write to image storage")
     }
 
     pub async fn flush(&self, io: &I, c: &Counters) -> Result<()> {
         Counters::inc(&c.host_flushes);
-        io.flush(&self.file).await.ctx("flush image storage")
+        io.flush(&self.file)
+            .await
+            .ctx(IoOp::Flush, "flush image storage")
     }
 
     /// Granularity of [`Storage::write_zeroes`] ranges that can be zeroed without writing: a
     /// page, so a file system never has to zero part of one of its blocks through the page cache.
     pub fn zero_align(&self) -> u64 {
         self.align.max(4096)
+    }
+
+    /// Chooses how ranges are zeroed from now on; storage found unable to zero without writing
+    /// is asked again.
+    pub fn set_zero_ranges(&self, how: ZeroRanges) {
+        let punch = how.by_punch(self.file.is_block_device());
+        self.zero_by_punch.store(punch, Ordering::Relaxed);
     }
 
     /// True while [`Storage::write_zeroes`] can still zero without writing.
@@ -142,7 +161,7 @@ impl<I: Io> Storage<I> {
                     );
                     self.zero_by_punch.store(false, Ordering::Relaxed);
                 }
-                r => return r.ctx("zero a range of image storage"),
+                r => return r.ctx(IoOp::Zero, "zero a range of image storage"),
             }
         }
         self.write(io, c, off, Buf::alloc(len as usize)).await
@@ -159,7 +178,33 @@ impl<I: Io> Storage<I> {
             {
                 Ok(())
             }
-            r => r.ctx("punch hole in image storage"),
+            r => r.ctx(IoOp::Punch, "punch hole in image storage"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::sim::{SimConfig, SimIo, SimWorld};
+
+    #[test]
+    fn zero_ranges_choose_punch_or_write_per_storage_kind() {
+        let world = SimWorld::new(1, SimConfig::default());
+        let file = Storage::<SimIo>::new(world.create_disk(1 << 20, 512));
+        let device = Storage::<SimIo>::new(world.create_block_device(1 << 20));
+        // The default: holes on files, zeros written on block devices.
+        assert!(file.zeroes_cheaply());
+        assert!(!device.zeroes_cheaply());
+        for (how, on_file, on_device) in [
+            (ZeroRanges::Write, false, false),
+            (ZeroRanges::Punch, true, true),
+            (ZeroRanges::Auto, true, false),
+        ] {
+            file.set_zero_ranges(how);
+            device.set_zero_ranges(how);
+            assert_eq!(file.zeroes_cheaply(), on_file, "{how:?} on a file");
+            assert_eq!(device.zeroes_cheaply(), on_device, "{how:?} on a device");
         }
     }
 }

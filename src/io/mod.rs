@@ -13,6 +13,7 @@ pub mod buf;
 pub mod executor;
 pub mod host_file;
 pub mod nbd;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod sync;
 pub mod uring;

@@ -329,7 +329,7 @@ impl VhostUserBackend for BlkBackend {
         if look {
             w.pop_requests(vring, &self.mem, &self.ctx);
         }
-        w.turn(vring, self.ctx.signal_each);
+        w.turn(vring, &self.ctx);
         if w.inflight() == 0 {
             slot.idle.notify_all();
         }

@@ -42,6 +42,36 @@ impl StopFlag {
     }
 }
 
+/// A background thread could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("{task}: cannot {op}: {source}")]
+pub struct StartError {
+    /// Which background work: "prefetch", "grow".
+    pub task: &'static str,
+    pub op: StartOp,
+    pub source: std::io::Error,
+}
+
+/// The step of starting background work that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartOp {
+    CreateRing,
+    SpawnThread,
+}
+
+impl std::fmt::Display for StartOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StartOp::CreateRing => "create an io_uring",
+            StartOp::SpawnThread => "start its thread",
+        })
+    }
+}
+
+fn start_error(task: &'static str, op: StartOp) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError { task, op, source }
+}
+
 fn image(disk: &Disk<UringIo>) -> Option<&Image<UringIo>> {
     match disk {
         Disk::Fvd(img) => Some(img),
@@ -49,25 +79,29 @@ fn image(disk: &Disk<UringIo>) -> Option<&Image<UringIo>> {
     }
 }
 
-/// Starts the prefetch thread if the image has a base and prefetching is on.
+/// Starts the prefetch thread if the image has a base and prefetching is on; `Ok(None)` when
+/// there is nothing to prefetch.
 pub fn start_prefetch(
     disk: Arc<Disk<UringIo>>,
     cfg: PrefetchConfig,
     stop: Arc<StopFlag>,
-) -> Option<JoinHandle<()>> {
-    let img = image(&disk)?;
+) -> Result<Option<JoinHandle<()>>, StartError> {
+    let Some(img) = image(&disk) else {
+        return Ok(None);
+    };
     if img.base().is_none() || img.read_only() {
-        return None;
+        return Ok(None);
     }
     if img.base_blocks_remaining() == 0 {
-        let control = Control::new().ok()?;
+        let control = Control::new().map_err(start_error("prefetch", StartOp::CreateRing))?;
         let _ = control.block_on(img.mark_base_not_needed(control.io()));
-        return None;
+        return Ok(None);
     }
     std::thread::Builder::new()
         .name("fvd-prefetch".into())
         .spawn(move || prefetch_loop(&disk, cfg, &stop))
-        .ok()
+        .map(Some)
+        .map_err(start_error("prefetch", StartOp::SpawnThread))
 }
 
 fn prefetch_loop(disk: &Disk<UringIo>, cfg: PrefetchConfig, stop: &StopFlag) {
@@ -147,15 +181,20 @@ pub struct GrowConfig {
     pub timeout: Duration,
 }
 
-/// Installs the space policy and starts the grower thread (compact images on block devices).
+/// Installs the space policy and starts the grower thread (compact images on block devices);
+/// `Ok(None)` for other images, whose storage does not grow this way.
 pub fn start_grower(
     disk: Arc<Disk<UringIo>>,
     image_path: &Path,
     cfg: GrowConfig,
     stop: Arc<StopFlag>,
-) -> Option<JoinHandle<()>> {
-    let img = image(&disk)?;
-    img.free_bytes()?; // only bounded storage grows
+) -> Result<Option<JoinHandle<()>>, StartError> {
+    let Some(img) = image(&disk) else {
+        return Ok(None);
+    };
+    if img.free_bytes().is_none() {
+        return Ok(None); // only bounded storage grows
+    }
     let (tx, rx) = mpsc::channel::<()>();
     img.set_space_policy(SpacePolicy {
         watermark: cfg.watermark,
@@ -233,5 +272,6 @@ pub fn start_grower(
                 }
             }
         })
-        .ok()
+        .map(Some)
+        .map_err(start_error("grow", StartOp::SpawnThread))
 }

@@ -103,6 +103,16 @@ pub struct ServeArgs {
     /// thread's list, `log` only has the kernel log it (to find missing ones), `off` installs none.
     #[arg(long, value_enum, default_value = "on", value_name = "on|off|log")]
     pub seccomp: super::seccomp::SeccompMode,
+    /// How a first write into part of a block zeroes the rest: `auto` makes a hole on files and
+    /// writes the zeros on block devices, `punch` uses fallocate (WRITE ZEROES on a block device)
+    /// everywhere, `write` writes the zeros everywhere.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        value_name = "auto|punch|write"
+    )]
+    pub zero_ranges: crate::engine::storage::ZeroRanges,
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
@@ -173,6 +183,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             reconnect_delay: secs(a.base_reconnect_delay, "--base-reconnect-delay")?,
         },
         seccomp: a.seccomp,
+        zero_ranges: a.zero_ranges,
         copy_on_read: a.copy_on_read.map(|v| v == crate::cli::OnOff::On),
         grow: match a.grow_cmd {
             None => None,

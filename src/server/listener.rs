@@ -18,6 +18,41 @@ use std::time::Duration;
 use vhost_user_backend::ShutdownHandle;
 use vmm_sys_util::eventfd::EventFd;
 
+/// Why the socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("{} exists and is not a socket", path.display())]
+    NotSocket { path: PathBuf },
+    #[error("{} is in use by another server", path.display())]
+    InUse { path: PathBuf },
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: SocketOp,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// The step of [`Listener::bind`] that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketOp {
+    RemoveStale,
+    Bind,
+    Chmod,
+    Stat,
+}
+
+impl std::fmt::Display for SocketOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SocketOp::RemoveStale => "remove stale socket",
+            SocketOp::Bind => "bind",
+            SocketOp::Chmod => "chmod",
+            SocketOp::Stat => "stat",
+        })
+    }
+}
+
 pub struct Listener {
     inner: Mutex<vhost::vhost_user::Listener>,
     fd: RawFd,
@@ -30,17 +65,26 @@ pub struct Listener {
 impl Listener {
     /// Binds `path` with permissions `mode`. A stale socket (nobody accepting) is replaced; a
     /// live one or any other kind of file is an error.
-    pub fn bind(path: &Path, mode: u32) -> Result<Listener, String> {
-        let show = path.display();
+    pub fn bind(path: &Path, mode: u32) -> Result<Listener, ListenerError> {
+        let err = |op| {
+            move |source| ListenerError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
-                return Err(format!("{show} exists and is not a socket"));
+                return Err(ListenerError::NotSocket {
+                    path: path.to_path_buf(),
+                });
             }
             if UnixStream::connect(path).is_ok() {
-                return Err(format!("{show} is in use by another server"));
+                return Err(ListenerError::InUse {
+                    path: path.to_path_buf(),
+                });
             }
-            std::fs::remove_file(path)
-                .map_err(|e| format!("cannot remove stale socket {show}: {e}"))?;
+            std::fs::remove_file(path).map_err(err(SocketOp::RemoveStale))?;
         }
         // Create the socket with no permissions for others, then widen to `mode`: no window in
         // which a more permissive socket exists.
@@ -49,10 +93,10 @@ impl Listener {
         let bound = UnixListener::bind(path);
         // SAFETY: as above, restoring the previous mask.
         unsafe { libc::umask(old) };
-        let l = bound.map_err(|e| format!("cannot bind {show}: {e}"))?;
+        let l = bound.map_err(err(SocketOp::Bind))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
-            .map_err(|e| format!("cannot chmod {show}: {e}"))?;
-        let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{show}: {e}"))?;
+            .map_err(err(SocketOp::Chmod))?;
+        let meta = std::fs::symlink_metadata(path).map_err(err(SocketOp::Stat))?;
         let fd = l.as_raw_fd();
         Ok(Listener {
             inner: Mutex::new(vhost::vhost_user::Listener::from(l)),
@@ -282,5 +326,36 @@ fn start_watchdog(inner: Arc<StopInner>) {
         });
     if let Err(e) = spawned {
         tracing::warn!("cannot start the stop watchdog: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_reports_each_refusal_as_its_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            Listener::bind(&file, 0o600),
+            Err(ListenerError::NotSocket { .. })
+        ));
+        let sock = dir.path().join("sock");
+        let live = Listener::bind(&sock, 0o600).unwrap();
+        assert!(matches!(
+            Listener::bind(&sock, 0o600),
+            Err(ListenerError::InUse { .. })
+        ));
+        drop(live);
+        let missing = dir.path().join("no-such-dir/sock");
+        assert!(matches!(
+            Listener::bind(&missing, 0o600),
+            Err(ListenerError::Io {
+                op: SocketOp::Bind,
+                ..
+            })
+        ));
     }
 }

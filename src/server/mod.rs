@@ -67,6 +67,8 @@ pub struct ServeConfig {
     pub nbd: crate::io::nbd::NbdOptions,
     /// Per-thread system call filters.
     pub seccomp: seccomp::SeccompMode,
+    /// How first writes zero the rest of their block.
+    pub zero_ranges: engine::storage::ZeroRanges,
 }
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
@@ -77,14 +79,33 @@ const NBD_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5
 pub enum ServeError {
     #[error("cannot open {path}: {error}")]
     Open { path: PathBuf, error: EngineError },
-    #[error("{0}")]
-    Socket(String),
+    #[error("num-queues must be 1..=64, not {0}")]
+    NumQueues(u16),
+    #[error("queue-size must be a power of two in 4..=32768, not {0}")]
+    QueueSize(u16),
+    #[error(transparent)]
+    Listener(#[from] listener::ListenerError),
+    /// Setting up the process (signal handlers) failed.
+    #[error("{what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("waiting for a frontend on {}: {source}", path.display())]
+    WaitFrontend {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("io_uring: {0}")]
     Ring(std::io::Error),
     #[error("serial is {0} bytes; virtio-blk allows at most 20")]
     Serial(usize),
-    #[error("vhost-user: {0}")]
-    Daemon(String),
+    /// The daemon's error is kept as text: vhost_user_backend::Error may hold a thread's panic
+    /// payload, which is not Sync, so it cannot be a source of this (Sync) error.
+    #[error("vhost-user: cannot {op}: {error}")]
+    Daemon { op: &'static str, error: String },
+    #[error("vhost-user: cannot register the io_uring eventfd: {0}")]
+    RegisterEventfd(std::io::Error),
     #[error("closing the disk failed: {0}")]
     Close(EngineError),
     #[error(transparent)]
@@ -128,19 +149,16 @@ impl Server {
             return Err(ServeError::Serial(s.len()));
         }
         if cfg.num_queues == 0 || cfg.num_queues > 64 {
-            return Err(ServeError::Socket(format!(
-                "num-queues must be 1..=64, not {}",
-                cfg.num_queues
-            )));
+            return Err(ServeError::NumQueues(cfg.num_queues));
         }
         if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 || cfg.queue_size > 32768 {
-            return Err(ServeError::Socket(format!(
-                "queue-size must be a power of two in 4..=32768, not {}",
-                cfg.queue_size
-            )));
+            return Err(ServeError::QueueSize(cfg.queue_size));
         }
         // Before any filter: installing a signal handler is not on the lists.
-        sigbus::install().map_err(|e| ServeError::Socket(format!("SIGBUS handler: {e}")))?;
+        sigbus::install().map_err(|source| ServeError::Setup {
+            what: "SIGBUS handler",
+            source,
+        })?;
         // Before any thread that handles input starts (an NBD base's reader starts at open).
         seccomp::init(cfg.seccomp)?;
         let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
@@ -166,13 +184,16 @@ impl Server {
         for c in disk.nbd_clients() {
             c.set_options(cfg.nbd);
         }
+        disk.set_zero_ranges(cfg.zero_ranges);
         let serial = serial_bytes(&cfg.serial.clone().unwrap_or_else(|| disk.id()));
         let device = DeviceConfig {
             capacity: disk.virtual_size(),
             block_size: disk.alignment().clamp(512, 4096),
             optimal_io: disk.preferred_write_size(),
             read_only: cfg.read_only || disk.read_only(),
-            discard: disk.supports_discard(),
+            // Every disk takes DISCARD and WRITE ZEROES: a discard the storage cannot honour
+            // leaves the space used, zeros it cannot make without writing are written.
+            discard: true,
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
             writeback: true,
@@ -188,7 +209,7 @@ impl Server {
                 // Leave the image clean: nothing was written, but an FVD open may have replayed
                 // its journal.
                 let _ = control.block_on(disk.close(control.io()));
-                return Err(ServeError::Socket(e));
+                return Err(e.into());
             }
         };
         // Signals are handled from here on, before anyone is told the server is ready.
@@ -201,7 +222,10 @@ impl Server {
             Err(e) => {
                 let _ = control.block_on(disk.close(control.io()));
                 listener.remove();
-                return Err(ServeError::Socket(format!("signals: {e}")));
+                return Err(ServeError::Setup {
+                    what: "signals",
+                    source: e,
+                });
             }
         };
         Ok(Server {
@@ -276,11 +300,15 @@ impl Server {
             .prefetch
             .unwrap_or(header.compat & crate::format::header::COMPAT_PREFETCH != 0);
         if prefetch {
-            threads.extend(background::start_prefetch(
+            match background::start_prefetch(
                 self.disk.clone(),
                 self.cfg.prefetch_config.clone(),
                 stop.clone(),
-            ));
+            ) {
+                Ok(t) => threads.extend(t),
+                // The guest is served without it, as before; the log says why.
+                Err(e) => tracing::error!("{e}; serving without prefetching"),
+            }
         }
         if let Some(g) = &self.cfg.grow {
             match background::start_grower(
@@ -289,17 +317,23 @@ impl Server {
                 g.clone(),
                 stop.clone(),
             ) {
-                Some(t) => threads.push(t),
-                None => tracing::warn!(
+                Ok(Some(t)) => threads.push(t),
+                Ok(None) => tracing::warn!(
                     "--grow-cmd ignored: the image is not a compact image on a block device"
                 ),
+                Err(e) => tracing::error!("{e}; the storage will not be grown"),
             }
         }
         threads
     }
 
     fn serve_loop(&self, stop: &Stop) -> Result<(), ServeError> {
-        let daemon_err = |e: vhost_user_backend::Error| ServeError::Daemon(e.to_string());
+        let daemon_err = |op| {
+            move |e: vhost_user_backend::Error| ServeError::Daemon {
+                op,
+                error: e.to_string(),
+            }
+        };
         while !stop.requested() {
             let ctx = Arc::new(Ctx {
                 disk: self.disk.clone(),
@@ -310,6 +344,7 @@ impl Server {
                 sigbus_base: sigbus::faults(),
                 conn: parking_lot::Mutex::new(None),
                 stopping: AtomicBool::new(false),
+                log: Default::default(),
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())
@@ -317,22 +352,20 @@ impl Server {
             );
             let mut daemon =
                 VhostUserDaemon::new("fvd-vhost-user".into(), backend.clone(), backend.memory())
-                    .map_err(daemon_err)?;
+                    .map_err(daemon_err("create the daemon"))?;
             backend
                 .register(&daemon.get_epoll_handlers())
-                .map_err(|e| {
-                    ServeError::Daemon(format!("cannot register the io_uring eventfd: {e}"))
-                })?;
+                .map_err(ServeError::RegisterEventfd)?;
 
             stop.set_phase("waiting for a frontend");
             match self.listener.wait_for_frontend(stop) {
                 Ok(true) => {}
                 Ok(false) => break,
-                Err(e) => {
-                    return Err(ServeError::Socket(format!(
-                        "waiting for a frontend on {}: {e}",
-                        self.listener.path().display()
-                    )))
+                Err(source) => {
+                    return Err(ServeError::WaitFrontend {
+                        path: self.listener.path().to_path_buf(),
+                        source,
+                    })
                 }
             }
             // A frontend is waiting, so the accept inside does not block.
@@ -341,7 +374,7 @@ impl Server {
                 if stop.requested() {
                     break;
                 }
-                return Err(daemon_err(e));
+                return Err(daemon_err("accept a frontend")(e));
             }
             tracing::info!("frontend connected");
             if let Some(handle) = daemon.shutdown_handle() {

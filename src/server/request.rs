@@ -131,7 +131,15 @@ pub enum Bad {
 }
 
 const BAD_KINDS: usize = Bad::BadDiscard as usize + 1;
-static LOGGED: [AtomicBool; BAD_KINDS] = [const { AtomicBool::new(false) }; BAD_KINDS];
+
+/// Which kinds of bad request were logged already (per connection: see `worker::ConnLog`).
+pub struct BadLog([AtomicBool; BAD_KINDS]);
+
+impl Default for BadLog {
+    fn default() -> Self {
+        BadLog([const { AtomicBool::new(false) }; BAD_KINDS])
+    }
+}
 
 impl Bad {
     /// The status byte the guest gets.
@@ -161,9 +169,11 @@ impl Bad {
         }
     }
 
-    /// Logs this kind of bad request the first time it is seen; later ones only at trace level.
-    pub fn log_once(self, detail: &dyn std::fmt::Display) {
-        if !LOGGED[self as usize].swap(true, Ordering::Relaxed) {
+    /// Logs this kind of bad request the first time `log` sees it; later ones only at trace
+    /// level. Returns whether it was logged at warning level.
+    pub fn log_once(self, log: &BadLog, detail: &dyn std::fmt::Display) -> bool {
+        let first = !log.0[self as usize].swap(true, Ordering::Relaxed);
+        if first {
             tracing::warn!(
                 "bad guest request: {} ({detail}); further ones of this kind are not logged",
                 self.describe()
@@ -171,6 +181,7 @@ impl Bad {
         } else {
             tracing::trace!("bad guest request: {} ({detail})", self.describe());
         }
+        first
     }
 }
 

@@ -451,3 +451,14 @@ proptest! {
         }
     }
 }
+
+/// A bad request is logged once per kind and connection (each connection has its own log), so
+/// a later guest's bad requests are not hidden by an earlier one's.
+#[test]
+fn bad_requests_are_logged_once_per_kind_and_connection() {
+    let (first, second) = (BadLog::default(), BadLog::default());
+    assert!(Bad::PastEnd.log_once(&first, &"head 0"));
+    assert!(!Bad::PastEnd.log_once(&first, &"head 1"));
+    assert!(Bad::BadLength.log_once(&first, &"head 2"));
+    assert!(Bad::PastEnd.log_once(&second, &"head 0"));
+}

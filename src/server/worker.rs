@@ -46,6 +46,21 @@ pub struct Ctx {
     /// The server is stopping: requests still on the available ring stay there (for the next
     /// server), those taken finish.
     pub stopping: AtomicBool,
+    /// What this connection has logged already.
+    pub log: ConnLog,
+}
+
+/// Problems a guest causes are logged the first time per connection, then only at trace level:
+/// one guest cannot flood the log, and a later connection's problems are not hidden behind an
+/// earlier one's (as a process-wide flag would).
+#[derive(Default)]
+pub struct ConnLog {
+    avail: AtomicBool,
+    submit: AtomicBool,
+    used: AtomicBool,
+    signal: AtomicBool,
+    pub bad: request::BadLog,
+    io_errors: AtomicU64,
 }
 
 impl Ctx {
@@ -168,7 +183,7 @@ impl Worker {
             Ok(req) => self.spawn(head, req, mem.clone(), ctx.clone()),
             Err(rej) => {
                 let detail = format_args!("type {:?}, head {head}", rej.req_type);
-                rej.reason.log_once(&detail);
+                rej.reason.log_once(&ctx.log.bad, &detail);
                 let len = match rej.status {
                     Some(addr) if write_status(mem, addr, rej.reason.status()) => 1,
                     _ => 0,
@@ -197,12 +212,14 @@ impl Worker {
                 // publishing requests that use it must find it here: so the snapshot is taken
                 // after reading the available index, and only chains up to that index are
                 // taken with it (later ones wait for the next round and a newer snapshot).
-                let Some(avail) = ring_ok(q.avail_idx(&*memory.memory(), Ordering::Acquire)) else {
+                let Some(avail) =
+                    ring_ok(&ctx.log, q.avail_idx(&*memory.memory(), Ordering::Acquire))
+                else {
                     return;
                 };
                 let ready = avail.0.wrapping_sub(q.next_avail()) as usize;
                 let mem = memory.memory().into_inner();
-                let Some(iter) = ring_ok(q.iter(mem.clone())) else {
+                let Some(iter) = ring_ok(&ctx.log, q.iter(mem.clone())) else {
                     return;
                 };
                 for chain in iter.take(ready) {
@@ -253,12 +270,15 @@ impl Worker {
 
     /// Runs tasks and submits their I/O until nothing is ready, then publishes what finished and
     /// signals the guest once if it asked to be told.
-    pub fn turn(&mut self, vring: &Vring, signal_each: bool) {
+    pub fn turn(&mut self, vring: &Vring, ctx: &Ctx) {
         CURRENT.with(|c| c.set(self.id));
         loop {
             self.exec.run_ready();
             if let Err(e) = self.io.submit() {
-                log_once(&SUBMIT_ERR, &format_args!("io_uring submit failed: {e}"));
+                log_once(
+                    &ctx.log.submit,
+                    &format_args!("io_uring submit failed: {e}"),
+                );
             }
             if !self.exec.has_ready() {
                 break;
@@ -285,13 +305,16 @@ impl Worker {
                     }
                 }
                 Err(e) => log_once(
-                    &USED_ERR,
+                    &ctx.log.used,
                     &format_args!("cannot add head {head} to the used ring: {e}"),
                 ),
             }
-            if (signal_each || i + 1 == n) && st.needs_notification().unwrap_or(true) {
+            if (ctx.signal_each || i + 1 == n) && st.needs_notification().unwrap_or(true) {
                 if let Err(e) = signal_guest(st.get_call()) {
-                    log_once(&SIGNAL_ERR, &format_args!("cannot signal the guest: {e}"));
+                    log_once(
+                        &ctx.log.signal,
+                        &format_args!("cannot signal the guest: {e}"),
+                    );
                 }
             }
         }
@@ -300,13 +323,13 @@ impl Worker {
 
 /// The value of an available-ring access, or None (logged once, unless the queue is simply not
 /// ready) when the ring cannot be read: the queue then waits for the next kick.
-fn ring_ok<T>(r: Result<T, virtio_queue::Error>) -> Option<T> {
+fn ring_ok<T>(log: &ConnLog, r: Result<T, virtio_queue::Error>) -> Option<T> {
     match r {
         Ok(v) => Some(v),
         Err(virtio_queue::Error::QueueNotReady) => None,
         Err(e) => {
             log_once(
-                &AVAIL_ERR,
+                &log.avail,
                 &format_args!("cannot read the available ring: {e}"),
             );
             None
@@ -387,7 +410,7 @@ async fn execute(ctx: &Ctx, io: &UringIo, mem: &Arc<GuestMemory>, op: &Op) -> u8
     match r {
         Ok(()) => STATUS_OK,
         Err(e) => {
-            log_io_error(&e);
+            log_io_error(&ctx.log.io_errors, &e);
             STATUS_IOERR
         }
     }
@@ -404,11 +427,6 @@ fn guest_buf(segs: &Segs, mem: &Arc<GuestMemory>) -> Option<Buf> {
     Some(unsafe { Buf::from_segments(segs.iter().copied(), mem.clone()) })
 }
 
-static AVAIL_ERR: AtomicBool = AtomicBool::new(false);
-static SUBMIT_ERR: AtomicBool = AtomicBool::new(false);
-static USED_ERR: AtomicBool = AtomicBool::new(false);
-static SIGNAL_ERR: AtomicBool = AtomicBool::new(false);
-
 fn log_once(flag: &AtomicBool, msg: &std::fmt::Arguments<'_>) {
     if !flag.swap(true, Ordering::Relaxed) {
         tracing::warn!("{msg} (further ones are not logged)");
@@ -417,10 +435,10 @@ fn log_once(flag: &AtomicBool, msg: &std::fmt::Arguments<'_>) {
     }
 }
 
-/// Disk errors reach the guest as IOERR; the first few are logged, then one in 10000.
-fn log_io_error(e: &crate::engine::EngineError) {
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+/// Disk errors reach the guest as IOERR; the first few of a connection are logged, then one in
+/// 10000.
+fn log_io_error(count: &AtomicU64, e: &crate::engine::EngineError) {
+    let n = count.fetch_add(1, Ordering::Relaxed);
     if n < 10 || n % 10_000 == 0 {
         tracing::warn!(
             "I/O error reported to the guest (errno {}): {e} [{} so far]",

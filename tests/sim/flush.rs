@@ -7,7 +7,7 @@
 use super::pattern::{base_image, decode, fill, Decoded, BASE};
 use fvd::engine::base::Base;
 use fvd::engine::storage::Storage;
-use fvd::engine::{CreateParams, Image};
+use fvd::engine::{CreateParams, EngineError, Image, IoOp};
 use fvd::format::header::FLAG_BASE_NOT_NEEDED;
 use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::Executor;
@@ -151,6 +151,16 @@ impl Env {
             Decoded::Value(v) => panic!("block {b}: value {v}, expected {id}"),
             _ => panic!("block {b}: garbage, expected value {id}"),
         }
+    }
+
+    /// The pending write into the journal area, if any: (offset, length).
+    fn pending_journal_write(&self) -> Option<(u64, u64)> {
+        let h = self.img.header();
+        let journal = h.journal_offset..h.journal_offset + h.journal_len;
+        self.world
+            .pending_writes()
+            .into_iter()
+            .find(|(off, _)| journal.contains(off))
     }
 
     fn checkpoints(&self) -> u64 {
@@ -314,6 +324,87 @@ fn run_until(world: &SimWorld, ex: &mut Executor, flag: &AtomicBool) {
     }
 }
 
+fn small_image() -> CreateParams {
+    CreateParams {
+        virtual_size: 16 * BS,
+        block_size: BS,
+        chunk_size: 4 * BS,
+        journal_size: 4 * SECTOR,
+        compact: false,
+        ..Default::default()
+    }
+}
+
+/// A failed device flush leaves what is durable unknown: the image refuses further writes and
+/// FLUSHes until reopened, and the reopened image still has the data of the FLUSH before.
+#[test]
+fn a_failed_device_flush_poisons_the_image() {
+    for seed in 0..8 {
+        let mut env = Env::new(seed, small_image(), 0);
+        env.write_blocks(1, [0]);
+        env.flush();
+        env.write_blocks(2, [5]);
+        env.world.set_config(SimConfig {
+            flush_error_prob: 1.0,
+            ..Default::default()
+        });
+        let (img, io) = (env.img.clone(), env.io.clone());
+        let e = env
+            .world
+            .block_on(async move { img.flush(&io).await })
+            .unwrap_err();
+        assert_eq!(e.io_op(), Some(IoOp::Flush), "seed {seed}: {e}");
+        env.world.set_config(SimConfig::default());
+        let (img, io) = (env.img.clone(), env.io.clone());
+        let later = env.world.block_on(async move {
+            let w = img.write(&io, 6 * BS, block_data(3, 6)).await;
+            (w, img.flush(&io).await)
+        });
+        assert!(
+            matches!(later, (Err(EngineError::Failed), Err(EngineError::Failed))),
+            "seed {seed}: the image took a write and a FLUSH after a failed device flush"
+        );
+        env.crash_and_reopen();
+        env.expect_block(0, 1);
+    }
+}
+
+/// A FLUSH whose journal write fails is an ordinary write error: its records are queued again
+/// and the image keeps serving; the next FLUSH makes everything durable.
+#[test]
+fn a_failed_journal_write_does_not_poison_the_image() {
+    for seed in 0..8 {
+        let mut env = Env::new(seed, small_image(), 0);
+        env.write_blocks(1, [0]);
+        let mut ex = Executor::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let (img, io, flag) = (env.img.clone(), env.io.clone(), done.clone());
+        ex.spawn(async move {
+            let e = img.flush(&io).await.unwrap_err();
+            assert_eq!(e.io_op(), Some(IoOp::Write), "{e}");
+            flag.store(true, Ordering::SeqCst);
+        });
+        loop {
+            ex.run_ready();
+            if let Some((off, _)) = env.pending_journal_write() {
+                assert!(env.world.complete_write_at(off, true));
+                break;
+            }
+            assert!(
+                env.world.complete_one(),
+                "seed {seed}: the FLUSH wrote no journal"
+            );
+        }
+        run_until(&env.world, &mut ex, &done);
+        drop(ex);
+        env.write_blocks(2, [5]);
+        env.flush();
+        env.crash_and_reopen();
+        env.expect_block(0, 1);
+        env.expect_block(5, 2);
+    }
+}
+
 /// A FLUSH whose journal write fails queues its records again. A write that completed while
 /// that FLUSH was in flight queued a record that needs its data durable first (the block read
 /// the base before); the retry must still flush the data before journaling, or a power loss
@@ -321,24 +412,7 @@ fn run_until(world: &SimWorld, ex: &mut Executor, flag: &AtomicBool) {
 #[test]
 fn retry_after_a_failed_journal_write_still_flushes_data_first() {
     for seed in 0..64 {
-        let p = CreateParams {
-            virtual_size: 16 * BS,
-            block_size: BS,
-            chunk_size: 4 * BS,
-            journal_size: 4 * SECTOR,
-            compact: false,
-            ..Default::default()
-        };
-        let mut env = Env::new(seed, p, 16);
-        let journal = {
-            let h = env.img.header();
-            h.journal_offset..h.journal_offset + h.journal_len
-        };
-        let in_journal = |w: &SimWorld| {
-            w.pending_writes()
-                .into_iter()
-                .find(|(off, _)| journal.contains(off))
-        };
+        let mut env = Env::new(seed, small_image(), 16);
         env.write_blocks(2, [2]);
         env.flush();
         // DISCARD queues a record that needs no data first.
@@ -354,7 +428,9 @@ fn retry_after_a_failed_journal_write_still_flushes_data_first() {
             flag.store(true, Ordering::SeqCst);
         });
         ex.run_ready();
-        let (j1, _) = in_journal(&env.world).expect("FLUSH 1 writes the journal");
+        let (j1, _) = env
+            .pending_journal_write()
+            .expect("FLUSH 1 writes the journal");
         // While FLUSH 1 waits for its journal write, write block 1 (it read the base).
         let w = Arc::new(AtomicBool::new(false));
         let (img, io, flag) = (env.img.clone(), env.io.clone(), w.clone());
@@ -389,7 +465,7 @@ fn retry_after_a_failed_journal_write_still_flushes_data_first() {
         let mut seen = None;
         loop {
             ex.run_ready();
-            let pending = in_journal(&env.world);
+            let pending = env.pending_journal_write();
             if pending.is_some() {
                 seen = pending;
             } else if seen.is_some() {
