@@ -5,7 +5,7 @@ mod serve_support;
 
 use blkio::ReqFlags;
 use serve_support::client::{connect, connect_with, Req};
-use serve_support::{create_image, dir, ServerProc};
+use serve_support::{check_passes, create_image, dir, ServerProc};
 
 /// Deterministic bytes that differ per offset and per `seed`.
 fn pattern(seed: u64, off: u64, len: usize) -> Vec<u8> {
@@ -239,12 +239,7 @@ fn data_persists_across_server_restart() {
     drop(c);
     assert!(srv.terminate().success());
     // The image was closed cleanly: the checker finds nothing to repair.
-    let o = serve_support::fvd()
-        .arg("check")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    check_passes(&img, "after the restart");
 }
 
 #[test]
@@ -431,13 +426,7 @@ fn completed_requests_survive_sigkill_without_flush() {
         assert!(!srv.wait().success());
         drop(c);
         // The checker reads the intents (same boot) as journal records to replay, not damage.
-        let o = serve_support::fvd()
-            .arg("check")
-            .arg(&img)
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{what}: {out}");
+        let out = check_passes(&img, &what);
         assert!(out.contains("will be replayed"), "{what}: {out}");
 
         let srv = ServerProc::start(&img, &sock, &[]);
@@ -453,15 +442,6 @@ fn completed_requests_survive_sigkill_without_flush() {
         assert_eq!(c.read(0, 30 * mb, 4096), before(30 * mb, 4096), "{what}");
         drop(c);
         assert!(srv.terminate().success());
-        let o = serve_support::fvd()
-            .arg("check")
-            .arg(&img)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{what}: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        check_passes(&img, &what);
     }
 }

@@ -6,13 +6,12 @@
 mod serve_support;
 
 use serve_support::client::{connect, Req};
-use serve_support::{create_image, dir};
-use std::io::{BufRead, BufReader};
+use serve_support::{check_passes, create_image, dir, ServerProc};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,42 +52,6 @@ fn activated(
         });
     }
     c
-}
-
-/// A server started by [`activated`], ready once its banner is out.
-struct Server {
-    child: Child,
-    _out: BufReader<std::process::ChildStdout>,
-}
-
-impl Server {
-    fn start(mut cmd: Command) -> Server {
-        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut banner = String::new();
-        while !banner.contains("--disk vhost_user=true") {
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap() == 0 {
-                let status = child.wait().unwrap();
-                panic!("fvd serve exited before it was ready ({status}); printed: {banner}");
-            }
-            banner.push_str(&line);
-        }
-        Server { child, _out: out }
-    }
-
-    fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
-        // SAFETY: kill with a pid we spawned and have not reaped yet.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -157,15 +120,15 @@ fn passed_socket_is_served_across_a_kill_and_a_restart() {
     let l = UnixListener::bind(&path).unwrap();
     let watch = Watch::new(&path);
 
-    let mut first = Server::start(activated(&img, l.as_raw_fd(), None, "1", &[]));
+    let first = ServerProc::spawn(activated(&img, l.as_raw_fd(), None, "1", &[]), &path);
     {
         let mut c = connect(&path, 1, false).unwrap();
         c.write(0, 1 << 20, &pattern(1, 256 << 10));
         assert_eq!(c.run(0, Req::Flush, 0, 0, 0), 0);
         assert_eq!(c.read(0, 1 << 20, 256 << 10), pattern(1, 256 << 10));
         // The client stays connected: the kill below cuts a live connection.
-        let st = first.signal(libc::SIGKILL);
-        assert_eq!(st.code(), None, "killed by the signal");
+        first.signal(libc::SIGKILL);
+        assert_eq!(first.wait().code(), None, "killed by the signal");
     }
     // A client that connects while no server runs: the manager's socket queues it, and the
     // next server accepts it.
@@ -178,34 +141,31 @@ fn passed_socket_is_served_across_a_kill_and_a_restart() {
         back
     });
     std::thread::sleep(Duration::from_millis(300));
-    let mut second = Server::start(activated(&img, l.as_raw_fd(), None, "1", &[]));
+    let second = ServerProc::spawn(activated(&img, l.as_raw_fd(), None, "1", &[]), &path);
     let back = client.join().unwrap();
     assert!(
         back == pattern(1, 256 << 10),
         "flushed data lost across the restart"
     );
-    let st = second.signal(libc::SIGTERM);
+    second.signal(libc::SIGTERM);
+    let st = second.wait();
     assert!(st.success(), "SIGTERM: {st}");
     // A third server on the same socket reads what the second wrote: the socket still
     // listens after a clean stop (it was not shut down or unlinked).
-    let mut third = Server::start(activated(&img, l.as_raw_fd(), None, "1", &[]));
+    let third = ServerProc::spawn(activated(&img, l.as_raw_fd(), None, "1", &[]), &path);
     {
         let mut c = connect(&path, 1, false).unwrap();
         assert_eq!(c.read(0, 8 << 20, 64 << 10), pattern(2, 64 << 10));
     }
-    assert!(third.signal(libc::SIGTERM).success());
+    third.signal(libc::SIGTERM);
+    assert!(third.wait().success());
     let (missing, looks) = watch.finish();
     assert!(looks > 100, "the watcher looked only {looks} times");
     assert_eq!(
         missing, 0,
         "the socket file was missing {missing} of {looks} times"
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_fvd"))
-        .arg("check")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    check_passes(&img, "after the restarts");
 }
 
 fn fails(mut cmd: Command) -> String {
@@ -252,18 +212,14 @@ fn bad_hand_overs_are_refused() {
 
     // Refusals leave the socket alone, and a good hand-over with the same --socket works.
     assert!(path.exists());
-    let mut s = Server::start(activated(
-        &img,
-        fd,
-        None,
-        "1",
-        &["--socket", path.to_str().unwrap()],
-    ));
+    let cmd = activated(&img, fd, None, "1", &["--socket", path.to_str().unwrap()]);
+    let s = ServerProc::spawn(cmd, &path);
     {
         let mut c = connect(&path, 1, false).unwrap();
         assert_eq!(c.read(0, 0, 4096), vec![0; 4096]);
     }
-    assert!(s.signal(libc::SIGTERM).success());
+    s.signal(libc::SIGTERM);
+    assert!(s.wait().success());
     assert!(path.exists(), "a passed socket's file is never removed");
 }
 

@@ -16,7 +16,7 @@ mod serve_support;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use serve_support::guest::{attach, memfd, negotiate};
+use serve_support::guest::{attach, memfd, negotiate, seal_size, sealable_memfd};
 use serve_support::{create_image, dir, ServerProc};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -124,23 +124,13 @@ impl Case {
         if self.rng.gen_ratio(1, 5) {
             return (SET_INFLIGHT_FD, p, vec![self.fd(true)]);
         }
-        // SAFETY: memfd_create with a static name; a non-negative result is a new fd we own.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"inflight".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        assert!(fd >= 0);
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        let f = unsafe { File::from_raw_fd(fd) };
         let len = if self.rng.gen_ratio(1, 4) {
             self.rng
                 .gen_range(0..2 * part.max(64) * u64::from(nq.max(1)))
         } else {
             part * u64::from(nq)
         };
-        f.set_len(len).unwrap();
+        let f = sealable_memfd(len);
         use std::os::unix::fs::FileExt;
         for q in 0..u64::from(nq.min(2)) {
             let base = q * part;
@@ -164,14 +154,7 @@ impl Case {
             }
         }
         if self.rng.gen_ratio(4, 5) {
-            // SAFETY: fcntl on our own fd with an integer argument.
-            unsafe {
-                libc::fcntl(
-                    f.as_raw_fd(),
-                    libc::F_ADD_SEALS,
-                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-                )
-            };
+            let _ = seal_size(&f);
         }
         let raw = f.as_raw_fd();
         self.keep.push(f.into());

@@ -26,13 +26,6 @@ fn stop_clean(srv: ServerProc, img: &Path) {
     assert!(out.contains("clean shutdown: yes"), "{out}");
 }
 
-/// A well-behaved frontend is served: negotiation, a write and a read.
-fn still_serves(srv: &mut ServerProc, seed: u8) {
-    assert!(srv.alive(), "the server died");
-    let (mut g, _) = attach(&srv.socket);
-    g.write_read(8, seed);
-}
-
 fn region(file: &File, guest: u64, size: u64, offset: u64) -> VhostUserMemoryRegionInfo {
     VhostUserMemoryRegionInfo {
         guest_phys_addr: guest,

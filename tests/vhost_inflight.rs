@@ -7,10 +7,13 @@
 
 mod serve_support;
 
-use serve_support::guest::{attach, memfd, negotiate, region_of, wait_readable, TIMEOUT};
-use serve_support::{create_image, dir, fvd, ServerProc};
+use serve_support::guest::{
+    guest_memory_of, make_available, negotiate, region_of, seal_size, sealable_memfd, start_queue0,
+    still_serves, wait_readable, write_chain, D, TIMEOUT,
+};
+use serve_support::{create_image, dir, fvd, KillGuard, ServerProc};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -19,10 +22,9 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 4 << 20;
@@ -47,13 +49,10 @@ struct Guest {
 
 impl Guest {
     fn new() -> Guest {
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-            GuestAddress(0),
-            MEM,
-            Some(FileOffset::new(memfd(MEM as u64), 0)),
-        )])
-        .unwrap();
-        Guest { mem, next_avail: 0 }
+        Guest {
+            mem: guest_memory_of(MEM),
+            next_avail: 0,
+        }
     }
 
     /// Puts request `slot` (head 3 * slot) on the available ring without a kick. `len` bytes of
@@ -66,32 +65,14 @@ impl Guest {
         self.mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
         self.mem.write_obj(0xffu8, GuestAddress(STATS + s)).unwrap();
         let writes = ty == VIRTIO_BLK_T_IN || ty == VIRTIO_BLK_T_GET_ID;
-        let mut chain = vec![(hdr, 16, false)];
+        let mut chain: Vec<D> = vec![(hdr, 16, false)];
         if len > 0 {
             chain.push((DATA + s * SLOT, len, writes));
         }
         chain.push((STATS + s, 1, true));
         let head = 3 * slot;
-        for (i, &(addr, len, write)) in chain.iter().enumerate() {
-            let idx = head + i as u16;
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < chain.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let d = DESC + 16 * u64::from(idx);
-            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
-            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-            self.mem.write_obj(idx + 1, GuestAddress(d + 14)).unwrap();
-        }
-        let at = AVAIL + 4 + 2 * u64::from(self.next_avail % Q);
-        self.mem.write_obj(head, GuestAddress(at)).unwrap();
-        fence(Ordering::SeqCst);
-        self.next_avail = self.next_avail.wrapping_add(1);
-        self.mem
-            .write_obj(self.next_avail, GuestAddress(AVAIL + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
+        write_chain(&self.mem, DESC, head, &chain);
+        make_available(&self.mem, AVAIL, Q, &mut self.next_avail, head);
     }
 
     fn used_idx(&self) -> u16 {
@@ -179,26 +160,7 @@ fn start_queue(
     base: u16,
     size: u16,
 ) -> Result<Conn, vhost::Error> {
-    let va = |gpa: u64| g.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
-    fe.set_vring_num(0, size)?;
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
-            flags: 0,
-            desc_table_addr: va(DESC),
-            used_ring_addr: va(USED),
-            avail_ring_addr: va(AVAIL),
-            log_addr: None,
-        },
-    )?;
-    fe.set_vring_base(0, base)?;
-    let call = EventFd::new(0).unwrap();
-    let kick = EventFd::new(0).unwrap();
-    fe.set_vring_call(0, &call)?;
-    fe.set_vring_kick(0, &kick)?;
-    fe.set_vring_enable(0, true)?;
+    let (call, kick) = start_queue0(&mut fe, &g.mem, (DESC, AVAIL, USED), size, base)?;
     Ok(Conn {
         fe,
         raw,
@@ -225,29 +187,17 @@ fn flagged(f: &File) -> Vec<u16> {
 
 /// A memfd of `len` bytes, sealed against shrinking and growing if `sealed`.
 fn region_file(len: u64, sealed: bool) -> File {
-    // SAFETY: memfd_create with a static name; a non-negative result is a new fd we own.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"inflight".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    assert!(fd >= 0);
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).unwrap();
+    let f = sealable_memfd(len);
     if sealed {
-        // SAFETY: fcntl on our own fd with an integer argument.
-        let r = unsafe {
-            libc::fcntl(
-                f.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-            )
-        };
-        assert_eq!(r, 0);
+        seal_size(&f).unwrap();
     }
     f
+}
+
+/// Writes a valid header for queue 0: version 1, [`Q`] descriptors.
+fn valid_header(f: &File) {
+    put(f, 8, &1u16.to_le_bytes()); // version
+    put(f, 10, &Q.to_le_bytes()); // desc_num
 }
 
 /// A `qemu-nbd` exporting a 4 MiB raw base read-only on a unix socket; killed when dropped.
@@ -321,6 +271,16 @@ fn serve(img: &Path, sock: &Path) -> ServerProc {
 const K64: u32 = 64 << 10;
 const MIB: u64 = (1 << 20) / 512;
 
+/// SIGKILLs the server and waits until it is gone (its connection's socket still open).
+fn kill(mut srv: ServerProc) {
+    srv.signal(libc::SIGKILL);
+    let t0 = Instant::now();
+    while srv.alive() {
+        assert!(t0.elapsed() < TIMEOUT);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits until the region flags at least `n` requests in flight.
 fn wait_flagged(f: &File, n: usize) {
     let t0 = Instant::now();
@@ -341,14 +301,17 @@ fn wait_flagged(f: &File, n: usize) {
 #[test]
 fn requests_in_flight_survive_a_killed_server() {
     let d = dir();
-    let (nbd, base) = Nbd::start(d.path());
-    let img = image_on_nbd(d.path(), &nbd);
-    let sock = d.path().join("s.sock");
-    let srv = serve(&img, &sock);
-    let _guard = srv.kill_after(Duration::from_secs(120));
-    let mut g = Guest::new();
-    let mut inflight = None;
-    let c = connect(&sock, &g, &mut inflight, 0);
+    let OnNbd {
+        nbd,
+        base,
+        img,
+        sock,
+        srv,
+        guard: _guard,
+        mut g,
+        c,
+        mut inflight,
+    } = on_nbd(d.path());
     let region = &inflight.as_ref().unwrap().1;
 
     // A write past the base, and a base read that opens the NBD connection.
@@ -374,13 +337,7 @@ fn requests_in_flight_survive_a_killed_server() {
     c.kick.write(1).unwrap();
     wait_flagged(region, reads.len());
     std::thread::sleep(Duration::from_millis(200));
-    let mut srv = srv;
-    srv.signal(libc::SIGKILL);
-    let t0 = Instant::now();
-    while srv.alive() {
-        assert!(t0.elapsed() < TIMEOUT);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    kill(srv);
     drop(c);
     // The region names exactly the requests taken and not in the used ring.
     let posted: Vec<u16> = (0..8).map(|s| 3 * s).collect();
@@ -465,8 +422,7 @@ fn resubmission_follows_the_counters() {
     let (msg, file) = fe
         .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, Q))
         .unwrap();
-    put(&file, 8, &1u16.to_le_bytes()); // version
-    put(&file, 10, &Q.to_le_bytes()); // desc_num
+    valid_header(&file);
     for (head, counter) in [(0u16, 20u64), (3, 30), (6, 10)] {
         let at = 16 + 16 * u64::from(head);
         put(&file, at, &[1]);
@@ -490,11 +446,43 @@ fn resubmission_follows_the_counters() {
     assert!(st.success(), "{st}");
 }
 
-/// A well-behaved frontend is served: negotiation, a write and a read.
-fn still_serves(srv: &mut ServerProc, seed: u8) {
-    assert!(srv.alive(), "the server died");
-    let (mut g, _) = attach(&srv.socket);
-    g.write_read(8, seed);
+/// A region handed over with SET_INFLIGHT_FD that must be refused.
+struct Bad {
+    name: &'static str,
+    file_len: u64,
+    /// The size SET_INFLIGHT_FD says the region has.
+    size: u64,
+    queues: u16,
+    queue_size: u16,
+    sealed: bool,
+    /// Starts with [`valid_header`], then `puts`.
+    valid_header: bool,
+    /// (offset, bytes) written to the region.
+    puts: Vec<(u64, Vec<u8>)>,
+}
+
+impl Bad {
+    /// A sealed region of the right size for one queue of [`Q`] descriptors, holding `puts`.
+    fn new(name: &'static str, puts: &[(u64, &[u8])]) -> Bad {
+        Bad {
+            name,
+            file_len: PART,
+            size: PART,
+            queues: 1,
+            queue_size: Q,
+            sealed: true,
+            valid_header: false,
+            puts: puts.iter().map(|&(at, b)| (at, b.to_vec())).collect(),
+        }
+    }
+
+    /// As [`Bad::new`], over a valid header.
+    fn valid_but(name: &'static str, puts: &[(u64, &[u8])]) -> Bad {
+        Bad {
+            valid_header: true,
+            ..Bad::new(name, puts)
+        }
+    }
 }
 
 /// Inflight regions that lie about their size, offset, geometry or contents fail the message
@@ -507,113 +495,57 @@ fn hostile_inflight_regions_are_refused() {
     let mut srv = ServerProc::start(&img, &d.path().join("s.sock"), &["--num-queues", "1"]);
     let _guard = srv.kill_after(Duration::from_secs(120));
     let g = Guest::new();
-    let good = |f: &File| {
-        put(f, 8, &1u16.to_le_bytes());
-        put(f, 10, &Q.to_le_bytes());
-    };
-    type Case<'a> = (&'a str, u64, u64, u16, u16, Box<dyn Fn(&File)>, bool);
-    let cases: Vec<Case> = vec![
-        // (name, file size, msg size, queues, queue size, contents, sealed)
-        ("file too small", 100, PART, 1, Q, Box::new(|_| {}), true),
-        (
-            "size below the geometry",
-            PART,
-            PART - 64,
-            1,
-            Q,
-            Box::new(|_| {}),
-            true,
-        ),
-        (
-            "more queues than the device",
-            2 * PART,
-            2 * PART,
-            2,
-            Q,
-            Box::new(|_| {}),
-            true,
-        ),
-        (
-            "queues larger than the device's",
-            4 * PART * 16,
-            4 * PART * 16,
-            1,
-            512,
-            Box::new(|_| {}),
-            true,
-        ),
-        ("not sealed", PART, PART, 1, Q, Box::new(|_| {}), false),
-        (
-            "unknown version",
-            PART,
-            PART,
-            1,
-            Q,
-            Box::new(|f| put(f, 8, &9u16.to_le_bytes())),
-            true,
-        ),
-        (
-            "descriptor count mismatch",
-            PART,
-            PART,
-            1,
-            Q,
-            Box::new(move |f| {
-                good(f);
-                put(f, 10, &7u16.to_le_bytes());
-            }),
-            true,
-        ),
-        (
-            "garbage flag",
-            PART,
-            PART,
-            1,
-            Q,
-            Box::new(move |f| {
-                good(f);
-                put(f, 16 + 16 * 2, &[0x80]);
-            }),
-            true,
-        ),
-        (
-            "head beyond the ring",
-            PART,
-            PART,
-            1,
-            Q,
-            Box::new(move |f| {
-                good(f);
-                put(f, 16 + 16 * 20, &[1]);
-            }),
-            true,
-        ),
-        (
+    let cases = [
+        Bad {
+            file_len: 100,
+            ..Bad::new("file too small", &[])
+        },
+        Bad {
+            size: PART - 64,
+            ..Bad::new("size below the geometry", &[])
+        },
+        Bad {
+            file_len: 2 * PART,
+            size: 2 * PART,
+            queues: 2,
+            ..Bad::new("more queues than the device", &[])
+        },
+        Bad {
+            file_len: 4 * PART * 16,
+            size: 4 * PART * 16,
+            queue_size: 512,
+            ..Bad::new("queues larger than the device's", &[])
+        },
+        Bad {
+            sealed: false,
+            ..Bad::new("not sealed", &[])
+        },
+        Bad::new("unknown version", &[(8, &9u16.to_le_bytes())]),
+        Bad::valid_but("descriptor count mismatch", &[(10, &7u16.to_le_bytes())]),
+        Bad::valid_but("garbage flag", &[(16 + 16 * 2, &[0x80])]),
+        Bad::valid_but("head beyond the ring", &[(16 + 16 * 20, &[1])]),
+        Bad::valid_but(
             "last batch head out of range",
-            PART,
-            PART,
-            1,
-            Q,
-            Box::new(move |f| {
-                good(f);
-                put(f, 12, &999u16.to_le_bytes());
-                put(f, 14, &5u16.to_le_bytes());
-            }),
-            true,
+            &[(12, &999u16.to_le_bytes()), (14, &5u16.to_le_bytes())],
         ),
     ];
-    for (i, (name, file_len, size, nq, qs, contents, sealed)) in cases.into_iter().enumerate() {
-        let f = region_file(file_len, sealed);
-        contents(&f);
+    for (i, bad) in cases.into_iter().enumerate() {
+        let f = region_file(bad.file_len, bad.sealed);
+        if bad.valid_header {
+            valid_header(&f);
+        }
+        for (at, bytes) in &bad.puts {
+            put(&f, *at, bytes);
+        }
         let (mut fe, raw, _) = negotiate(&srv.socket);
         fe.set_mem_table(&[region_of(&g.mem)]).unwrap();
-        let msg = VhostUserInflight::new(size, 0, nq, qs);
+        let msg = VhostUserInflight::new(bad.size, 0, bad.queues, bad.queue_size);
         // The ring has 16 descriptors: heads 16 and up are beyond it.
         let r = match fe.set_inflight_fd(&msg, f.as_raw_fd()) {
             Ok(()) => start_queue(fe, raw, &g, 0, 16).map(drop),
             Err(e) => Err(e),
         };
-        assert!(r.is_err(), "{name}: accepted");
+        assert!(r.is_err(), "{}: accepted", bad.name);
         still_serves(&mut srv, i as u8);
     }
     // Offsets: past the end, unaligned, overflowing.
@@ -632,33 +564,96 @@ fn hostile_inflight_regions_are_refused() {
     assert!(st.success(), "{st}");
 }
 
+/// A server (bounded to 120 s) on an FVD image over a `qemu-nbd` base, and a guest connected to
+/// it with an inflight region.
+struct OnNbd {
+    nbd: Nbd,
+    /// The base's contents.
+    base: Vec<u8>,
+    img: PathBuf,
+    sock: PathBuf,
+    srv: ServerProc,
+    guard: KillGuard,
+    g: Guest,
+    c: Conn,
+    inflight: Option<Inflight>,
+}
+
+fn on_nbd(d: &Path) -> OnNbd {
+    let (nbd, base) = Nbd::start(d);
+    let img = image_on_nbd(d, &nbd);
+    let sock = d.join("s.sock");
+    let srv = serve(&img, &sock);
+    let guard = srv.kill_after(Duration::from_secs(120));
+    let g = Guest::new();
+    let mut inflight = None;
+    let c = connect(&sock, &g, &mut inflight, 0);
+    OnNbd {
+        nbd,
+        base,
+        img,
+        sock,
+        srv,
+        guard,
+        g,
+        c,
+        inflight,
+    }
+}
+
+/// [`on_nbd`], then one read of the base completed (slot 0), `qemu-nbd` stopped and three
+/// 64 KiB reads of it at 1, 2 and 3 MiB (slots 1 to 3) taken by the server and held in flight.
+fn three_reads_held(d: &Path) -> OnNbd {
+    let mut t = on_nbd(d);
+    let (g, c) = (&mut t.g, &t.c);
+    g.post(0, VIRTIO_BLK_T_IN, 0, K64);
+    c.kick.write(1).unwrap();
+    g.wait_used(1, TIMEOUT);
+    t.nbd.signal(libc::SIGSTOP);
+    for slot in 1..4 {
+        g.post(slot, VIRTIO_BLK_T_IN, u64::from(slot) * MIB, K64);
+    }
+    c.kick.write(1).unwrap();
+    wait_flagged(&t.inflight.as_ref().unwrap().1, 3);
+    t
+}
+
+/// Resumes the stopped `qemu-nbd` after a second, from another thread (which hands it back).
+fn resume_later(nbd: Nbd) -> std::thread::JoinHandle<Nbd> {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        nbd.signal(libc::SIGCONT);
+        nbd
+    })
+}
+
+/// The three reads [`three_reads_held`] held completed with the base's data, and the region
+/// flags nothing in flight.
+fn assert_reads_done(g: &Guest, base: &[u8], region: &File) {
+    for slot in 1..4u16 {
+        assert_eq!(g.status(slot), 0);
+        let at = (u64::from(slot) << 20) as usize;
+        assert!(g.data(slot, K64 as usize) == base[at..at + K64 as usize]);
+    }
+    assert_eq!(flagged(region), Vec::<u16>::new());
+}
+
 /// GET_VRING_BASE with requests in flight returns once they are in the used ring, and the base
 /// it returns is the used index.
 #[test]
 fn get_vring_base_waits_for_requests_in_flight() {
     let d = dir();
-    let (nbd, base) = Nbd::start(d.path());
-    let img = image_on_nbd(d.path(), &nbd);
-    let srv = serve(&img, &d.path().join("s.sock"));
-    let _guard = srv.kill_after(Duration::from_secs(120));
-    let mut g = Guest::new();
-    let mut inflight = None;
-    let c = connect(&srv.socket, &g, &mut inflight, 0);
-    let region = &inflight.as_ref().unwrap().1;
-    g.post(0, VIRTIO_BLK_T_IN, 0, K64);
-    c.kick.write(1).unwrap();
-    g.wait_used(1, TIMEOUT);
-    nbd.signal(libc::SIGSTOP);
-    for slot in 1..4 {
-        g.post(slot, VIRTIO_BLK_T_IN, u64::from(slot) * MIB, K64);
-    }
-    c.kick.write(1).unwrap();
-    wait_flagged(region, 3);
-    let resume = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(1));
-        nbd.signal(libc::SIGCONT);
-        nbd
-    });
+    let OnNbd {
+        nbd,
+        base,
+        srv,
+        guard: _guard,
+        g,
+        c,
+        inflight,
+        ..
+    } = three_reads_held(d.path());
+    let resume = resume_later(nbd);
     let t0 = Instant::now();
     let got = c.fe.get_vring_base(0).unwrap();
     let took = t0.elapsed();
@@ -669,12 +664,7 @@ fn get_vring_base_waits_for_requests_in_flight() {
     );
     assert_eq!(used, 4, "all requests published");
     assert_eq!(got as u16, used, "the base is the used index");
-    for slot in 1..4u16 {
-        assert_eq!(g.status(slot), 0);
-        let at = (u64::from(slot) << 20) as usize;
-        assert!(g.data(slot, K64 as usize) == base[at..at + K64 as usize]);
-    }
-    assert_eq!(flagged(region), Vec::<u16>::new());
+    assert_reads_done(&g, &base, &inflight.unwrap().1);
     let _nbd = resume.join().unwrap();
     drop(c);
     let st = srv.terminate_within(Duration::from_secs(15)).unwrap();
@@ -686,28 +676,18 @@ fn get_vring_base_waits_for_requests_in_flight() {
 #[test]
 fn sigterm_publishes_requests_in_flight_before_closing() {
     let d = dir();
-    let (nbd, base) = Nbd::start(d.path());
-    let img = image_on_nbd(d.path(), &nbd);
-    let srv = serve(&img, &d.path().join("s.sock"));
-    let mut g = Guest::new();
-    let mut inflight = None;
-    let c = connect(&srv.socket, &g, &mut inflight, 0);
-    let region = &inflight.as_ref().unwrap().1;
-    g.post(0, VIRTIO_BLK_T_IN, 0, K64);
-    c.kick.write(1).unwrap();
-    g.wait_used(1, TIMEOUT);
-    nbd.signal(libc::SIGSTOP);
-    for slot in 1..4 {
-        g.post(slot, VIRTIO_BLK_T_IN, u64::from(slot) * MIB, K64);
-    }
-    c.kick.write(1).unwrap();
-    wait_flagged(region, 3);
+    let OnNbd {
+        nbd,
+        base,
+        srv,
+        guard: _guard,
+        g,
+        c,
+        inflight,
+        ..
+    } = three_reads_held(d.path());
     srv.signal(libc::SIGTERM);
-    let resume = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(1));
-        nbd.signal(libc::SIGCONT);
-        nbd
-    });
+    let resume = resume_later(nbd);
     // The socket closes (EOF) only after the used ring has all four.
     assert!(
         wait_readable(c.raw.as_raw_fd(), Duration::from_secs(15)),
@@ -724,12 +704,7 @@ fn sigterm_publishes_requests_in_flight_before_closing() {
         used, 4,
         "requests in flight were published before the socket closed"
     );
-    for slot in 1..4u16 {
-        assert_eq!(g.status(slot), 0);
-        let at = (u64::from(slot) << 20) as usize;
-        assert!(g.data(slot, K64 as usize) == base[at..at + K64 as usize]);
-    }
-    assert_eq!(flagged(region), Vec::<u16>::new());
+    assert_reads_done(&g, &base, &inflight.unwrap().1);
     let st = srv.wait();
     assert!(st.success(), "{st}");
     let _nbd = resume.join().unwrap();
@@ -740,14 +715,17 @@ fn sigterm_publishes_requests_in_flight_before_closing() {
 #[test]
 fn a_flushed_write_survives_a_kill_with_a_read_in_flight() {
     let d = dir();
-    let (nbd, base) = Nbd::start(d.path());
-    let img = image_on_nbd(d.path(), &nbd);
-    let sock = d.path().join("s.sock");
-    let mut srv = serve(&img, &sock);
-    let _guard = srv.kill_after(Duration::from_secs(120));
-    let mut g = Guest::new();
-    let mut inflight = None;
-    let c = connect(&sock, &g, &mut inflight, 0);
+    let OnNbd {
+        nbd,
+        base,
+        img,
+        sock,
+        srv,
+        guard: _guard,
+        mut g,
+        c,
+        mut inflight,
+    } = on_nbd(d.path());
     g.post(1, VIRTIO_BLK_T_IN, 0, K64);
     c.kick.write(1).unwrap();
     g.wait_used(1, TIMEOUT);
@@ -768,10 +746,7 @@ fn a_flushed_write_survives_a_kill_with_a_read_in_flight() {
         vec![6],
         "the read in flight"
     );
-    srv.signal(libc::SIGKILL);
-    while srv.alive() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    kill(srv);
     drop(c);
     nbd.signal(libc::SIGCONT);
     let srv = serve(&img, &sock);

@@ -63,35 +63,31 @@ struct VirtioBlkConfig {
 // a valid value.
 unsafe impl ByteValued for VirtioBlkConfig {}
 
-// Same layout as the kernel's header (virtio-bindings), field by field.
-macro_rules! same_offset {
-    ($ours:ident, $theirs:ident $(. $sub:ident)?) => {
-        const _: () = assert!(
-            offset_of!(VirtioBlkConfig, $ours)
-                == offset_of!(virtio_blk_config, $theirs)
-                    $(+ offset_of!(virtio_blk_config_virtio_blk_geometry, $sub))?
-        );
+// Same layout as the kernel's header (virtio-bindings), field by field: `ours` where the names
+// agree, `ours = theirs.sub` for the geometry, which the kernel's struct nests.
+macro_rules! same_offsets {
+    ($($ours:ident $(= $theirs:ident . $sub:ident)?),* $(,)?) => {
+        $(const _: () = assert!(
+            offset_of!(VirtioBlkConfig, $ours) == same_offsets!(@theirs $ours $($theirs . $sub)?)
+        );)*
+    };
+    (@theirs $ours:ident) => {
+        offset_of!(virtio_blk_config, $ours)
+    };
+    (@theirs $ours:ident $theirs:ident . $sub:ident) => {
+        offset_of!(virtio_blk_config, $theirs)
+            + offset_of!(virtio_blk_config_virtio_blk_geometry, $sub)
     };
 }
-same_offset!(capacity, capacity);
-same_offset!(size_max, size_max);
-same_offset!(seg_max, seg_max);
-same_offset!(geometry_cylinders, geometry.cylinders);
-same_offset!(geometry_heads, geometry.heads);
-same_offset!(geometry_sectors, geometry.sectors);
-same_offset!(blk_size, blk_size);
-same_offset!(physical_block_exp, physical_block_exp);
-same_offset!(alignment_offset, alignment_offset);
-same_offset!(min_io_size, min_io_size);
-same_offset!(opt_io_size, opt_io_size);
-same_offset!(wce, wce);
-same_offset!(num_queues, num_queues);
-same_offset!(max_discard_sectors, max_discard_sectors);
-same_offset!(max_discard_seg, max_discard_seg);
-same_offset!(discard_sector_alignment, discard_sector_alignment);
-same_offset!(max_write_zeroes_sectors, max_write_zeroes_sectors);
-same_offset!(max_write_zeroes_seg, max_write_zeroes_seg);
-same_offset!(write_zeroes_may_unmap, write_zeroes_may_unmap);
+same_offsets! {
+    capacity, size_max, seg_max,
+    geometry_cylinders = geometry.cylinders,
+    geometry_heads = geometry.heads,
+    geometry_sectors = geometry.sectors,
+    blk_size, physical_block_exp, alignment_offset, min_io_size, opt_io_size, wce, num_queues,
+    max_discard_sectors, max_discard_seg, discard_sector_alignment, max_write_zeroes_sectors,
+    max_write_zeroes_seg, write_zeroes_may_unmap,
+}
 const _: () = assert!(CONFIG_LEN == offset_of!(virtio_blk_config, max_secure_erase_sectors));
 
 /// What the device exposes; fixed for the life of a connection except `writeback`.

@@ -297,31 +297,37 @@ impl Part<'_> {
         self.u16_at(DESC_NUM_AT).load(Ordering::Acquire)
     }
 
+    /// Descriptor state `i`'s inflight flag; None beyond the part.
+    fn flag_of(&self, i: u16) -> Option<&AtomicU8> {
+        // SAFETY: a byte inside descriptor state `i` (see `desc`).
+        self.desc(i)
+            .map(|d| unsafe { &*d.add(INFLIGHT_AT).cast::<AtomicU8>() })
+    }
+
+    /// Descriptor state `i`'s counter; None beyond the part.
+    fn counter_of(&self, i: u16) -> Option<&AtomicU64> {
+        // SAFETY: 8 bytes at offset 8 of descriptor state `i`, 8-aligned (see `desc`).
+        self.desc(i)
+            .map(|d| unsafe { &*d.add(COUNTER_AT).cast::<AtomicU64>() })
+    }
+
     fn inflight(&self, i: u16) -> u8 {
-        self.desc(i).map_or(0, |d| {
-            // SAFETY: a byte inside descriptor state `i` (see `desc`).
-            unsafe { &*d.add(INFLIGHT_AT).cast::<AtomicU8>() }.load(Ordering::Acquire)
-        })
+        self.flag_of(i).map_or(0, |f| f.load(Ordering::Acquire))
     }
 
     fn set_inflight(&self, i: u16, v: u8) {
-        if let Some(d) = self.desc(i) {
-            // SAFETY: as in `inflight`.
-            unsafe { &*d.add(INFLIGHT_AT).cast::<AtomicU8>() }.store(v, Ordering::Release);
+        if let Some(f) = self.flag_of(i) {
+            f.store(v, Ordering::Release);
         }
     }
 
     fn counter(&self, i: u16) -> u64 {
-        self.desc(i).map_or(0, |d| {
-            // SAFETY: 8 bytes at offset 8 of descriptor state `i`, 8-aligned (see `desc`).
-            unsafe { &*d.add(COUNTER_AT).cast::<AtomicU64>() }.load(Ordering::Acquire)
-        })
+        self.counter_of(i).map_or(0, |c| c.load(Ordering::Acquire))
     }
 
     fn set_counter(&self, i: u16, v: u64) {
-        if let Some(d) = self.desc(i) {
-            // SAFETY: as in `counter`.
-            unsafe { &*d.add(COUNTER_AT).cast::<AtomicU64>() }.store(v, Ordering::Release);
+        if let Some(c) = self.counter_of(i) {
+            c.store(v, Ordering::Release);
         }
     }
 }

@@ -216,6 +216,21 @@ fn allow_arg(r: &mut Rules, call: libc::c_long, arg: u8, values: &[u64]) {
     }
 }
 
+/// Allows `call` (getsockopt or setsockopt) for the SOL_SOCKET-level options `opts` only.
+fn allow_socket_options(r: &mut Rules, call: libc::c_long, opts: &[libc::c_int]) {
+    let cond = |arg, v: libc::c_int| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64)
+            .expect("argument index below 6")
+    };
+    let entry = r.entry(call).or_default();
+    for &opt in opts {
+        entry.push(
+            SeccompRule::new(vec![cond(1, libc::SOL_SOCKET), cond(2, opt)])
+                .expect("two conditions"),
+        );
+    }
+}
+
 // ioctl requests fvd and the crates it uses make (the image, the guest's eventfds, sockets).
 const BLKSSZGET: u64 = 0x1268;
 const BLKGETSIZE64: u64 = 0x8008_1272;
@@ -319,17 +334,11 @@ fn image(r: &mut Rules) {
 /// socket timeouts so a stuck server cannot block the close, then shutdown.
 fn nbd_close(r: &mut Rules) {
     allow(r, &[libc::SYS_shutdown]);
-    let entry = r.entry(libc::SYS_setsockopt).or_default();
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        let cond = |arg, v: libc::c_int| {
-            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64)
-                .expect("argument index below 6")
-        };
-        entry.push(
-            SeccompRule::new(vec![cond(1, libc::SOL_SOCKET), cond(2, opt)])
-                .expect("two conditions"),
-        );
-    }
+    allow_socket_options(
+        r,
+        libc::SYS_setsockopt,
+        &[libc::SO_RCVTIMEO, libc::SO_SNDTIMEO],
+    );
 }
 
 /// The allow-list of one kind of thread.
@@ -379,17 +388,11 @@ fn rules(kind: ThreadKind) -> Rules {
             allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO, FIOCLEX]);
             // The vhost crate checks that the fd of GPU_SET_SOCKET / SET_BACKEND_REQ_FD is a
             // unix stream socket before refusing or using it (a frontend may send either).
-            let entry = r.entry(libc::SYS_getsockopt).or_default();
-            for opt in [libc::SO_DOMAIN, libc::SO_TYPE] {
-                let cond = |arg, v: libc::c_int| {
-                    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v as u64)
-                        .expect("argument index below 6")
-                };
-                entry.push(
-                    SeccompRule::new(vec![cond(1, libc::SOL_SOCKET), cond(2, opt)])
-                        .expect("two conditions"),
-                );
-            }
+            allow_socket_options(
+                &mut r,
+                libc::SYS_getsockopt,
+                &[libc::SO_DOMAIN, libc::SO_TYPE],
+            );
         }
         ThreadKind::Main => {
             // Everything the connection and queue threads it starts need (filters stack).

@@ -96,10 +96,10 @@ pub fn negotiate(socket: &std::path::Path) -> (Frontend, UnixStream, u64) {
     (fe, raw, features)
 }
 
-/// A memfd of `len` bytes.
-pub fn memfd(len: u64) -> File {
-    // SAFETY: memfd_create with a static name; a non-negative result is a new fd we own.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+/// A memfd named `name`, created with `flags`, of `len` bytes.
+fn new_memfd(name: &std::ffi::CStr, flags: libc::c_uint, len: u64) -> File {
+    // SAFETY: memfd_create with a NUL-terminated name; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     assert!(fd >= 0);
     // SAFETY: `fd` was just created and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
@@ -107,12 +107,48 @@ pub fn memfd(len: u64) -> File {
     file
 }
 
+/// A memfd of `len` bytes.
+pub fn memfd(len: u64) -> File {
+    new_memfd(c"guest", libc::MFD_CLOEXEC, len)
+}
+
+/// A memfd of `len` bytes that [`seal_size`] can seal, as an inflight region must be.
+pub fn sealable_memfd(len: u64) -> File {
+    new_memfd(
+        c"inflight",
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        len,
+    )
+}
+
+/// Seals `f` against shrinking and growing.
+pub fn seal_size(f: &File) -> std::io::Result<()> {
+    // SAFETY: fcntl on an fd `f` owns, with an integer argument.
+    let r = unsafe {
+        libc::fcntl(
+            f.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// [`MEM`] bytes of guest memory at guest address 0, in a memfd.
 pub fn guest_memory() -> GuestMemoryMmap<()> {
+    guest_memory_of(MEM)
+}
+
+/// `len` bytes of guest memory at guest address 0, in a memfd.
+pub fn guest_memory_of(len: usize) -> GuestMemoryMmap<()> {
     GuestMemoryMmap::<()>::from_ranges_with_files([(
         GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(memfd(MEM as u64), 0)),
+        len,
+        Some(FileOffset::new(memfd(len as u64), 0)),
     )])
     .unwrap()
 }
@@ -127,27 +163,7 @@ pub fn attach(socket: &std::path::Path) -> (Guest, u64) {
     let (mut fe, raw, features) = negotiate(socket);
     let mem = guest_memory();
     fe.set_mem_table(&[region_of(&mem)]).unwrap();
-    let va = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: va(DESC),
-            used_ring_addr: va(USED),
-            avail_ring_addr: va(AVAIL),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    let call = EventFd::new(0).unwrap();
-    let kick = EventFd::new(0).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let (call, kick) = start_queue0(&mut fe, &mem, (DESC, AVAIL, USED), QSIZE, 0).unwrap();
     let g = Guest {
         fe,
         raw,
@@ -160,8 +176,81 @@ pub fn attach(socket: &std::path::Path) -> (Guest, u64) {
     (g, features)
 }
 
+/// SET_VRING_NUM to SET_VRING_ENABLE for queue 0: `size` entries, its rings at the guest
+/// addresses `(desc, avail, used)` of `mem`, starting at `base`. Returns (call, kick).
+pub fn start_queue0(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap<()>,
+    (desc, avail, used): (u64, u64, u64),
+    size: u16,
+    base: u16,
+) -> Result<(EventFd, EventFd), vhost::Error> {
+    let va = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+    fe.set_vring_num(0, size)?;
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: va(desc),
+            used_ring_addr: va(used),
+            avail_ring_addr: va(avail),
+            log_addr: None,
+        },
+    )?;
+    fe.set_vring_base(0, base)?;
+    let call = EventFd::new(0).unwrap();
+    let kick = EventFd::new(0).unwrap();
+    fe.set_vring_call(0, &call)?;
+    fe.set_vring_kick(0, &kick)?;
+    fe.set_vring_enable(0, true)?;
+    Ok((call, kick))
+}
+
+/// A well-behaved frontend is served: negotiation, a write and a read.
+pub fn still_serves(srv: &mut super::ServerProc, seed: u8) {
+    assert!(srv.alive(), "the server died");
+    let (mut g, _) = attach(&srv.socket);
+    g.write_read(8, seed);
+}
+
 /// A descriptor: guest address, length, device-writable.
 pub type D = (u64, u32, bool);
+
+/// Writes `chain` to the descriptor table at `desc` from descriptor `head` on, each linked to
+/// the next.
+pub fn write_chain(mem: &GuestMemoryMmap<()>, desc: u64, head: u16, chain: &[D]) {
+    for (i, &(addr, len, write)) in chain.iter().enumerate() {
+        let idx = head + i as u16;
+        let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        if i + 1 < chain.len() {
+            flags |= VRING_DESC_F_NEXT as u16;
+        }
+        let d = desc + 16 * u64::from(idx);
+        mem.write_obj(addr, GuestAddress(d)).unwrap();
+        mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+        mem.write_obj(idx + 1, GuestAddress(d + 14)).unwrap();
+    }
+}
+
+/// Puts `head` in entry `*next_avail` of the `size`-entry available ring at `avail`, then
+/// publishes it (the index past it), fenced on both sides.
+pub fn make_available(
+    mem: &GuestMemoryMmap<()>,
+    avail: u64,
+    size: u16,
+    next_avail: &mut u16,
+    head: u16,
+) {
+    let at = avail + 4 + 2 * u64::from(*next_avail % size);
+    mem.write_obj(head, GuestAddress(at)).unwrap();
+    fence(Ordering::SeqCst);
+    *next_avail = next_avail.wrapping_add(1);
+    mem.write_obj(*next_avail, GuestAddress(avail + 2)).unwrap();
+    fence(Ordering::SeqCst);
+}
 
 /// Waits until `fd` is readable; false after `timeout`.
 pub fn wait_readable(fd: i32, timeout: Duration) -> bool {
@@ -191,23 +280,7 @@ impl Guest {
     /// Puts `chain` on the ring without kicking.
     pub fn prepare(&mut self, chain: &[D]) {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        for (i, &(addr, len, write)) in chain.iter().enumerate() {
-            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 } as u16;
-            if i + 1 < chain.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let d = DESC + 16 * i as u64;
-            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
-            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-            self.mem
-                .write_obj(i as u16 + 1, GuestAddress(d + 14))
-                .unwrap();
-        }
-        let slot = u64::from(self.next_avail % QSIZE);
-        self.mem
-            .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * slot))
-            .unwrap();
+        write_chain(&self.mem, DESC, 0, chain);
         // used_event: interrupt me as soon as anything beyond what I have seen is used.
         self.mem
             .write_obj(
@@ -215,12 +288,7 @@ impl Guest {
                 GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)),
             )
             .unwrap();
-        fence(Ordering::SeqCst);
-        self.next_avail = self.next_avail.wrapping_add(1);
-        self.mem
-            .write_obj(self.next_avail, GuestAddress(AVAIL + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
+        make_available(&self.mem, AVAIL, QSIZE, &mut self.next_avail, 0);
     }
 
     /// Waits up to `timeout` for the oldest posted chain: (used len, status byte).

@@ -35,6 +35,15 @@ pub fn create_image(dir: &Path, name: &str, size: &str) -> PathBuf {
     path
 }
 
+/// Runs `fvd check IMAGE`, asserts that it passes (`what` names the case in the failure
+/// message) and returns its report.
+pub fn check_passes(image: &Path, what: &str) -> String {
+    let o = fvd().arg("check").arg(image).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "fvd check {what}: {out}");
+    out
+}
+
 pub struct ServerProc {
     child: Child,
     pub socket: PathBuf,
@@ -47,15 +56,19 @@ pub struct ServerProc {
 impl ServerProc {
     /// Starts `fvd serve IMAGE --socket SOCKET ARGS...` and waits until it has bound the socket.
     pub fn start(image: &Path, socket: &Path, args: &[&str]) -> ServerProc {
-        let mut child = fvd()
-            .arg("serve")
+        let mut cmd = fvd();
+        cmd.arg("serve")
             .arg(image)
             .arg("--socket")
             .arg(socket)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .args(args);
+        ServerProc::spawn(cmd, socket)
+    }
+
+    /// Spawns `cmd`, an `fvd serve` that serves on `socket` (given or passed to it), and waits
+    /// until it is ready.
+    pub fn spawn(mut cmd: Command, socket: &Path) -> ServerProc {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut banner = String::new();
         // The banner ends with the cloud-hypervisor line, printed after the socket is bound.
