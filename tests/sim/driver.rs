@@ -283,17 +283,7 @@ impl Run {
         self.world.process_crash();
         // Sometimes it dies again while reopening (replay, adopting intents, checkpoint).
         if self.rng.gen_bool(0.3) {
-            let mut ex = Executor::default();
-            let (io, f, b) = (self.world.io(), self.file.clone(), make_base(&self.base));
-            ex.spawn(async move {
-                let _ = Image::open(&io, f, b, false).await;
-            });
-            for _ in 0..self.rng.gen_range(0..60) {
-                ex.run_ready();
-                if !self.world.complete_one() {
-                    break;
-                }
-            }
+            self.start_an_open();
             self.stats.process_crashes += 1;
             self.world.process_crash();
         }
@@ -303,6 +293,22 @@ impl Run {
             self.shared.model.lock().process_crash_check(&data, at)
         } else {
             self.shared.model.lock().crash_check(&data)
+        }
+    }
+
+    /// Lets an open of the image (replay, adopting intents, checkpoint) run a random number of
+    /// device completions, for a crash to interrupt it.
+    fn start_an_open(&mut self) {
+        let mut ex = Executor::default();
+        let (io, f, b) = (self.world.io(), self.file.clone(), make_base(&self.base));
+        ex.spawn(async move {
+            let _ = Image::open(&io, f, b, false).await;
+        });
+        for _ in 0..self.rng.gen_range(0..60) {
+            ex.run_ready();
+            if !self.world.complete_one() {
+                break;
+            }
         }
     }
 
@@ -328,17 +334,7 @@ impl Run {
         // Sometimes power fails again while the image is being reopened (replay, checkpoint).
         if self.rng.gen_bool(0.3) {
             for _ in 0..self.rng.gen_range(1..=2) {
-                let mut ex = Executor::default();
-                let (io, f, b) = (self.world.io(), self.file.clone(), make_base(&self.base));
-                ex.spawn(async move {
-                    let _ = Image::open(&io, f, b, false).await;
-                });
-                for _ in 0..self.rng.gen_range(0..60) {
-                    ex.run_ready();
-                    if !self.world.complete_one() {
-                        break;
-                    }
-                }
+                self.start_an_open();
                 self.stats.power_losses += 1;
                 self.world.power_loss();
             }

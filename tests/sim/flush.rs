@@ -192,14 +192,7 @@ fn block_data(id: u64, block: u64) -> Buf {
 /// start the new epoch. All of it survives a power loss.
 #[test]
 fn multi_sector_batches_at_the_end_of_the_journal() {
-    let p = CreateParams {
-        virtual_size: 2048 * BS,
-        block_size: BS,
-        chunk_size: 4 * BS,
-        journal_size: 3 * SECTOR,
-        compact: false,
-        ..Default::default()
-    };
+    let p = image(2048, 4, 3, false);
     let mut env = Env::new(1, p, 0);
     assert_eq!(env.img.header().journal_len, 3 * SECTOR);
     let c0 = env.checkpoints();
@@ -236,14 +229,7 @@ fn multi_sector_batches_at_the_end_of_the_journal() {
 /// (FLAG_BASE_NOT_NEEDED kept, FLAG_CLEAN clear), and the data survives a power loss.
 #[test]
 fn checkpoint_writes_only_the_inactive_copy_and_keeps_the_flags() {
-    let p = CreateParams {
-        virtual_size: 4096 * BS,
-        block_size: BS,
-        chunk_size: BS,
-        journal_size: SECTOR,
-        compact: true,
-        ..Default::default()
-    };
+    let p = image(4096, 1, 1, true);
     let mut env = Env::new(2, p, 2);
     let h = env.img.header();
     assert_eq!((h.bitmap_sectors, h.table_sectors), (1, 5));
@@ -325,12 +311,18 @@ fn run_until(world: &SimWorld, ex: &mut Executor, flag: &AtomicBool) {
 }
 
 fn small_image() -> CreateParams {
+    image(16, 4, 4, false)
+}
+
+/// An image of `blocks` blocks of BS, `chunk_blocks` blocks a chunk, a journal of
+/// `journal_sectors` sectors.
+fn image(blocks: u64, chunk_blocks: u64, journal_sectors: u64, compact: bool) -> CreateParams {
     CreateParams {
-        virtual_size: 16 * BS,
+        virtual_size: blocks * BS,
         block_size: BS,
-        chunk_size: 4 * BS,
-        journal_size: 4 * SECTOR,
-        compact: false,
+        chunk_size: chunk_blocks * BS,
+        journal_size: journal_sectors * SECTOR,
+        compact,
         ..Default::default()
     }
 }
@@ -488,14 +480,7 @@ fn retry_after_a_failed_journal_write_still_flushes_data_first() {
 #[test]
 fn data_of_a_returned_flush_survives_a_power_loss() {
     for seed in 0..32 {
-        let p = CreateParams {
-            virtual_size: 16 * BS,
-            block_size: BS,
-            chunk_size: 4 * BS,
-            journal_size: 4 * SECTOR,
-            compact: seed % 2 == 0,
-            ..Default::default()
-        };
+        let p = image(16, 4, 4, seed % 2 == 0);
         let mut env = Env::new(seed, p, 0);
         env.write_blocks(2, [3, 9]);
         env.flush();
@@ -511,14 +496,7 @@ fn data_of_a_returned_flush_survives_a_power_loss() {
 #[test]
 fn power_loss_after_the_header_flip_keeps_flushed_data() {
     for seed in 0..32 {
-        let p = CreateParams {
-            virtual_size: 4096 * BS,
-            block_size: BS,
-            chunk_size: BS,
-            journal_size: SECTOR,
-            compact: true,
-            ..Default::default()
-        };
+        let p = image(4096, 1, 1, true);
         let mut env = Env::new(seed, p, 0);
         env.write_blocks(2, [2100]);
         env.flush();
@@ -563,14 +541,7 @@ fn power_loss_after_the_header_flip_keeps_flushed_data() {
 #[test]
 fn intents_are_adopted_after_a_process_crash_and_made_durable() {
     for seed in 0..16 {
-        let p = CreateParams {
-            virtual_size: 64 * BS,
-            block_size: BS,
-            chunk_size: 4 * BS,
-            journal_size: 4 * SECTOR,
-            compact: seed % 2 == 0,
-            ..Default::default()
-        };
+        let p = image(64, 4, 4, seed % 2 == 0);
         let mut env = Env::new(seed, p, if seed % 4 < 2 { 0 } else { 64 });
         let h = env.img.header();
         assert!(
@@ -606,14 +577,7 @@ fn intents_are_adopted_after_a_process_crash_and_made_durable() {
 #[test]
 fn intents_of_another_boot_are_ignored() {
     for seed in 0..8 {
-        let p = CreateParams {
-            virtual_size: 64 * BS,
-            block_size: BS,
-            chunk_size: 4 * BS,
-            journal_size: 4 * SECTOR,
-            compact: seed % 2 == 0,
-            ..Default::default()
-        };
+        let p = image(64, 4, 4, seed % 2 == 0);
         let mut env = Env::new(seed, p, 0);
         env.write_blocks(2, [5]);
         env.flush();
@@ -639,14 +603,7 @@ fn intents_of_another_boot_are_ignored() {
 #[test]
 fn a_damaged_intent_sector_before_later_ones_is_tolerated() {
     for process in [true, false] {
-        let p = CreateParams {
-            virtual_size: 2048 * BS,
-            block_size: BS,
-            chunk_size: 4 * BS,
-            journal_size: 4 * SECTOR,
-            compact: false,
-            ..Default::default()
-        };
+        let p = image(2048, 4, 4, false);
         let mut env = Env::new(7, p, 0);
         // 300 records: intents in journal sectors 0 and 1.
         let blocks: Vec<u64> = (0..300).map(|i| 2 * i).collect();
@@ -689,14 +646,7 @@ fn a_damaged_intent_sector_before_later_ones_is_tolerated() {
 /// before it completes, so it even survives a power loss.
 #[test]
 fn an_intent_that_does_not_fit_commits_instead() {
-    let p = CreateParams {
-        virtual_size: 64 * BS,
-        block_size: BS,
-        chunk_size: 4 * BS,
-        journal_size: SECTOR,
-        compact: true,
-        ..Default::default()
-    };
+    let p = image(64, 4, 1, true);
     let mut env = Env::new(3, p, 0);
     env.write_blocks(2, [1]);
     env.flush();
