@@ -665,3 +665,70 @@ fn an_intent_that_does_not_fit_commits_instead() {
     env.expect_block(1, 2);
     env.expect_block(9, 3);
 }
+
+/// A first write into a fresh chunk without a base: its intent write is in flight together
+/// with its data write, and the write completes only after both (and then survives a process
+/// crash). When the data write fails instead, the block stays absent, also after a FLUSH and a
+/// power loss: the clearing record is committed after the journaled set record.
+#[test]
+fn an_intent_overlaps_the_data_write_of_a_fresh_block() {
+    for fail_data in [false, true] {
+        let p = image(16, 4, 4, true);
+        let mut env = Env::new(5, p, 0);
+        env.write_blocks(2, [1]);
+        env.flush();
+        let mut ex = Executor::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let (img, io, flag) = (env.img.clone(), env.io.clone(), done.clone());
+        ex.spawn(async move {
+            let r = img.write(&io, 9 * BS, block_data(3, 9)).await;
+            assert_eq!(r.is_err(), fail_data, "the write's result");
+            flag.store(true, Ordering::SeqCst);
+        });
+        // Complete anything but writes (e.g. the chunk's allocation) until both are issued.
+        let (j, data) = loop {
+            ex.run_ready();
+            let writes = env.world.pending_writes();
+            if writes.len() == 2 {
+                let j = env
+                    .pending_journal_write()
+                    .expect("the intent write is in flight with the data write");
+                let data = writes.iter().find(|w| w.0 != j.0).unwrap().0;
+                break (j.0, data);
+            }
+            assert!(
+                writes.is_empty() && env.world.complete_one(),
+                "fail_data {fail_data}: stalled with writes {writes:?}"
+            );
+        };
+        assert!(env.world.complete_write_at(j, false));
+        ex.run_ready();
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the write completed before its data write"
+        );
+        assert!(env.world.complete_write_at(data, fail_data));
+        run_until(&env.world, &mut ex, &done);
+        drop(ex);
+        let b9 = fvd::units::BlockIndex(9);
+        if fail_data {
+            assert!(
+                !env.img.block_present(b9),
+                "a failed first write set its bit"
+            );
+            // The set record was journaled: the clearing record must be committed after it.
+            env.flush();
+            env.crash_and_reopen();
+            assert!(
+                !env.img.block_present(b9),
+                "the failed write's bit was committed"
+            );
+            env.expect_block(9, 0);
+        } else {
+            env.process_crash_and_reopen();
+            assert!(env.img.block_present(b9));
+            env.expect_block(9, 3);
+        }
+        env.expect_block(1, 2);
+    }
+}
