@@ -127,8 +127,11 @@ impl<I: Io> Image<I> {
                     .set_fresh(self.geo.chunk_of_block(BlockIndex(b)), false);
             }
             if early {
-                // The blocks stay absent: a later FLUSH must not commit their queued bits.
-                self.unqueue_present(&newly);
+                // The blocks stay absent: a later FLUSH must not commit their queued bits, and
+                // a process crash must not adopt their journaled intent. If this journal write
+                // fails too, the request's error is still the one to report.
+                let upto = self.unqueue_present(&newly);
+                let _ = self.persist(io, upto).await;
             }
             return Err(e);
         }
@@ -273,13 +276,15 @@ impl<I: Io> Image<I> {
     /// Queues records clearing the bits of `blocks`, whose request failed after their set
     /// records were queued: they stay absent, so a later FLUSH must not commit those bits, or
     /// the blocks would read differently after a reopen.
-    fn unqueue_present(&self, blocks: &[u64]) {
+    /// Returns the queue number after them.
+    fn unqueue_present(&self, blocks: &[u64]) -> u64 {
         let mut pending = self.pending.lock();
         for (start, count) in runs(blocks) {
             pending
                 .records
                 .push(JournalEntry::ClearBits { start, count });
         }
+        pending.end()
     }
 
     /// Without a base an absent block reads zeros, and in a fresh chunk its storage reads zeros
