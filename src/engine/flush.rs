@@ -174,17 +174,8 @@ impl<I: Io> Image<I> {
             return Ok(false);
         }
         let bytes = journal::encode_part(&records, fs.header.journal_epoch, fs.tail, first, true);
-        let buf = Buf::alloc(bytes.len());
-        buf.copy_from_slice(0, &bytes);
         Counters::inc(&self.counters.journal_intents);
-        self.store
-            .write(
-                io,
-                &self.counters,
-                self.journal_offset + (fs.tail + first) * SECTOR as u64,
-                buf,
-            )
-            .await?;
+        self.write_journal(io, fs.tail + first, &bytes).await?;
         fs.journaled = end;
         self.journaled.store(end, Ordering::Release);
         Ok(true)
@@ -211,21 +202,26 @@ impl<I: Io> Image<I> {
             Counters::inc(&self.counters.journal_unordered);
         }
         let bytes = journal::encode(records, fs.header.journal_epoch, fs.tail);
-        let buf = Buf::alloc(bytes.len());
-        buf.copy_from_slice(0, &bytes);
         Counters::inc(&self.counters.journal_writes);
-        self.store
-            .write(
-                io,
-                &self.counters,
-                self.journal_offset + fs.tail * SECTOR as u64,
-                buf,
-            )
-            .await?;
+        self.write_journal(io, fs.tail, &bytes).await?;
         self.store.flush(io, &self.counters).await?;
         fs.tail += nsec;
         fs.committed.apply(records)?;
         Ok(())
+    }
+
+    /// Writes encoded journal sectors starting at journal sector `sector` (no flush).
+    async fn write_journal(&self, io: &I, sector: u64, bytes: &[u8]) -> Result<()> {
+        let buf = Buf::alloc(bytes.len());
+        buf.copy_from_slice(0, bytes);
+        self.store
+            .write(
+                io,
+                &self.counters,
+                self.journal_offset + sector * SECTOR as u64,
+                buf,
+            )
+            .await
     }
 
     /// Writes the committed metadata to the inactive copy and flips the header to it with a new

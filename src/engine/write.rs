@@ -104,18 +104,40 @@ impl<I: Io> Image<I> {
             }
         }
         pieces.extend(zeros);
-        let futs = pieces.iter().map(|p| self.write_piece(io, p, off, &buf));
-        let results = futures::future::join_all(futs).await;
-        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+        // Where a lost data write exposes nothing (the block read zeros and its storage reads
+        // zeros until written), the intent need not wait for the data: queue it now so its
+        // journal write overlaps the data write. The bits are still set only after both.
+        let early = !newly.is_empty() && self.zeros_before(&newly);
+        let upto = early.then(|| self.queue_present(&newly));
+        let data =
+            futures::future::join_all(pieces.iter().map(|p| self.write_piece(io, p, off, &buf)));
+        let journal = async {
+            match upto {
+                Some(u) => self.persist(io, u).await,
+                None => Ok(()),
+            }
+        };
+        let (results, journaled) = futures::future::join(data, journal).await;
+        let failed = results.into_iter().find_map(|r| r.err());
+        if let Some(e) = failed.or(journaled.err()) {
             // Part of the write may have landed in blocks that stay absent: their chunks no
             // longer read as zeros there.
             for &b in &newly {
                 self.live
                     .set_fresh(self.geo.chunk_of_block(BlockIndex(b)), false);
             }
+            if early {
+                // The blocks stay absent: a later FLUSH must not commit their queued bits, and
+                // a process crash must not adopt their journaled intent. If this journal write
+                // fails too, the request's error is still the one to report.
+                let upto = self.unqueue_present(&newly);
+                let _ = self.persist(io, upto).await;
+            }
             return Err(e);
         }
-        if !newly.is_empty() {
+        if early {
+            self.set_present(&newly);
+        } else if !newly.is_empty() {
             if let Err(e) = self.mark_present(io, &newly).await {
                 for &b in &newly {
                     self.live
@@ -238,31 +260,47 @@ impl<I: Io> Image<I> {
     pub(super) async fn mark_present(&self, io: &I, blocks: &[u64]) -> Result<()> {
         let upto = self.queue_present(blocks);
         if let Err(e) = self.persist(io, upto).await {
-            // The blocks stay absent (the request fails): a later FLUSH must not commit their
-            // queued bits either, or they would read differently after a reopen.
-            let mut pending = self.pending.lock();
-            for (start, count) in runs(blocks) {
-                pending
-                    .records
-                    .push(JournalEntry::ClearBits { start, count });
-            }
+            self.unqueue_present(blocks);
             return Err(e);
         }
+        self.set_present(blocks);
+        Ok(())
+    }
+
+    fn set_present(&self, blocks: &[u64]) {
         for (start, count) in runs(blocks) {
             self.live.set(start, count);
         }
-        Ok(())
+    }
+
+    /// Queues records clearing the bits of `blocks`, whose request failed after their set
+    /// records were queued: they stay absent, so a later FLUSH must not commit those bits, or
+    /// the blocks would read differently after a reopen.
+    /// Returns the queue number after them.
+    fn unqueue_present(&self, blocks: &[u64]) -> u64 {
+        let mut pending = self.pending.lock();
+        for (start, count) in runs(blocks) {
+            pending
+                .records
+                .push(JournalEntry::ClearBits { start, count });
+        }
+        pending.end()
+    }
+
+    /// Without a base an absent block reads zeros, and in a fresh chunk its storage reads zeros
+    /// until written: if the record became durable before the data, the block would read as it
+    /// did before the write.
+    fn zeros_before(&self, blocks: &[u64]) -> bool {
+        self.base.is_none()
+            && blocks
+                .iter()
+                .all(|&b| self.live.is_fresh(self.geo.chunk_of_block(BlockIndex(b))))
     }
 
     /// Queues the journal records of `blocks`; returns the queue number after them.
     fn queue_present(&self, blocks: &[u64]) -> u64 {
-        // Without a base an absent block read zeros, and in a fresh chunk its storage reads
-        // zeros until written: if the record became durable before the data, the block would
-        // read as it did before the write. Anywhere else the data must be durable first.
-        let zeros_before = self.base.is_none()
-            && blocks
-                .iter()
-                .all(|&b| self.live.is_fresh(self.geo.chunk_of_block(BlockIndex(b))));
+        // Anywhere but where zeros_before holds, the data must be durable first.
+        let zeros_before = self.zeros_before(blocks);
         let mut pending = self.pending.lock();
         pending.data_first |= !zeros_before;
         for (start, count) in runs(blocks) {

@@ -643,7 +643,8 @@ fn a_damaged_intent_sector_before_later_ones_is_tolerated() {
 }
 
 /// An intent that does not fit the journal: the write commits like a FLUSH (here a checkpoint)
-/// before it completes, so it even survives a power loss.
+/// before it completes, so it survives a process crash. (Not necessarily a power loss: block 9
+/// read zeros in a fresh chunk, so its data write overlaps the commit.)
 #[test]
 fn an_intent_that_does_not_fit_commits_instead() {
     let p = image(64, 4, 1, true);
@@ -660,7 +661,79 @@ fn an_intent_that_does_not_fit_commits_instead() {
         i0,
         "no intent written"
     );
-    env.crash_and_reopen();
+    env.process_crash_and_reopen();
     env.expect_block(1, 2);
     env.expect_block(9, 3);
+}
+
+/// A first write into a fresh chunk without a base: its intent write is in flight together
+/// with its data write, and the write completes only after both (and then survives a process
+/// crash). When the data write fails instead, the block stays absent, also after a process crash
+/// or a FLUSH and a power loss: the clearing record follows the journaled set record.
+#[test]
+fn an_intent_overlaps_the_data_write_of_a_fresh_block() {
+    for (fail_data, power_loss) in [(false, false), (true, false), (true, true)] {
+        let p = image(16, 4, 4, true);
+        let mut env = Env::new(5, p, 0);
+        env.write_blocks(2, [1]);
+        env.flush();
+        let mut ex = Executor::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let (img, io, flag) = (env.img.clone(), env.io.clone(), done.clone());
+        ex.spawn(async move {
+            let r = img.write(&io, 9 * BS, block_data(3, 9)).await;
+            assert_eq!(r.is_err(), fail_data, "the write's result");
+            flag.store(true, Ordering::SeqCst);
+        });
+        // Complete anything but writes (e.g. the chunk's allocation) until both are issued.
+        let (j, data) = loop {
+            ex.run_ready();
+            let writes = env.world.pending_writes();
+            if writes.len() == 2 {
+                let j = env
+                    .pending_journal_write()
+                    .expect("the intent write is in flight with the data write");
+                let data = writes.iter().find(|w| w.0 != j.0).unwrap().0;
+                break (j.0, data);
+            }
+            assert!(
+                writes.is_empty() && env.world.complete_one(),
+                "fail_data {fail_data}: stalled with writes {writes:?}"
+            );
+        };
+        assert!(env.world.complete_write_at(j, false));
+        ex.run_ready();
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the write completed before its data write"
+        );
+        assert!(env.world.complete_write_at(data, fail_data));
+        run_until(&env.world, &mut ex, &done);
+        drop(ex);
+        let b9 = fvd::units::BlockIndex(9);
+        if fail_data {
+            assert!(
+                !env.img.block_present(b9),
+                "a failed first write set its bit"
+            );
+            // The set record was journaled: the clearing record must follow it into the journal
+            // (as an intent before the error is returned, and committed by the next FLUSH).
+            if power_loss {
+                env.flush();
+                env.crash_and_reopen();
+            } else {
+                env.process_crash_and_reopen();
+            }
+            assert!(
+                !env.img.block_present(b9),
+                "power loss {power_loss}: the failed write's bit was adopted"
+            );
+            env.expect_block(9, 0);
+        } else {
+            env.process_crash_and_reopen();
+            assert!(env.img.block_present(b9));
+            env.expect_block(9, 3);
+        }
+        env.expect_block(1, 2);
+    }
 }
