@@ -94,6 +94,11 @@ impl Throttle {
         Action::Copy
     }
 
+    /// Changes the rate limit (bytes per second, 0: none) from the next step on.
+    pub fn set_rate(&mut self, rate: u64) {
+        self.cfg.rate = rate;
+    }
+
     /// Reports a finished step: `bytes` copied in `took`.
     pub fn copied(&mut self, now: Duration, bytes: u64, took: Duration) {
         // Rate limit: the step's bytes "cost" bytes/rate seconds.
