@@ -146,6 +146,29 @@ fn serve_new(args: &[&str]) -> Setup {
     serve(image, d, args)
 }
 
+/// Seccomp filters installed on the server's control thread (from /proc).
+fn qmp_thread_filters(pid: i32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("status")),
+        ) else {
+            continue;
+        };
+        if comm.trim() == "fvd-qmp" {
+            out.extend(
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+                    .map(|v| v.trim().parse::<u32>().unwrap()),
+            );
+        }
+    }
+    out
+}
+
 #[test]
 fn greeting_negotiation_commands_and_errors() {
     let s = serve_new(&[]);
@@ -267,6 +290,9 @@ fn greeting_negotiation_commands_and_errors() {
     assert_eq!(v["id"], 5);
     assert_eq!(v["error"]["desc"], "QMP input lacks member 'execute'");
     assert_eq!(q.ok("query-block-jobs", None), json!([]));
+    // Everything above ran under the control thread's own filter (no-open + its list), after
+    // it served a flush on the shared ring.
+    assert_eq!(qmp_thread_filters(s.server.pid()), [2]);
     assert!(s.server.terminate().success());
 }
 
@@ -534,6 +560,31 @@ fn fvd_ctl_prints_the_return_and_fails_with_the_error() {
     assert!(err.contains("block_resize"), "{err}");
     let o = ctl(&["query-block", "[1]"]);
     assert_ne!(o.status.code(), Some(0));
+
+    // --events: one event a line, until killed.
+    let mut ev = fvd()
+        .arg("ctl")
+        .arg(&s.control)
+        .arg("--events")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(ev.stdout.take().unwrap());
+    // Negotiated (so it gets the event) once it says so.
+    let mut note = String::new();
+    BufReader::new(ev.stderr.take().unwrap())
+        .read_line(&mut note)
+        .unwrap();
+    assert!(note.contains("until interrupted"), "{note}");
+    let cl = client::connect(&s.server.socket, 1, false).unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["event"], "X_FVD_FRONTEND_CONNECTED");
+    drop(cl);
+    ev.kill().unwrap();
+    ev.wait().unwrap();
     assert!(s.server.terminate().success());
 }
 

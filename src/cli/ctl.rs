@@ -88,6 +88,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     let mut out = std::io::stdout().lock();
     if a.events {
+        // On stderr, so stdout stays one JSON object a line; also tells scripts it listens.
+        super::warn_line(format_args!(
+            "fvd ctl: printing the events of {} until interrupted",
+            a.socket.display()
+        ));
         loop {
             let v = c.read()?;
             if v.get("event").is_some() {
