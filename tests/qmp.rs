@@ -637,3 +637,151 @@ fn the_qemu_qmp_package_drives_the_socket() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+struct Loop(PathBuf);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A thin image on a loop device over an 8 MiB file, served with `grow_cmd`; None (skipped)
+/// where loop devices cannot be set up.
+fn thin_on_loop(grow_cmd: impl Fn(&Path) -> String, extra: &[&str]) -> Option<(Setup, Loop)> {
+    let d = dir();
+    let backing = d.path().join("lv.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let o = std::process::Command::new("losetup")
+        .args(["--direct-io=on", "-f", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        eprintln!(
+            "skipping: losetup failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        return None;
+    }
+    let dev = Loop(PathBuf::from(
+        String::from_utf8(o.stdout).unwrap().trim().to_string(),
+    ));
+    let c = fvd()
+        .arg("create")
+        .arg(&dev.0)
+        .args(["--size", "1G", "--journal-size", "1M"])
+        .output()
+        .unwrap();
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let grow = grow_cmd(&backing);
+    let mut args = vec![
+        "--num-queues",
+        "1",
+        "--grow-cmd",
+        &grow,
+        "--grow-unit",
+        "8M",
+        "--grow-watermark",
+        "3M",
+    ];
+    args.extend_from_slice(extra);
+    Some((serve(dev.0.clone(), d, &args), dev))
+}
+
+#[test]
+fn thin_storage_growing_and_running_out_are_events() {
+    // Grown: the "LV resize" extends the file and tells the loop driver.
+    let grow = |backing: &Path| {
+        format!(
+            "truncate -s +{{unit_bytes}} {} && losetup -c {{device}}",
+            backing.display()
+        )
+    };
+    let Some((s, dev)) = thin_on_loop(grow, &[]) else {
+        return;
+    };
+    let mut q = Qmp::connect(&s.control);
+    let mut cl = client::connect(&s.server.socket, 1, false).unwrap();
+    for i in 0..12u64 {
+        cl.write(0, i * (7 << 20), &vec![i as u8 + 1; 1 << 20]);
+    }
+    let low = q.event("X_FVD_STORAGE_LOW");
+    assert_eq!(low["data"]["watermark"], 3 << 20);
+    assert!(low["data"]["free"].as_u64().unwrap() < 3 << 20);
+    let grown = q.event("X_FVD_STORAGE_GROWN");
+    assert!(grown["data"]["free"].as_u64().unwrap() > 0);
+    drop(cl);
+    assert!(s.server.terminate().success());
+    drop(dev);
+
+    // Running out: the grow command fails, writes wait --grow-timeout and then fail with
+    // ENOSPC, which BLOCK_IO_ERROR reports as `nospace`.
+    let Some((s, _dev)) = thin_on_loop(|_| "false".into(), &["--grow-timeout", "1"]) else {
+        return;
+    };
+    let mut q = Qmp::connect(&s.control);
+    let mut cl = client::connect(&s.server.socket, 1, false).unwrap();
+    let mut failed = false;
+    for i in 0..12u64 {
+        cl.buf(0, 1 << 20).fill(i as u8 + 1);
+        if cl.run(0, client::Req::Write, i * (7 << 20), 0, 1 << 20) != 0 {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "12 MiB of writes fit an 8 MiB device");
+    assert!(q.event("X_FVD_STORAGE_GROW_FAILED")["data"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("grow command failed"));
+    let e = q.event("BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["operation"], "write");
+    assert_eq!(e["data"]["nospace"], true);
+    drop(cl);
+    assert!(s.server.terminate().success());
+}
+
+#[test]
+fn qmp_shell_runs_commands() {
+    if !python_with_qemu_qmp() {
+        return;
+    }
+    let mut s = serve_new(&[]);
+    let mut sh = std::process::Command::new("python3")
+        .args(["-m", "qemu.qmp.qmp_shell"])
+        .arg(&s.control)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    sh.stdin
+        .take()
+        .unwrap()
+        .write_all(b"query-version\nblock-job-pause device=prefetch\nquit\n")
+        .unwrap();
+    let o = sh.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!(
+            "\"package\": \"fvd {}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{out}"
+    );
+    assert!(out.contains("\"class\": \"GenericError\""), "{out}");
+    let t0 = Instant::now();
+    while s.server.alive() {
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "still running after quit from qmp-shell"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
