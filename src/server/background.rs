@@ -172,6 +172,13 @@ impl PrefetchJob {
         Ok(())
     }
 
+    /// The job is over: no longer listed, then `event` (a client that reads the event never
+    /// sees the job listed after it).
+    fn finish(&self, events: &EventSink, event: &'static str) {
+        self.active.store(false, Ordering::Release);
+        events.emit(event, self.event_data());
+    }
+
     fn event_data(&self) -> serde_json::Value {
         serde_json::json!({
             "type": "stream",
@@ -276,7 +283,7 @@ fn prefetch_loop(
     while !stop.stopped() {
         if job.cancel.load(Ordering::Acquire) {
             tracing::info!("prefetch: cancelled, {copied_total} bytes copied");
-            events.emit(ev::BLOCK_JOB_CANCELLED, job.event_data());
+            job.finish(events, ev::BLOCK_JOB_CANCELLED);
             return;
         }
         if job.paused.load(Ordering::Acquire) {
@@ -320,7 +327,7 @@ fn prefetch_loop(
                                 ),
                                 Err(e) => tracing::warn!("prefetch: done, but recording it failed: {e}"),
                             }
-                            events.emit(ev::BLOCK_JOB_COMPLETED, job.event_data());
+                            job.finish(events, ev::BLOCK_JOB_COMPLETED);
                             return;
                         }
                     }
