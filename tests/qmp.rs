@@ -347,6 +347,29 @@ fn clients_at_once_oversize_input_and_a_client_that_never_reads() {
     }
     assert!(total < 3 << 20, "{total} bytes reached the slow client");
     assert!(b.ok("query-version", None)["package"].is_string());
+
+    // At most 16 clients: with a and b, 14 more get greetings; the next is closed unanswered.
+    drop(c);
+    let mut more: Vec<Qmp> = (0..14).map(|_| Qmp::raw(&s.control).0).collect();
+    let extra = UnixStream::connect(&s.control).unwrap();
+    extra.set_read_timeout(Some(TIMEOUT)).unwrap();
+    assert_eq!(
+        (&extra).read(&mut [0u8; 64]).unwrap(),
+        0,
+        "a 17th client was served"
+    );
+    more.pop();
+    let t0 = Instant::now();
+    loop {
+        // The freed place is taken once the server has seen the close.
+        let s2 = UnixStream::connect(&s.control).unwrap();
+        s2.set_read_timeout(Some(TIMEOUT)).unwrap();
+        if (&s2).read(&mut [0u8; 64]).unwrap() > 0 {
+            break;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "no place after a client left");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(s.server.alive());
     assert!(s.server.terminate().success());
 }

@@ -191,4 +191,35 @@ mod tests {
         t.copied(ms(1300), 1 << 20, ms(10));
         assert_eq!(t.next(ms(1300), 0), Action::Copy);
     }
+
+    #[test]
+    fn set_rate_changes_the_limit_from_the_next_step() {
+        let cfg = PrefetchConfig {
+            start_delay: Duration::ZERO,
+            rate: 1 << 20,
+            busy_iops: u64::MAX,
+            min_throughput: 0,
+            ..Default::default()
+        };
+        let mut t = Throttle::new(cfg);
+        assert_eq!(t.next(Duration::ZERO, 0), Action::Copy);
+        // 1 MiB at 1 MiB/s: the next step waits a second.
+        t.copied(Duration::ZERO, 1 << 20, Duration::ZERO);
+        assert_eq!(
+            t.next(Duration::ZERO, 0),
+            Action::Sleep(Duration::from_secs(1))
+        );
+        // Unlimited from now on: the next step after that copies at once.
+        t.set_rate(0);
+        assert!(matches!(t.next(Duration::from_secs(1), 0), Action::Copy));
+        t.copied(Duration::from_secs(1), 1 << 20, Duration::ZERO);
+        assert_eq!(t.next(Duration::from_secs(1), 0), Action::Copy);
+        // Slower again: 4 MiB/s makes 1 MiB cost a quarter second.
+        t.set_rate(4 << 20);
+        t.copied(Duration::from_secs(1), 1 << 20, Duration::ZERO);
+        assert_eq!(
+            t.next(Duration::from_secs(1), 0),
+            Action::Sleep(Duration::from_millis(250))
+        );
+    }
 }
