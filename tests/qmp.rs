@@ -424,6 +424,13 @@ fn events_for_a_frontend_and_for_io_errors() {
         q.ok("query-block", None)[0]["x-fvd-frontend-connected"],
         false
     );
+    // SIGTERM: SHUTDOWN names the signal, then the connection ends.
+    s.server.signal(libc::SIGTERM);
+    assert_eq!(
+        q.event("SHUTDOWN")["data"],
+        json!({"guest": false, "reason": "host-signal"})
+    );
+    assert!(q.read().is_none());
     assert!(s.server.terminate().success());
 }
 
