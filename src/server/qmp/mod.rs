@@ -73,23 +73,31 @@ impl ControlSocket {
 
     /// Starts the control-plane thread serving `handle`.
     pub fn start(self, handle: ServerHandle) -> io::Result<ControlThread> {
-        self.listener.set_nonblocking(true)?;
+        let (path, id) = (self.path, self.id);
+        let fail = |e| {
+            listener::remove_if_same(&path, id);
+            e
+        };
+        self.listener.set_nonblocking(true).map_err(fail)?;
         let exit = Arc::new(AtomicBool::new(false));
         let quit = Arc::new(AtomicBool::new(false));
-        handle.events.enable();
         let events = handle.events.clone();
-        let thread = std::thread::Builder::new().name("fvd-qmp".into()).spawn({
-            let (exit, quit) = (exit.clone(), quit.clone());
-            let listener = self.listener;
-            move || run(listener, handle, &exit, &quit)
-        })?;
+        let thread = std::thread::Builder::new()
+            .name("fvd-qmp".into())
+            .spawn({
+                let (exit, quit) = (exit.clone(), quit.clone());
+                let listener = self.listener;
+                move || run(listener, handle, &exit, &quit)
+            })
+            .map_err(fail)?;
+        events.enable();
         Ok(ControlThread {
             thread,
             exit,
             quit,
             events,
-            path: self.path,
-            id: self.id,
+            path,
+            id,
         })
     }
 }
@@ -134,18 +142,27 @@ struct Hub {
 struct Acceptor {
     listener: UnixListener,
     hub: Rc<RefCell<Hub>>,
+    /// The last accept failed (logged once per streak).
+    failing: bool,
 }
 
 impl MutEventSubscriber for Acceptor {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         loop {
             match self.listener.accept() {
-                Ok((s, _)) => self.hub.borrow_mut().accepted.push(s),
+                Ok((s, _)) => {
+                    self.failing = false;
+                    self.hub.borrow_mut().accepted.push(s);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // E.g. EMFILE: the client waits in the backlog; the next wakeup retries.
-                    tracing::warn!("control socket: cannot accept a client: {e}");
+                    // E.g. EMFILE: the client waits in the backlog and the socket stays
+                    // readable; pause briefly rather than spin, and log once per streak.
+                    if !std::mem::replace(&mut self.failing, true) {
+                        tracing::warn!("control socket: cannot accept a client: {e}");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                     return;
                 }
             }
@@ -392,6 +409,7 @@ fn run(listener: UnixListener, handle: ServerHandle, exit: &AtomicBool, quit: &A
     mgr.add_subscriber(Rc::new(RefCell::new(Acceptor {
         listener,
         hub: hub.clone(),
+        failing: false,
     })));
     mgr.add_subscriber(Rc::new(RefCell::new(Waker {
         events: handle.events.clone(),
