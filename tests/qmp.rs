@@ -476,14 +476,18 @@ fn prefetch_is_a_block_job_that_pauses_resumes_changes_speed_and_cancels() {
     assert_eq!(j["paused"], false);
     let dev = || Some(json!({"device": "prefetch"}));
 
-    assert_eq!(
-        q.ok(
-            "block-job-set-speed",
-            Some(json!({"device": "prefetch", "speed": 128 << 10}))
-        ),
-        json!({})
-    );
-    assert_eq!(q.ok("query-block-jobs", None)[0]["speed"], 128 << 10);
+    let offset = |q: &mut Qmp| {
+        q.ok("query-block-jobs", None)[0]["offset"]
+            .as_u64()
+            .unwrap()
+    };
+    let wait_progress = |q: &mut Qmp, from: u64, what: &str| {
+        let t0 = Instant::now();
+        while offset(q) == from {
+            assert!(t0.elapsed() < TIMEOUT, "no progress {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
     assert!(q
         .error(
             "block-job-set-speed",
@@ -491,24 +495,35 @@ fn prefetch_is_a_block_job_that_pauses_resumes_changes_speed_and_cancels() {
         )
         .1
         .contains("non-negative"));
+    // At 64 KiB/s a 1 MiB step holds the next one back 16 s; a new speed applies at once.
+    let first = offset(&mut q);
+    let speed = |q: &mut Qmp, v: u64| {
+        assert_eq!(
+            q.ok(
+                "block-job-set-speed",
+                Some(json!({"device": "prefetch", "speed": v}))
+            ),
+            json!({})
+        );
+    };
+    speed(&mut q, 2 << 20);
+    assert_eq!(q.ok("query-block-jobs", None)[0]["speed"], 2 << 20);
+    wait_progress(&mut q, first, "after raising the speed");
 
     assert_eq!(q.ok("block-job-pause", dev()), json!({}));
     assert_eq!(q.error("block-job-pause", dev()).0, "GenericError");
     let j = &q.ok("query-block-jobs", None)[0];
     assert_eq!(j["paused"], true);
     assert_eq!(j["status"], "paused");
-    // Paused: no progress.
-    std::thread::sleep(Duration::from_millis(300));
-    let before = q.ok("query-block-jobs", None)[0]["offset"].clone();
-    std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(q.ok("query-block-jobs", None)[0]["offset"], before);
+    // Paused (once the step in flight is done): no progress, though 2 MiB/s would allow it.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = offset(&mut q);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(offset(&mut q), before);
     assert_eq!(q.ok("block-job-resume", dev()), json!({}));
     assert_eq!(q.error("block-job-resume", dev()).0, "GenericError");
-    let t0 = Instant::now();
-    while q.ok("query-block-jobs", None)[0]["offset"] == before {
-        assert!(t0.elapsed() < TIMEOUT, "no progress after resume");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_progress(&mut q, before, "after resume");
+    speed(&mut q, 64 << 10);
 
     assert_eq!(q.ok("block-job-cancel", dev()), json!({}));
     let e = q.event("BLOCK_JOB_CANCELLED");
