@@ -827,3 +827,37 @@ fn qmp_shell_runs_commands() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_control_socket_in_use_or_unbindable_stops_the_start() {
+    let s = serve_new(&[]);
+    let d = dir();
+    let image = create_image(d.path(), "other.fvd", "16M");
+    let vhost = d.path().join("other.sock");
+    for (control, want) in [
+        (s.control.clone(), "in use"),
+        (d.path().join("no-such-dir/c.sock"), "cannot bind"),
+    ] {
+        let o = fvd()
+            .arg("serve")
+            .arg(&image)
+            .arg("--socket")
+            .arg(&vhost)
+            .arg("--control")
+            .arg(&control)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(
+            err.contains("control socket") && err.contains(want),
+            "{err}"
+        );
+        // Nothing left behind: the vhost-user socket is removed, the image closed clean.
+        assert!(!vhost.exists());
+        serve_support::check_passes(&image, "after a refused start");
+    }
+    // The running server's control socket still works.
+    assert!(Qmp::connect(&s.control).ok("query-version", None)["package"].is_string());
+    assert!(s.server.terminate().success());
+}
