@@ -22,7 +22,7 @@ repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
 all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill wb-kill crash readonly base fio-nocompact
-    restart-load restart-fs)
+    qmp restart-load restart-fs)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -36,6 +36,8 @@ say() { echo "run-tests: $*" >&2; }
 
 # --- processes we own; the trap ends each of them by its pid ---
 declare -A server_pid=() server_sock=() server_img=()
+# Extra `fvd serve` arguments for the next start_server (the qmp case's --control).
+serve_extra=()
 vm_pid=
 run='' sockets=''
 cleanup() {
@@ -126,7 +128,7 @@ start_server() {
     local name=$1 img=$2 queues=$3 ro=${4:-} sock=$sockets/$1.sock log=$logs/server-$1.log pid
     rm -f "$sock"
     if [ "$backend" = fvd ]; then
-        local extra=(--num-queues "$queues" --serial "fvd-$name")
+        local extra=(--num-queues "$queues" --serial "fvd-$name" "${serve_extra[@]}")
         [ "$ro" = readonly ] && extra+=(--readonly)
         "$FVD_BIN" serve "$img" --socket "$sock" "${extra[@]}" >>"$log" 2>&1 &
     else
@@ -476,6 +478,46 @@ restart_case() {
     fi
     check_image "$img" || rc=1
     return "$rc"
+}
+case_qmp() {
+    # The control socket while a QEMU guest runs fio: frontend events, the guest's requests in
+    # query-blockstats, then `quit` stops the server as SIGTERM does.
+    if [ "$backend" != fvd ]; then
+        say "qmp: the control socket is fvd's; nothing to run against $backend"
+        return 0
+    fi
+    local img ctl=$sockets/qmp.qmp ev=$run/qmp-events.jsonl evpid pid st=0 stats
+    img=$(create_image qmp 256M) || return 1
+    serve_extra=(--control "$ctl")
+    start_server qmp "$img" 1 || { serve_extra=(); return 1; }
+    serve_extra=()
+    for _ in $(seq 1 50); do [ -S "$ctl" ] && break; sleep 0.1; done
+    "$FVD_BIN" ctl "$ctl" --events >"$ev" 2>"$ev.err" &
+    evpid=$!
+    for _ in $(seq 1 100); do grep -q "until interrupted" "$ev.err" && break; sleep 0.1; done
+    vm fio-verify qmp 1 size_mb=16 || { kill "$evpid"; return 1; }
+    stats=$("$FVD_BIN" ctl "$ctl" query-blockstats) || { kill "$evpid"; return 1; }
+    for _ in $(seq 1 100); do grep -q X_FVD_FRONTEND_DISCONNECTED "$ev" && break; sleep 0.1; done
+    kill "$evpid"
+    wait "$evpid" 2>/dev/null || true
+    if ! grep -q X_FVD_FRONTEND_CONNECTED "$ev" || ! grep -q X_FVD_FRONTEND_DISCONNECTED "$ev"; then
+        say "qmp: frontend events missing; got: $(cat "$ev")"
+        return 1
+    fi
+    if ! grep -Eq '"wr_operations": [1-9]' <<<"$stats" || ! grep -Eq '"rd_operations": [1-9]' <<<"$stats"; then
+        say "qmp: query-blockstats does not count the guest's requests: $stats"
+        return 1
+    fi
+    "$FVD_BIN" ctl "$ctl" quit >/dev/null || return 1
+    pid=${server_pid[qmp]}
+    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    wait "$pid" 2>/dev/null || st=$?
+    unset "server_pid[qmp]"
+    if [ "$st" != 0 ] || [ -e "$ctl" ] || [ -e "${server_sock[qmp]}" ]; then
+        say "qmp: after quit the server exited with status $st (sockets left: $(ls "$sockets"))"
+        return 1
+    fi
+    check_image "$img"
 }
 case_restart_load() {
     # >= 60 s of fio writes (rounds of 128 MiB) under 5 SIGKILLs and 5 SIGTERMs.

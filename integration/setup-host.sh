@@ -12,6 +12,13 @@ if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb 3.8.0" ]; then
     cargo install cargo-deb --locked --version 3.8.0
 fi
 
+# The qemu.qmp Python package (PyPI), pinned: tests/qmp.rs drives the control socket with it
+# (integration/qmp_client.py) and fails without it under CI=true. It also brings qmp-shell.
+if ! python3 -c 'import qemu.qmp' 2>/dev/null \
+    || [ "$(python3 -m pip show qemu.qmp 2>/dev/null | awk '/^Version:/ {print $2}')" != "0.0.3" ]; then
+    python3 -m pip install --quiet 'qemu.qmp==0.0.3'
+fi
+
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)

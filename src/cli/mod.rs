@@ -14,6 +14,7 @@ pub use amend::OnOff;
 mod check;
 mod convert;
 mod create;
+mod ctl;
 mod info;
 mod map;
 mod stream;
@@ -54,6 +55,8 @@ enum Command {
     Rebase(stream::RebaseArgs),
     /// Serve an image to a VM over a vhost-user-blk socket.
     Serve(crate::server::cli::ServeArgs),
+    /// Run one command on a running server's QMP control socket (`fvd serve --control`).
+    Ctl(ctl::Args),
 }
 
 /// The whole command line (every subcommand), for generating man pages and shell completions.
@@ -183,6 +186,7 @@ pub fn main() -> i32 {
         Command::Stream(a) => stream::stream(a),
         Command::Rebase(a) => stream::rebase(a),
         Command::Serve(a) => crate::server::cli::run(a).map(|()| 0),
+        Command::Ctl(a) => ctl::run(a),
     };
     match r {
         Ok(code) => code,

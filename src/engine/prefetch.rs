@@ -54,6 +54,10 @@ pub struct Throttle {
     current_backoff: Duration,
     /// Time before which the rate limit forbids copying.
     not_before: Duration,
+    /// The last step (when it ended, bytes, duration) and the end of a back-off it caused: a
+    /// new rate recomputes the wait from them.
+    last_step: Option<(Duration, u64, Duration)>,
+    backoff_until: Duration,
     pub backoffs: u64,
 }
 
@@ -66,6 +70,8 @@ impl Throttle {
             last_check: None,
             current_backoff: b,
             not_before: Duration::ZERO,
+            last_step: None,
+            backoff_until: Duration::ZERO,
             backoffs: 0,
         }
     }
@@ -94,12 +100,33 @@ impl Throttle {
         Action::Copy
     }
 
+    /// Changes the rate limit (bytes per second, 0: none) at once: the wait the last step
+    /// caused is recomputed at the new rate (an operator raising the speed is not held to the
+    /// old one's wait).
+    pub fn set_rate(&mut self, rate: u64) {
+        self.cfg.rate = rate;
+        if let Some((now, bytes, took)) = self.last_step {
+            self.not_before = self.rate_wait(now, bytes, took).max(self.backoff_until);
+        }
+    }
+
+    /// When the rate limit lets the step after one of `bytes` (ending at `now`, taking `took`)
+    /// start.
+    fn rate_wait(&self, now: Duration, bytes: u64, took: Duration) -> Duration {
+        if self.cfg.rate == 0 {
+            return now;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / self.cfg.rate as f64);
+        now + cost.saturating_sub(took)
+    }
+
     /// Reports a finished step: `bytes` copied in `took`.
     pub fn copied(&mut self, now: Duration, bytes: u64, took: Duration) {
         // Rate limit: the step's bytes "cost" bytes/rate seconds.
+        self.last_step = Some((now, bytes, took));
+        self.backoff_until = Duration::ZERO;
         if self.cfg.rate > 0 {
-            let cost = Duration::from_secs_f64(bytes as f64 / self.cfg.rate as f64);
-            self.not_before = now + cost.saturating_sub(took);
+            self.not_before = self.rate_wait(now, bytes, took);
         }
         let secs = took.as_secs_f64();
         let throughput = if secs > 0.0 {
@@ -110,6 +137,7 @@ impl Throttle {
         if bytes > 0 && throughput < self.cfg.min_throughput as f64 {
             // The storage is slow for us: someone else is using it. Yield for a while.
             if let Action::Sleep(d) = self.back_off() {
+                self.backoff_until = now + d;
                 self.not_before = self.not_before.max(now + d);
             }
         } else {
@@ -185,5 +213,42 @@ mod tests {
         // Fast again: no pause.
         t.copied(ms(1300), 1 << 20, ms(10));
         assert_eq!(t.next(ms(1300), 0), Action::Copy);
+    }
+
+    #[test]
+    fn set_rate_applies_at_once_including_the_current_wait() {
+        let cfg = PrefetchConfig {
+            start_delay: Duration::ZERO,
+            rate: 1 << 20,
+            busy_iops: u64::MAX,
+            min_throughput: 0,
+            ..Default::default()
+        };
+        let mut t = Throttle::new(cfg);
+        assert_eq!(t.next(Duration::ZERO, 0), Action::Copy);
+        // 1 MiB at 1 MiB/s: the next step waits a second.
+        t.copied(Duration::ZERO, 1 << 20, Duration::ZERO);
+        assert_eq!(
+            t.next(Duration::ZERO, 0),
+            Action::Sleep(Duration::from_secs(1))
+        );
+        // Unlimited from now on, the wait included: copies at once.
+        t.set_rate(0);
+        assert_eq!(t.next(Duration::ZERO, 0), Action::Copy);
+        t.copied(Duration::from_secs(1), 1 << 20, Duration::ZERO);
+        assert_eq!(t.next(Duration::from_secs(1), 0), Action::Copy);
+        // Slower again: 4 MiB/s makes 1 MiB cost a quarter second.
+        t.set_rate(4 << 20);
+        t.copied(Duration::from_secs(1), 1 << 20, Duration::ZERO);
+        assert_eq!(
+            t.next(Duration::from_secs(1), 0),
+            Action::Sleep(Duration::from_millis(250))
+        );
+        // Slower while waiting: the same step now costs a second.
+        t.set_rate(1 << 20);
+        assert_eq!(
+            t.next(Duration::from_secs(1), 0),
+            Action::Sleep(Duration::from_secs(1))
+        );
     }
 }

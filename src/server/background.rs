@@ -3,13 +3,14 @@
 //! ([`Control`]), so guest queues never wait for it.
 
 use super::control::Control;
+use super::qmp::events::{self as ev, EventSink};
 use crate::engine::prefetch::{Action, PrefetchConfig, Throttle};
 use crate::engine::space::SpacePolicy;
 use crate::engine::{Disk, Image};
 use crate::io::uring::UringIo;
 use parking_lot::{Condvar, Mutex};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -79,12 +80,127 @@ fn image(disk: &Disk<UringIo>) -> Option<&Image<UringIo>> {
     }
 }
 
+/// The prefetch as a block job (`query-block-jobs`, `block-job-*` on the control socket): its
+/// progress, and what the operator asked of it. Atomics only: the prefetch thread reads them
+/// between steps, the control thread writes them, neither waits for the other.
+#[derive(Default)]
+pub struct PrefetchJob {
+    /// The prefetch thread runs (until it finishes, is cancelled or the server stops).
+    active: AtomicBool,
+    paused: AtomicBool,
+    cancel: AtomicBool,
+    /// Copying a step right now.
+    busy: AtomicBool,
+    /// Bytes per second (0: unlimited).
+    rate: AtomicU64,
+    /// Bytes of the base to copy when the job started, and copied since.
+    len: AtomicU64,
+    offset: AtomicU64,
+}
+
+/// A snapshot of [`PrefetchJob`] for `query-block-jobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobInfo {
+    pub paused: bool,
+    pub busy: bool,
+    pub speed: u64,
+    pub len: u64,
+    pub offset: u64,
+}
+
+/// Why a job command was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    #[error("no prefetch job is running")]
+    NotRunning,
+    #[error("the job is already paused")]
+    AlreadyPaused,
+    #[error("the job is not paused")]
+    NotPaused,
+}
+
+impl PrefetchJob {
+    /// The job's state, or None when there is no job (never started, or finished).
+    pub fn info(&self) -> Option<JobInfo> {
+        if !self.active.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(JobInfo {
+            paused: self.paused.load(Ordering::Relaxed),
+            busy: self.busy.load(Ordering::Relaxed),
+            speed: self.rate.load(Ordering::Relaxed),
+            len: self.len.load(Ordering::Relaxed),
+            offset: self.offset.load(Ordering::Relaxed),
+        })
+    }
+
+    fn running(&self) -> Result<(), JobError> {
+        if self.active.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(JobError::NotRunning)
+        }
+    }
+
+    pub fn pause(&self) -> Result<(), JobError> {
+        self.running()?;
+        if self.paused.swap(true, Ordering::AcqRel) {
+            return Err(JobError::AlreadyPaused);
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), JobError> {
+        self.running()?;
+        if !self.paused.swap(false, Ordering::AcqRel) {
+            return Err(JobError::NotPaused);
+        }
+        Ok(())
+    }
+
+    /// The prefetch rate limit in bytes per second (0: none).
+    pub fn set_speed(&self, rate: u64) -> Result<(), JobError> {
+        self.running()?;
+        self.rate.store(rate, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stops the job at its next step; it reports `BLOCK_JOB_CANCELLED`.
+    pub fn cancel(&self) -> Result<(), JobError> {
+        self.running()?;
+        self.cancel.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The job is over: no longer listed, then `event` (a client that reads the event never
+    /// sees the job listed after it).
+    fn finish(&self, events: &EventSink, event: &'static str) {
+        self.active.store(false, Ordering::Release);
+        events.emit(event, self.event_data());
+    }
+
+    fn event_data(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "stream",
+            "device": PREFETCH_JOB,
+            "len": self.len.load(Ordering::Relaxed),
+            "offset": self.offset.load(Ordering::Relaxed),
+            "speed": self.rate.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// The prefetch job's id (QEMU's `device` of a block job).
+pub const PREFETCH_JOB: &str = "prefetch";
+
 /// Starts the prefetch thread if the image has a base and prefetching is on; `Ok(None)` when
 /// there is nothing to prefetch.
 pub fn start_prefetch(
     disk: Arc<Disk<UringIo>>,
     cfg: PrefetchConfig,
     stop: Arc<StopFlag>,
+    job: Arc<PrefetchJob>,
+    events: Arc<EventSink>,
 ) -> Result<Option<JoinHandle<()>>, StartError> {
     let Some(img) = image(&disk) else {
         return Ok(None);
@@ -97,14 +213,53 @@ pub fn start_prefetch(
         let _ = control.block_on(img.mark_base_not_needed(control.io()));
         return Ok(None);
     }
-    std::thread::Builder::new()
+    let bs = img.geometry().block_size;
+    job.rate.store(cfg.rate, Ordering::Relaxed);
+    job.len
+        .store(img.base_blocks_remaining() * bs, Ordering::Relaxed);
+    job.active.store(true, Ordering::Release);
+    let spawned = std::thread::Builder::new()
         .name("fvd-prefetch".into())
-        .spawn(move || prefetch_loop(&disk, cfg, &stop))
+        .spawn({
+            let job = job.clone();
+            move || {
+                prefetch_loop(&disk, cfg, &stop, &job, &events);
+                job.active.store(false, Ordering::Release);
+            }
+        });
+    if spawned.is_err() {
+        job.active.store(false, Ordering::Release);
+    }
+    spawned
         .map(Some)
         .map_err(start_error("prefetch", StartOp::SpawnThread))
 }
 
-fn prefetch_loop(disk: &Disk<UringIo>, cfg: PrefetchConfig, stop: &StopFlag) {
+/// Sleeps `d` in short slices so that a cancel or a stop is seen soon; true when the loop must
+/// end.
+fn job_sleep(stop: &StopFlag, job: &PrefetchJob, d: Duration) -> bool {
+    let deadline = Instant::now() + d;
+    loop {
+        if job.cancel.load(Ordering::Acquire) {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        if stop.sleep(left.min(Duration::from_millis(100))) {
+            return true;
+        }
+    }
+}
+
+fn prefetch_loop(
+    disk: &Disk<UringIo>,
+    cfg: PrefetchConfig,
+    stop: &StopFlag,
+    job: &PrefetchJob,
+    events: &EventSink,
+) {
     super::seccomp::enter_or_abort(super::seccomp::ThreadKind::Prefetch);
     let Some(img) = image(disk) else { return };
     let control = match Control::new() {
@@ -116,6 +271,7 @@ fn prefetch_loop(disk: &Disk<UringIo>, cfg: PrefetchConfig, stop: &StopFlag) {
     };
     let bs = img.geometry().block_size;
     let step_blocks = cfg.step_blocks;
+    let mut rate = cfg.rate;
     let mut throttle = Throttle::new(cfg);
     let origin = Instant::now();
     let mut last_log = Instant::now();
@@ -125,19 +281,44 @@ fn prefetch_loop(disk: &Disk<UringIo>, cfg: PrefetchConfig, stop: &StopFlag) {
         img.base_blocks_remaining() * bs
     );
     while !stop.stopped() {
+        if job.cancel.load(Ordering::Acquire) {
+            tracing::info!("prefetch: cancelled, {copied_total} bytes copied");
+            job.finish(events, ev::BLOCK_JOB_CANCELLED);
+            return;
+        }
+        if job.paused.load(Ordering::Acquire) {
+            if job_sleep(stop, job, Duration::from_millis(100)) && stop.stopped() {
+                break;
+            }
+            continue;
+        }
+        let speed = job.rate.load(Ordering::Relaxed);
+        if speed != rate {
+            rate = speed;
+            throttle.set_rate(rate);
+        }
         let c = img.counters().snapshot();
         let guest_ops = c.guest_reads + c.guest_writes + c.guest_flushes + c.guest_discards;
         match throttle.next(origin.elapsed(), guest_ops) {
             Action::Sleep(d) => {
-                if stop.sleep(d) {
+                if job_sleep(stop, job, d) && stop.stopped() {
                     break;
                 }
             }
             Action::Copy => {
                 let t0 = Instant::now();
-                match control.block_on(img.prefetch_step(control.io(), step_blocks)) {
+                job.busy.store(true, Ordering::Relaxed);
+                let r = control.block_on(img.prefetch_step(control.io(), step_blocks));
+                job.busy.store(false, Ordering::Relaxed);
+                match r {
                     Ok(step) => {
                         copied_total += step.bytes;
+                        job.offset.store(
+                            job.len
+                                .load(Ordering::Relaxed)
+                                .saturating_sub(img.base_blocks_remaining() * bs),
+                            Ordering::Relaxed,
+                        );
                         throttle.copied(origin.elapsed(), step.bytes, t0.elapsed());
                         if step.done {
                             match control.block_on(img.mark_base_not_needed(control.io())) {
@@ -146,12 +327,13 @@ fn prefetch_loop(disk: &Disk<UringIo>, cfg: PrefetchConfig, stop: &StopFlag) {
                                 ),
                                 Err(e) => tracing::warn!("prefetch: done, but recording it failed: {e}"),
                             }
+                            job.finish(events, ev::BLOCK_JOB_COMPLETED);
                             return;
                         }
                     }
                     Err(e) => {
                         tracing::warn!("prefetch: {e}; retrying later");
-                        if stop.sleep(Duration::from_secs(5)) {
+                        if job_sleep(stop, job, Duration::from_secs(5)) && stop.stopped() {
                             break;
                         }
                     }
@@ -188,6 +370,7 @@ pub fn start_grower(
     image_path: &Path,
     cfg: GrowConfig,
     stop: Arc<StopFlag>,
+    events: Arc<EventSink>,
 ) -> Result<Option<JoinHandle<()>>, StartError> {
     let Some(img) = image(&disk) else {
         return Ok(None);
@@ -242,9 +425,11 @@ pub fn start_grower(
                     .replace("{unit}", &cfg.unit)
                     .replace("{device}", &device.display().to_string())
                     .replace("{image}", &device.display().to_string());
-                tracing::info!(
-                    "space low ({} bytes free): running grow command: {cmd}",
-                    img.free_bytes().unwrap_or(0)
+                let free = img.free_bytes().unwrap_or(0);
+                tracing::info!("space low ({free} bytes free): running grow command: {cmd}");
+                events.emit(
+                    ev::STORAGE_LOW,
+                    serde_json::json!({"free": free, "watermark": cfg.watermark}),
                 );
                 match std::process::Command::new("sh")
                     .arg("-c")
@@ -254,19 +439,26 @@ pub fn start_grower(
                     Ok(s) if s.success() => {
                         last_failure = None;
                         img.notify_space();
-                        tracing::info!(
-                            "storage grown: {} bytes free",
-                            img.free_bytes().unwrap_or(0)
-                        );
+                        let free = img.free_bytes().unwrap_or(0);
+                        tracing::info!("storage grown: {free} bytes free");
+                        events.emit(ev::STORAGE_GROWN, serde_json::json!({"free": free}));
                     }
                     Ok(s) => {
                         last_failure = Some(Instant::now());
                         tracing::error!("grow command failed ({s}): {cmd}");
+                        events.emit(
+                            ev::STORAGE_GROW_FAILED,
+                            serde_json::json!({"reason": format!("the grow command failed ({s})")}),
+                        );
                         img.notify_space();
                     }
                     Err(e) => {
                         last_failure = Some(Instant::now());
                         tracing::error!("cannot run grow command {cmd}: {e}");
+                        events.emit(
+                            ev::STORAGE_GROW_FAILED,
+                            serde_json::json!({"reason": format!("cannot run the grow command: {e}")}),
+                        );
                         img.notify_space();
                     }
                 }

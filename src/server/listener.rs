@@ -66,43 +66,13 @@ impl Listener {
     /// Binds `path` with permissions `mode`. A stale socket (nobody accepting) is replaced; a
     /// live one or any other kind of file is an error.
     pub fn bind(path: &Path, mode: u32) -> Result<Listener, ListenerError> {
-        let err = |op| {
-            move |source| ListenerError::Io {
-                op,
-                path: path.to_path_buf(),
-                source,
-            }
-        };
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(ListenerError::NotSocket {
-                    path: path.to_path_buf(),
-                });
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(ListenerError::InUse {
-                    path: path.to_path_buf(),
-                });
-            }
-            std::fs::remove_file(path).map_err(err(SocketOp::RemoveStale))?;
-        }
-        // Create the socket with no permissions for others, then widen to `mode`: no window in
-        // which a more permissive socket exists.
-        // SAFETY: umask only swaps the process file-creation mask.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above, restoring the previous mask.
-        unsafe { libc::umask(old) };
-        let l = bound.map_err(err(SocketOp::Bind))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
-            .map_err(err(SocketOp::Chmod))?;
-        let meta = std::fs::symlink_metadata(path).map_err(err(SocketOp::Stat))?;
+        let (l, id) = bind_unix(path, mode)?;
         let fd = l.as_raw_fd();
         Ok(Listener {
             inner: Mutex::new(vhost::vhost_user::Listener::from(l)),
             fd,
             path: path.to_path_buf(),
-            id: Some((meta.dev(), meta.ino())),
+            id: Some(id),
         })
     }
 
@@ -173,11 +143,55 @@ impl Listener {
 
     /// Unlinks the socket file if it is still the one we created (never a passed one).
     pub fn remove(&self) {
-        let Some(id) = self.id else { return };
-        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if (m.dev(), m.ino()) == id {
-                let _ = std::fs::remove_file(&self.path);
-            }
+        if let Some(id) = self.id {
+            remove_if_same(&self.path, id);
+        }
+    }
+}
+
+/// Binds a unix stream socket at `path` with permissions `mode`, returning it and the (device,
+/// inode) of its file (to remove only that file later). A stale socket (nobody accepting) is
+/// replaced; a live one or any other kind of file is an error. Also binds the control socket.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, (u64, u64)), ListenerError> {
+    let err = |op| {
+        move |source| ListenerError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ListenerError::NotSocket {
+                path: path.to_path_buf(),
+            });
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ListenerError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::remove_file(path).map_err(err(SocketOp::RemoveStale))?;
+    }
+    // Create the socket with no permissions for others, then widen to `mode`: no window in
+    // which a more permissive socket exists.
+    // SAFETY: umask only swaps the process file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = bound.map_err(err(SocketOp::Bind))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
+        .map_err(err(SocketOp::Chmod))?;
+    let meta = std::fs::symlink_metadata(path).map_err(err(SocketOp::Stat))?;
+    Ok((l, (meta.dev(), meta.ino())))
+}
+
+/// Unlinks `path` if it is still the file `id` names (never someone else's).
+pub fn remove_if_same(path: &Path, id: (u64, u64)) {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if (m.dev(), m.ino()) == id {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -261,17 +275,7 @@ impl Stop {
                     match sig {
                         SIGUSR1 => tracing::info!("counters: {}", counters()),
                         SIGHUP | SIGUSR2 => tracing::info!("signal {sig} ignored"),
-                        _ if i.requested.load(Ordering::SeqCst) => {
-                            tracing::info!("signal {sig}: already stopping")
-                        }
-                        _ => {
-                            tracing::info!(
-                                "signal {sig}: finishing in-flight requests and closing the disk"
-                            );
-                            // First: draining may itself be what never ends.
-                            start_watchdog(i.clone());
-                            i.request();
-                        }
+                        _ => StopRequester(i.clone()).request(&format!("signal {sig}")),
                     }
                 }
             })?;
@@ -280,6 +284,11 @@ impl Stop {
             handle,
             thread: Some(thread),
         })
+    }
+
+    /// A handle that requests the same stop as SIGTERM (the control socket's `quit`).
+    pub fn requester(&self) -> StopRequester {
+        StopRequester(self.inner.clone())
     }
 
     /// Records what the server is doing now (named in the log if a stop has to abandon it).
@@ -307,6 +316,26 @@ impl Stop {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Requests the orderly stop SIGTERM requests, from any thread.
+#[derive(Clone)]
+pub struct StopRequester(Arc<StopInner>);
+
+impl StopRequester {
+    /// Stops taking requests, finishes those taken and ends the connection (blocking until
+    /// the connection's requests are drained); `why` names the cause in the log.
+    pub fn request(&self, why: &str) {
+        // Claimed atomically: a signal and `quit` at once stop (and start a watchdog) once.
+        if self.0.requested.swap(true, Ordering::SeqCst) {
+            tracing::info!("{why}: already stopping");
+            return;
+        }
+        tracing::info!("{why}: finishing in-flight requests and closing the disk");
+        // First: draining may itself be what never ends.
+        start_watchdog(self.0.clone());
+        self.0.request();
     }
 }
 

@@ -16,8 +16,10 @@ pub mod background;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod handle;
 pub mod inflight;
 pub mod listener;
+pub mod qmp;
 pub mod request;
 pub mod seccomp;
 pub mod sigbus;
@@ -32,7 +34,7 @@ use control::Control;
 use listener::{Listener, Stop};
 use request::ID_LEN;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::VhostUserDaemon;
@@ -69,6 +71,8 @@ pub struct ServeConfig {
     pub seccomp: seccomp::SeccompMode,
     /// How first writes zero the rest of their block.
     pub zero_ranges: engine::storage::ZeroRanges,
+    /// The QMP control socket, if any.
+    pub control: Option<qmp::ControlConfig>,
 }
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
@@ -85,6 +89,8 @@ pub enum ServeError {
     QueueSize(u16),
     #[error(transparent)]
     Listener(#[from] listener::ListenerError),
+    #[error("control socket: {0}")]
+    ControlSocket(listener::ListenerError),
     /// Setting up the process (signal handlers) failed.
     #[error("{what}: {source}")]
     Setup {
@@ -123,6 +129,8 @@ pub struct Server {
     serial: [u8; ID_LEN],
     listener: Listener,
     stop: Stop,
+    handle: handle::ServerHandle,
+    control_socket: Option<qmp::ControlSocket>,
 }
 
 impl Server {
@@ -212,6 +220,29 @@ impl Server {
                 return Err(e.into());
             }
         };
+        let control_socket = match cfg.control.as_ref().map(qmp::ControlSocket::bind) {
+            None => None,
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                let _ = control.block_on(disk.close(control.io()));
+                listener.remove();
+                return Err(ServeError::ControlSocket(e));
+            }
+        };
+        let events = match qmp::events::EventSink::new() {
+            Ok(e) => Arc::new(e),
+            Err(source) => {
+                let _ = control.block_on(disk.close(control.io()));
+                listener.remove();
+                if let Some(c) = control_socket {
+                    c.remove();
+                }
+                return Err(ServeError::Setup {
+                    what: "event queue",
+                    source,
+                });
+            }
+        };
         // Signals are handled from here on, before anyone is told the server is ready.
         let counters = {
             let disk = disk.clone();
@@ -222,11 +253,34 @@ impl Server {
             Err(e) => {
                 let _ = control.block_on(disk.close(control.io()));
                 listener.remove();
+                if let Some(c) = control_socket {
+                    c.remove();
+                }
                 return Err(ServeError::Setup {
                     what: "signals",
                     source: e,
                 });
             }
+        };
+        let handle = handle::ServerHandle {
+            disk: disk.clone(),
+            control: control.clone(),
+            events,
+            prefetch: Default::default(),
+            stop: stop.requester(),
+            info: Arc::new(handle::DiskInfo {
+                image: cfg.image.clone(),
+                format: match &*disk {
+                    Disk::Fvd(_) => "fvd",
+                    Disk::Raw(_) => "raw",
+                },
+                device: device.clone(),
+                base: match &*disk {
+                    Disk::Fvd(img) => img.header().base.map(|b| b.path),
+                    Disk::Raw(_) => None,
+                },
+            }),
+            frontend: Default::default(),
         };
         Ok(Server {
             cfg,
@@ -236,6 +290,8 @@ impl Server {
             serial,
             listener,
             stop,
+            handle,
+            control_socket,
         })
     }
 
@@ -245,14 +301,48 @@ impl Server {
 
     /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then
     /// closes the disk and removes the socket.
-    pub fn run(self) -> Result<(), ServeError> {
+    pub fn run(mut self) -> Result<(), ServeError> {
         let bg_stop = Arc::new(background::StopFlag::default());
         let workers = self.start_background(&bg_stop);
+        // Before the main thread's filter, which its own replaces (filters stack on threads
+        // started later).
+        let qmp = match self.control_socket.take() {
+            None => None,
+            Some(c) => match c.start(self.handle.clone()) {
+                Ok(t) => Some(t),
+                Err(source) => {
+                    bg_stop.stop();
+                    for w in workers {
+                        let _ = w.join();
+                    }
+                    let _ = self.control.block_on(self.disk.close(self.control.io()));
+                    self.listener.remove();
+                    self.stop.uninstall();
+                    return Err(ServeError::Setup {
+                        what: "control socket thread",
+                        source,
+                    });
+                }
+            },
+        };
         // After the grower started (it stays unfiltered, see `seccomp`).
         let served = seccomp::enter(seccomp::ThreadKind::Main)
             .map_err(ServeError::from)
             .and_then(|()| self.serve_loop(&self.stop));
         self.cut_nbd_reads();
+        if let Some(q) = qmp {
+            let reason = if q.quit_requested() {
+                "host-qmp-quit"
+            } else {
+                "host-signal"
+            };
+            self.handle.events.emit(
+                qmp::events::SHUTDOWN,
+                serde_json::json!({"guest": false, "reason": reason}),
+            );
+            self.stop.set_phase("closing the control socket");
+            q.stop();
+        }
         let counters = self.counters_json();
         self.stop
             .set_phase("stopping the background threads and closing the disk");
@@ -304,6 +394,8 @@ impl Server {
                 self.disk.clone(),
                 self.cfg.prefetch_config.clone(),
                 stop.clone(),
+                self.handle.prefetch.clone(),
+                self.handle.events.clone(),
             ) {
                 Ok(t) => threads.extend(t),
                 // The guest is served without it, as before; the log says why.
@@ -316,6 +408,7 @@ impl Server {
                 &self.cfg.image,
                 g.clone(),
                 stop.clone(),
+                self.handle.events.clone(),
             ) {
                 Ok(Some(t)) => threads.push(t),
                 Ok(None) => tracing::warn!(
@@ -345,6 +438,7 @@ impl Server {
                 conn: parking_lot::Mutex::new(None),
                 stopping: AtomicBool::new(false),
                 log: Default::default(),
+                events: self.handle.events.clone(),
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())
@@ -377,6 +471,10 @@ impl Server {
                 return Err(daemon_err("accept a frontend")(e));
             }
             tracing::info!("frontend connected");
+            self.handle.frontend.store(true, Ordering::Relaxed);
+            self.handle
+                .events
+                .emit(qmp::events::FRONTEND_CONNECTED, serde_json::json!({}));
             if let Some(handle) = daemon.shutdown_handle() {
                 let (b, disk) = (backend.clone(), self.disk.clone());
                 let drain: listener::Drain = Arc::new(move || {
@@ -400,6 +498,10 @@ impl Server {
                 Err(e) => tracing::warn!("frontend connection ended: {e}"),
             }
             stop.set_connection(None);
+            self.handle.frontend.store(false, Ordering::Relaxed);
+            self.handle
+                .events
+                .emit(qmp::events::FRONTEND_DISCONNECTED, serde_json::json!({}));
             if stop.requested() {
                 self.cut_nbd_reads();
             }

@@ -55,15 +55,18 @@ pub enum ThreadKind {
     Prefetch,
     /// Receives the replies of an NBD base image's server.
     NbdReader,
+    /// Serves the QMP control socket's clients (`--control`).
+    Qmp,
 }
 
-const KINDS: [ThreadKind; 6] = [
+const KINDS: [ThreadKind; 7] = [
     ThreadKind::Main,
     ThreadKind::Signals,
     ThreadKind::Connection,
     ThreadKind::Queue,
     ThreadKind::Prefetch,
     ThreadKind::NbdReader,
+    ThreadKind::Qmp,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -440,6 +443,33 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_sched_getaffinity,
                 ],
             );
+        }
+        ThreadKind::Qmp => {
+            // `x-fvd-flush` drives the server's shared ring (the image's flush and journal).
+            ring(&mut r);
+            image(&mut r);
+            // `quit` stops as SIGTERM does: cuts NBD base reads short, ends the frontend's
+            // connection, starts the stop watchdog.
+            nbd_close(&mut r);
+            allow(
+                &mut r,
+                &[
+                    // Its event loop (created before the filter), clients and their sockets.
+                    libc::SYS_epoll_pwait,
+                    #[cfg(target_arch = "x86_64")]
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_accept4,
+                    libc::SYS_recvfrom,
+                    libc::SYS_shutdown,
+                    libc::SYS_clone,
+                    libc::SYS_clone3,
+                    libc::SYS_set_robust_list,
+                    libc::SYS_rseq,
+                    libc::SYS_sched_getaffinity,
+                ],
+            );
+            allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO]);
         }
         ThreadKind::Prefetch => {
             // Its own ring, created on the thread.

@@ -48,6 +48,8 @@ pub struct Ctx {
     pub stopping: AtomicBool,
     /// What this connection has logged already.
     pub log: ConnLog,
+    /// Where a failed request raises `BLOCK_IO_ERROR` (the control socket).
+    pub events: Arc<super::qmp::events::EventSink>,
 }
 
 /// Problems a guest causes are logged the first time per connection, then only at trace level:
@@ -411,6 +413,19 @@ async fn execute(ctx: &Ctx, io: &UringIo, mem: &Arc<GuestMemory>, op: &Op) -> u8
         Ok(()) => STATUS_OK,
         Err(e) => {
             log_io_error(&ctx.log.io_errors, &e);
+            // QEMU's operation names: a flush or discard fails as a write.
+            let operation = if matches!(op, Op::Read { .. }) {
+                "read"
+            } else {
+                "write"
+            };
+            let errno = e.errno();
+            ctx.events.io_error(
+                super::qmp::DEVICE_NAME,
+                operation,
+                errno == libc::ENOSPC,
+                &std::io::Error::from_raw_os_error(errno).to_string(),
+            );
             STATUS_IOERR
         }
     }
