@@ -16,6 +16,7 @@ mod convert;
 mod create;
 mod info;
 mod map;
+pub mod serve;
 mod stream;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -53,7 +54,7 @@ enum Command {
     /// Detach the base image once the image no longer needs it.
     Rebase(stream::RebaseArgs),
     /// Serve an image to a VM over a vhost-user-blk socket.
-    Serve(crate::server::cli::ServeArgs),
+    Serve(serve::ServeArgs),
 }
 
 /// The whole command line (every subcommand), for generating man pages and shell completions.
@@ -182,7 +183,7 @@ pub fn main() -> i32 {
         Command::Amend(a) => amend::run(a),
         Command::Stream(a) => stream::stream(a),
         Command::Rebase(a) => stream::rebase(a),
-        Command::Serve(a) => crate::server::cli::run(a).map(|()| 0),
+        Command::Serve(a) => serve::run(a).map(|()| 0),
     };
     match r {
         Ok(code) => code,
