@@ -486,7 +486,7 @@ fn invalid_parameters_and_a_closed_image_are_their_own_kinds() {
     let mut p = params(1 << 20, false, None);
     p.block_size = 3000;
     match block_on(Image::create(&SyncIo, f, &p)) {
-        Err(e @ EngineError::Invalid(_)) => {
+        Err(e @ EngineError::Invalid(fvd::engine::InvalidParams::Header { .. })) => {
             assert_eq!(e.errno(), libc::EINVAL);
             assert!(e.to_string().contains("block size"), "{e}");
         }

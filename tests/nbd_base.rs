@@ -817,3 +817,30 @@ fn sigkill(pid: u32) -> i32 {
     // reaped (so the pid cannot have been reused).
     unsafe { libc::kill(pid as i32, libc::SIGKILL) }
 }
+
+/// The NBD client's reader thread is started by the io layer inside the image's open; it
+/// still enters its own filter (its allow-list and the no-open filter), through the hook the
+/// server sets (`io::nbd::on_reader_start`), and none with `--seccomp off`.
+#[test]
+fn the_nbd_reader_thread_enters_its_seccomp_filter() {
+    let dir = tmpdir();
+    let p = dir.path();
+    let (_nbd, _, _) = image_on_nbd(p);
+    let img = p.join("img.fvd");
+    for (args, want) in [(&[][..], 2), (&["--seccomp", "off"][..], 0)] {
+        let srv = serve(&img, &p.join("s.sock"), args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let f = serve_support::thread_filters(srv.pid()).remove("nbd-client");
+            if f.as_deref() == Some(&[want][..]) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{args:?}: nbd-client filters {f:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(srv.terminate().success(), "{args:?}");
+    }
+}

@@ -7,32 +7,11 @@
 mod serve_support;
 
 use serve_support::client::{connect, Req};
-use serve_support::{fvd, ServerProc};
-use std::collections::BTreeMap;
+use serve_support::{fvd, thread_filters, ServerProc};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const MIB: usize = 1 << 20;
-
-/// Thread name -> seccomp filter counts of the server's threads (from /proc).
-fn thread_filters(pid: i32) -> BTreeMap<String, Vec<u32>> {
-    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap().path();
-        let (Ok(comm), Ok(status)) = (
-            std::fs::read_to_string(t.join("comm")),
-            std::fs::read_to_string(t.join("status")),
-        ) else {
-            continue; // the thread ended meanwhile
-        };
-        let n = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
-            .map_or(0, |v| v.trim().parse().unwrap());
-        out.entry(comm.trim().to_string()).or_default().push(n);
-    }
-    out
-}
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
     (0..len)

@@ -72,7 +72,7 @@ fn server() -> &'static Srv {
         let socket = dir.path().join("disk.sock");
         let srv = Server::bind(ServeConfig {
             image,
-            socket: socket.clone(),
+            socket: Some(socket.clone()),
             num_queues: 1,
             queue_size: QSIZE,
             read_only: false,

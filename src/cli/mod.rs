@@ -17,6 +17,7 @@ mod create;
 mod ctl;
 mod info;
 mod map;
+pub mod serve;
 mod stream;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -54,7 +55,7 @@ enum Command {
     /// Detach the base image once the image no longer needs it.
     Rebase(stream::RebaseArgs),
     /// Serve an image to a VM over a vhost-user-blk socket.
-    Serve(crate::server::cli::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Run one command on a running server's QMP control socket (`fvd serve --control`).
     Ctl(ctl::Args),
 }
@@ -185,7 +186,7 @@ pub fn main() -> i32 {
         Command::Amend(a) => amend::run(a),
         Command::Stream(a) => stream::stream(a),
         Command::Rebase(a) => stream::rebase(a),
-        Command::Serve(a) => crate::server::cli::run(a).map(|()| 0),
+        Command::Serve(a) => serve::run(a).map(|()| 0),
         Command::Ctl(a) => ctl::run(a),
     };
     match r {

@@ -3,7 +3,7 @@
 
 use super::base::Base;
 use super::counters::Counters;
-use super::error::{EngineError, IoContext, IoOp, Result};
+use super::error::{EngineError, InvalidParams, IoContext, IoOp, Result};
 use super::image::{CreateParams, Image};
 use super::raw::RawDisk;
 use super::storage::Storage;
@@ -234,9 +234,9 @@ async fn open_base_of<I: Io<File = HostFile>>(
         None => None,
         Some(b) => {
             if depth >= MAX_CHAIN {
-                return Err(EngineError::Invalid(format!(
-                    "base chain deeper than {MAX_CHAIN} (a loop?)"
-                )));
+                return Err(EngineError::Invalid(InvalidParams::BaseChainTooDeep {
+                    max: MAX_CHAIN,
+                }));
             }
             if is_nbd_uri(&b.path) {
                 Some(open_nbd_base(&b.path, b.format)?)
@@ -284,9 +284,9 @@ async fn open_file_base<I: Io<File = HostFile>>(
 /// metadata through `Io` on host files.
 fn open_nbd_base<I: Io>(uri: &str, format: BaseFormat) -> Result<Base<I>> {
     if format != BaseFormat::Raw {
-        return Err(EngineError::Invalid(format!(
-            "base {uri}: only raw images can be used over NBD"
-        )));
+        return Err(EngineError::Invalid(InvalidParams::NbdBaseNotRaw {
+            uri: uri.to_string(),
+        }));
     }
     // Connecting blocks briefly; opening an image is not on the I/O path.
     let client = NbdClient::connect(uri).ctx(IoOp::Connect, "connect to NBD base")?;

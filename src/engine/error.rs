@@ -63,6 +63,24 @@ pub enum Corruption {
     Problems { first: Problem, more: usize },
 }
 
+/// Parameters (of a create or an open) that make no valid image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidParams {
+    #[error("block or chunk size too large")]
+    SizeTooLarge,
+    #[error("base image path is longer than {max} bytes")]
+    BasePathTooLong { max: usize },
+    /// The header the parameters make fails its checks; `why` is the format's reason.
+    #[error("{why}")]
+    Header { why: String },
+    #[error("base image given does not match the header")]
+    BaseMismatch,
+    #[error("base chain deeper than {max} (a loop?)")]
+    BaseChainTooDeep { max: usize },
+    #[error("base {uri}: only raw images can be used over NBD")]
+    NbdBaseNotRaw { uri: String },
+}
+
 /// Everything that can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -90,7 +108,7 @@ pub enum EngineError {
     #[error("corrupt image: {0}")]
     Corrupt(Corruption),
     #[error("invalid parameters: {0}")]
-    Invalid(String),
+    Invalid(InvalidParams),
     #[error("the image is closed")]
     Closed,
     #[error("not an FVD image (no FVD magic in either header slot)")]

@@ -5,7 +5,7 @@ use super::allocator::Allocator;
 use super::base::Base;
 use super::block_locks::BlockLocks;
 use super::counters::Counters;
-use super::error::{Corruption, EngineError, IoContext, IoOp, NoSpace, Result};
+use super::error::{Corruption, EngineError, InvalidParams, IoContext, IoOp, NoSpace, Result};
 use super::flush::Pending;
 use super::metadata::{Committed, LiveMetadata};
 use super::storage::Storage;
@@ -48,16 +48,15 @@ impl CreateParams {
     pub fn header(&self) -> Result<Header> {
         let p = self;
         if p.block_size > u32::MAX as u64 || p.chunk_size > u32::MAX as u64 || p.block_size == 0 {
-            return Err(EngineError::Invalid("block or chunk size too large".into()));
+            return Err(EngineError::Invalid(InvalidParams::SizeTooLarge));
         }
         if p.base
             .as_ref()
             .is_some_and(|b| b.path.len() > crate::format::header::MAX_BASE_PATH)
         {
-            return Err(EngineError::Invalid(format!(
-                "base image path is longer than {} bytes",
-                crate::format::header::MAX_BASE_PATH
-            )));
+            return Err(EngineError::Invalid(InvalidParams::BasePathTooLong {
+                max: crate::format::header::MAX_BASE_PATH,
+            }));
         }
         let geo = Geometry {
             virtual_size: p.virtual_size,
@@ -93,7 +92,7 @@ impl CreateParams {
         };
         h.validate().map_err(|e| match e {
             // The caller's parameters make an invalid header: say what is wrong with them.
-            FormatError::InvalidHeader(why) => EngineError::Invalid(why),
+            FormatError::InvalidHeader(why) => EngineError::Invalid(InvalidParams::Header { why }),
             e => EngineError::Format(e),
         })?;
         Ok(h)
@@ -311,9 +310,7 @@ impl<I: Io> Image<I> {
         let raw = read_region(io, &store, &c, 0, 2 * SECTOR as u64).await?;
         let header = pick_header(&raw[..SECTOR], &raw[SECTOR..])?;
         if header.base.is_some() != base.is_some() {
-            return Err(EngineError::Invalid(
-                "base image given does not match the header".into(),
-            ));
+            return Err(EngineError::Invalid(InvalidParams::BaseMismatch));
         }
         if !read_only && store.file.is_read_only() {
             return Err(EngineError::ReadOnly);

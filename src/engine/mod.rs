@@ -31,6 +31,6 @@ pub use disk::{
     create_image, open_disk, open_disk_with, open_image, open_image_with, probe, repair_image,
     resolve_base, Disk, Format,
 };
-pub use error::{Corruption, EngineError, IoOp, NoSpace, Result};
+pub use error::{Corruption, EngineError, InvalidParams, IoOp, NoSpace, Result};
 pub use image::{CreateParams, Image};
 pub use raw::RawDisk;

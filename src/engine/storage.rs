@@ -17,7 +17,7 @@ pub struct Storage<I: Io> {
 }
 
 /// How a first write zeroes the rest of its block (`fvd serve --zero-ranges`).
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ZeroRanges {
     /// Without writing on files (a hole), by writing zeros on block devices: there a WRITE
     /// ZEROES beside the data write made allocating writes 3.5x slower on a loop-device LV than

@@ -23,6 +23,49 @@ pub struct Segment {
     pub len: usize,
 }
 
+/// A contiguous piece of a scatter/gather list (host memory here, guest memory in the server).
+pub trait Piece: Copy {
+    fn size(&self) -> u64;
+    /// The `len` bytes starting `skip` bytes into this piece (`skip + len <= self.size()`).
+    fn sub(&self, skip: u64, len: u64) -> Self;
+}
+
+impl Piece for Segment {
+    fn size(&self) -> u64 {
+        self.len as u64
+    }
+
+    fn sub(&self, skip: u64, len: u64) -> Self {
+        // Both fit in usize: they are at most `self.len`.
+        Segment {
+            addr: self.addr + skip as usize,
+            len: len as usize,
+        }
+    }
+}
+
+/// The pieces of `segs` covering bytes `[off, off + len)` of their concatenation, in order and
+/// none empty; they cover fewer bytes when the list ends first.
+pub fn window<P: Piece>(segs: &[P], off: u64, len: u64) -> impl Iterator<Item = P> + '_ {
+    let mut rest = segs.iter();
+    let (mut skip, mut want) = (off, len);
+    std::iter::from_fn(move || {
+        while want > 0 {
+            let s = rest.next()?;
+            if skip >= s.size() {
+                skip -= s.size();
+                continue;
+            }
+            let take = (s.size() - skip).min(want);
+            want -= take;
+            let piece = s.sub(skip, take);
+            skip = 0;
+            return Some(piece);
+        }
+        None
+    })
+}
+
 /// A heap allocation with `BUF_ALIGN` alignment, zero-initialised.
 struct AlignedAlloc {
     ptr: *mut u8,
@@ -124,25 +167,7 @@ impl Buf {
             "slice {off}+{len} outside buffer of {}",
             self.len
         );
-        let mut segs = SmallVec::new();
-        let mut skip = off;
-        let mut want = len;
-        for s in &self.segs {
-            if want == 0 {
-                break;
-            }
-            if skip >= s.len {
-                skip -= s.len;
-                continue;
-            }
-            let take = (s.len - skip).min(want);
-            segs.push(Segment {
-                addr: s.addr + skip,
-                len: take,
-            });
-            want -= take;
-            skip = 0;
-        }
+        let segs = self.window(off, len).collect();
         Buf {
             segs,
             len,
@@ -154,49 +179,57 @@ impl Buf {
     pub fn copy_from_slice(&self, off: usize, src: &[u8]) {
         assert!(off + src.len() <= self.len);
         let mut done = 0;
-        self.for_each_range(off, src.len(), |addr, n| {
-            // SAFETY: `for_each_range` yields in-bounds ranges of segments the owner keeps valid;
-            // `src` is a distinct Rust slice, so the ranges cannot overlap.
+        for Segment { addr, len: n } in self.window(off, src.len()) {
+            // SAFETY: `window` yields in-bounds ranges of segments the owner keeps valid; `src`
+            // is a distinct Rust slice, so the ranges cannot overlap.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(done), addr as *mut u8, n) };
             done += n;
-        });
+        }
     }
 
     /// Copies bytes starting at `off` of this buffer into `dst`.
     pub fn copy_to_slice(&self, off: usize, dst: &mut [u8]) {
         assert!(off + dst.len() <= self.len);
         let mut done = 0;
-        self.for_each_range(off, dst.len(), |addr, n| {
+        for Segment { addr, len: n } in self.window(off, dst.len()) {
             // SAFETY: as in `copy_from_slice`, with source and destination swapped.
             unsafe {
                 std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr().add(done), n)
             };
             done += n;
-        });
+        }
     }
 
     /// Copies `len` bytes from `src[src_off..]` into `self[dst_off..]`.
     pub fn copy_from_buf(&self, dst_off: usize, src: &Buf, src_off: usize, len: usize) {
         assert!(dst_off + len <= self.len && src_off + len <= src.len);
         let mut pos = 0;
-        self.for_each_range(dst_off, len, |daddr, n| {
+        for Segment {
+            addr: daddr,
+            len: n,
+        } in self.window(dst_off, len)
+        {
             let mut inner = 0;
-            src.for_each_range(src_off + pos, n, |saddr, m| {
+            for Segment {
+                addr: saddr,
+                len: m,
+            } in src.window(src_off + pos, n)
+            {
                 // SAFETY: both ranges are in bounds of live segments; `std::ptr::copy` tolerates
                 // overlap should the two buffers alias.
                 unsafe { std::ptr::copy(saddr as *const u8, (daddr + inner) as *mut u8, m) };
                 inner += m;
-            });
+            }
             pos += n;
-        });
+        }
     }
 
     /// Fills `[off, off + len)` with zeros.
     pub fn zero(&self, off: usize, len: usize) {
-        self.for_each_range(off, len, |addr, n| {
+        for Segment { addr, len: n } in self.window(off, len) {
             // SAFETY: in-bounds range of a live segment.
             unsafe { std::ptr::write_bytes(addr as *mut u8, 0, n) };
-        });
+        }
     }
 
     /// Copies the whole buffer into a new Vec (tests and tools).
@@ -206,23 +239,9 @@ impl Buf {
         v
     }
 
-    /// Visits the memory ranges backing `[off, off + len)`.
-    fn for_each_range(&self, off: usize, len: usize, mut f: impl FnMut(usize, usize)) {
-        let mut skip = off;
-        let mut want = len;
-        for s in &self.segs {
-            if want == 0 {
-                break;
-            }
-            if skip >= s.len {
-                skip -= s.len;
-                continue;
-            }
-            let take = (s.len - skip).min(want);
-            f(s.addr + skip, take);
-            want -= take;
-            skip = 0;
-        }
+    /// The memory ranges backing `[off, off + len)`.
+    fn window(&self, off: usize, len: usize) -> impl Iterator<Item = Segment> + '_ {
+        window(&self.segs, off as u64, len as u64)
     }
 
     /// The segments as `iovec`s for vectored system calls. Valid while `self` lives.
@@ -240,6 +259,32 @@ impl Buf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Byte for byte, the window is the stretch `[off, off + len)` of the list's bytes, cut
+        /// short where the list ends, in pieces none of them empty.
+        #[test]
+        fn window_is_the_stretch_of_the_concatenation(
+            lens in proptest::collection::vec(0usize..40, 0..8),
+            off in 0u64..200,
+            len in 0u64..200,
+        ) {
+            // Segment i at i << 20: every byte has its own address.
+            let segs: Vec<Segment> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| Segment { addr: i << 20, len })
+                .collect();
+            let bytes: Vec<usize> = segs.iter().flat_map(|s| s.addr..s.addr + s.len).collect();
+            let start = (off as usize).min(bytes.len());
+            let end = (off + len).min(bytes.len() as u64) as usize;
+            let pieces: Vec<Segment> = window(&segs, off, len).collect();
+            prop_assert!(pieces.iter().all(|p| p.len > 0));
+            let got: Vec<usize> = pieces.iter().flat_map(|p| p.addr..p.addr + p.len).collect();
+            prop_assert_eq!(&got[..], &bytes[start..end.max(start)]);
+        }
+    }
 
     #[test]
     fn slices_and_copies_cross_segments() {

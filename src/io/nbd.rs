@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -48,6 +48,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Default for [`NbdOptions::timeout`]: a reply this late means a stalled server, not a slow one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Run first on every reader thread, set by [`on_reader_start`].
+static READER_START: OnceLock<fn()> = OnceLock::new();
+
+/// Has every reader thread started from now on run `hook` first (the server installs its
+/// seccomp filter there). Set once per process; later calls are ignored.
+pub fn on_reader_start(hook: fn()) {
+    let _ = READER_START.set(hook);
+}
 
 /// How the client copes with a slow or lost server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -514,7 +523,9 @@ impl Drop for NbdClient {
 
 /// The worker thread: serves the connection, and re-establishes it after a loss, until closing.
 fn worker(sh: &Shared, first: Stream, export: Export) {
-    crate::server::seccomp::enter_or_abort(crate::server::seccomp::ThreadKind::NbdReader);
+    if let Some(hook) = READER_START.get() {
+        hook();
+    }
     let mut conn = Some(first);
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u32;

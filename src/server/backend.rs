@@ -336,3 +336,7 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod tests;

@@ -13,7 +13,6 @@
 pub mod activation;
 pub mod backend;
 pub mod background;
-pub mod cli;
 pub mod config;
 pub mod control;
 pub mod handle;
@@ -46,7 +45,9 @@ pub struct ServeConfig {
     pub image: PathBuf,
     /// The image's format; probed when `None`.
     pub format: Option<engine::Format>,
-    pub socket: PathBuf,
+    /// Socket to bind; `None` when a service manager passes the listening socket (see
+    /// [`Server::start`]).
+    pub socket: Option<PathBuf>,
     pub num_queues: u16,
     pub queue_size: u16,
     pub read_only: bool,
@@ -83,6 +84,11 @@ const NBD_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5
 pub enum ServeError {
     #[error("cannot open {path}: {error}")]
     Open { path: PathBuf, error: EngineError },
+    #[error(
+        "--socket PATH is required (unless a service manager passes the listening socket: \
+         LISTEN_FDS)"
+    )]
+    NoSocket,
     #[error("num-queues must be 1..=64, not {0}")]
     NumQueues(u16),
     #[error("queue-size must be a power of two in 4..=32768, not {0}")]
@@ -120,6 +126,30 @@ pub enum ServeError {
     Activation(#[from] activation::ActivationError),
 }
 
+impl ServeConfig {
+    /// Checks what the types allow but the device does not.
+    pub fn validate(&self) -> Result<(), ServeError> {
+        if let Some(s) = self.serial.as_ref().filter(|s| s.len() > ID_LEN) {
+            return Err(ServeError::Serial(s.len()));
+        }
+        if self.num_queues == 0 || self.num_queues > 64 {
+            return Err(ServeError::NumQueues(self.num_queues));
+        }
+        if !self.queue_size.is_power_of_two() || self.queue_size < 4 || self.queue_size > 32768 {
+            return Err(ServeError::QueueSize(self.queue_size));
+        }
+        Ok(())
+    }
+}
+
+/// Where [`Server::open`] listens.
+enum Socket {
+    /// The listening socket a service manager passed.
+    Passed(activation::InheritedSocket),
+    /// A path to bind.
+    Bind(PathBuf),
+}
+
 /// An opened disk and a bound socket, ready to [`Server::run`].
 pub struct Server {
     cfg: ServeConfig,
@@ -134,9 +164,32 @@ pub struct Server {
 }
 
 impl Server {
+    /// Serves on the listening socket a service manager passed (socket activation), which
+    /// `cfg.socket` may then only name, else binds `cfg.socket`. Call it while the process has
+    /// one thread: taking a passed socket edits the environment.
+    pub fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
+        match activation::take()? {
+            Some(sock) => {
+                activation::check_socket_arg(cfg.socket.as_deref(), &sock.path)?;
+                tracing::info!(
+                    "serving on the socket passed by the service manager: {}{}",
+                    sock.path.display(),
+                    sock.name
+                        .as_deref()
+                        .map_or(String::new(), |n| format!(" (name {n})"))
+                );
+                Self::bind_inherited(cfg, sock)
+            }
+            None => Self::bind(cfg),
+        }
+    }
+
     /// Opens the disk and binds the socket `cfg.socket`.
     pub fn bind(cfg: ServeConfig) -> Result<Server, ServeError> {
-        Self::open(cfg, None)
+        let Some(path) = cfg.socket.clone() else {
+            return Err(ServeError::NoSocket);
+        };
+        Self::open(cfg, Socket::Bind(path))
     }
 
     /// Opens the disk and serves on a listening socket the service manager passed (socket
@@ -145,23 +198,12 @@ impl Server {
         mut cfg: ServeConfig,
         sock: activation::InheritedSocket,
     ) -> Result<Server, ServeError> {
-        cfg.socket = sock.path.clone();
-        Self::open(cfg, Some(sock))
+        cfg.socket = Some(sock.path.clone());
+        Self::open(cfg, Socket::Passed(sock))
     }
 
-    fn open(
-        cfg: ServeConfig,
-        inherited: Option<activation::InheritedSocket>,
-    ) -> Result<Server, ServeError> {
-        if let Some(s) = cfg.serial.as_ref().filter(|s| s.len() > ID_LEN) {
-            return Err(ServeError::Serial(s.len()));
-        }
-        if cfg.num_queues == 0 || cfg.num_queues > 64 {
-            return Err(ServeError::NumQueues(cfg.num_queues));
-        }
-        if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 || cfg.queue_size > 32768 {
-            return Err(ServeError::QueueSize(cfg.queue_size));
-        }
+    fn open(cfg: ServeConfig, socket: Socket) -> Result<Server, ServeError> {
+        cfg.validate()?;
         // Before any filter: installing a signal handler is not on the lists.
         sigbus::install().map_err(|source| ServeError::Setup {
             what: "SIGBUS handler",
@@ -207,9 +249,9 @@ impl Server {
             writeback: true,
         };
         let disk = Arc::new(disk);
-        let bound = match inherited {
-            Some(sock) => Ok(Listener::inherited(sock)),
-            None => Listener::bind(&cfg.socket, cfg.socket_mode),
+        let bound = match socket {
+            Socket::Passed(sock) => Ok(Listener::inherited(sock)),
+            Socket::Bind(path) => Listener::bind(&path, cfg.socket_mode),
         };
         let listener = match bound {
             Ok(l) => l,
@@ -297,6 +339,15 @@ impl Server {
 
     pub fn device(&self) -> &DeviceConfig {
         &self.device
+    }
+
+    pub fn config(&self) -> &ServeConfig {
+        &self.cfg
+    }
+
+    /// The listening socket's path.
+    pub fn socket(&self) -> &std::path::Path {
+        self.listener.path()
     }
 
     /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then

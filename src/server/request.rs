@@ -9,6 +9,7 @@
 //! are the 16-byte header followed by any out-data, the device-writable bytes are any in-data
 //! followed by the status byte.
 
+use crate::io::buf::{window, Piece};
 use crate::io::Segment;
 use smallvec::SmallVec;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -202,6 +203,20 @@ struct GSeg {
     len: u64,
 }
 
+impl Piece for GSeg {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn sub(&self, skip: u64, len: u64) -> Self {
+        // Wrapping: a bogus address just fails the guest memory lookup later.
+        GSeg {
+            addr: self.addr.wrapping_add(skip),
+            len,
+        }
+    }
+}
+
 type GSegs = SmallVec<[GSeg; 8]>;
 
 /// Parses and validates one descriptor chain.
@@ -390,30 +405,6 @@ fn parse_ranges<M: GuestMemoryBackend>(
         ranges.push(Range { offset, len, unmap });
     }
     Ok(ranges)
-}
-
-/// The pieces of `segs` covering stream bytes `[off, off + len)`.
-fn window(segs: &[GSeg], off: u64, len: u64) -> impl Iterator<Item = GSeg> + '_ {
-    let mut skip = off;
-    let mut want = len;
-    segs.iter().filter_map(move |s| {
-        if want == 0 {
-            return None;
-        }
-        if skip >= s.len {
-            skip -= s.len;
-            return None;
-        }
-        let take = (s.len - skip).min(want);
-        // Wrapping: a bogus address just fails the guest memory lookup later.
-        let piece = GSeg {
-            addr: s.addr.wrapping_add(skip),
-            len: take,
-        };
-        want -= take;
-        skip = 0;
-        Some(piece)
-    })
 }
 
 /// Copies stream bytes starting at `off` out of guest memory.

@@ -28,8 +28,8 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-/// `--seccomp`: what happens to a system call outside a thread's allow-list.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What happens to a system call outside a thread's allow-list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SeccompMode {
     /// Kill the process.
     #[default]
@@ -144,6 +144,9 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     if let Some(f) = Filters::compile(mode)? {
         let _ = FILTERS.set(f);
     }
+    // An NBD base's reader thread is started inside the engine's open: a hook set here
+    // rather than a server call from the io layer.
+    crate::io::nbd::on_reader_start(|| enter_or_abort(ThreadKind::NbdReader));
     Ok(())
 }
 

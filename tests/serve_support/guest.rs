@@ -14,6 +14,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -227,11 +228,9 @@ pub fn write_chain(mem: &GuestMemoryMmap<()>, desc: u64, head: u16, chain: &[D])
         if i + 1 < chain.len() {
             flags |= VRING_DESC_F_NEXT as u16;
         }
-        let d = desc + 16 * u64::from(idx);
-        mem.write_obj(addr, GuestAddress(d)).unwrap();
-        mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-        mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-        mem.write_obj(idx + 1, GuestAddress(d + 14)).unwrap();
+        let d = Descriptor::new(addr, len, flags, idx + 1);
+        let at = desc + size_of::<Descriptor>() as u64 * u64::from(idx);
+        mem.write_obj(d, GuestAddress(at)).unwrap();
     }
 }
 

@@ -155,3 +155,23 @@ impl Drop for ServerProc {
 
 /// See [`ServerProc::kill_after`]: dropping it cancels the kill.
 pub struct KillGuard(std::sync::mpsc::Sender<()>);
+
+/// Thread name -> seccomp filter counts of process `pid`'s threads (from /proc).
+pub fn thread_filters(pid: i32) -> std::collections::BTreeMap<String, Vec<u32>> {
+    let mut out = std::collections::BTreeMap::<String, Vec<u32>>::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let n = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        out.entry(comm.trim().to_string()).or_default().push(n);
+    }
+    out
+}

@@ -12,7 +12,6 @@
 //! client has pending (watching for EPOLLOUT only while something is), and removes the clients
 //! that left or were disconnected.
 
-pub mod args;
 pub mod commands;
 pub mod events;
 pub mod protocol;

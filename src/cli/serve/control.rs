@@ -1,6 +1,7 @@
 //! `fvd serve`'s control socket options (flattened into `ServeArgs`).
 
-use super::ControlConfig;
+use super::parse_mode;
+use crate::server::qmp::ControlConfig;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -21,13 +22,6 @@ impl ControlArgs {
             path: path.clone(),
             mode: self.control_mode,
         })
-    }
-}
-
-fn parse_mode(s: &str) -> Result<u32, String> {
-    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
-        Ok(m) if m <= 0o777 => Ok(m),
-        _ => Err(format!("{s:?} is not an octal permission mode (e.g. 0600)")),
     }
 }
 
