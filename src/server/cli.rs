@@ -113,6 +113,8 @@ pub struct ServeArgs {
         value_name = "auto|punch|write"
     )]
     pub zero_ranges: crate::engine::storage::ZeroRanges,
+    #[command(flatten)]
+    pub metrics: super::metrics::MetricsArgs,
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
@@ -184,6 +186,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         },
         seccomp: a.seccomp,
         zero_ranges: a.zero_ranges,
+        metrics: a.metrics.config(),
         copy_on_read: a.copy_on_read.map(|v| v == crate::cli::OnOff::On),
         grow: match a.grow_cmd {
             None => None,
@@ -213,9 +216,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let d = server.device();
     let mut out = std::io::stdout().lock();
     // Write errors (a closed stdout) must not stop the server.
+    let metrics = server.metrics_addr().map_or(String::new(), |m| {
+        format!("fvd: metrics at {m} (GET /metrics)\n")
+    });
     let _ = write!(
         out,
-        "fvd: serving {} ({} bytes{}) on {}\n{}",
+        "fvd: serving {} ({} bytes{}) on {}\n{metrics}{}",
         cfg.image.display(),
         d.capacity,
         if d.read_only { ", read-only" } else { "" },

@@ -16,11 +16,14 @@ pub mod background;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod handle;
 pub mod inflight;
 pub mod listener;
+pub mod metrics;
 pub mod request;
 pub mod seccomp;
 pub mod sigbus;
+pub mod stats;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
@@ -69,6 +72,8 @@ pub struct ServeConfig {
     pub seccomp: seccomp::SeccompMode,
     /// How first writes zero the rest of their block.
     pub zero_ranges: engine::storage::ZeroRanges,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<metrics::MetricsAddr>,
 }
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
@@ -112,6 +117,8 @@ pub enum ServeError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Activation(#[from] activation::ActivationError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// An opened disk and a bound socket, ready to [`Server::run`].
@@ -123,6 +130,9 @@ pub struct Server {
     serial: [u8; ID_LEN],
     listener: Listener,
     stop: Stop,
+    stats: Arc<stats::Stats>,
+    /// The metrics endpoint, bound at open so that a bad address fails the start.
+    metrics: Option<metrics::Bound>,
 }
 
 impl Server {
@@ -212,6 +222,14 @@ impl Server {
                 return Err(e.into());
             }
         };
+        let metrics = match cfg.metrics.as_ref().map(metrics::bind).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = control.block_on(disk.close(control.io()));
+                listener.remove();
+                return Err(e.into());
+            }
+        };
         // Signals are handled from here on, before anyone is told the server is ready.
         let counters = {
             let disk = disk.clone();
@@ -228,6 +246,7 @@ impl Server {
                 });
             }
         };
+        let stats = Arc::new(stats::Stats::new(cfg.num_queues));
         Ok(Server {
             cfg,
             disk,
@@ -236,18 +255,48 @@ impl Server {
             serial,
             listener,
             stop,
+            stats,
+            metrics,
         })
+    }
+
+    /// What the control plane needs of this server.
+    pub fn handle(&self) -> handle::ServerHandle {
+        handle::ServerHandle {
+            disk: self.disk.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     pub fn device(&self) -> &DeviceConfig {
         &self.device
     }
 
+    /// Where the metrics endpoint listens (a TCP port 0 resolved), if there is one.
+    pub fn metrics_addr(&self) -> Option<metrics::MetricsAddr> {
+        self.metrics.as_ref().map(metrics::Bound::local_addr)
+    }
+
     /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then
     /// closes the disk and removes the socket.
-    pub fn run(self) -> Result<(), ServeError> {
+    pub fn run(mut self) -> Result<(), ServeError> {
         let bg_stop = Arc::new(background::StopFlag::default());
         let workers = self.start_background(&bg_stop);
+        // Before the main thread's filter, like the other threads it starts unfiltered.
+        let metrics = match self.metrics.take().map(|m| m.start(self.handle())) {
+            Some(Err(e)) => {
+                self.stop.uninstall();
+                bg_stop.stop();
+                for w in workers {
+                    let _ = w.join();
+                }
+                let _ = self.control.block_on(self.disk.close(self.control.io()));
+                self.listener.remove();
+                return Err(e.into());
+            }
+            Some(Ok(m)) => Some(m),
+            None => None,
+        };
         // After the grower started (it stays unfiltered, see `seccomp`).
         let served = seccomp::enter(seccomp::ThreadKind::Main)
             .map_err(ServeError::from)
@@ -260,6 +309,9 @@ impl Server {
         bg_stop.stop();
         for w in workers {
             let _ = w.join();
+        }
+        if let Some(m) = metrics {
+            m.stop();
         }
         let closed = self.control.block_on(self.disk.close(self.control.io()));
         self.listener.remove();
@@ -345,6 +397,7 @@ impl Server {
                 conn: parking_lot::Mutex::new(None),
                 stopping: AtomicBool::new(false),
                 log: Default::default(),
+                stats: self.stats.clone(),
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())

@@ -55,15 +55,18 @@ pub enum ThreadKind {
     Prefetch,
     /// Receives the replies of an NBD base image's server.
     NbdReader,
+    /// Serves the metrics endpoint (`--metrics`): accepts scrapers and answers them.
+    Metrics,
 }
 
-const KINDS: [ThreadKind; 6] = [
+const KINDS: [ThreadKind; 7] = [
     ThreadKind::Main,
     ThreadKind::Signals,
     ThreadKind::Connection,
     ThreadKind::Queue,
     ThreadKind::Prefetch,
     ThreadKind::NbdReader,
+    ThreadKind::Metrics,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -477,6 +480,24 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_getpeername,
                 ],
             );
+        }
+        ThreadKind::Metrics => {
+            // Its epoll, listener, timer and sockets are set up before the filter: it only
+            // waits, accepts, reads requests and their timer, and writes answers (`common`).
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_epoll_pwait,
+                    #[cfg(target_arch = "x86_64")]
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_accept4,
+                    libc::SYS_read,
+                    libc::SYS_recvfrom,
+                ],
+            );
+            // Making accepted sockets non-blocking.
+            allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO]);
         }
     }
     r
