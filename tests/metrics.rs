@@ -324,3 +324,64 @@ fn non_loopback_addresses_are_refused() {
         assert!(err.contains("not a loopback address"), "{addr}: {err}");
     }
 }
+
+/// Copy-on-read of a base image: the engine's copy counter and what remains in the base move
+/// by exactly the blocks the guest read (64 KiB blocks, the default).
+#[test]
+fn copy_on_read_and_base_remaining_follow_guest_reads() {
+    let d = dir();
+    let base = d.path().join("base.raw");
+    std::fs::write(&base, vec![5u8; 4 << 20]).unwrap();
+    let image = d.path().join("o.fvd");
+    let o = fvd()
+        .arg("create")
+        .arg(&image)
+        .args(["-b", "base.raw", "-F", "raw"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sock = d.path().join("vhost.sock");
+    let msock = d.path().join("metrics.sock");
+    let srv = ServerProc::start(
+        &image,
+        &sock,
+        &[
+            "--num-queues",
+            "1",
+            "--copy-on-read",
+            "on",
+            "--no-prefetch",
+            "--metrics",
+            msock.to_str().unwrap(),
+        ],
+    );
+    let _guard = srv.kill_after(Duration::from_secs(120));
+    let addr = Addr::Unix(&msock);
+    let before = scrape(&addr);
+    assert_eq!(get(&before, "fvd_base_remaining_bytes"), (4 << 20) as f64);
+    assert_eq!(get(&before, "fvd_copy_on_read_bytes_total"), 0.0);
+    let mut c = connect(&sock, 1, false).unwrap();
+    // Two whole blocks and 4 KiB of a third: three blocks copied after the reads complete.
+    assert!(c.read(0, 0, 128 << 10).iter().all(|&b| b == 5));
+    assert!(c.read(0, 1 << 20, 4096).iter().all(|&b| b == 5));
+    let mut after = scrape(&addr);
+    // The copies run after the guest has its data: wait for them, boundedly.
+    for _ in 0..200 {
+        if get(&after, "fvd_copy_on_read_bytes_total") >= (3 * 65536) as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+        after = scrape(&addr);
+    }
+    assert_eq!(
+        get(&after, "fvd_copy_on_read_bytes_total"),
+        (3 * 65536) as f64
+    );
+    assert_eq!(
+        get(&after, "fvd_base_remaining_bytes"),
+        ((4 << 20) - 3 * 65536) as f64
+    );
+    assert_eq!(get(&after, "fvd_prefetch_bytes_total"), 0.0);
+    drop(c);
+    assert!(srv.terminate().success());
+}

@@ -422,11 +422,12 @@ impl EngineStats {
             ..Default::default()
         };
         if let Disk::Fvd(img) = disk {
-            if img.base().is_some() {
+            if let Some(base) = img.base() {
                 let bs = img.geometry().block_size;
                 let left = img.base_blocks_remaining().saturating_mul(bs);
-                // The last block may extend past the base's end: count only what it holds.
-                e.base_remaining_bytes = Some(left.min(img.virtual_size()));
+                // Counted in whole blocks, but the last one may extend past the base's end.
+                let readable = base.size().min(img.virtual_size());
+                e.base_remaining_bytes = Some(left.min(readable));
             }
             e.free_bytes = img.free_bytes();
         }
