@@ -311,6 +311,9 @@ pub struct MetricsEndpoint {
     conns: HashMap<u32, Conn>,
     next_token: u32,
     registry: Registry,
+    /// The listener is out of the epoll after an accept error (out of descriptors: it would
+    /// stay readable and spin the thread); the next sweep puts it back.
+    listener_paused: bool,
 }
 
 impl MetricsEndpoint {
@@ -325,6 +328,7 @@ impl MetricsEndpoint {
             conns: HashMap::new(),
             next_token: FIRST_CONN_TOKEN,
             registry,
+            listener_paused: false,
         })
     }
 
@@ -345,9 +349,11 @@ impl MetricsEndpoint {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // Out of descriptors or the like: let the next readiness retry.
+                // Out of descriptors or the like: retry at the next sweep.
                 Err(e) => {
                     tracing::debug!("metrics: accept failed: {e}");
+                    let l = Events::empty_raw(self.listener_fd());
+                    self.listener_paused = ops.remove(l).is_ok();
                     return;
                 }
             };
@@ -450,6 +456,10 @@ impl MetricsEndpoint {
             .collect();
         for t in late {
             self.close(t, ops);
+        }
+        if self.listener_paused {
+            let l = Events::with_data_raw(self.listener_fd(), TOKEN_LISTENER, EventSet::IN);
+            self.listener_paused = ops.add(l).is_err();
         }
     }
 }
