@@ -385,3 +385,79 @@ fn copy_on_read_and_base_remaining_follow_guest_reads() {
     drop(c);
     assert!(srv.terminate().success());
 }
+
+/// A loop device, detached on drop.
+struct Loop(std::path::PathBuf);
+
+impl Loop {
+    fn attach(file: &Path) -> Option<Loop> {
+        let o = std::process::Command::new("losetup")
+            .args(["--direct-io=on", "-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            eprintln!(
+                "SKIP: losetup failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return None;
+        }
+        Some(Loop(String::from_utf8(o.stdout).ok()?.trim().into()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A thin image on a block device: the free space falls by one chunk (1 MiB) per chunk the
+/// guest's first writes allocate.
+#[test]
+fn storage_free_bytes_of_a_thin_image_on_a_block_device() {
+    let d = dir();
+    let backing = d.path().join("lv.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        return;
+    };
+    let o = fvd()
+        .arg("create")
+        .arg(&dev.0)
+        .args(["--size", "256M"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sock = d.path().join("vhost.sock");
+    let msock = d.path().join("metrics.sock");
+    let srv = ServerProc::start(
+        &dev.0,
+        &sock,
+        &["--num-queues", "1", "--metrics", msock.to_str().unwrap()],
+    );
+    let _guard = srv.kill_after(Duration::from_secs(120));
+    let addr = Addr::Unix(&msock);
+    let before = scrape(&addr);
+    let free = get(&before, "fvd_storage_free_bytes");
+    assert!(free > 0.0 && free < (64 << 20) as f64, "{free}");
+    let mut c = connect(&sock, 1, false).unwrap();
+    c.buf(0, 4096).fill(1);
+    assert_eq!(c.run(0, Req::Write, 0, 0, 4096), 0);
+    assert_eq!(c.run(0, Req::Write, 100 << 20, 0, 4096), 0);
+    let after = scrape(&addr);
+    assert_eq!(delta(&before, &after, "fvd_chunks_allocated_total"), 2.0);
+    assert_eq!(
+        free - get(&after, "fvd_storage_free_bytes"),
+        (2 << 20) as f64
+    );
+    drop(c);
+    assert!(srv.terminate().success());
+}
