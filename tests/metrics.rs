@@ -241,6 +241,7 @@ fn unix_socket_endpoint_counts_requests_under_seccomp() {
 
     // A scraper that sends nothing holds only its own connection.
     let idle = UnixStream::connect(&msock).unwrap();
+    let idle_since = std::time::Instant::now();
     counts_exactly(&srv, &addr);
     assert_eq!(filters_of(srv.pid(), "fvd-metrics"), Some(2));
 
@@ -278,7 +279,17 @@ fn unix_socket_endpoint_counts_requests_under_seccomp() {
     );
     assert_eq!(st, "HTTP/1.1 200 OK");
     assert!(body.ends_with("# EOF\n"));
-    drop(idle);
+    // The idle scraper is cut off once its 10 s are up (the server's CONN_TIMEOUT).
+    let mut idle = idle;
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        idle.read(&mut buf).unwrap(),
+        0,
+        "the idle connection was not closed"
+    );
+    assert!(idle_since.elapsed() >= Duration::from_secs(9));
 
     assert!(srv.alive(), "the server died (its seccomp filter?)");
     let st = srv.terminate();

@@ -25,3 +25,13 @@ impl ServerHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Control-plane threads clone and share it.
+    #[test]
+    fn the_handle_is_clone_send_and_sync() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<super::ServerHandle>();
+    }
+}
