@@ -22,7 +22,7 @@ repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
 all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill wb-kill crash readonly base fio-nocompact
-    qmp restart-load restart-fs)
+    qmp metrics restart-load restart-fs)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -130,6 +130,7 @@ start_server() {
     if [ "$backend" = fvd ]; then
         local extra=(--num-queues "$queues" --serial "fvd-$name" "${serve_extra[@]}")
         [ "$ro" = readonly ] && extra+=(--readonly)
+        extra+=("${serve_extra[@]}")
         "$FVD_BIN" serve "$img" --socket "$sock" "${extra[@]}" >>"$log" 2>&1 &
     else
         local fmt=raw file_ro="" writable=on
@@ -235,6 +236,9 @@ wc_mode() { if [ "$backend" = fvd ]; then echo back; else echo through; fi; }
 # The I/O sizes fvd announces for an image with the default 64 KiB blocks (README.md, "What the
 # guest sees"); qemu-storage-daemon announces its own, not checked.
 topology() { if [ "$backend" = fvd ]; then echo minio=4096 optio=65536; fi; }
+
+# More `fvd serve` options for the next start_server (fvd backend only).
+serve_extra=()
 
 # --- cases: each returns non-zero on failure. They run in this shell (servers outlive a case and
 # the trap must see them), so every step checks its own status: `set -e` is off inside `if`. ---
@@ -412,6 +416,45 @@ case_fio_nocompact() {
 # fvd@.socket would pass it. Passes when the guest test passes, the guest never stalls for 60 s,
 # every planned restart happened and every SIGTERM exited 0, and the image checks clean after
 # the final SIGTERM.
+# metrics: fio in a guest on two queues, then the metrics endpoint (a unix socket) must show
+# the guest's writes and their verify reads on both queues, every completed request in its
+# latency histogram, no error, nothing in flight, and pass promtool.
+case_metrics() {
+    if [ "$backend" != fvd ]; then
+        say "metrics: fvd only, nothing to do for $backend"
+        return 0
+    fi
+    local img msock=$sockets/metrics.prom scrape=$logs/metrics-scrape.txt
+    img=$(create_image metrics 1G) || return 1
+    serve_extra=(--metrics "$msock")
+    start_server metrics "$img" 2 || { serve_extra=(); return 1; }
+    serve_extra=()
+    vm fio-verify metrics 2 size_mb=32 jobs=2 || return 1
+    curl -sf --unix-socket "$msock" http://fvd/metrics >"$scrape" ||
+        { say "metrics: the scrape failed"; return 1; }
+    # Sums over queues (and kinds where none is given) of a metric's samples matching RE.
+    sum() { awk -v m="$1" -v re="$2" '$1 ~ "^" m "[{]" && $1 ~ re { s += $2 } END { printf "%d", s }' "$scrape"; }
+    local w r wb q0 q1 hist reqs errs inflight
+    w=$(sum fvd_requests_total 'op="write"')
+    wb=$(sum fvd_request_bytes_total 'op="write"')
+    r=$(sum fvd_requests_total 'op="read"')
+    q0=$(sum fvd_requests_total 'queue="0",op="write"')
+    q1=$(sum fvd_requests_total 'queue="1",op="write"')
+    reqs=$(sum fvd_requests_total '')
+    errs=$(sum fvd_request_errors_total '')
+    hist=$(sum fvd_request_duration_seconds_count '')
+    inflight=$(sum fvd_requests_in_flight '')
+    say "metrics: $w writes ($wb bytes: q0 $q0, q1 $q1 requests), $r reads, $reqs requests, $errs errors, histogram count $hist, in flight $inflight"
+    # Two jobs of 32 MiB of writes, each read back by fio's verify pass.
+    [ "$wb" -ge $((64 << 20)) ] && [ "$q0" -gt 0 ] && [ "$q1" -gt 0 ] && [ "$r" -gt 0 ] &&
+        [ "$errs" = 0 ] && [ "$hist" = "$reqs" ] && [ "$inflight" = 0 ] ||
+        { say "metrics: unexpected figures (scrape in $scrape)"; return 1; }
+    if command -v promtool >/dev/null; then
+        promtool check metrics <"$scrape" || { say "metrics: promtool check failed"; return 1; }
+    fi
+    stop_server metrics
+}
+
 restart_case() {
     local test=$1 kills=$2 terms=$3 delay=$4 timeout=$5
     shift 5

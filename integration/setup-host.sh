@@ -48,3 +48,5 @@ apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
 # systemd: systemd-socket-activate, which passes the socket in the restart cases.
 apt-get install -y -qq fio linux-perf busybox-static e2fsprogs cpio zstd kmod systemd lintian >/dev/null
+# prometheus: promtool, which checks the metrics endpoint's output (tests/metrics.rs).
+apt-get install -y -qq --no-install-recommends prometheus curl >/dev/null

@@ -129,6 +129,9 @@ fn copy_on_read_copies_after_the_read_and_prefetch_streams_everything() {
     );
     block_on(img.run_deferred(&SyncIo));
     assert_eq!(img.present_blocks(), 2);
+    // The statistics count what each path copied.
+    assert_eq!(img.counters().snapshot().cor_bytes, 2 * BS);
+    assert_eq!(img.counters().snapshot().prefetch_bytes, 0);
     // Prove the data now comes from the image: change the base behind its back.
     std::fs::write(d.path().join("base.raw"), vec![0xEEu8; size as usize]).unwrap();
     assert_eq!(
@@ -151,6 +154,13 @@ fn copy_on_read_copies_after_the_read_and_prefetch_streams_everything() {
         assert!(steps < 100);
     }
     assert_eq!(img.base_blocks_remaining(), 0);
+    let c = img.counters().snapshot();
+    assert_eq!(
+        c.prefetch_bytes,
+        size - 2 * BS,
+        "all but the two blocks read before"
+    );
+    assert_eq!(c.cor_bytes, 0);
     assert!(block_on(img.mark_base_not_needed(&SyncIo)).unwrap());
     assert_ne!(
         img.header().flags & fvd::format::header::FLAG_BASE_NOT_NEEDED,

@@ -90,6 +90,7 @@ fn server() -> &'static Srv {
             seccomp: fvd::server::seccomp::SeccompMode::Off,
             zero_ranges: Default::default(),
             control: None,
+            metrics: None,
         })
         .expect("bind the server");
         let thread = std::thread::spawn(move || srv.run());

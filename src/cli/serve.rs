@@ -3,6 +3,7 @@
 //! `ServeConfig::try_from`.
 
 mod control;
+mod metrics;
 
 use super::{size_arg, ImageFormat, OnOff};
 use crate::engine::prefetch::PrefetchConfig;
@@ -126,6 +127,8 @@ pub struct ServeArgs {
     pub zero_ranges: ZeroRangesArg,
     #[command(flatten)]
     pub control: control::ControlArgs,
+    #[command(flatten)]
+    pub metrics: metrics::MetricsArgs,
 }
 
 /// `--seccomp`: what happens to a system call outside a thread's allow-list.
@@ -242,6 +245,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             seccomp: a.seccomp.into(),
             zero_ranges: a.zero_ranges.into(),
             control: a.control.config(),
+            metrics: a.metrics.metrics,
             copy_on_read: a.copy_on_read.map(|v| v == OnOff::On),
             grow: match a.grow_cmd {
                 None => None,
@@ -266,9 +270,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let (cfg, d) = (server.config(), server.device());
     let mut out = std::io::stdout().lock();
     // Write errors (a closed stdout) must not stop the server.
+    let metrics = server.metrics_addr().map_or(String::new(), |m| {
+        format!("fvd: metrics at {m} (GET /metrics)\n")
+    });
     let _ = write!(
         out,
-        "fvd: serving {} ({} bytes{}) on {}\n{}",
+        "fvd: serving {} ({} bytes{}) on {}\n{metrics}{}",
         cfg.image.display(),
         d.capacity,
         if d.read_only { ", read-only" } else { "" },

@@ -27,6 +27,10 @@ pub struct Counters {
     pub journal_unordered: AtomicU64,
     /// Intent writes: records journaled (not flushed) before a write or discard completed.
     pub journal_intents: AtomicU64,
+    /// Bytes copied from the base into the image by copy-on-read.
+    pub cor_bytes: AtomicU64,
+    /// Bytes copied from the base into the image by prefetching.
+    pub prefetch_bytes: AtomicU64,
 }
 
 /// A plain copy of [`Counters`] for printing.
@@ -50,6 +54,8 @@ pub struct CounterSnapshot {
     pub zeroing_skipped: u64,
     pub journal_unordered: u64,
     pub journal_intents: u64,
+    pub cor_bytes: u64,
+    pub prefetch_bytes: u64,
 }
 
 impl Counters {
@@ -79,6 +85,8 @@ impl Counters {
             zeroing_skipped: self.zeroing_skipped.load(Relaxed),
             journal_unordered: self.journal_unordered.load(Relaxed),
             journal_intents: self.journal_intents.load(Relaxed),
+            cor_bytes: self.cor_bytes.load(Relaxed),
+            prefetch_bytes: self.prefetch_bytes.load(Relaxed),
         }
     }
 }

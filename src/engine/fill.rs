@@ -2,6 +2,7 @@
 //! b from the base", done under the block's fill lock so a guest write to the block waits for
 //! the copy and is never overwritten by it.
 
+use super::counters::Counters;
 use super::error::Result;
 use super::image::Image;
 use crate::format::header::{COMPAT_COPY_ON_READ, FLAG_BASE_NOT_NEEDED};
@@ -78,6 +79,9 @@ impl<I: Io> Image<I> {
                 return;
             };
             let r = self.fill_block(io, job.block, job.data).await;
+            if matches!(r, Ok(true)) {
+                Counters::add(&self.counters.cor_bytes, self.geo.block_size);
+            }
             self.cor_inflight
                 .fetch_sub(self.geo.block_size, Ordering::AcqRel);
             if let Err(e) = r {
@@ -162,6 +166,7 @@ impl<I: Io> Image<I> {
             if !self.live.present(BlockIndex(b)) && self.fill_block(io, b, None).await? {
                 step.copied += 1;
                 step.bytes += self.geo.block_size;
+                Counters::add(&self.counters.prefetch_bytes, self.geo.block_size);
             }
             scanned += 1;
             b = (b + 1) % n;

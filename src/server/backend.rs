@@ -48,9 +48,11 @@ impl BlkBackend {
         // Room for a full queue of requests plus the engine's own metadata I/O.
         let entries = (u32::from(config.queue_size) * 2).next_power_of_two();
         let workers = (0..config.num_queues)
-            .map(|_| {
+            .map(|q| {
+                // A server's statistics have a part for each queue it offers.
+                let stats = ctx.stats.queue(usize::from(q)).unwrap_or_default();
                 Ok(Slot {
-                    worker: Mutex::new(Worker::new(entries)?),
+                    worker: Mutex::new(Worker::new(entries, stats)?),
                     idle: Condvar::new(),
                 })
             })

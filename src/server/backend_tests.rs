@@ -79,6 +79,7 @@ impl Rig {
             stopping: AtomicBool::new(false),
             log: Default::default(),
             events: Arc::new(crate::server::qmp::events::EventSink::new().unwrap()),
+            stats: Arc::new(crate::server::stats::Stats::new(1)),
         });
         let backend = BlkBackend::new(ctx, device, control).unwrap();
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();

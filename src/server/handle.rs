@@ -6,6 +6,7 @@ use super::config::DeviceConfig;
 use super::control::Control;
 use super::listener::StopRequester;
 use super::qmp::events::EventSink;
+use super::stats::{EngineStats, Stats, StatsSnapshot};
 use crate::engine::Disk;
 use crate::io::uring::UringIo;
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ pub struct ServerHandle {
     pub info: Arc<DiskInfo>,
     /// A frontend is connected.
     pub frontend: Arc<AtomicBool>,
+    /// Per-queue request statistics, kept across connections.
+    pub stats: Arc<Stats>,
 }
 
 /// What the server serves, fixed at start.
@@ -36,4 +39,27 @@ pub struct DiskInfo {
     pub device: DeviceConfig,
     /// The base image as the header names it (FVD images with a base).
     pub base: Option<String>,
+}
+
+impl ServerHandle {
+    /// Requests per queue and for the whole disk since the server started (across
+    /// connections), and the engine's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let (device, queues) = self.stats.requests();
+        StatsSnapshot {
+            device,
+            queues,
+            engine: EngineStats::of(&self.disk),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Control-plane threads clone and share it.
+    #[test]
+    fn the_handle_is_clone_send_and_sync() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<super::ServerHandle>();
+    }
 }

@@ -18,10 +18,12 @@ pub mod control;
 pub mod handle;
 pub mod inflight;
 pub mod listener;
+pub mod metrics;
 pub mod qmp;
 pub mod request;
 pub mod seccomp;
 pub mod sigbus;
+pub mod stats;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
@@ -74,6 +76,8 @@ pub struct ServeConfig {
     pub zero_ranges: engine::storage::ZeroRanges,
     /// The QMP control socket, if any.
     pub control: Option<qmp::ControlConfig>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<metrics::MetricsAddr>,
 }
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
@@ -124,6 +128,8 @@ pub enum ServeError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Activation(#[from] activation::ActivationError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 impl ServeConfig {
@@ -161,6 +167,8 @@ pub struct Server {
     stop: Stop,
     handle: handle::ServerHandle,
     control_socket: Option<qmp::ControlSocket>,
+    /// The metrics endpoint, bound at open so that a bad address fails the start.
+    metrics: Option<metrics::Bound>,
 }
 
 impl Server {
@@ -271,6 +279,17 @@ impl Server {
                 return Err(ServeError::ControlSocket(e));
             }
         };
+        let metrics = match cfg.metrics.as_ref().map(metrics::bind).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = control.block_on(disk.close(control.io()));
+                listener.remove();
+                if let Some(c) = control_socket {
+                    c.remove();
+                }
+                return Err(e.into());
+            }
+        };
         let events = match qmp::events::EventSink::new() {
             Ok(e) => Arc::new(e),
             Err(source) => {
@@ -323,6 +342,7 @@ impl Server {
                 },
             }),
             frontend: Default::default(),
+            stats: Arc::new(stats::Stats::new(cfg.num_queues)),
         };
         Ok(Server {
             cfg,
@@ -334,7 +354,13 @@ impl Server {
             stop,
             handle,
             control_socket,
+            metrics,
         })
+    }
+
+    /// What the control plane needs of this server.
+    pub fn handle(&self) -> handle::ServerHandle {
+        self.handle.clone()
     }
 
     pub fn device(&self) -> &DeviceConfig {
@@ -350,18 +376,43 @@ impl Server {
         self.listener.path()
     }
 
+    /// Where the metrics endpoint listens (a TCP port 0 resolved), if there is one.
+    pub fn metrics_addr(&self) -> Option<metrics::MetricsAddr> {
+        self.metrics.as_ref().map(metrics::Bound::local_addr)
+    }
+
     /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then
     /// closes the disk and removes the socket.
     pub fn run(mut self) -> Result<(), ServeError> {
         let bg_stop = Arc::new(background::StopFlag::default());
         let workers = self.start_background(&bg_stop);
-        // Before the main thread's filter, which its own replaces (filters stack on threads
+        // Before the main thread's filter, which their own replace (filters stack on threads
         // started later).
+        let metrics = match self.metrics.take().map(|m| m.start(self.handle())) {
+            Some(Err(e)) => {
+                self.stop.uninstall();
+                bg_stop.stop();
+                for w in workers {
+                    let _ = w.join();
+                }
+                let _ = self.control.block_on(self.disk.close(self.control.io()));
+                self.listener.remove();
+                if let Some(c) = self.control_socket.take() {
+                    c.remove();
+                }
+                return Err(e.into());
+            }
+            Some(Ok(m)) => Some(m),
+            None => None,
+        };
         let qmp = match self.control_socket.take() {
             None => None,
             Some(c) => match c.start(self.handle.clone()) {
                 Ok(t) => Some(t),
                 Err(source) => {
+                    if let Some(m) = metrics {
+                        m.stop();
+                    }
                     bg_stop.stop();
                     for w in workers {
                         let _ = w.join();
@@ -401,6 +452,9 @@ impl Server {
         bg_stop.stop();
         for w in workers {
             let _ = w.join();
+        }
+        if let Some(m) = metrics {
+            m.stop();
         }
         let closed = self.control.block_on(self.disk.close(self.control.io()));
         self.listener.remove();
@@ -490,6 +544,7 @@ impl Server {
                 stopping: AtomicBool::new(false),
                 log: Default::default(),
                 events: self.handle.events.clone(),
+                stats: self.handle.stats.clone(),
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())

@@ -131,7 +131,25 @@ pub enum Bad {
     BadDiscard,
 }
 
-const BAD_KINDS: usize = Bad::BadDiscard as usize + 1;
+pub const BAD_KINDS: usize = Bad::BadDiscard as usize + 1;
+
+/// Every kind, in discriminant order.
+const ALL_BAD: [Bad; BAD_KINDS] = [
+    Bad::NoStatus,
+    Bad::StatusOutsideMemory,
+    Bad::Misordered,
+    Bad::ShortHeader,
+    Bad::OutsideMemory,
+    Bad::WrongDirection,
+    Bad::PastEnd,
+    Bad::BadLength,
+    Bad::TooManySegments,
+    Bad::SegmentTooLarge,
+    Bad::ReadOnly,
+    Bad::Unsupported,
+    Bad::DiscardFlags,
+    Bad::BadDiscard,
+];
 
 /// Which kinds of bad request were logged already (per connection: see `worker::ConnLog`).
 pub struct BadLog([AtomicBool; BAD_KINDS]);
@@ -148,6 +166,31 @@ impl Bad {
         match self {
             Bad::Unsupported | Bad::DiscardFlags => STATUS_UNSUPP,
             _ => STATUS_IOERR,
+        }
+    }
+
+    /// The kind whose discriminant is `i`.
+    pub fn from_index(i: usize) -> Option<Bad> {
+        ALL_BAD.get(i).copied()
+    }
+
+    /// A short name for statistics (the `reason` label of the metrics).
+    pub fn name(self) -> &'static str {
+        match self {
+            Bad::NoStatus => "no_status",
+            Bad::StatusOutsideMemory => "status_outside_memory",
+            Bad::Misordered => "misordered",
+            Bad::ShortHeader => "short_header",
+            Bad::OutsideMemory => "outside_memory",
+            Bad::WrongDirection => "wrong_direction",
+            Bad::PastEnd => "past_end",
+            Bad::BadLength => "bad_length",
+            Bad::TooManySegments => "too_many_segments",
+            Bad::SegmentTooLarge => "segment_too_large",
+            Bad::ReadOnly => "read_only",
+            Bad::Unsupported => "unsupported",
+            Bad::DiscardFlags => "discard_flags",
+            Bad::BadDiscard => "bad_discard",
         }
     }
 

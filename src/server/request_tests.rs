@@ -462,3 +462,14 @@ fn bad_requests_are_logged_once_per_kind_and_connection() {
     assert!(Bad::BadLength.log_once(&first, &"head 2"));
     assert!(Bad::PastEnd.log_once(&second, &"head 0"));
 }
+
+#[test]
+fn every_bad_kind_maps_back_from_its_index_with_a_distinct_name() {
+    let mut names = std::collections::BTreeSet::new();
+    for i in 0..BAD_KINDS {
+        let b = Bad::from_index(i).unwrap();
+        assert_eq!(b as usize, i);
+        assert!(names.insert(b.name()), "{} twice", b.name());
+    }
+    assert_eq!(Bad::from_index(BAD_KINDS), None);
+}

@@ -57,9 +57,11 @@ pub enum ThreadKind {
     NbdReader,
     /// Serves the QMP control socket's clients (`--control`).
     Qmp,
+    /// Serves the metrics endpoint (`--metrics`): accepts scrapers and answers them.
+    Metrics,
 }
 
-const KINDS: [ThreadKind; 7] = [
+const KINDS: [ThreadKind; 8] = [
     ThreadKind::Main,
     ThreadKind::Signals,
     ThreadKind::Connection,
@@ -67,6 +69,7 @@ const KINDS: [ThreadKind; 7] = [
     ThreadKind::Prefetch,
     ThreadKind::NbdReader,
     ThreadKind::Qmp,
+    ThreadKind::Metrics,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -510,6 +513,24 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_getpeername,
                 ],
             );
+        }
+        ThreadKind::Metrics => {
+            // Its epoll, listener, timer and sockets are set up before the filter: it only
+            // waits, accepts, reads requests and their timer, and writes answers (`common`).
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_epoll_pwait,
+                    #[cfg(target_arch = "x86_64")]
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_accept4,
+                    libc::SYS_read,
+                    libc::SYS_recvfrom,
+                ],
+            );
+            // Making accepted sockets non-blocking.
+            allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO]);
         }
     }
     r

@@ -10,6 +10,7 @@
 use super::inflight::Tracker;
 use super::request::{self, Op, Request, Segs, ID_LEN, STATUS_IOERR, STATUS_OK};
 use super::sigbus;
+use super::stats::{OpKind, Outcome, QueueStats, Stats};
 use crate::engine::Disk;
 use crate::io::executor::Executor;
 use crate::io::uring::UringIo;
@@ -19,6 +20,7 @@ use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -50,6 +52,8 @@ pub struct Ctx {
     pub log: ConnLog,
     /// Where a failed request raises `BLOCK_IO_ERROR` (the control socket).
     pub events: Arc<super::qmp::events::EventSink>,
+    /// The server's statistics (they outlive the connection): queue `i`'s worker writes part `i`.
+    pub stats: Arc<Stats>,
 }
 
 /// Problems a guest causes are logged the first time per connection, then only at trace level:
@@ -83,8 +87,25 @@ impl Ctx {
     }
 }
 
-/// A request that left the device: (descriptor head, bytes written into the chain).
-type Done = (u16, u32);
+/// A request that left the device.
+struct Done {
+    head: u16,
+    /// Bytes written into the chain.
+    len: u32,
+    end: End,
+}
+
+/// What the statistics record of a request that left the device.
+enum End {
+    /// A task finished; its latency ends when it reaches the used ring.
+    Task {
+        op: OpKind,
+        bytes: u64,
+        ok: bool,
+        taken: Instant,
+    },
+    Other(Outcome),
+}
 
 thread_local! {
     /// The worker whose event loop this thread is running, if any (see `Worker::new`).
@@ -104,10 +125,12 @@ pub struct Worker {
     pub started: bool,
     /// Look at the ring at the next wake-up even without a kick (set when the queue starts).
     pub poll_ring: bool,
+    /// This queue's statistics; written only under the worker's mutex, so by one thread at a time.
+    stats: Arc<QueueStats>,
 }
 
 impl Worker {
-    pub fn new(entries: u32) -> std::io::Result<Worker> {
+    pub fn new(entries: u32, stats: Arc<QueueStats>) -> std::io::Result<Worker> {
         let io = Arc::new(UringIo::new(entries)?);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let kick = io.clone();
@@ -126,6 +149,7 @@ impl Worker {
             tracker: None,
             started: false,
             poll_ring: false,
+            stats,
         })
     }
 
@@ -157,19 +181,22 @@ impl Worker {
             (GuestAddress(q.desc_table()), q.size())
         };
         let mem = memory.memory().into_inner();
+        let now = Instant::now();
         for head in heads {
             let chain = request::chain_at(&*mem, table, size, head);
-            self.take(head, chain, &mem, ctx);
+            self.take(head, chain, &mem, ctx, now);
         }
     }
 
-    /// Marks one chain in flight and turns it into a task (or a rejection).
+    /// Marks one chain in flight and turns it into a task (or a rejection); `taken` is when
+    /// it was taken off the ring (one clock read per batch).
     fn take(
         &mut self,
         head: u16,
         chain: impl IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
         mem: &Arc<GuestMemory>,
         ctx: &Arc<Ctx>,
+        taken: Instant,
     ) {
         if let Some(t) = &mut self.tracker {
             t.get(head);
@@ -178,11 +205,18 @@ impl Worker {
         // Read from zero pages the SIGBUS handler put in: not what the guest wrote,
         // so neither executed nor answered.
         if ctx.memory_lost() {
-            self.done.lock().push((head, 0));
+            self.done.lock().push(Done {
+                head,
+                len: 0,
+                end: End::Other(Outcome::Dropped),
+            });
             return;
         }
         match parsed {
-            Ok(req) => self.spawn(head, req, mem.clone(), ctx.clone()),
+            Ok(req) => {
+                self.stats.taken();
+                self.spawn(head, req, mem.clone(), ctx.clone(), taken)
+            }
             Err(rej) => {
                 let detail = format_args!("type {:?}, head {head}", rej.req_type);
                 rej.reason.log_once(&ctx.log.bad, &detail);
@@ -190,7 +224,15 @@ impl Worker {
                     Some(addr) if write_status(mem, addr, rej.reason.status()) => 1,
                     _ => 0,
                 };
-                self.done.lock().push((head, len));
+                let op = rej.req_type.and_then(OpKind::from_virtio);
+                self.done.lock().push(Done {
+                    head,
+                    len,
+                    end: End::Other(Outcome::Rejected {
+                        op,
+                        reason: rej.reason,
+                    }),
+                });
             }
         }
     }
@@ -224,9 +266,10 @@ impl Worker {
                 let Some(iter) = ring_ok(&ctx.log, q.iter(mem.clone())) else {
                     return;
                 };
+                let now = Instant::now();
                 for chain in iter.take(ready) {
                     let head = chain.head_index();
-                    self.take(head, chain, &mem, ctx);
+                    self.take(head, chain, &mem, ctx, now);
                 }
             }
             // With EVENT_IDX this re-arms the kick at the current position; true means the guest
@@ -237,10 +280,18 @@ impl Worker {
         }
     }
 
-    fn spawn(&mut self, head: u16, req: Request, mem: Arc<GuestMemory>, ctx: Arc<Ctx>) {
+    fn spawn(
+        &mut self,
+        head: u16,
+        req: Request,
+        mem: Arc<GuestMemory>,
+        ctx: Arc<Ctx>,
+        taken: Instant,
+    ) {
         let io = self.io.clone();
         let done = self.done.clone();
         self.exec.spawn(async move {
+            let (op, bytes) = kind_and_bytes(&req.op);
             let status = execute(&ctx, &io, &mem, &req.op).await;
             let len = if status == STATUS_OK {
                 req.written_len()
@@ -253,7 +304,16 @@ impl Worker {
             } else {
                 0
             };
-            done.lock().push((head, len));
+            done.lock().push(Done {
+                head,
+                len,
+                end: End::Task {
+                    op,
+                    bytes,
+                    ok: status == STATUS_OK,
+                    taken,
+                },
+            });
             // Copy-on-read work runs after the guest has its answer.
             if matches!(req.op, Op::Read { .. }) {
                 ctx.disk.run_deferred(&io).await;
@@ -291,9 +351,25 @@ impl Worker {
         if done.is_empty() {
             return;
         }
+        // One clock read per batch: every request in it reaches the used ring now.
+        let now = Instant::now();
         let mut st = vring.get_mut();
         let n = done.len();
-        for (i, (head, len)) in done.into_iter().enumerate() {
+        for (i, Done { head, len, end }) in done.into_iter().enumerate() {
+            self.stats.record(match end {
+                End::Task {
+                    op,
+                    bytes,
+                    ok,
+                    taken,
+                } => Outcome::Done {
+                    op,
+                    bytes,
+                    ok,
+                    latency: now.saturating_duration_since(taken),
+                },
+                End::Other(o) => o,
+            });
             // One entry at a time, in the spec's order: the last head, the used entry and
             // index, then the head's flag and the region's used index. A crash anywhere in
             // between leaves the region telling the next server exactly what was published.
@@ -364,6 +440,21 @@ fn signal_guest(call: &Option<EventNotifier>) -> std::io::Result<()> {
 /// Writes the status byte; false if it is no longer inside guest memory.
 fn write_status(mem: &GuestMemory, addr: GuestAddress, status: u8) -> bool {
     mem.write_obj(status, addr).is_ok()
+}
+
+/// The statistics' kind of a request and the bytes it moves (ranges for discard and
+/// write-zeroes).
+fn kind_and_bytes(op: &Op) -> (OpKind, u64) {
+    let data = |d: &Segs| d.iter().map(|s| s.len as u64).sum::<u64>();
+    let ranges = |r: &[request::Range]| r.iter().map(|g| g.len).sum::<u64>();
+    match op {
+        Op::Read { data: d, .. } => (OpKind::Read, data(d)),
+        Op::Write { data: d, .. } => (OpKind::Write, data(d)),
+        Op::Flush => (OpKind::Flush, 0),
+        Op::GetId { data: d } => (OpKind::GetId, data(d)),
+        Op::Discard { ranges: r } => (OpKind::Discard, ranges(r)),
+        Op::WriteZeroes { ranges: r } => (OpKind::WriteZeroes, ranges(r)),
+    }
 }
 
 /// Runs one request against the disk; returns the virtio status.
@@ -487,7 +578,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = HostFile::open_with(&dir.path().join("f"), OpenMode::Create, false).unwrap();
         file.ensure_len(4096).unwrap();
-        let mut w = Worker::new(8).unwrap();
+        let mut w = Worker::new(8, Default::default()).unwrap();
         let finished = Arc::new(AtomicBool::new(false));
         let (io, f, fin) = (w.io.clone(), file.clone(), finished.clone());
         w.exec.spawn(async move {
