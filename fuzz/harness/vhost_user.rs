@@ -89,6 +89,7 @@ fn server() -> &'static Srv {
             // A filter would bind the whole fuzzer process (libFuzzer, the sanitizer runtime).
             seccomp: fvd::server::seccomp::SeccompMode::Off,
             zero_ranges: Default::default(),
+            throttle: Default::default(),
         })
         .expect("bind the server");
         let thread = std::thread::spawn(move || srv.run());

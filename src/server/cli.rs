@@ -113,6 +113,8 @@ pub struct ServeArgs {
         value_name = "auto|punch|write"
     )]
     pub zero_ranges: crate::engine::storage::ZeroRanges,
+    #[command(flatten)]
+    pub throttle: Box<super::throttle_cli::ThrottleArgs>,
 }
 
 fn secs(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
@@ -184,6 +186,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         },
         seccomp: a.seccomp,
         zero_ranges: a.zero_ranges,
+        throttle: a.throttle.config(),
         copy_on_read: a.copy_on_read.map(|v| v == crate::cli::OnOff::On),
         grow: match a.grow_cmd {
             None => None,

@@ -16,11 +16,14 @@ pub mod background;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod handle;
 pub mod inflight;
 pub mod listener;
 pub mod request;
 pub mod seccomp;
 pub mod sigbus;
+pub mod throttle;
+pub mod throttle_cli;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
@@ -29,6 +32,7 @@ use crate::io::uring::UringIo;
 use backend::BlkBackend;
 use config::DeviceConfig;
 use control::Control;
+use handle::ServerHandle;
 use listener::{Listener, Stop};
 use request::ID_LEN;
 use std::path::PathBuf;
@@ -69,6 +73,8 @@ pub struct ServeConfig {
     pub seccomp: seccomp::SeccompMode,
     /// How first writes zero the rest of their block.
     pub zero_ranges: engine::storage::ZeroRanges,
+    /// I/O limits at start (changed later through [`ServerHandle::set_throttle`]).
+    pub throttle: throttle::ThrottleConfig,
 }
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
@@ -112,6 +118,8 @@ pub enum ServeError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Activation(#[from] activation::ActivationError),
+    #[error("I/O limits: {0}")]
+    Throttle(#[from] throttle::ThrottleError),
 }
 
 /// An opened disk and a bound socket, ready to [`Server::run`].
@@ -123,6 +131,7 @@ pub struct Server {
     serial: [u8; ID_LEN],
     listener: Listener,
     stop: Stop,
+    throttle: Arc<throttle::Throttle>,
 }
 
 impl Server {
@@ -154,6 +163,11 @@ impl Server {
         if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 || cfg.queue_size > 32768 {
             return Err(ServeError::QueueSize(cfg.queue_size));
         }
+        cfg.throttle.validate()?;
+        let throttle = Arc::new(throttle::Throttle::new(
+            cfg.throttle,
+            Box::<throttle::MonotonicClock>::default(),
+        ));
         // Before any filter: installing a signal handler is not on the lists.
         sigbus::install().map_err(|source| ServeError::Setup {
             what: "SIGBUS handler",
@@ -236,11 +250,19 @@ impl Server {
             serial,
             listener,
             stop,
+            throttle,
         })
     }
 
     pub fn device(&self) -> &DeviceConfig {
         &self.device
+    }
+
+    /// A handle to change the running server (I/O limits), usable from any thread.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            throttle: self.throttle.clone(),
+        }
     }
 
     /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then
@@ -345,6 +367,7 @@ impl Server {
                 conn: parking_lot::Mutex::new(None),
                 stopping: AtomicBool::new(false),
                 log: Default::default(),
+                throttle: self.throttle.clone(),
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())

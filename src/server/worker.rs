@@ -10,6 +10,7 @@
 use super::inflight::Tracker;
 use super::request::{self, Op, Request, Segs, ID_LEN, STATUS_IOERR, STATUS_OK};
 use super::sigbus;
+use super::throttle::{Alarm, Dir, Throttle};
 use crate::engine::Disk;
 use crate::io::executor::Executor;
 use crate::io::uring::UringIo;
@@ -48,6 +49,8 @@ pub struct Ctx {
     pub stopping: AtomicBool,
     /// What this connection has logged already.
     pub log: ConnLog,
+    /// The disk's I/O limits (shared by all queues and connections).
+    pub throttle: Arc<Throttle>,
 }
 
 /// Problems a guest causes are logged the first time per connection, then only at trace level:
@@ -102,6 +105,10 @@ pub struct Worker {
     pub started: bool,
     /// Look at the ring at the next wake-up even without a kick (set when the queue starts).
     pub poll_ring: bool,
+    /// Wakes this thread when a throttled request's wait is over (in the thread's epoll).
+    pub alarm: Arc<Alarm>,
+    /// The queue is being drained: its throttled requests go without waiting.
+    pub release: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -124,6 +131,8 @@ impl Worker {
             tracker: None,
             started: false,
             poll_ring: false,
+            alarm: Arc::new(Alarm::new()?),
+            release: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -238,7 +247,16 @@ impl Worker {
     fn spawn(&mut self, head: u16, req: Request, mem: Arc<GuestMemory>, ctx: Arc<Ctx>) {
         let io = self.io.clone();
         let done = self.done.clone();
+        // Without limits this is the whole cost: one relaxed load and a branch.
+        let gate = if ctx.throttle.is_enabled() {
+            throttle_cost(&req.op).map(|c| (c, self.alarm.clone(), self.release.clone()))
+        } else {
+            None
+        };
         self.exec.spawn(async move {
+            if let Some(((dir, bytes), alarm, release)) = gate {
+                ctx.throttle.admit(dir, bytes, &*alarm, &release).await;
+            }
             let status = execute(&ctx, &io, &mem, &req.op).await;
             let len = if status == STATUS_OK {
                 req.written_len()
@@ -257,6 +275,15 @@ impl Worker {
                 ctx.disk.run_deferred(&io).await;
             }
         });
+    }
+
+    /// The alarm went off: the first throttled request of each direction checks its wait.
+    pub fn alarm_fired(&self, ctx: &Ctx) {
+        self.alarm.fired();
+        // Our own tasks woken here need no kick: the `turn` that follows runs them.
+        CURRENT.with(|c| c.set(self.id));
+        ctx.throttle.wake_first();
+        CURRENT.with(|c| c.set(0));
     }
 
     /// Drains the ring's completions. The wake-ups it causes need no kick of our own eventfd:
@@ -318,6 +345,18 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// What a request counts against the throttle: reads and writes (write-zeroes as writes of
+/// their length, as QEMU counts them); flush, discard and GET_ID are not throttled.
+fn throttle_cost(op: &Op) -> Option<(Dir, u64)> {
+    let len = |segs: &Segs| segs.iter().map(|s| s.len as u64).sum();
+    match op {
+        Op::Read { data, .. } => Some((Dir::Read, len(data))),
+        Op::Write { data, .. } => Some((Dir::Write, len(data))),
+        Op::WriteZeroes { ranges } => Some((Dir::Write, ranges.iter().map(|r| r.len).sum())),
+        Op::Flush | Op::GetId { .. } | Op::Discard { .. } => None,
     }
 }
 
