@@ -226,3 +226,76 @@ fn invalid_limits_are_refused_with_qemus_messages() {
     }
     check_passes(&img, "after the refused starts");
 }
+
+/// A limit changed while requests wait applies to them: an in-process server (the library's
+/// `Server`, as `fvd serve` runs it) starts at 20 requests/s; once some requests went, the
+/// limit is lowered to 5/s through `ServerHandle::set_throttle`, and the requests still waiting
+/// then take at least what 5/s implies. An invalid change is refused and changes nothing.
+#[test]
+fn a_live_change_applies_to_waiting_requests() {
+    use fvd::server::throttle::{Limit, ThrottleConfig, ThrottleError};
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "16M");
+    let sock = d.path().join("live.sock");
+    let limit = |avg| ThrottleConfig {
+        iops_total: Limit {
+            avg,
+            ..Limit::default()
+        },
+        ..ThrottleConfig::default()
+    };
+    let srv = fvd::server::Server::bind(fvd::server::ServeConfig {
+        image: img.clone(),
+        format: None,
+        socket: sock.clone(),
+        num_queues: 1,
+        queue_size: 256,
+        read_only: false,
+        serial: None,
+        socket_mode: 0o600,
+        // Ends with the client: no signal needed in this (shared) test process.
+        once: true,
+        prefetch: Some(false),
+        prefetch_config: Default::default(),
+        copy_on_read: None,
+        grow: None,
+        signal_each_completion: false,
+        nbd: Default::default(),
+        // Filters would bind the test process's threads.
+        seccomp: fvd::server::seccomp::SeccompMode::Off,
+        zero_ranges: Default::default(),
+        throttle: limit(20),
+    })
+    .unwrap();
+    let handle = srv.handle();
+    assert_eq!(handle.throttle(), limit(20));
+    let thread = std::thread::spawn(move || srv.run());
+
+    let mut c = connect(&sock, 1, false).unwrap();
+    let n = 20;
+    for i in 0..n {
+        c.enqueue(0, &Req::Read, (i * K4) as u64, i * K4, K4, i);
+    }
+    let mut done = c.wait_for(0, n, Duration::from_millis(250));
+    let changed = Instant::now();
+    handle.set_throttle(limit(5)).unwrap();
+    let mut bad = limit(5);
+    bad.iops_read.avg = 1;
+    assert_eq!(
+        handle.set_throttle(bad),
+        Err(ThrottleError::TotalAndReadWrite)
+    );
+    assert_eq!(handle.throttle(), limit(5));
+    // Those still waiting: the first goes at once (the buckets start empty), the second after
+    // 0.1 s (a bucket of 0.5), then one every 0.2 s. One may have gone just before the change.
+    let waiting = n - done.len();
+    assert!(waiting >= 6, "only {waiting} left waiting");
+    done.extend(c.wait(0, waiting));
+    all_ok(&done, n);
+    let took = changed.elapsed().as_secs_f64();
+    let least = (waiting as f64 - 2.5) / 5.0;
+    assert!(took >= least, "{took} s < {least} s for {waiting} requests");
+    drop(c);
+    thread.join().unwrap().unwrap();
+    check_passes(&img, "after the live change");
+}
