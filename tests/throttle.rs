@@ -299,3 +299,37 @@ fn a_live_change_applies_to_waiting_requests() {
     thread.join().unwrap().unwrap();
     check_passes(&img, "after the live change");
 }
+
+/// A queue whose reads wait on their limit keeps serving what is not limited: under
+/// --iops-read 1, a write and a flush queued behind four reads on the same queue complete while
+/// the reads still wait, and the reads all complete afterwards.
+#[test]
+fn a_waiting_request_does_not_block_its_queue() {
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "16M");
+    let srv = ServerProc::start(
+        &img,
+        &d.path().join("s.sock"),
+        &["--num-queues", "1", "--iops-read", "1"],
+    );
+    let mut c = connect(&srv.socket, 1, false).unwrap();
+    for i in 0..4 {
+        c.enqueue(0, &Req::Read, (i * K4) as u64, i * K4, K4, i);
+    }
+    c.buf(8 * K4, K4).copy_from_slice(&pattern(5, 1 << 20, K4));
+    c.enqueue(0, &Req::Write, 1 << 20, 8 * K4, K4, 10);
+    c.enqueue(0, &Req::Flush, 0, 0, 0, 11);
+    let mut done = Vec::new();
+    while !(done.iter().any(|&(t, _)| t == 10) && done.iter().any(|&(t, _)| t == 11)) {
+        done.extend(c.wait(0, 1));
+    }
+    let reads_done = done.iter().filter(|&&(t, _)| t < 4).count();
+    assert!(reads_done < 4, "{done:?}");
+    done.extend(c.wait(0, 6 - done.len()));
+    assert!(done.iter().all(|&(_, r)| r == 0), "{done:?}");
+    let mut tags: Vec<usize> = done.iter().map(|&(t, _)| t).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, [0, 1, 2, 3, 10, 11]);
+    drop(c);
+    assert!(srv.terminate().success());
+}
