@@ -333,3 +333,59 @@ fn a_waiting_request_does_not_block_its_queue() {
     drop(c);
     assert!(srv.terminate().success());
 }
+
+/// GET_VRING_BASE with a write waiting on its limit (--bps-write 512: after one 64 KiB write,
+/// the next would wait two minutes) returns without waiting it out, with the write done and
+/// published: the base is the used index, and the next frontend reads the data.
+#[test]
+fn get_vring_base_does_not_wait_out_the_limit() {
+    use serve_support::guest::{attach, DATA, STATUS};
+    use vhost::VhostBackend;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    let d = dir();
+    let img = create_image(d.path(), "disk.fvd", "16M");
+    let mut srv = ServerProc::start(
+        &img,
+        &d.path().join("s.sock"),
+        &["--num-queues", "1", "--bps-write", "512"],
+    );
+    let _guard = srv.kill_after(Duration::from_secs(120));
+    let (mut g, _) = attach(&srv.socket);
+    let k64 = 64 << 10;
+    g.fill(DATA, k64 as usize, 1);
+    let h = g.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(
+        g.submit(&[h, (DATA, k64, false), (STATUS, 1, true)]),
+        (1, 0)
+    );
+    let data = g.fill(DATA, k64 as usize, 2);
+    let h = g.header(VIRTIO_BLK_T_OUT, 128);
+    g.post(&[h, (DATA, k64, false), (STATUS, 1, true)]);
+    assert_eq!(
+        g.try_complete(Duration::from_millis(500)),
+        None,
+        "not limited"
+    );
+    let start = Instant::now();
+    let base = g.fe.get_vring_base(0).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(g.used_idx(), 2, "the waiting write was published");
+    assert_eq!(base, 2, "the base is the used index");
+    assert_eq!(g.try_complete(Duration::ZERO), Some((1, 0)));
+    drop(g);
+    assert!(srv.alive());
+    let (mut g, _) = attach(&srv.socket);
+    let h = g.header(VIRTIO_BLK_T_IN, 128);
+    assert_eq!(
+        g.submit(&[h, (DATA, k64, true), (STATUS, 1, true)]),
+        (k64 + 1, 0)
+    );
+    assert_eq!(g.read_back(DATA, k64 as usize), data);
+    drop(g);
+    let st = srv.terminate_within(Duration::from_secs(15)).unwrap();
+    assert!(st.success(), "{st}");
+}
