@@ -22,7 +22,7 @@ repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
 all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill wb-kill crash readonly base fio-nocompact
-    qmp metrics restart-load restart-fs)
+    qmp metrics throttle restart-load restart-fs)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -123,14 +123,17 @@ create_image() {
     echo "$img"
 }
 
+# I/O limits for the next start_server, as QEMU names them: "bps-read=N iops-write=N ...".
+server_limits=""
 # start_server NAME IMAGE QUEUES [readonly]: serves IMAGE on $sockets/NAME.sock until stop_server.
 start_server() {
-    local name=$1 img=$2 queues=$3 ro=${4:-} sock=$sockets/$1.sock log=$logs/server-$1.log pid
+    local name=$1 img=$2 queues=$3 ro=${4:-} sock=$sockets/$1.sock log=$logs/server-$1.log pid l
     rm -f "$sock"
     if [ "$backend" = fvd ]; then
         local extra=(--num-queues "$queues" --serial "fvd-$name" "${serve_extra[@]}")
         [ "$ro" = readonly ] && extra+=(--readonly)
         extra+=("${serve_extra[@]}")
+        for l in $server_limits; do extra+=("--${l%%=*}" "${l#*=}"); done
         "$FVD_BIN" serve "$img" --socket "$sock" "${extra[@]}" >>"$log" 2>&1 &
     else
         local fmt=raw file_ro="" writable=on
@@ -141,6 +144,13 @@ start_server() {
         if [ "$fmt" = qcow2 ]; then
             blockdevs+=(--blockdev "driver=qcow2,node-name=fmt0,file=file0,discard=unmap$file_ro")
             node=fmt0
+        fi
+        if [ -n "$server_limits" ]; then
+            local tg=throttle-group,id=tg0
+            for l in $server_limits; do tg+=",x-$l"; done
+            blockdevs=(--object "$tg" "${blockdevs[@]}"
+                --blockdev "driver=throttle,node-name=thr0,throttle-group=tg0,file=$node")
+            node=thr0
         fi
         qemu-storage-daemon "${blockdevs[@]}" --export \
             "type=vhost-user-blk,id=e0,node-name=$node,addr.type=unix,addr.path=$sock,writable=$writable,num-queues=$queues" \
@@ -561,6 +571,15 @@ case_qmp() {
         return 1
     fi
     check_image "$img"
+case_throttle() {
+    # Limits set on the server: the guest's writes and reads take at least what they imply.
+    local img
+    img=$(create_image throttle 256M) || return 1
+    server_limits="iops-write=20 bps-read=2097152"
+    start_server throttle "$img" 1 || { server_limits=""; return 1; }
+    server_limits=""
+    vm throttle throttle 1 iops_write=20 bps_read=2097152 || return 1
+    stop_server throttle
 }
 case_restart_load() {
     # >= 60 s of fio writes (rounds of 128 MiB) under 5 SIGKILLs and 5 SIGTERMs.

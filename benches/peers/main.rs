@@ -3,7 +3,10 @@
 //! ```text
 //! cargo bench --bench peers -- [--quick] [--storage tmpfs|disk|both|lv] [--only W1,W2]
 //!     [--targets T1,T2] [--reps N] [--alloc-gib N] [--no-probes] [--keep] [--out FILE]
+//!     [--serve-args 'ARGS']
 //! ```
+//! `--serve-args` adds its (space-separated) arguments to every `fvd serve` the harness times,
+//! e.g. `--serve-args '--iops-total 5000'` to measure the rate a limit lets through.
 //! Environment: FVD_BIN=path measures that fvd binary instead of this crate's.
 //! Prints markdown tables: each target's median figure and fvd's ratio to it, server-side host
 //! I/O per guest request, CPU and peak RSS, the goal checks, journal replay time and the RSS of
@@ -39,6 +42,7 @@ struct Args {
     probes: bool,
     keep: bool,
     out: Option<PathBuf>,
+    serve_args: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
         probes: true,
         keep: false,
         out: None,
+        serve_args: vec![],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -82,6 +87,9 @@ fn parse_args() -> Result<Args, String> {
             "--reps" => a.reps = Some(val()?.parse().map_err(|_| "bad --reps")?),
             "--alloc-gib" => a.alloc_gib = Some(val()?.parse().map_err(|_| "bad --alloc-gib")?),
             "--out" => a.out = Some(PathBuf::from(val()?)),
+            "--serve-args" => {
+                a.serve_args = val()?.split_whitespace().map(str::to_string).collect()
+            }
             s => return Err(format!("unknown argument {s}")),
         }
     }
@@ -189,6 +197,7 @@ fn main() {
             probes: a.probes,
             base_reads: base,
             perf: true,
+            serve_args: a.serve_args.clone(),
         };
         let section = run_storage(storage, &dir, &fvd, &sizes, &ws, &targets, extras);
         let _ = writeln!(md, "{}", section.md);
@@ -227,6 +236,7 @@ fn smoke(fvd: &Path) {
         probes: true,
         base_reads: true,
         perf,
+        serve_args: vec![],
     };
     let mut section = run_storage(
         "tmpfs",
@@ -337,6 +347,8 @@ struct Extras {
     base_reads: bool,
     /// Host I/O counted by perf.
     perf: bool,
+    /// Added to every timed `fvd serve`.
+    serve_args: Vec<String>,
 }
 
 /// One storage setting's report, and what failed in it.
@@ -363,6 +375,7 @@ fn run_storage(
         warmup: sizes.warmup,
         img_counts: HashMap::new(),
         perf: extras.perf,
+        serve_args: extras.serve_args.clone(),
     };
     let t0 = Instant::now();
     if let Err(e) = imgs.prepare_dataset(sizes.data) {

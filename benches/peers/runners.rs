@@ -45,6 +45,8 @@ pub struct Ctx {
     /// Count the servers' host I/O with perf in counting runs (fvd's engine counters are read
     /// either way).
     pub perf: bool,
+    /// Extra arguments of every `fvd serve` (`--serve-args`).
+    pub serve_args: Vec<String>,
 }
 
 fn figure(w: &Workload, o: &Outcome) -> f64 {
@@ -108,6 +110,7 @@ impl Ctx {
                     c.args(["--log-level", "info"]);
                 }
                 c.args(fvd_args);
+                c.args(&self.serve_args);
                 Server::start(c, &sock, &log)
             }
             f => {

@@ -91,6 +91,7 @@ fn server() -> &'static Srv {
             zero_ranges: Default::default(),
             control: None,
             metrics: None,
+            throttle: Default::default(),
         })
         .expect("bind the server");
         let thread = std::thread::spawn(move || srv.run());

@@ -55,7 +55,7 @@ enum Command {
     /// Detach the base image once the image no longer needs it.
     Rebase(stream::RebaseArgs),
     /// Serve an image to a VM over a vhost-user-blk socket.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run one command on a running server's QMP control socket (`fvd serve --control`).
     Ctl(ctl::Args),
 }
@@ -186,7 +186,7 @@ pub fn main() -> i32 {
         Command::Amend(a) => amend::run(a),
         Command::Stream(a) => stream::stream(a),
         Command::Rebase(a) => stream::rebase(a),
-        Command::Serve(a) => serve::run(a).map(|()| 0),
+        Command::Serve(a) => serve::run(*a).map(|()| 0),
         Command::Ctl(a) => ctl::run(a),
     };
     match r {

@@ -4,6 +4,7 @@
 
 mod control;
 mod metrics;
+mod throttle;
 
 use super::{size_arg, ImageFormat, OnOff};
 use crate::engine::prefetch::PrefetchConfig;
@@ -129,6 +130,8 @@ pub struct ServeArgs {
     pub control: control::ControlArgs,
     #[command(flatten)]
     pub metrics: metrics::MetricsArgs,
+    #[command(flatten)]
+    pub throttle: throttle::ThrottleArgs,
 }
 
 /// `--seccomp`: what happens to a system call outside a thread's allow-list.
@@ -246,6 +249,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             zero_ranges: a.zero_ranges.into(),
             control: a.control.config(),
             metrics: a.metrics.metrics,
+            throttle: a.throttle.config(),
             copy_on_read: a.copy_on_read.map(|v| v == OnOff::On),
             grow: match a.grow_cmd {
                 None => None,

@@ -80,25 +80,35 @@ impl BlkBackend {
         self.workers.len() as u64 + 1
     }
 
-    /// Puts each worker's io_uring eventfd into its thread's epoll, so completions wake it.
+    /// epoll token of a worker's throttle alarm.
+    fn alarm_token(&self) -> u64 {
+        self.workers.len() as u64 + 2
+    }
+
+    /// Puts each worker's io_uring eventfd into its thread's epoll, so completions wake it, and
+    /// its throttle alarm, so throttled requests go when their wait is over.
     pub fn register(&self, handlers: &[Arc<VringEpollHandler<Arc<BlkBackend>>>]) -> io::Result<()> {
         for (slot, h) in self.workers.iter().zip(handlers) {
-            h.register_listener(
-                slot.worker.lock().io.eventfd(),
-                EventSet::IN,
-                self.uring_token(),
-            )?;
+            let w = slot.worker.lock();
+            h.register_listener(w.io.eventfd(), EventSet::IN, self.uring_token())?;
+            h.register_listener(w.alarm.fd(), EventSet::IN, self.alarm_token())?;
         }
         Ok(())
     }
 
     /// Waits until queue `q` has no request in flight. Its worker thread keeps reaping
-    /// completions meanwhile (the io_uring eventfd stays registered).
+    /// completions meanwhile (the io_uring eventfd stays registered). Its throttled requests
+    /// go without waiting for their turn: a drain (GET_VRING_BASE, a frontend leaving, a stop)
+    /// must not last as long as the limits would make it.
     pub fn drain(&self, q: usize) {
         let Some(slot) = self.workers.get(q) else {
             return;
         };
         let mut w = slot.worker.lock();
+        let release = w.release.clone();
+        release.store(true, Ordering::Relaxed);
+        // The woken tasks' thread is kicked; it runs them once we wait (and unlock).
+        self.ctx.throttle.wake_all();
         while w.inflight() > 0 {
             if slot
                 .idle
@@ -111,6 +121,7 @@ impl BlkBackend {
                 );
             }
         }
+        release.store(false, Ordering::Relaxed);
     }
 
     pub fn drain_all(&self) {
@@ -324,6 +335,9 @@ impl VhostUserBackend for BlkBackend {
         };
         let mut w = slot.worker.lock();
         let mut look = device_event == 0;
+        if u64::from(device_event) == self.alarm_token() {
+            w.alarm_fired(&self.ctx);
+        }
         if u64::from(device_event) == self.uring_token() {
             w.reap();
             look |= std::mem::take(&mut w.poll_ring);

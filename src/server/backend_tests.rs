@@ -80,6 +80,10 @@ impl Rig {
             log: Default::default(),
             events: Arc::new(crate::server::qmp::events::EventSink::new().unwrap()),
             stats: Arc::new(crate::server::stats::Stats::new(1)),
+            throttle: Arc::new(crate::server::throttle::Throttle::new(
+                Default::default(),
+                Box::<crate::server::throttle::MonotonicClock>::default(),
+            )),
         });
         let backend = BlkBackend::new(ctx, device, control).unwrap();
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();

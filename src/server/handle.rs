@@ -7,6 +7,7 @@ use super::control::Control;
 use super::listener::StopRequester;
 use super::qmp::events::EventSink;
 use super::stats::{EngineStats, Stats, StatsSnapshot};
+use super::throttle::{Throttle, ThrottleConfig, ThrottleError};
 use crate::engine::Disk;
 use crate::io::uring::UringIo;
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ pub struct ServerHandle {
     pub frontend: Arc<AtomicBool>,
     /// Per-queue request statistics, kept across connections.
     pub stats: Arc<Stats>,
+    /// The disk's I/O limits, shared by every queue.
+    pub throttle: Arc<Throttle>,
 }
 
 /// What the server serves, fixed at start.
@@ -51,6 +54,22 @@ impl ServerHandle {
             queues,
             engine: EngineStats::of(&self.disk),
         }
+    }
+}
+
+impl ServerHandle {
+    /// Replaces the disk's I/O limits (QEMU's `block_set_io_throttle`). Requests already
+    /// waiting are measured against the new limits at once; an invalid configuration is
+    /// refused and changes nothing.
+    pub fn set_throttle(&self, cfg: ThrottleConfig) -> Result<(), ThrottleError> {
+        self.throttle.set_config(cfg)?;
+        tracing::info!("I/O limits set: {cfg:?}");
+        Ok(())
+    }
+
+    /// The disk's I/O limits now.
+    pub fn throttle(&self) -> ThrottleConfig {
+        self.throttle.config()
     }
 }
 

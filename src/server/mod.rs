@@ -24,6 +24,7 @@ pub mod request;
 pub mod seccomp;
 pub mod sigbus;
 pub mod stats;
+pub mod throttle;
 pub mod worker;
 
 use crate::engine::{self, Disk, EngineError};
@@ -78,6 +79,8 @@ pub struct ServeConfig {
     pub control: Option<qmp::ControlConfig>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<metrics::MetricsAddr>,
+    /// I/O limits at start (changed later through [`handle::ServerHandle::set_throttle`]).
+    pub throttle: throttle::ThrottleConfig,
 }
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
@@ -130,6 +133,8 @@ pub enum ServeError {
     Activation(#[from] activation::ActivationError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error("I/O limits: {0}")]
+    Throttle(#[from] throttle::ThrottleError),
 }
 
 impl ServeConfig {
@@ -212,6 +217,11 @@ impl Server {
 
     fn open(cfg: ServeConfig, socket: Socket) -> Result<Server, ServeError> {
         cfg.validate()?;
+        cfg.throttle.validate()?;
+        let throttle = Arc::new(throttle::Throttle::new(
+            cfg.throttle,
+            Box::<throttle::MonotonicClock>::default(),
+        ));
         // Before any filter: installing a signal handler is not on the lists.
         sigbus::install().map_err(|source| ServeError::Setup {
             what: "SIGBUS handler",
@@ -343,6 +353,7 @@ impl Server {
             }),
             frontend: Default::default(),
             stats: Arc::new(stats::Stats::new(cfg.num_queues)),
+            throttle,
         };
         Ok(Server {
             cfg,
@@ -545,6 +556,7 @@ impl Server {
                 log: Default::default(),
                 events: self.handle.events.clone(),
                 stats: self.handle.stats.clone(),
+                throttle: self.handle.throttle.clone(),
             });
             let backend = Arc::new(
                 BlkBackend::new(ctx.clone(), self.device.clone(), self.control.clone())

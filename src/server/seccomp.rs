@@ -368,6 +368,8 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_epoll_wait,
                     // Reading a kick eventfd without ever blocking (vendored vring.rs).
                     libc::SYS_preadv2,
+                    // Arming the throttle alarm (a timerfd, read like the eventfds).
+                    libc::SYS_timerfd_settime,
                 ],
             );
         }
@@ -421,6 +423,8 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_io_uring_setup,
                     libc::SYS_io_uring_register,
                     libc::SYS_epoll_create1,
+                    // Each queue's throttle alarm.
+                    libc::SYS_timerfd_create,
                     // Removing the socket file at exit.
                     libc::SYS_unlinkat,
                     #[cfg(target_arch = "x86_64")]

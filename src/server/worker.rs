@@ -11,6 +11,7 @@ use super::inflight::Tracker;
 use super::request::{self, Op, Request, Segs, ID_LEN, STATUS_IOERR, STATUS_OK};
 use super::sigbus;
 use super::stats::{OpKind, Outcome, QueueStats, Stats};
+use super::throttle::{Alarm, Dir, Throttle};
 use crate::engine::Disk;
 use crate::io::executor::Executor;
 use crate::io::uring::UringIo;
@@ -54,6 +55,8 @@ pub struct Ctx {
     pub events: Arc<super::qmp::events::EventSink>,
     /// The server's statistics (they outlive the connection): queue `i`'s worker writes part `i`.
     pub stats: Arc<Stats>,
+    /// The disk's I/O limits (shared by all queues and connections).
+    pub throttle: Arc<Throttle>,
 }
 
 /// Problems a guest causes are logged the first time per connection, then only at trace level:
@@ -127,6 +130,10 @@ pub struct Worker {
     pub poll_ring: bool,
     /// This queue's statistics; written only under the worker's mutex, so by one thread at a time.
     stats: Arc<QueueStats>,
+    /// Wakes this thread when a throttled request's wait is over (in the thread's epoll).
+    pub alarm: Arc<Alarm>,
+    /// The queue is being drained: its throttled requests go without waiting.
+    pub release: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -150,6 +157,8 @@ impl Worker {
             started: false,
             poll_ring: false,
             stats,
+            alarm: Arc::new(Alarm::new()?),
+            release: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -290,8 +299,17 @@ impl Worker {
     ) {
         let io = self.io.clone();
         let done = self.done.clone();
+        // Without limits this is the whole cost: one relaxed load and a branch.
+        let gate = if ctx.throttle.is_enabled() {
+            throttle_cost(&req.op).map(|c| (c, self.alarm.clone(), self.release.clone()))
+        } else {
+            None
+        };
         self.exec.spawn(async move {
             let (op, bytes) = kind_and_bytes(&req.op);
+            if let Some(((dir, cost), alarm, release)) = gate {
+                ctx.throttle.admit(dir, cost, &*alarm, &release).await;
+            }
             let status = execute(&ctx, &io, &mem, &req.op).await;
             let len = if status == STATUS_OK {
                 req.written_len()
@@ -319,6 +337,15 @@ impl Worker {
                 ctx.disk.run_deferred(&io).await;
             }
         });
+    }
+
+    /// The alarm went off: the first throttled request of each direction checks its wait.
+    pub fn alarm_fired(&self, ctx: &Ctx) {
+        self.alarm.fired();
+        // Our own tasks woken here need no kick: the `turn` that follows runs them.
+        CURRENT.with(|c| c.set(self.id));
+        ctx.throttle.wake_first();
+        CURRENT.with(|c| c.set(0));
     }
 
     /// Drains the ring's completions. The wake-ups it causes need no kick of our own eventfd:
@@ -396,6 +423,18 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// What a request counts against the throttle: reads and writes (write-zeroes as writes of
+/// their length, as QEMU counts them); flush, discard and GET_ID are not throttled.
+fn throttle_cost(op: &Op) -> Option<(Dir, u64)> {
+    let len = |segs: &Segs| segs.iter().map(|s| s.len as u64).sum();
+    match op {
+        Op::Read { data, .. } => Some((Dir::Read, len(data))),
+        Op::Write { data, .. } => Some((Dir::Write, len(data))),
+        Op::WriteZeroes { ranges } => Some((Dir::Write, ranges.iter().map(|r| r.len).sum())),
+        Op::Flush | Op::GetId { .. } | Op::Discard { .. } => None,
     }
 }
 
