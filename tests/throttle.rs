@@ -299,6 +299,8 @@ fn a_live_change_applies_to_waiting_requests() {
     assert!(took >= least, "{took} s < {least} s for {waiting} requests");
     drop(c);
     thread.join().unwrap().unwrap();
+    // The handle holds the disk (and its lock) until dropped.
+    drop(handle);
     check_passes(&img, "after the live change");
 }
 

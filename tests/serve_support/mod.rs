@@ -40,7 +40,11 @@ pub fn create_image(dir: &Path, name: &str, size: &str) -> PathBuf {
 pub fn check_passes(image: &Path, what: &str) -> String {
     let o = fvd().arg("check").arg(image).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success(), "fvd check {what}: {out}");
+    assert!(
+        o.status.success(),
+        "fvd check {what}: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     out
 }
 
