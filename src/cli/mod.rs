@@ -16,6 +16,7 @@ mod convert;
 mod create;
 mod info;
 mod map;
+mod resize;
 mod stream;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -48,6 +49,8 @@ enum Command {
     Convert(convert::Args),
     /// Change image features (copy-on-read, prefetch).
     Amend(amend::Args),
+    /// Change an image's size: SIZE, +SIZE or -SIZE (shrinking needs --shrink).
+    Resize(resize::Args),
     /// Copy every block of the base image into the image, with a progress bar.
     Stream(stream::StreamArgs),
     /// Detach the base image once the image no longer needs it.
@@ -180,6 +183,7 @@ pub fn main() -> i32 {
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Amend(a) => amend::run(a),
+        Command::Resize(a) => resize::run(a),
         Command::Stream(a) => stream::stream(a),
         Command::Rebase(a) => stream::rebase(a),
         Command::Serve(a) => crate::server::cli::run(a).map(|()| 0),

@@ -104,3 +104,22 @@ fn check_not_shrunk<I: Io>(store: &Storage<I>, off: u64, part: &Buf) -> Result<(
         len: len as u64,
     })
 }
+
+impl<I: Io> Image<I> {
+    /// Reads `[off, off + buf.len())` of the base image as this image sees it: bytes past
+    /// [`Image::base_end`] read as zeros.
+    pub(super) async fn read_base(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+        let len = buf.len() as u64;
+        let inside = self.base_end.saturating_sub(off).min(len);
+        if inside < len {
+            buf.zero(inside as usize, (len - inside) as usize);
+        }
+        match &self.base {
+            Some(base) if inside > 0 => {
+                base.read(io, &self.counters, off, buf.slice(0, inside as usize))
+                    .await
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -113,6 +113,32 @@ pub enum EngineError {
     },
     #[error("base image shrank to {size} bytes while in use: [{offset}, +{len}) is past its end")]
     BaseShrank { size: u64, offset: u64, len: u64 },
+    #[error(transparent)]
+    Resize(ResizeRefused),
+}
+
+/// Why a resize was refused (nothing was changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeRefused {
+    #[error(
+        "{size} bytes is more than the image's metadata can describe ({capacity} bytes, set at \
+         create by --max-size; an image made before --max-size existed holds its size rounded \
+         up to its last metadata sector)"
+    )]
+    Capacity { size: u64, capacity: u64 },
+    #[error(
+        "the new size {size} is smaller than the current {current} bytes: shrinking needs --shrink"
+    )]
+    ShrinkNeeded { size: u64, current: u64 },
+    #[error(
+        "data is allocated at offset {offset}, past the new end {size}: shrinking would lose it \
+         (discard it first)"
+    )]
+    Allocated { offset: u64, size: u64 },
+    #[error("size must be a non-zero multiple of 512 bytes, not {0}")]
+    BadSize(u64),
+    #[error("the block device holds {have} bytes, the image needs {need} at the new size")]
+    DeviceTooSmall { have: u64, need: u64 },
 }
 
 impl EngineError {
@@ -131,6 +157,8 @@ impl EngineError {
             // As QEMU's raw driver: the guest sees an I/O error.
             EngineError::ProbedRawMagic => libc::EPERM,
             EngineError::BaseTooSmall { .. } | EngineError::BaseShrank { .. } => libc::EIO,
+            EngineError::Resize(ResizeRefused::DeviceTooSmall { .. }) => libc::ENOSPC,
+            EngineError::Resize(_) => libc::EINVAL,
         }
     }
 }

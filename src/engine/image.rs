@@ -27,6 +27,9 @@ pub struct CreateParams {
     pub compact: bool,
     pub base: Option<BaseRef>,
     pub compat: u64,
+    /// Largest size the image can be resized to without moving its regions: the metadata is
+    /// sized for it (see docs/FORMAT.md, "Resizing"). `None`: the virtual size.
+    pub max_size: Option<u64>,
 }
 
 impl Default for CreateParams {
@@ -39,6 +42,7 @@ impl Default for CreateParams {
             compact: true,
             base: None,
             compat: 0,
+            max_size: None,
         }
     }
 }
@@ -59,13 +63,24 @@ impl CreateParams {
                 crate::format::header::MAX_BASE_PATH
             )));
         }
-        let geo = Geometry {
-            virtual_size: p.virtual_size,
-            block_size: p.block_size,
-            chunk_size: p.chunk_size,
-        };
-        let l = Layout::compute(&geo, p.compact, p.journal_size);
-        let h = Header {
+        let max_size = p.max_size.unwrap_or(p.virtual_size);
+        if max_size < p.virtual_size || max_size > crate::format::header::MAX_VIRTUAL_SIZE {
+            return Err(EngineError::Invalid(format!(
+                "maximum size {max_size} must lie between the size ({}) and 64 PiB",
+                p.virtual_size
+            )));
+        }
+        // The metadata regions are laid out for the maximum size.
+        let l = Layout::compute(
+            &Geometry {
+                virtual_size: max_size,
+                block_size: p.block_size,
+                chunk_size: p.chunk_size,
+            },
+            p.compact,
+            p.journal_size,
+        );
+        let mut h = Header {
             generation: 0,
             incompat: if p.compact {
                 crate::format::header::INCOMPAT_COMPACT
@@ -91,6 +106,7 @@ impl CreateParams {
             base: p.base.clone(),
             boot_id: [0; 16],
         };
+        h.set_virtual_size(p.virtual_size);
         h.validate().map_err(|e| match e {
             // The caller's parameters make an invalid header: say what is wrong with them.
             FormatError::InvalidHeader(why) => EngineError::Invalid(why),
@@ -130,6 +146,9 @@ pub struct Image<I: Io> {
     /// `FlushState::journaled`, readable without the lock (writers that queued nothing new).
     pub(super) journaled: std::sync::atomic::AtomicU64,
     pub(super) base: Option<Base<I>>,
+    /// Bytes of the base this image reads: its size, but no more than the header records (the
+    /// base's size at create, lowered by a resize so a grown range reads zeros, never base data).
+    pub(super) base_end: u64,
     pub(super) counters: Counters,
     /// Storage with a logical block larger than 512 bytes: every write may need a
     /// read-modify-write, so every write takes block locks.
@@ -152,7 +171,7 @@ pub struct Image<I: Io> {
 /// (their first writes need no zeroing, and no flush before their journal records), and the file
 /// is grown to its full size now, sparse, so that direct writes never extend it (file systems
 /// serialize extending direct writes).
-fn prepare_flat_file<I: Io>(
+pub(super) fn prepare_flat_file<I: Io>(
     store: &Storage<I>,
     live: &LiveMetadata,
     data_offset: u64,
@@ -222,7 +241,15 @@ impl<I: Io> Image<I> {
     pub async fn create(io: &I, file: I::File, p: &CreateParams) -> Result<()> {
         let mut h = p.header()?;
         let geo = h.geometry();
-        let l = Layout::compute(&geo, p.compact, p.journal_size);
+        let l = Layout {
+            bitmap_sectors: h.bitmap_sectors,
+            table_sectors: h.table_sectors,
+            meta_offset: h.meta_offset,
+            meta_len: h.meta_len,
+            journal_offset: h.journal_offset,
+            journal_len: h.journal_len,
+            data_offset: h.data_offset,
+        };
         let store = Storage::<I>::new(file);
         if store.file.is_block_device() {
             let need = if p.compact {
@@ -413,6 +440,10 @@ impl<I: Io> Image<I> {
                 journaled: 0,
             }),
             journaled: Default::default(),
+            base_end: match (&base, &header.base) {
+                (Some(b), Some(r)) => b.size().min(r.size),
+                _ => 0,
+            },
             base,
             counters: c,
             lock_all_writes,

@@ -30,7 +30,7 @@ impl<I: Io> Image<I> {
     /// The virtual disk as a list of extents, neighbours of the same kind merged.
     pub fn extents(&self) -> Vec<Extent> {
         let mut out: Vec<Extent> = Vec::new();
-        let base_size = self.base.as_ref().map_or(0, |b| b.size());
+        let base_size = self.base_end;
         let size = self.geo.virtual_size;
         for b in 0..self.geo.block_count() {
             let start = b * self.geo.block_size;
