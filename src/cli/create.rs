@@ -49,16 +49,17 @@ pub struct Args {
     #[arg(long, value_parser = size_arg, default_value = "16M")]
     journal_size: u64,
     /// Largest size `fvd resize` can grow the image to: the metadata is sized for it. Defaults
-    /// to 4 times the size, at most 64 TiB (never less than the size).
+    /// to 4 times the size, at most 16 TiB (never less than the size).
     #[arg(long, value_parser = size_arg)]
     max_size: Option<u64>,
 }
 
 /// The default `--max-size`: room to grow 4-fold costs 3 more metadata sectors per 2 GiB
-/// (bitmap) and 1 GiB (table) of the size, so small images stay small; past 64 TiB the
-/// metadata copies would reach hundreds of MiB, so only a given --max-size reserves more.
+/// (bitmap) and 1 GiB (table) of the size on disk, and as much memory while open (the live
+/// metadata covers the maximum), so small images stay small; past 16 TiB that memory would
+/// exceed 128 MiB, so only a given --max-size reserves more.
 pub fn default_max_size(size: u64) -> u64 {
-    size.max(size.saturating_mul(4).min(64 << 40))
+    size.max(size.saturating_mul(4).min(16 << 40))
 }
 
 #[derive(Copy, Clone, clap::ValueEnum)]

@@ -135,6 +135,13 @@ pub enum ResizeRefused {
          (discard it first)"
     )]
     Allocated { offset: u64, size: u64 },
+    #[error(
+        "the new size {size} is smaller than the current {current} bytes: a disk in use cannot \
+         shrink (stop the server and use fvd resize --shrink)"
+    )]
+    ShrinkInUse { size: u64, current: u64 },
+    #[error("a raw disk in use is not resized by fvd (stop the server and use fvd resize)")]
+    RawInUse,
     #[error("size must be a non-zero multiple of 512 bytes, not {0}")]
     BadSize(u64),
     #[error("the block device holds {have} bytes, the image needs {need} at the new size")]

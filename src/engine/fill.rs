@@ -52,7 +52,7 @@ impl<I: Io> Image<I> {
     pub(super) fn queue_copy_on_read(&self, vpos: u64, buf: &Buf) {
         let bs = self.geo.block_size;
         let end = vpos + buf.len() as u64;
-        let base_end = self.base_end;
+        let base_end = self.base_end();
         let mut b = vpos / bs;
         while b * bs < end && b * bs < base_end {
             let (s, e) = (b * bs, (b + 1) * bs);
@@ -136,8 +136,8 @@ impl<I: Io> Image<I> {
             return 0;
         }
         let n = self
-            .base_end
-            .min(self.geo.virtual_size)
+            .base_end()
+            .min(self.virtual_size())
             .div_ceil(self.geo.block_size);
         (0..n)
             .filter(|&b| !self.live.present(BlockIndex(b)))
@@ -154,8 +154,8 @@ impl<I: Io> Image<I> {
             });
         }
         let n = self
-            .base_end
-            .min(self.geo.virtual_size)
+            .base_end()
+            .min(self.virtual_size())
             .div_ceil(self.geo.block_size);
         let mut step = PrefetchStep::default();
         let mut scanned = 0;

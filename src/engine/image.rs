@@ -130,7 +130,14 @@ pub(super) struct FlushState {
 
 pub struct Image<I: Io> {
     pub(super) store: Storage<I>,
+    /// Block and chunk sizes. Its `virtual_size` is the capacity (the most the metadata can
+    /// describe, which the live metadata covers so that a resize never reallocates it), not the
+    /// disk's size: that is `size`.
     pub(super) geo: Geometry,
+    /// The virtual disk's size in bytes; changed only by a resize, after its header is durable.
+    pub(super) size: std::sync::atomic::AtomicU64,
+    /// Taken first by a resize (before fill locks and the flush state): one at a time.
+    pub(super) resizing: futures::lock::Mutex<()>,
     pub(super) data_offset: u64,
     pub(super) journal_offset: u64,
     pub(super) journal_sectors: u64,
@@ -148,7 +155,7 @@ pub struct Image<I: Io> {
     pub(super) base: Option<Base<I>>,
     /// Bytes of the base this image reads: its size, but no more than the header records (the
     /// base's size at create, lowered by a resize so a grown range reads zeros, never base data).
-    pub(super) base_end: u64,
+    pub(super) base_end: std::sync::atomic::AtomicU64,
     pub(super) counters: Counters,
     /// Storage with a logical block larger than 512 bytes: every write may need a
     /// read-modify-write, so every write takes block locks.
@@ -175,8 +182,12 @@ pub(super) fn prepare_flat_file<I: Io>(
     store: &Storage<I>,
     live: &LiveMetadata,
     data_offset: u64,
+    size: u64,
 ) -> Result<()> {
-    let geo = live.geo;
+    let geo = Geometry {
+        virtual_size: size,
+        ..live.geo
+    };
     let len = store.file.size().ctx(IoOp::Size, "size flat image file")?;
     let first = len.saturating_sub(data_offset).div_ceil(geo.chunk_size);
     // Only a speed-up: a file system that refuses the size still takes extending writes. Its
@@ -411,19 +422,25 @@ impl<I: Io> Image<I> {
         }
         // Fixed by replaying only up to the damage; the checkpoint below starts a new epoch.
         problems.extend(damaged);
-        let live = LiveMetadata::from_committed(geo, &committed);
+        let capacity = Geometry {
+            virtual_size: header.capacity().max(geo.virtual_size),
+            ..geo
+        };
+        let live = LiveMetadata::from_committed(capacity, &committed);
         let mut alloc = Allocator::from_table(&committed.table, &header, &store)?;
         if !read_only && !store.file.is_block_device() {
             if live.compact() {
                 alloc.grow_ahead(&store)?;
             } else {
-                prepare_flat_file(&store, &live, header.data_offset)?;
+                prepare_flat_file(&store, &live, header.data_offset, geo.virtual_size)?;
             }
         }
         let lock_all_writes = store.align > 512;
         let img = Image {
             store,
-            geo,
+            geo: capacity,
+            size: geo.virtual_size.into(),
+            resizing: Default::default(),
             data_offset: header.data_offset,
             journal_offset: header.journal_offset,
             journal_sectors: header.journal_len / SECTOR as u64,
@@ -443,7 +460,8 @@ impl<I: Io> Image<I> {
             base_end: match (&base, &header.base) {
                 (Some(b), Some(r)) => b.size().min(r.size),
                 _ => 0,
-            },
+            }
+            .into(),
             base,
             counters: c,
             lock_all_writes,
@@ -506,10 +524,14 @@ impl<I: Io> Image<I> {
     }
 
     pub fn virtual_size(&self) -> u64 {
-        self.geo.virtual_size
+        self.size.load(Ordering::Acquire)
     }
+    /// Block and chunk sizes, and the current size.
     pub fn geometry(&self) -> Geometry {
-        self.geo
+        Geometry {
+            virtual_size: self.virtual_size(),
+            ..self.geo
+        }
     }
     pub fn read_only(&self) -> bool {
         self.read_only
@@ -561,16 +583,12 @@ impl<I: Io> Image<I> {
 
     /// Checks a guest request's range.
     pub(super) fn check_range(&self, off: u64, len: u64) -> Result<()> {
-        if off % 512 != 0
-            || len % 512 != 0
-            || off
-                .checked_add(len)
-                .is_none_or(|e| e > self.geo.virtual_size)
-        {
+        let size = self.virtual_size();
+        if off % 512 != 0 || len % 512 != 0 || off.checked_add(len).is_none_or(|e| e > size) {
             return Err(EngineError::OutOfRange {
                 offset: off,
                 len,
-                size: self.geo.virtual_size,
+                size,
             });
         }
         Ok(())

@@ -68,12 +68,23 @@ impl Drop for ChunkRefs<'_> {
 }
 
 impl LiveMetadata {
+    /// The live state of `c`, covering `geo` (the capacity: at least `c`'s size; blocks and
+    /// chunks past `c`'s end absent and unallocated).
     pub fn from_committed(geo: Geometry, c: &Committed) -> Self {
+        let words = (geo.block_count().div_ceil(64) as usize).max(c.bits.len());
+        let chunks = if c.table.is_empty() {
+            0
+        } else {
+            (geo.chunk_count() as usize).max(c.table.len())
+        };
+        let entry = |i: usize| c.table.get(i).copied().unwrap_or(PhysChunk::UNALLOCATED.0);
         LiveMetadata {
             geo,
-            bits: c.bits.iter().map(|&w| AtomicU64::new(w)).collect(),
-            table: c.table.iter().map(|&e| AtomicU32::new(e)).collect(),
-            inflight: c.table.iter().map(|_| AtomicU16::new(0)).collect(),
+            bits: (0..words)
+                .map(|i| AtomicU64::new(c.bits.get(i).copied().unwrap_or(0)))
+                .collect(),
+            table: (0..chunks).map(|i| AtomicU32::new(entry(i))).collect(),
+            inflight: (0..chunks).map(|_| AtomicU16::new(0)).collect(),
             fresh: (0..geo.chunk_count().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),

@@ -294,3 +294,85 @@ fn a_resized_image_takes_writes_in_the_new_range() {
         }
     }
 }
+
+/// Growing while requests run (`Image::grow`, what a server calls): writes into the old range
+/// complete as usual; a request past the old end fails until the new size is in place and is
+/// served once it is; the resize and the writes both survive a power loss after a FLUSH.
+#[test]
+fn grow_while_requests_run() {
+    for seed in 0..16 {
+        let mut c = Case::of(seed);
+        c.grow = true;
+        let (env, img) = Env::new(seed, c);
+        let img = Arc::new(img);
+        let done = Arc::new(AtomicBool::new(false));
+        let mut ex = Executor::default();
+        let (i2, io, d) = (img.clone(), env.world.io(), done.clone());
+        let size = c.new_size();
+        ex.spawn(async move {
+            i2.grow(&io, size).await.unwrap();
+            d.store(true, Ordering::SeqCst);
+        });
+        let early_ok = Arc::new(AtomicBool::new(false));
+        for (i, b) in [2u64, 5, 8].into_iter().enumerate() {
+            let (i2, io) = (img.clone(), env.world.io());
+            ex.spawn(async move {
+                i2.write(&io, b * BS, data(5 + i as u64, b, c.old_size()))
+                    .await
+                    .unwrap();
+            });
+        }
+        let mut steps = 0;
+        while !done.load(Ordering::SeqCst) {
+            ex.run_ready();
+            // A write past the old end, tried at every step: refused until the grow is done.
+            if steps % 3 == 0 && !done.load(Ordering::SeqCst) {
+                let (i2, io, e) = (img.clone(), env.world.io(), early_ok.clone());
+                let was_done = done.clone();
+                ex.spawn(async move {
+                    // Read in the same poll as the write's range check.
+                    let before = was_done.load(Ordering::SeqCst);
+                    let r = i2.write(&io, 30 * BS, data(9, 30, 40 * BS)).await;
+                    if r.is_ok() && !before {
+                        e.store(true, Ordering::SeqCst);
+                    }
+                });
+            }
+            ex.run_ready();
+            if done.load(Ordering::SeqCst) {
+                break;
+            }
+            assert!(env.world.complete_one(), "seed {seed}: stalled");
+            steps += 1;
+        }
+        env.world.run(&mut ex);
+        assert!(
+            !early_ok.load(Ordering::SeqCst),
+            "seed {seed}: a write past the old end succeeded before the grow finished"
+        );
+        assert_eq!(img.virtual_size(), size);
+        let (i2, io) = (img.clone(), env.world.io());
+        env.world
+            .block_on(async move {
+                i2.write(&io, 30 * BS, data(9, 30, 40 * BS)).await?;
+                i2.flush(&io).await
+            })
+            .unwrap();
+        drop(ex);
+        drop(img);
+        env.world.power_loss();
+        let img = Arc::new(env.open());
+        assert_eq!(img.virtual_size(), size, "seed {seed}");
+        for (i, b) in [2u64, 5, 8].into_iter().enumerate() {
+            for (lba, v) in env.sectors(&img, b * BS, BS) {
+                assert!(
+                    matches!(v, Decoded::Value(x) if x == 5 + i as u64),
+                    "seed {seed}: sector {lba} lost a write made during the grow"
+                );
+            }
+        }
+        for (lba, v) in env.sectors(&img, 30 * BS, BS) {
+            assert!(matches!(v, Decoded::Value(9)), "seed {seed}: sector {lba}");
+        }
+    }
+}
