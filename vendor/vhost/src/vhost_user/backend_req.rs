@@ -61,6 +61,20 @@ impl BackendInternal {
         self.wait_for_ack(&hdr)
     }
 
+    // fvd patch: a request without a body (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG), sent as
+    // `send_message` sends the others.
+    fn send_header(&mut self, request: BackendReq) -> Result<u64> {
+        self.check_state()?;
+
+        let mut hdr = VhostUserMsgHeader::new(request, 0, 0);
+        if self.reply_ack_negotiated {
+            hdr.set_need_reply(true);
+        }
+        self.sock.send_header(&hdr, None)?;
+
+        self.wait_for_ack(&hdr)
+    }
+
     fn wait_for_ack(&mut self, hdr: &VhostUserMsgHeader<BackendReq>) -> Result<u64> {
         self.check_state()?;
         if !self.reply_ack_negotiated {
@@ -146,6 +160,16 @@ impl Backend {
 }
 
 impl VhostUserFrontendReqHandler for Backend {
+    /// Forward a device configuration change notification to the frontend (fvd patch): it
+    /// re-reads the configuration space (e.g. a virtio-blk capacity) and tells the guest.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        Ok(self
+            .inner
+            .lock()
+            .unwrap()
+            .send_header(BackendReq::CONFIG_CHANGE_MSG)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
