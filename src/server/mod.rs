@@ -16,6 +16,7 @@ pub mod background;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod handle;
 pub mod inflight;
 pub mod listener;
 pub mod request;
@@ -123,6 +124,8 @@ pub struct Server {
     serial: [u8; ID_LEN],
     listener: Listener,
     stop: Stop,
+    /// The connected frontend's backend request channel (see [`handle::ServerHandle`]).
+    frontend: Arc<handle::FrontendChannel>,
 }
 
 impl Server {
@@ -236,11 +239,21 @@ impl Server {
             serial,
             listener,
             stop,
+            frontend: Default::default(),
         })
     }
 
     pub fn device(&self) -> &DeviceConfig {
         &self.device
+    }
+
+    /// A handle for the control plane (resize, ...), valid for the life of the server.
+    pub fn handle(&self) -> handle::ServerHandle {
+        handle::ServerHandle {
+            disk: self.disk.clone(),
+            control: self.control.clone(),
+            frontend: self.frontend.clone(),
+        }
     }
 
     /// Serves frontends until SIGTERM/SIGINT (or the first disconnect with `once`), then
@@ -339,7 +352,13 @@ impl Server {
                 disk: self.disk.clone(),
                 serial: self.serial,
                 write_through: AtomicBool::new(false),
-                limits: self.device.limits(),
+                // The most the disk can grow to while served: the engine checks the current
+                // size (which a resize changes) on every request.
+                limits: request::Limits {
+                    capacity: self.disk.max_size() / 512 * 512,
+                    ..self.device.limits()
+                },
+                frontend: self.frontend.clone(),
                 signal_each: self.cfg.signal_each_completion,
                 sigbus_base: sigbus::faults(),
                 conn: parking_lot::Mutex::new(None),
@@ -400,6 +419,8 @@ impl Server {
                 Err(e) => tracing::warn!("frontend connection ended: {e}"),
             }
             stop.set_connection(None);
+            // The next frontend reads the size when it connects; nobody to tell meanwhile.
+            self.frontend.set(None);
             if stop.requested() {
                 self.cut_nbd_reads();
             }

@@ -48,6 +48,8 @@ pub struct Ctx {
     pub stopping: AtomicBool,
     /// What this connection has logged already.
     pub log: ConnLog,
+    /// Where this connection's backend request channel goes (SET_BACKEND_REQ_FD).
+    pub frontend: Arc<super::handle::FrontendChannel>,
 }
 
 /// Problems a guest causes are logged the first time per connection, then only at trace level:
