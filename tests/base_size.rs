@@ -50,6 +50,7 @@ fn setup(d: &Path) -> Vec<u8> {
             size: MIB,
         }),
         compat: COMPAT_COPY_ON_READ,
+        max_size: None,
     };
     block_on(Image::create(&SyncIo, f, &p)).unwrap();
     data

@@ -24,6 +24,7 @@ fn create(path: &Path, size: u64, base: Option<BaseRef>, compat: u64) {
         compact: true,
         base,
         compat,
+        max_size: None,
     };
     block_on(Image::create(&SyncIo, f, &p)).unwrap();
 }

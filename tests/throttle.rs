@@ -245,28 +245,13 @@ fn a_live_change_applies_to_waiting_requests() {
         ..ThrottleConfig::default()
     };
     let srv = fvd::server::Server::bind(fvd::server::ServeConfig {
-        image: img.clone(),
-        format: None,
-        socket: Some(sock.clone()),
-        num_queues: 1,
-        queue_size: 256,
-        read_only: false,
-        serial: None,
-        socket_mode: 0o600,
         // Ends with the client: no signal needed in this (shared) test process.
         once: true,
         prefetch: Some(false),
-        prefetch_config: Default::default(),
-        copy_on_read: None,
-        grow: None,
-        signal_each_completion: false,
-        nbd: Default::default(),
         // Filters would bind the test process's threads.
         seccomp: fvd::server::seccomp::SeccompMode::Off,
-        zero_ranges: Default::default(),
         throttle: limit(20),
-        control: None,
-        metrics: None,
+        ..fvd::server::ServeConfig::new(img.clone(), Some(sock.clone()))
     })
     .unwrap();
     let handle = srv.handle();

@@ -297,6 +297,7 @@ pub fn build(inp: &mut Input) -> Built {
             size: *size,
         }),
         compat: 0,
+        max_size: None,
     };
     let file = world.create_disk(0, 512);
     let (io, f2) = (world.io(), file.clone());

@@ -72,6 +72,7 @@ fn copy(io: &SyncIo, src: &Disk<SyncIo>, a: &Args, size: u64) -> Result<()> {
                 block_size: a.block_size,
                 chunk_size: a.chunk_size,
                 compact: !a.no_compact,
+                max_size: Some(super::create::default_max_size(size)),
                 ..Default::default()
             };
             let f = HostFile::open(&a.dst, OpenMode::Create)

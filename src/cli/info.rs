@@ -24,6 +24,8 @@ struct Info {
 #[derive(Serialize)]
 struct FvdInfo {
     compact: bool,
+    /// Largest size `fvd resize` can grow the image to.
+    max_size: u64,
     block_size: u64,
     chunk_size: u64,
     clean: bool,
@@ -97,6 +99,7 @@ pub fn run(a: super::InspectArgs) -> Result<i32> {
                 actual_size,
                 fvd: Some(FvdInfo {
                     compact: img.compact(),
+                    max_size: h.capacity(),
                     block_size: geo.block_size,
                     chunk_size: geo.chunk_size,
                     clean: h.clean(),
@@ -156,6 +159,12 @@ fn print_human(o: &mut String, i: &Info) {
             } else {
                 "raw-like"
             }
+        );
+        outln!(
+            o,
+            "max size: {} ({} bytes)",
+            human_size(f.max_size),
+            f.max_size
         );
         outln!(o, "block size: {}", f.block_size);
         outln!(o, "chunk size: {}", f.chunk_size);

@@ -17,6 +17,7 @@ mod create;
 mod ctl;
 mod info;
 mod map;
+mod resize;
 pub mod serve;
 mod stream;
 
@@ -50,6 +51,8 @@ enum Command {
     Convert(convert::Args),
     /// Change image features (copy-on-read, prefetch).
     Amend(amend::Args),
+    /// Change an image's size: SIZE, +SIZE or -SIZE (shrinking needs --shrink).
+    Resize(resize::Args),
     /// Copy every block of the base image into the image, with a progress bar.
     Stream(stream::StreamArgs),
     /// Detach the base image once the image no longer needs it.
@@ -184,6 +187,7 @@ pub fn main() -> i32 {
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Amend(a) => amend::run(a),
+        Command::Resize(a) => resize::run(a),
         Command::Stream(a) => stream::stream(a),
         Command::Rebase(a) => stream::rebase(a),
         Command::Serve(a) => serve::run(*a).map(|()| 0),

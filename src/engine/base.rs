@@ -104,3 +104,27 @@ fn check_not_shrunk<I: Io>(store: &Storage<I>, off: u64, part: &Buf) -> Result<(
         len: len as u64,
     })
 }
+
+impl<I: Io> Image<I> {
+    /// Bytes of the base this image reads (see [`Image::base_end`]'s field).
+    pub(super) fn base_end(&self) -> u64 {
+        self.base_end.load(Ordering::Acquire)
+    }
+
+    /// Reads `[off, off + buf.len())` of the base image as this image sees it: bytes past
+    /// [`Image::base_end`] read as zeros.
+    pub(super) async fn read_base(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+        let len = buf.len() as u64;
+        let inside = self.base_end().saturating_sub(off).min(len);
+        if inside < len {
+            buf.zero(inside as usize, (len - inside) as usize);
+        }
+        match &self.base {
+            Some(base) if inside > 0 => {
+                base.read(io, &self.counters, off, buf.slice(0, inside as usize))
+                    .await
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -67,6 +67,21 @@ impl<I: Io> Disk<I> {
     pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
         both!(self, d => d.write_zeroes(io, off, len, unmap).await)
     }
+    /// The most the disk can grow to ([`crate::format::Header::capacity`]; a raw disk's size).
+    pub fn max_size(&self) -> u64 {
+        match self {
+            Disk::Fvd(d) => d.header().capacity().max(d.virtual_size()),
+            Disk::Raw(d) => d.virtual_size(),
+        }
+    }
+    /// Grows the disk while it is in use (see [`Image::grow`]). A raw disk is refused: its
+    /// size is its file's, which this process does not own.
+    pub async fn grow(&self, io: &I, size: u64) -> Result<()> {
+        match self {
+            Disk::Fvd(d) => d.grow(io, size).await,
+            Disk::Raw(_) => Err(EngineError::Resize(super::error::ResizeRefused::RawInUse)),
+        }
+    }
     /// The NBD connections of the base chain (to tune them, or to cut them short at shutdown).
     pub fn nbd_clients(&self) -> Vec<&NbdClient> {
         match self {

@@ -79,6 +79,8 @@ pub enum InvalidParams {
     BaseChainTooDeep { max: usize },
     #[error("base {uri}: only raw images can be used over NBD")]
     NbdBaseNotRaw { uri: String },
+    #[error("maximum size {max_size} must lie between the size ({size}) and 64 PiB")]
+    MaxSize { max_size: u64, size: u64 },
 }
 
 /// Everything that can go wrong inside the engine.
@@ -131,6 +133,39 @@ pub enum EngineError {
     },
     #[error("base image shrank to {size} bytes while in use: [{offset}, +{len}) is past its end")]
     BaseShrank { size: u64, offset: u64, len: u64 },
+    #[error(transparent)]
+    Resize(ResizeRefused),
+}
+
+/// Why a resize was refused (nothing was changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeRefused {
+    #[error(
+        "{size} bytes is more than the image's metadata can describe ({capacity} bytes, set at \
+         create by --max-size; an image made before --max-size existed holds its size rounded \
+         up to its last metadata sector)"
+    )]
+    Capacity { size: u64, capacity: u64 },
+    #[error(
+        "the new size {size} is smaller than the current {current} bytes: shrinking needs --shrink"
+    )]
+    ShrinkNeeded { size: u64, current: u64 },
+    #[error(
+        "data is allocated at offset {offset}, past the new end {size}: shrinking would lose it \
+         (discard it first)"
+    )]
+    Allocated { offset: u64, size: u64 },
+    #[error(
+        "the new size {size} is smaller than the current {current} bytes: a disk in use cannot \
+         shrink (stop the server and use fvd resize --shrink)"
+    )]
+    ShrinkInUse { size: u64, current: u64 },
+    #[error("a raw disk in use is not resized by fvd (stop the server and use fvd resize)")]
+    RawInUse,
+    #[error("size must be a non-zero multiple of 512 bytes, not {0}")]
+    BadSize(u64),
+    #[error("the block device holds {have} bytes, the image needs {need} at the new size")]
+    DeviceTooSmall { have: u64, need: u64 },
 }
 
 impl EngineError {
@@ -149,6 +184,8 @@ impl EngineError {
             // As QEMU's raw driver: the guest sees an I/O error.
             EngineError::ProbedRawMagic => libc::EPERM,
             EngineError::BaseTooSmall { .. } | EngineError::BaseShrank { .. } => libc::EIO,
+            EngineError::Resize(ResizeRefused::DeviceTooSmall { .. }) => libc::ENOSPC,
+            EngineError::Resize(_) => libc::EINVAL,
         }
     }
 }

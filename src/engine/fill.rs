@@ -53,7 +53,7 @@ impl<I: Io> Image<I> {
     pub(super) fn queue_copy_on_read(&self, vpos: u64, buf: &Buf) {
         let bs = self.geo.block_size;
         let end = vpos + buf.len() as u64;
-        let base_end = self.base.as_ref().map_or(0, |b| b.size());
+        let base_end = self.base_end();
         let mut b = vpos / bs;
         while b * bs < end && b * bs < base_end {
             let (s, e) = (b * bs, (b + 1) * bs);
@@ -119,8 +119,8 @@ impl<I: Io> Image<I> {
             Some(d) => d,
             None => {
                 let d = Buf::alloc(bs as usize);
-                if let Some(base) = &self.base {
-                    base.read(io, &self.counters, b * bs, d.clone()).await?;
+                if self.base.is_some() {
+                    self.read_base(io, b * bs, d.clone()).await?;
                 }
                 d
             }
@@ -136,10 +136,12 @@ impl<I: Io> Image<I> {
 
     /// Blocks that still read from the base image.
     pub fn base_blocks_remaining(&self) -> u64 {
-        let Some(base) = &self.base else { return 0 };
-        let n = base
-            .size()
-            .min(self.geo.virtual_size)
+        if self.base.is_none() {
+            return 0;
+        }
+        let n = self
+            .base_end()
+            .min(self.virtual_size())
             .div_ceil(self.geo.block_size);
         (0..n)
             .filter(|&b| !self.live.present(BlockIndex(b)))
@@ -149,15 +151,15 @@ impl<I: Io> Image<I> {
     /// Copies up to `max_blocks` base blocks that are not yet present, continuing where the
     /// previous step stopped.
     pub async fn prefetch_step(&self, io: &I, max_blocks: u64) -> Result<PrefetchStep> {
-        let Some(base) = &self.base else {
+        if self.base.is_none() {
             return Ok(PrefetchStep {
                 done: true,
                 ..Default::default()
             });
-        };
-        let n = base
-            .size()
-            .min(self.geo.virtual_size)
+        }
+        let n = self
+            .base_end()
+            .min(self.virtual_size())
             .div_ceil(self.geo.block_size);
         let mut step = PrefetchStep::default();
         let mut scanned = 0;

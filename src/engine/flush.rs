@@ -71,7 +71,7 @@ impl<I: Io> Image<I> {
         self.sync_locked(io, &mut fs).await
     }
 
-    async fn sync_locked(&self, io: &I, fs: &mut FlushState) -> Result<()> {
+    pub(super) async fn sync_locked(&self, io: &I, fs: &mut FlushState) -> Result<()> {
         let (records, data_first, taken_from, freed) = {
             let mut pending = self.pending.lock();
             let freed = std::mem::take(&mut *self.freed.lock());
@@ -227,6 +227,18 @@ impl<I: Io> Image<I> {
     /// Writes the committed metadata to the inactive copy and flips the header to it with a new
     /// journal epoch. `clean` marks a clean shutdown.
     pub(super) async fn checkpoint(&self, io: &I, fs: &mut FlushState, clean: bool) -> Result<()> {
+        self.checkpoint_changing(io, fs, clean, |_| {}).await
+    }
+
+    /// A checkpoint whose header also gets `change` (a resize: the new size takes effect with
+    /// the copy that describes it, in one header write).
+    pub(super) async fn checkpoint_changing(
+        &self,
+        io: &I,
+        fs: &mut FlushState,
+        clean: bool,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
         Counters::inc(&self.counters.checkpoints);
         let target = 1 - fs.header.active_meta;
         let base_off = fs.header.meta_offset[target as usize];
@@ -253,6 +265,7 @@ impl<I: Io> Image<I> {
         // them all, and only this run's epochs were written since.
         let epoch = super::image::next_epoch(fs.header.journal_epoch)?;
         self.write_header(io, fs, |h| {
+            change(h);
             h.active_meta = target;
             h.journal_epoch = epoch;
             if clean {

@@ -27,6 +27,9 @@ pub struct CreateParams {
     pub compact: bool,
     pub base: Option<BaseRef>,
     pub compat: u64,
+    /// Largest size the image can be resized to without moving its regions: the metadata is
+    /// sized for it (see docs/FORMAT.md, "Resizing"). `None`: the virtual size.
+    pub max_size: Option<u64>,
 }
 
 impl Default for CreateParams {
@@ -39,6 +42,7 @@ impl Default for CreateParams {
             compact: true,
             base: None,
             compat: 0,
+            max_size: None,
         }
     }
 }
@@ -58,13 +62,24 @@ impl CreateParams {
                 max: crate::format::header::MAX_BASE_PATH,
             }));
         }
-        let geo = Geometry {
-            virtual_size: p.virtual_size,
-            block_size: p.block_size,
-            chunk_size: p.chunk_size,
-        };
-        let l = Layout::compute(&geo, p.compact, p.journal_size);
-        let h = Header {
+        let max_size = p.max_size.unwrap_or(p.virtual_size);
+        if max_size < p.virtual_size || max_size > crate::format::header::MAX_VIRTUAL_SIZE {
+            return Err(EngineError::Invalid(InvalidParams::MaxSize {
+                max_size,
+                size: p.virtual_size,
+            }));
+        }
+        // The metadata regions are laid out for the maximum size.
+        let l = Layout::compute(
+            &Geometry {
+                virtual_size: max_size,
+                block_size: p.block_size,
+                chunk_size: p.chunk_size,
+            },
+            p.compact,
+            p.journal_size,
+        );
+        let mut h = Header {
             generation: 0,
             incompat: if p.compact {
                 crate::format::header::INCOMPAT_COMPACT
@@ -90,6 +105,7 @@ impl CreateParams {
             base: p.base.clone(),
             boot_id: [0; 16],
         };
+        h.set_virtual_size(p.virtual_size);
         h.validate().map_err(|e| match e {
             // The caller's parameters make an invalid header: say what is wrong with them.
             FormatError::InvalidHeader(why) => EngineError::Invalid(InvalidParams::Header { why }),
@@ -113,7 +129,14 @@ pub(super) struct FlushState {
 
 pub struct Image<I: Io> {
     pub(super) store: Storage<I>,
+    /// Block and chunk sizes. Its `virtual_size` is the capacity (the most the metadata can
+    /// describe, which the live metadata covers so that a resize never reallocates it), not the
+    /// disk's size: that is `size`.
     pub(super) geo: Geometry,
+    /// The virtual disk's size in bytes; changed only by a resize, after its header is durable.
+    pub(super) size: std::sync::atomic::AtomicU64,
+    /// Taken first by a resize (before fill locks and the flush state): one at a time.
+    pub(super) resizing: futures::lock::Mutex<()>,
     pub(super) data_offset: u64,
     pub(super) journal_offset: u64,
     pub(super) journal_sectors: u64,
@@ -129,6 +152,9 @@ pub struct Image<I: Io> {
     /// `FlushState::journaled`, readable without the lock (writers that queued nothing new).
     pub(super) journaled: std::sync::atomic::AtomicU64,
     pub(super) base: Option<Base<I>>,
+    /// Bytes of the base this image reads: its size, but no more than the header records (the
+    /// base's size at create, lowered by a resize so a grown range reads zeros, never base data).
+    pub(super) base_end: std::sync::atomic::AtomicU64,
     pub(super) counters: Counters,
     /// Storage with a logical block larger than 512 bytes: every write may need a
     /// read-modify-write, so every write takes block locks.
@@ -151,12 +177,16 @@ pub struct Image<I: Io> {
 /// (their first writes need no zeroing, and no flush before their journal records), and the file
 /// is grown to its full size now, sparse, so that direct writes never extend it (file systems
 /// serialize extending direct writes).
-fn prepare_flat_file<I: Io>(
+pub(super) fn prepare_flat_file<I: Io>(
     store: &Storage<I>,
     live: &LiveMetadata,
     data_offset: u64,
+    size: u64,
 ) -> Result<()> {
-    let geo = live.geo;
+    let geo = Geometry {
+        virtual_size: size,
+        ..live.geo
+    };
     let len = store.file.size().ctx(IoOp::Size, "size flat image file")?;
     let first = len.saturating_sub(data_offset).div_ceil(geo.chunk_size);
     // Only a speed-up: a file system that refuses the size still takes extending writes. Its
@@ -221,7 +251,15 @@ impl<I: Io> Image<I> {
     pub async fn create(io: &I, file: I::File, p: &CreateParams) -> Result<()> {
         let mut h = p.header()?;
         let geo = h.geometry();
-        let l = Layout::compute(&geo, p.compact, p.journal_size);
+        let l = Layout {
+            bitmap_sectors: h.bitmap_sectors,
+            table_sectors: h.table_sectors,
+            meta_offset: h.meta_offset,
+            meta_len: h.meta_len,
+            journal_offset: h.journal_offset,
+            journal_len: h.journal_len,
+            data_offset: h.data_offset,
+        };
         let store = Storage::<I>::new(file);
         if store.file.is_block_device() {
             let need = if p.compact {
@@ -381,19 +419,25 @@ impl<I: Io> Image<I> {
         }
         // Fixed by replaying only up to the damage; the checkpoint below starts a new epoch.
         problems.extend(damaged);
-        let live = LiveMetadata::from_committed(geo, &committed);
+        let capacity = Geometry {
+            virtual_size: header.capacity().max(geo.virtual_size),
+            ..geo
+        };
+        let live = LiveMetadata::from_committed(capacity, &committed);
         let mut alloc = Allocator::from_table(&committed.table, &header, &store)?;
         if !read_only && !store.file.is_block_device() {
             if live.compact() {
                 alloc.grow_ahead(&store)?;
             } else {
-                prepare_flat_file(&store, &live, header.data_offset)?;
+                prepare_flat_file(&store, &live, header.data_offset, geo.virtual_size)?;
             }
         }
         let lock_all_writes = store.align > 512;
         let img = Image {
             store,
-            geo,
+            geo: capacity,
+            size: geo.virtual_size.into(),
+            resizing: Default::default(),
             data_offset: header.data_offset,
             journal_offset: header.journal_offset,
             journal_sectors: header.journal_len / SECTOR as u64,
@@ -410,6 +454,11 @@ impl<I: Io> Image<I> {
                 journaled: 0,
             }),
             journaled: Default::default(),
+            base_end: match (&base, &header.base) {
+                (Some(b), Some(r)) => b.size().min(r.size),
+                _ => 0,
+            }
+            .into(),
             base,
             counters: c,
             lock_all_writes,
@@ -472,10 +521,14 @@ impl<I: Io> Image<I> {
     }
 
     pub fn virtual_size(&self) -> u64 {
-        self.geo.virtual_size
+        self.size.load(Ordering::Acquire)
     }
+    /// Block and chunk sizes, and the current size.
     pub fn geometry(&self) -> Geometry {
-        self.geo
+        Geometry {
+            virtual_size: self.virtual_size(),
+            ..self.geo
+        }
     }
     pub fn read_only(&self) -> bool {
         self.read_only
@@ -527,16 +580,12 @@ impl<I: Io> Image<I> {
 
     /// Checks a guest request's range.
     pub(super) fn check_range(&self, off: u64, len: u64) -> Result<()> {
-        if off % 512 != 0
-            || len % 512 != 0
-            || off
-                .checked_add(len)
-                .is_none_or(|e| e > self.geo.virtual_size)
-        {
+        let size = self.virtual_size();
+        if off % 512 != 0 || len % 512 != 0 || off.checked_add(len).is_none_or(|e| e > size) {
             return Err(EngineError::OutOfRange {
                 offset: off,
                 len,
-                size: self.geo.virtual_size,
+                size,
             });
         }
         Ok(())

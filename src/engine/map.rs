@@ -30,9 +30,9 @@ impl<I: Io> Image<I> {
     /// The virtual disk as a list of extents, neighbours of the same kind merged.
     pub fn extents(&self) -> Vec<Extent> {
         let mut out: Vec<Extent> = Vec::new();
-        let base_size = self.base.as_ref().map_or(0, |b| b.size());
-        let size = self.geo.virtual_size;
-        for b in 0..self.geo.block_count() {
+        let base_size = self.base_end();
+        let size = self.virtual_size();
+        for b in 0..size.div_ceil(self.geo.block_size) {
             let start = b * self.geo.block_size;
             let end = (start + self.geo.block_size).min(size);
             let mut push = |s: u64, e: u64, location, offset: Option<u64>| {

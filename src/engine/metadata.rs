@@ -68,12 +68,23 @@ impl Drop for ChunkRefs<'_> {
 }
 
 impl LiveMetadata {
+    /// The live state of `c`, covering `geo` (the capacity: at least `c`'s size; blocks and
+    /// chunks past `c`'s end absent and unallocated).
     pub fn from_committed(geo: Geometry, c: &Committed) -> Self {
+        let words = (geo.block_count().div_ceil(64) as usize).max(c.bits.len());
+        let chunks = if c.table.is_empty() {
+            0
+        } else {
+            (geo.chunk_count() as usize).max(c.table.len())
+        };
+        let entry = |i: usize| c.table.get(i).copied().unwrap_or(PhysChunk::UNALLOCATED.0);
         LiveMetadata {
             geo,
-            bits: c.bits.iter().map(|&w| AtomicU64::new(w)).collect(),
-            table: c.table.iter().map(|&e| AtomicU32::new(e)).collect(),
-            inflight: c.table.iter().map(|_| AtomicU16::new(0)).collect(),
+            bits: (0..words)
+                .map(|i| AtomicU64::new(c.bits.get(i).copied().unwrap_or(0)))
+                .collect(),
+            table: (0..chunks).map(|i| AtomicU32::new(entry(i))).collect(),
+            inflight: (0..chunks).map(|_| AtomicU16::new(0)).collect(),
             fresh: (0..geo.chunk_count().div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -339,6 +350,50 @@ impl Committed {
 
     pub fn mark_written(&mut self, copy: u32) {
         self.dirty[copy as usize].fill(false);
+    }
+
+    /// The same state for virtual size `geo` (same sector counts): blocks and chunks past the
+    /// new end dropped, new ones absent and unallocated. Every sector is dirty in both copies,
+    /// so no bit or entry past the end survives in either.
+    pub fn resized(&self, geo: &Geometry) -> Committed {
+        let nblocks = geo.block_count();
+        let mut bits = self.bits.clone();
+        bits.resize(nblocks.div_ceil(64) as usize, 0);
+        if nblocks % 64 != 0 {
+            if let Some(last) = bits.last_mut() {
+                *last &= (1u64 << (nblocks % 64)) - 1;
+            }
+        }
+        let mut table = self.table.clone();
+        if !table.is_empty() {
+            table.resize(geo.chunk_count() as usize, PhysChunk::UNALLOCATED.0);
+        }
+        let n = self.dirty[0].len();
+        Committed {
+            bits,
+            table,
+            nblocks,
+            bitmap_sectors: self.bitmap_sectors,
+            table_sectors: self.table_sectors,
+            dirty: [vec![true; n], vec![true; n]],
+        }
+    }
+
+    /// The first virtual byte at or past `end` that holds data: a present block wholly past
+    /// it, or (compact) a chunk wholly past it that is mapped.
+    pub fn first_allocated_past(&self, geo: &Geometry, end: u64) -> Option<u64> {
+        let first_block = end.div_ceil(geo.block_size);
+        let block = (first_block..self.nblocks)
+            .find(|&b| self.bits[(b / 64) as usize] & (1 << (b % 64)) != 0)
+            .map(|b| b * geo.block_size);
+        let first_chunk = end.div_ceil(geo.chunk_size);
+        let chunk = (first_chunk..self.table.len() as u64)
+            .find(|&c| self.table[c as usize] != PhysChunk::UNALLOCATED.0)
+            .map(|c| c * geo.chunk_size);
+        match (block, chunk) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 

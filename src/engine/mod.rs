@@ -21,6 +21,7 @@ pub mod metadata;
 pub mod prefetch;
 pub mod raw;
 pub mod read;
+pub mod resize;
 pub mod space;
 pub mod storage;
 pub mod write;
@@ -31,6 +32,6 @@ pub use disk::{
     create_image, open_disk, open_disk_with, open_image, open_image_with, probe, repair_image,
     resolve_base, Disk, Format,
 };
-pub use error::{Corruption, EngineError, InvalidParams, IoOp, NoSpace, Result};
+pub use error::{Corruption, EngineError, InvalidParams, IoOp, NoSpace, ResizeRefused, Result};
 pub use image::{CreateParams, Image};
 pub use raw::RawDisk;

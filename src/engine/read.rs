@@ -80,8 +80,7 @@ impl<I: Io> Image<I> {
         match src {
             Source::Here(p) => self.store.read(io, &self.counters, p, buf).await,
             Source::Base if self.base.is_some() => {
-                let base = self.base.as_ref().expect("checked above");
-                base.read(io, &self.counters, vpos, buf.clone()).await?;
+                self.read_base(io, vpos, buf.clone()).await?;
                 if self.copy_on_read() {
                     self.queue_copy_on_read(vpos, &buf);
                 }

@@ -237,8 +237,8 @@ impl<I: Io> Image<I> {
                 let bsize = self.geo.block_size;
                 let bs = block * bsize;
                 let blk = Buf::alloc(bsize as usize);
-                if let Some(base) = &self.base {
-                    base.read(io, &self.counters, bs, blk.clone()).await?;
+                if self.base.is_some() {
+                    self.read_base(io, bs, blk.clone()).await?;
                 }
                 let end = off + buf.len() as u64;
                 let (s, e) = (bs.max(off), (bs + bsize).min(end));

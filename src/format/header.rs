@@ -11,8 +11,14 @@ pub const INCOMPAT_COMPACT: u64 = 1 << 0;
 /// docs/FORMAT.md). Set while the image is open read-write, cleared by a clean shutdown, so a
 /// reader that would take intents for committed records refuses the image instead.
 pub const INCOMPAT_INTENTS: u64 = 1 << 1;
+/// Incompatible feature: the metadata copies hold more bitmap/table sectors than the virtual
+/// size needs (room reserved with `fvd create --max-size`, or left by a shrink), so that the
+/// image can grow without moving its regions. Set exactly when the sector counts differ from
+/// those the virtual size needs: older readers, which demand that they match, refuse the image
+/// by this bit instead of by a puzzling geometry error.
+pub const INCOMPAT_CAPACITY: u64 = 1 << 2;
 /// Incompatible features this program understands.
-pub const INCOMPAT_KNOWN: u64 = INCOMPAT_COMPACT | INCOMPAT_INTENTS;
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_COMPACT | INCOMPAT_INTENTS | INCOMPAT_CAPACITY;
 
 /// Compatible feature: copy data read from the base image into this image.
 pub const COMPAT_COPY_ON_READ: u64 = 1 << 0;
@@ -23,6 +29,9 @@ pub const COMPAT_PREFETCH: u64 = 1 << 1;
 pub const FLAG_CLEAN: u64 = 1 << 0;
 /// Flag: every block is present in this image; the base image is no longer read.
 pub const FLAG_BASE_NOT_NEEDED: u64 = 1 << 1;
+
+/// Largest virtual size (and metadata capacity) of an image: 64 PiB.
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
 
 /// Longest base image path that fits the header.
 pub const MAX_BASE_PATH: usize = 2048;
@@ -121,6 +130,32 @@ impl Header {
     pub fn slot_offset(&self) -> u64 {
         (self.generation % 2) * SECTOR as u64
     }
+    /// The largest virtual size the metadata sectors can describe: how far the image can grow
+    /// without moving its regions (at most 64 PiB, the format's limit).
+    pub fn capacity(&self) -> u64 {
+        let bits = self.bitmap_sectors * super::metadata::BITS_PER_SECTOR as u64;
+        let mut cap = bits.saturating_mul(self.block_size as u64);
+        if self.compact() {
+            let entries = self.table_sectors * super::metadata::ENTRIES_PER_SECTOR as u64;
+            cap = cap.min(entries.saturating_mul(self.chunk_size as u64));
+        }
+        cap.min(MAX_VIRTUAL_SIZE)
+    }
+
+    /// Sets the virtual size (which must fit [`Header::capacity`]) and the capacity feature bit
+    /// that goes with it.
+    pub fn set_virtual_size(&mut self, size: u64) {
+        self.virtual_size = size;
+        let needed = super::layout::Layout::compute(&self.geometry(), self.compact(), 0);
+        if needed.bitmap_sectors == self.bitmap_sectors
+            && needed.table_sectors == self.table_sectors
+        {
+            self.incompat &= !INCOMPAT_CAPACITY;
+        } else {
+            self.incompat |= INCOMPAT_CAPACITY;
+        }
+    }
+
     pub fn geometry(&self) -> crate::units::Geometry {
         crate::units::Geometry {
             virtual_size: self.virtual_size,
@@ -251,13 +286,39 @@ impl Header {
                 "chunk size must be a power of two, at least the block size, at most 1 GiB",
             );
         }
-        if self.virtual_size == 0 || self.virtual_size % 512 != 0 || self.virtual_size > (1 << 56) {
+        if self.virtual_size == 0
+            || self.virtual_size % 512 != 0
+            || self.virtual_size > MAX_VIRTUAL_SIZE
+        {
             return bad("virtual size must be a non-zero multiple of 512 bytes, at most 64 PiB");
         }
         let geo = self.geometry();
         let l = super::layout::Layout::compute(&geo, self.compact(), self.journal_len);
-        if self.bitmap_sectors != l.bitmap_sectors || self.table_sectors != l.table_sectors {
-            return bad("metadata sector counts do not match the geometry");
+        let exact =
+            self.bitmap_sectors == l.bitmap_sectors && self.table_sectors == l.table_sectors;
+        if self.incompat & INCOMPAT_CAPACITY == 0 {
+            if !exact {
+                return bad("metadata sector counts do not match the geometry");
+            }
+        } else {
+            // Room to grow: at least what the size needs, no more than the largest size needs
+            // (which also bounds what a reader allocates by these counts).
+            let most = super::layout::Layout::compute(
+                &crate::units::Geometry {
+                    virtual_size: MAX_VIRTUAL_SIZE,
+                    ..geo
+                },
+                self.compact(),
+                0,
+            );
+            if self.bitmap_sectors < l.bitmap_sectors
+                || self.table_sectors < l.table_sectors
+                || self.bitmap_sectors > most.bitmap_sectors
+                || self.table_sectors > most.table_sectors
+                || (!self.compact() && self.table_sectors != 0)
+            {
+                return bad("metadata sector counts do not fit the geometry");
+            }
         }
         if self.meta_len < (self.bitmap_sectors + self.table_sectors) * SECTOR as u64 {
             return bad("metadata region too small");
@@ -299,5 +360,72 @@ pub fn pick_header(slot0: &[u8], slot1: &[u8]) -> Result<Header, FormatError> {
         // Report the more specific problem: a magic mismatch in one slot is expected for a torn
         // first write, so prefer the other slot's error.
         (Err(FormatError::BadMagic), Err(e)) | (Err(e), Err(_)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::layout::Layout;
+    use crate::units::Geometry;
+
+    /// A compact header laid out for `max` bytes holding `size`.
+    fn header(size: u64, max: u64) -> Header {
+        let geo = Geometry {
+            virtual_size: max,
+            block_size: 64 << 10,
+            chunk_size: 1 << 20,
+        };
+        let l = Layout::compute(&geo, true, 1 << 20);
+        let mut h = Header {
+            generation: 1,
+            incompat: INCOMPAT_COMPACT,
+            compat: 0,
+            virtual_size: max,
+            block_size: 64 << 10,
+            chunk_size: 1 << 20,
+            flags: 0,
+            meta_offset: l.meta_offset,
+            meta_len: l.meta_len,
+            bitmap_sectors: l.bitmap_sectors,
+            table_sectors: l.table_sectors,
+            active_meta: 0,
+            journal_offset: l.journal_offset,
+            journal_len: l.journal_len,
+            journal_epoch: 7,
+            data_offset: l.data_offset,
+            base: None,
+            boot_id: [0; 16],
+        };
+        h.set_virtual_size(size);
+        h
+    }
+
+    #[test]
+    fn capacity_bit_follows_the_sector_counts_and_is_checked() {
+        // 1 GiB in 4 GiB of room: 5 table sectors (1020 chunks each) where 2 would do.
+        let h = header(1 << 30, 4 << 30);
+        assert_ne!(h.incompat & INCOMPAT_CAPACITY, 0);
+        assert_eq!(h.capacity(), (5 * 1020) << 20);
+        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+        // Without the bit, an older reader's rule: the counts must match the size exactly.
+        let mut old = h.clone();
+        old.incompat &= !INCOMPAT_CAPACITY;
+        assert!(matches!(
+            Header::decode(&old.encode()),
+            Err(FormatError::InvalidHeader(_))
+        ));
+        // Grown into its room: the counts match again and the bit goes.
+        let mut grown = h.clone();
+        grown.set_virtual_size(h.capacity());
+        assert_eq!(grown.incompat & INCOMPAT_CAPACITY, 0);
+        Header::decode(&grown.encode()).unwrap();
+        // Room smaller than the size, or absurdly large, is refused.
+        let mut small = h.clone();
+        small.virtual_size = h.capacity() + (1 << 20);
+        assert!(small.validate().is_err());
+        let mut huge = h.clone();
+        huge.table_sectors = u64::MAX / 8192;
+        assert!(huge.validate().is_err());
     }
 }

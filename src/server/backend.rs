@@ -180,7 +180,12 @@ impl VhostUserBackend for BlkBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         enter_or_abort(ThreadKind::Connection);
-        let r = self.config.lock().read(offset, size);
+        let r = {
+            let mut c = self.config.lock();
+            // The size as of now: a resize changes it while served.
+            c.capacity = self.ctx.disk.virtual_size();
+            c.read(offset, size)
+        };
         if r.is_empty() {
             tracing::debug!("GET_CONFIG outside the config space: offset {offset}, size {size}");
         }
@@ -207,6 +212,11 @@ impl VhostUserBackend for BlkBackend {
             tracing::debug!("ignored SET_CONFIG at offset {offset}, {} bytes", buf.len());
         }
         Ok(())
+    }
+
+    // The frontend's channel for CONFIG_CHANGE_MSG after a resize (`ServerHandle::resize`).
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        self.ctx.backend_req.set(Some(backend));
     }
 
     // The memory map lives in `self.mem`, which the library updates in place; its mappings are

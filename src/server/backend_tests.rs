@@ -80,6 +80,7 @@ impl Rig {
             log: Default::default(),
             events: Arc::new(crate::server::qmp::events::EventSink::new().unwrap()),
             stats: Arc::new(crate::server::stats::Stats::new(1)),
+            backend_req: Default::default(),
             throttle: Arc::new(crate::server::throttle::Throttle::new(
                 Default::default(),
                 Box::<crate::server::throttle::MonotonicClock>::default(),

@@ -141,6 +141,8 @@ impl DeviceConfig {
     /// vhost-user protocol features offered.
     pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
+            // CONFIG_CHANGE_MSG tells the frontend about a resize (`ServerHandle::resize`).
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS

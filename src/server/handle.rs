@@ -8,11 +8,14 @@ use super::listener::StopRequester;
 use super::qmp::events::EventSink;
 use super::stats::{EngineStats, Stats, StatsSnapshot};
 use super::throttle::{Throttle, ThrottleConfig, ThrottleError};
-use crate::engine::Disk;
+use crate::engine::{Disk, EngineError};
 use crate::io::uring::UringIo;
+use parking_lot::Mutex;
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
 /// A handle on the running server for its control plane.
 #[derive(Clone)]
@@ -31,6 +34,50 @@ pub struct ServerHandle {
     pub stats: Arc<Stats>,
     /// The disk's I/O limits, shared by every queue.
     pub throttle: Arc<Throttle>,
+    /// The connected frontend's backend request channel (CONFIG_CHANGE_MSG after a resize).
+    pub backend_req: Arc<FrontendChannel>,
+}
+
+/// The backend request channel of the connected frontend (SET_BACKEND_REQ_FD), if it set one
+/// up: how the server tells it that the configuration space changed.
+#[derive(Default)]
+pub struct FrontendChannel {
+    backend: Mutex<Option<Backend>>,
+}
+
+impl FrontendChannel {
+    /// The channel of a new connection, or `None` once it ended.
+    pub fn set(&self, backend: Option<Backend>) {
+        *self.backend.lock() = backend;
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (and waits for its ack when REPLY_ACK was
+    /// negotiated). `Ok(false)`: no frontend has a channel; the next one reads the new
+    /// configuration when it connects.
+    pub fn config_changed(&self) -> io::Result<bool> {
+        // Cloned out of the lock: the ack wait must not block a new connection's `set`.
+        let Some(b) = self.backend.lock().clone() else {
+            return Ok(false);
+        };
+        b.handle_config_change().map(|_| true)
+    }
+}
+
+/// Why a control call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("resize to {size} bytes: {source}")]
+    Resize {
+        size: u64,
+        #[source]
+        source: EngineError,
+    },
+    #[error("disk resized to {size} bytes, but telling the frontend failed: {source}")]
+    Notify {
+        size: u64,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What the server serves, fixed at start.
@@ -73,6 +120,34 @@ impl ServerHandle {
     }
 }
 
+impl ServerHandle {
+    /// Grows the disk to `new_bytes` while it is served (QMP `block_resize`): the new size is
+    /// durable in the image before the guest is told (the virtio-blk capacity in the
+    /// configuration space, then CONFIG_CHANGE_MSG); requests past the old end fail until then.
+    /// Shrinking a served disk is refused. Blocks the calling thread, which does the I/O on
+    /// the server's control ring.
+    pub fn resize(&self, new_bytes: u64) -> Result<(), HandleError> {
+        let size = new_bytes;
+        self.control
+            .block_on(self.disk.grow(self.control.io(), size))
+            .map_err(|source| HandleError::Resize { size, source })?;
+        match self.backend_req.config_changed() {
+            Ok(told) => {
+                tracing::info!(
+                    "disk resized to {size} bytes{}",
+                    if told {
+                        "; the frontend was told"
+                    } else {
+                        " (no frontend connected)"
+                    }
+                );
+                Ok(())
+            }
+            Err(source) => Err(HandleError::Notify { size, source }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Control-plane threads clone and share it.
@@ -80,5 +155,53 @@ mod tests {
     fn the_handle_is_clone_send_and_sync() {
         fn shareable<T: Clone + Send + Sync + 'static>() {}
         shareable::<super::ServerHandle>();
+    }
+
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// The message on the wire, as QEMU's backend-channel reader takes it: code 2, no body,
+    /// need-reply with REPLY_ACK; the frontend's ack (u64 0) completes the call.
+    #[test]
+    fn config_change_goes_to_the_frontend_and_waits_for_its_ack() {
+        let ch = FrontendChannel::default();
+        assert!(!ch.config_changed().unwrap(), "no frontend: nothing sent");
+        let (a, mut fe) = UnixStream::pair().unwrap();
+        let b = Backend::from_stream(a);
+        b.set_reply_ack_flag(true);
+        ch.set(Some(b));
+        let frontend = std::thread::spawn(move || {
+            let mut hdr = [0u8; 12];
+            fe.read_exact(&mut hdr).unwrap();
+            let w = |i: usize| u32::from_le_bytes(hdr[i * 4..i * 4 + 4].try_into().unwrap());
+            assert_eq!(w(0), 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+            assert_eq!(w(1), 0x1 | 0x8, "version 1, need reply");
+            assert_eq!(w(2), 0, "no body");
+            let mut reply = Vec::new();
+            for v in [2u32, 0x1 | 0x4, 8] {
+                reply.extend_from_slice(&v.to_le_bytes());
+            }
+            reply.extend_from_slice(&0u64.to_le_bytes());
+            fe.write_all(&reply).unwrap();
+            fe
+        });
+        assert!(ch.config_changed().unwrap());
+        let mut fe = frontend.join().unwrap();
+        // A frontend that answers with an error makes the call fail.
+        let t = std::thread::spawn(move || {
+            let mut hdr = [0u8; 12];
+            fe.read_exact(&mut hdr).unwrap();
+            let mut reply = Vec::new();
+            for v in [2u32, 0x1 | 0x4, 8] {
+                reply.extend_from_slice(&v.to_le_bytes());
+            }
+            reply.extend_from_slice(&1u64.to_le_bytes());
+            fe.write_all(&reply).unwrap();
+        });
+        assert!(ch.config_changed().is_err());
+        t.join().unwrap();
+        ch.set(None);
+        assert!(!ch.config_changed().unwrap());
     }
 }

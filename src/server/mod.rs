@@ -138,6 +138,34 @@ pub enum ServeError {
 }
 
 impl ServeConfig {
+    /// Serving `image` on `socket` with one queue of 256 and every option at its default (the
+    /// image's own prefetch and copy-on-read settings, system call filters on, no limits, no
+    /// control socket or metrics): what code that embeds the server starts from.
+    pub fn new(image: PathBuf, socket: Option<PathBuf>) -> ServeConfig {
+        ServeConfig {
+            image,
+            format: None,
+            socket,
+            num_queues: 1,
+            queue_size: 256,
+            read_only: false,
+            serial: None,
+            socket_mode: 0o600,
+            once: false,
+            prefetch: None,
+            prefetch_config: Default::default(),
+            copy_on_read: None,
+            grow: None,
+            signal_each_completion: false,
+            nbd: Default::default(),
+            seccomp: seccomp::SeccompMode::On,
+            zero_ranges: Default::default(),
+            control: None,
+            metrics: None,
+            throttle: Default::default(),
+        }
+    }
+
     /// Checks what the types allow but the device does not.
     pub fn validate(&self) -> Result<(), ServeError> {
         if let Some(s) = self.serial.as_ref().filter(|s| s.len() > ID_LEN) {
@@ -354,6 +382,7 @@ impl Server {
             frontend: Default::default(),
             stats: Arc::new(stats::Stats::new(cfg.num_queues)),
             throttle,
+            backend_req: Default::default(),
         };
         Ok(Server {
             cfg,
@@ -548,7 +577,13 @@ impl Server {
                 disk: self.disk.clone(),
                 serial: self.serial,
                 write_through: AtomicBool::new(false),
-                limits: self.device.limits(),
+                // The most the disk can grow to while served: the engine checks the current
+                // size (which a resize changes) on every request.
+                limits: request::Limits {
+                    capacity: self.disk.max_size() / 512 * 512,
+                    ..self.device.limits()
+                },
+                backend_req: self.handle.backend_req.clone(),
                 signal_each: self.cfg.signal_each_completion,
                 sigbus_base: sigbus::faults(),
                 conn: parking_lot::Mutex::new(None),
@@ -620,6 +655,8 @@ impl Server {
             self.handle
                 .events
                 .emit(qmp::events::FRONTEND_DISCONNECTED, serde_json::json!({}));
+            // The next frontend reads the size when it connects; nobody to tell meanwhile.
+            self.handle.backend_req.set(None);
             if stop.requested() {
                 self.cut_nbd_reads();
             }

@@ -57,6 +57,8 @@ pub struct Ctx {
     pub stats: Arc<Stats>,
     /// The disk's I/O limits (shared by all queues and connections).
     pub throttle: Arc<Throttle>,
+    /// Where this connection's backend request channel goes (SET_BACKEND_REQ_FD).
+    pub backend_req: Arc<super::handle::FrontendChannel>,
 }
 
 /// Problems a guest causes are logged the first time per connection, then only at trace level:

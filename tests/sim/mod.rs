@@ -6,4 +6,5 @@ pub mod model;
 pub mod ops;
 pub mod pattern;
 mod regress;
+mod resize;
 pub mod scenario;

@@ -1,0 +1,206 @@
+//! `Image::resize` on real files (docs/FORMAT.md, "Resizing"): data kept, the grown range
+//! reads zeros (over a longer base and past a partial last block too), shrinking only over
+//! unallocated space, the reserved capacity, and images made without room to grow.
+
+use fvd::engine::{CreateParams, EngineError, Image, ResizeRefused};
+use fvd::format::header::INCOMPAT_CAPACITY;
+use fvd::format::{BaseFormat, BaseRef};
+use fvd::io::executor::block_on;
+use fvd::io::host_file::OpenMode;
+use fvd::io::sync::SyncIo;
+use fvd::io::{Buf, HostFile};
+use std::path::Path;
+
+const BS: u64 = 16 << 10;
+const CS: u64 = 64 << 10;
+
+fn tmpdir() -> tempfile::TempDir {
+    // O_DIRECT needs a real filesystem; /var/tmp is on disk.
+    tempfile::tempdir_in("/var/tmp").unwrap()
+}
+
+fn create(path: &Path, size: u64, max: Option<u64>, compact: bool, base: Option<BaseRef>) {
+    let f = HostFile::open(path, OpenMode::Create).unwrap();
+    let p = CreateParams {
+        virtual_size: size,
+        block_size: BS,
+        chunk_size: CS,
+        journal_size: 64 << 10,
+        compact,
+        base,
+        max_size: max,
+        ..Default::default()
+    };
+    block_on(Image::create(&SyncIo, f, &p)).unwrap();
+}
+
+fn open(path: &Path) -> Image<SyncIo> {
+    block_on(fvd::engine::open_image(&SyncIo, path, false)).unwrap()
+}
+
+/// Closes cleanly and releases the lock.
+fn close(img: Image<SyncIo>) {
+    block_on(img.close(&SyncIo)).unwrap();
+    drop(img);
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(seed * 7919) % 251) as u8 | 1)
+        .collect()
+}
+
+fn write(img: &Image<SyncIo>, off: u64, data: &[u8]) {
+    let b = Buf::alloc(data.len());
+    b.copy_from_slice(0, data);
+    block_on(img.write(&SyncIo, off, b)).unwrap();
+}
+
+fn read(img: &Image<SyncIo>, off: u64, len: u64) -> Vec<u8> {
+    let b = Buf::alloc(len as usize);
+    block_on(img.read(&SyncIo, off, b.clone())).unwrap();
+    b.to_vec()
+}
+
+fn check_clean(path: &Path) {
+    let f = HostFile::open(path, OpenMode::ReadOnly).unwrap();
+    let r = block_on(fvd::engine::check::check(&SyncIo, f)).unwrap();
+    assert_eq!(r.exit_code(), 0, "{:?}", r.problems);
+}
+
+/// Grows every layout, with and without a base longer than the image, from a size that ends
+/// inside a block whose data (base data merged by the first write, or a copy-on-read) reaches
+/// past that end: afterwards the old data is kept, the new range reads zeros and takes writes,
+/// all of it across a reopen.
+#[test]
+fn grow_keeps_data_and_the_new_range_reads_zeros() {
+    for compact in [true, false] {
+        for with_base in [false, true] {
+            let d = tmpdir();
+            let path = d.path().join("img.fvd");
+            let old = 20 * BS + 1536;
+            let new = 50 * BS + 512;
+            let base = with_base.then(|| {
+                std::fs::write(d.path().join("base.raw"), pattern(9, 64 * BS as usize)).unwrap();
+                BaseRef {
+                    path: "base.raw".into(),
+                    format: BaseFormat::Raw,
+                    size: 64 * BS,
+                }
+            });
+            create(&path, old, Some(64 * BS), compact, base);
+            let img = open(&path);
+            let data = pattern(1, 512);
+            // Into the last, partial block: its first write fills the whole block.
+            write(&img, 20 * BS, &data);
+            write(&img, 3 * BS, &pattern(2, BS as usize));
+            let before = read(&img, 0, old);
+            close(img);
+
+            let mut img = open(&path);
+            block_on(img.resize(&SyncIo, new, false)).unwrap();
+            assert_eq!(img.virtual_size(), new);
+            assert_eq!(
+                read(&img, 0, old),
+                before,
+                "compact {compact} base {with_base}"
+            );
+            assert!(
+                read(&img, old, new - old).iter().all(|&b| b == 0),
+                "compact {compact} base {with_base}: the grown range is not zeros"
+            );
+            write(&img, 40 * BS, &pattern(3, BS as usize));
+            write(&img, new - 512, &data);
+            close(img);
+            check_clean(&path);
+
+            let img = open(&path);
+            assert_eq!(img.virtual_size(), new);
+            assert_eq!(read(&img, 0, old), before);
+            assert_eq!(read(&img, 40 * BS, BS), pattern(3, BS as usize));
+            assert_eq!(read(&img, new - 512, 512), data);
+            assert!(read(&img, old, 40 * BS - old).iter().all(|&b| b == 0));
+            close(img);
+        }
+    }
+}
+
+/// Shrinking needs the flag and nothing allocated past the new end (the error names the first
+/// allocated offset); once that is discarded it works, and the cut-off range stays zeros when
+/// the image grows again.
+#[test]
+fn shrink_only_over_unallocated_space() {
+    for compact in [true, false] {
+        let d = tmpdir();
+        let path = d.path().join("img.fvd");
+        create(&path, 40 * BS, Some(64 * BS), compact, None);
+        let mut img = open(&path);
+        write(&img, 2 * BS, &pattern(1, BS as usize));
+        write(&img, 30 * BS, &pattern(2, BS as usize));
+        match block_on(img.resize(&SyncIo, 10 * BS, false)) {
+            Err(EngineError::Resize(ResizeRefused::ShrinkNeeded { .. })) => {}
+            r => panic!("shrink without the flag: {:?}", r.err()),
+        }
+        match block_on(img.resize(&SyncIo, 10 * BS, true)) {
+            Err(e @ EngineError::Resize(ResizeRefused::Allocated { .. })) => {
+                let want = if compact { 28 * BS } else { 30 * BS };
+                assert!(e.to_string().contains(&want.to_string()), "{e}");
+            }
+            r => panic!("shrink over data: {:?}", r.err()),
+        }
+        assert_eq!(img.virtual_size(), 40 * BS);
+        block_on(img.discard(&SyncIo, 28 * BS, 4 * BS)).unwrap();
+        block_on(img.flush(&SyncIo)).unwrap();
+        block_on(img.resize(&SyncIo, 10 * BS, true)).unwrap();
+        assert_eq!(img.virtual_size(), 10 * BS);
+        assert_eq!(read(&img, 2 * BS, BS), pattern(1, BS as usize));
+        close(img);
+        check_clean(&path);
+
+        let mut img = open(&path);
+        assert_eq!(img.virtual_size(), 10 * BS);
+        block_on(img.resize(&SyncIo, 40 * BS, false)).unwrap();
+        assert!(read(&img, 10 * BS, 30 * BS).iter().all(|&b| b == 0));
+        assert_eq!(read(&img, 2 * BS, BS), pattern(1, BS as usize));
+        close(img);
+        check_clean(&path);
+    }
+}
+
+/// The capacity reserved at create bounds growth; an image made without room (as every image
+/// made before `--max-size`) grows only within its last metadata sector, says so otherwise, and
+/// carries no capacity feature bit, so older readers still open it.
+#[test]
+fn capacity_is_reserved_at_create_and_old_images_say_how_far_they_grow() {
+    let d = tmpdir();
+    let path = d.path().join("img.fvd");
+    // Two table sectors where one would do: the capacity feature bit says so.
+    create(&path, 8 * BS, Some(100 << 20), true, None);
+    let mut img = open(&path);
+    let h = img.header();
+    assert_ne!(h.incompat & INCOMPAT_CAPACITY, 0);
+    assert_eq!(h.capacity(), 2 * 1020 * CS);
+    let cap = h.capacity();
+    match block_on(img.resize(&SyncIo, cap + 512, false)) {
+        Err(EngineError::Resize(ResizeRefused::Capacity { capacity, .. })) => {
+            assert_eq!(capacity, cap)
+        }
+        r => panic!("growth past the capacity: {:?}", r.err()),
+    }
+    block_on(img.resize(&SyncIo, cap, false)).unwrap();
+    assert_eq!(img.header().incompat & INCOMPAT_CAPACITY, 0);
+    close(img);
+
+    let old = d.path().join("old.fvd");
+    create(&old, 8 * BS, None, true, None);
+    let mut img = open(&old);
+    let h = img.header();
+    assert_eq!(h.incompat & INCOMPAT_CAPACITY, 0);
+    // One table sector holds 1020 chunks: the most this image can describe.
+    assert_eq!(h.capacity(), 1020 * CS);
+    block_on(img.resize(&SyncIo, 1020 * CS, false)).unwrap();
+    let e = block_on(img.resize(&SyncIo, 1020 * CS + 512, false)).unwrap_err();
+    assert!(e.to_string().contains("--max-size"), "{e}");
+    close(img);
+    check_clean(&old);
+}
