@@ -37,9 +37,9 @@ async def main(path):
     names = {c["name"] for c in await a.execute("query-commands")}
     for want in ["query-block", "query-blockstats", "query-block-jobs", "block-job-pause",
                  "block-job-resume", "block-job-set-speed", "block-job-cancel",
-                 "x-fvd-copy-on-read", "x-fvd-flush", "quit"]:
+                 "block_resize", "block_set_io_throttle", "x-fvd-copy-on-read", "x-fvd-flush",
+                 "quit"]:
         check(want in names, f"query-commands lacks {want}")
-    check("block_resize" not in names, "block_resize is listed")
 
     blocks = await b.execute("query-block")
     check(len(blocks) == 1 and blocks[0]["device"] == "fvd0", f"query-block: {blocks}")
@@ -50,7 +50,20 @@ async def main(path):
     check(await a.execute("query-block-jobs") == [], "query-block-jobs is not empty")
     check(await a.execute("x-fvd-flush") == {}, "x-fvd-flush")
 
-    for cmd, args, cls in [("block_resize", {"device": "fvd0", "size": 1}, "CommandNotFound"),
+    throttle = {"device": "fvd0", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 500,
+                "iops_rd": 0, "iops_wr": 0, "iops_max": 1000, "iops_max_length": 2}
+    check(await a.execute("block_set_io_throttle", throttle) == {}, "block_set_io_throttle")
+    ins = (await b.execute("query-block"))[0]["inserted"]
+    check(ins["iops"] == 500 and ins["iops_max"] == 1000 and ins["iops_max_length"] == 2,
+          f"limits in query-block: {ins}")
+    check(await a.execute("block_resize", {"node-name": "fvd0", "size": 96 << 20}) == {},
+          "block_resize")
+    ins = (await b.execute("query-block"))[0]["inserted"]
+    check(ins["image"]["virtual-size"] == 96 << 20, f"size after block_resize: {ins}")
+    for cmd, args, cls in [("block_resize", {"device": "fvd0", "size": 1}, "GenericError"),
+                           ("block_resize", {"device": "fvd9", "size": 1 << 30}, "GenericError"),
+                           ("block_set_io_throttle", {"device": "fvd0", "bps": 0}, "GenericError"),
+                           ("nope", {}, "CommandNotFound"),
                            ("block-job-pause", {"device": "prefetch"}, "GenericError"),
                            ("query-block", {"bogus": 1}, "GenericError")]:
         try:

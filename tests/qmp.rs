@@ -264,8 +264,8 @@ fn greeting_negotiation_commands_and_errors() {
         .unwrap();
     assert!(flushes > 0);
 
-    // Errors: wrong types, unknown arguments, unknown commands (QEMU's resize and throttle are
-    // someone else's, absent here), malformed input. The connection stays.
+    // Errors: wrong types, unknown arguments, unknown commands, malformed input. The connection
+    // stays.
     let (class, desc) = q.error("x-fvd-copy-on-read", Some(json!({"enable": "yes"})));
     assert_eq!(class, "GenericError");
     assert!(desc.contains("'enable'"), "{desc}");
@@ -273,9 +273,7 @@ fn greeting_negotiation_commands_and_errors() {
         .error("query-block-jobs", Some(json!({"x": 1})))
         .1
         .contains("'x' is unexpected"));
-    for c in ["block_resize", "block_set_io_throttle", "nope"] {
-        assert_eq!(q.error(c, Some(json!({}))).0, "CommandNotFound", "{c}");
-    }
+    assert_eq!(q.error("nope", Some(json!({}))).0, "CommandNotFound");
     q.send(b"{\"execute\": \n\"query-version\", \"id\": \"split\"}\n");
     assert!(q.reply(json!("split"))["return"]["package"].is_string());
     q.send(b"{bad json\n");
@@ -597,11 +595,11 @@ fn fvd_ctl_prints_the_return_and_fails_with_the_error() {
     let o = ctl(&["x-fvd-copy-on-read", r#"{"enable": false}"#]);
     assert!(o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "{}");
-    let o = ctl(&["block_resize", r#"{"device": "fvd0", "size": 1}"#]);
+    let o = ctl(&["nope", r#"{"device": "fvd0"}"#]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("CommandNotFound"), "{err}");
-    assert!(err.contains("block_resize"), "{err}");
+    assert!(err.contains("nope"), "{err}");
     let o = ctl(&["query-block", "[1]"]);
     assert_ne!(o.status.code(), Some(0));
 
@@ -862,4 +860,100 @@ fn a_control_socket_in_use_or_unbindable_stops_the_start() {
     // The running server's control socket still works.
     assert!(Qmp::connect(&s.control).ok("query-version", None)["package"].is_string());
     assert!(s.server.terminate().success());
+}
+
+/// `block_set_io_throttle` with QEMU's arguments: the limits show in `query-block` and hold
+/// back a real frontend's writes; invalid ones are refused with QEMU's messages and change
+/// nothing. `block_resize` grows the served disk (the frontend then reads the new size, the
+/// new range reads zeros), refuses to shrink it or to pass its reserved room, and the size
+/// persists.
+#[test]
+fn block_set_io_throttle_and_block_resize() {
+    let s = serve_new(&[]);
+    let mut q = Qmp::connect(&s.control);
+    let none = json!({"device": "fvd0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                      "iops": 0, "iops_rd": 0, "iops_wr": 0});
+    let mut wr10 = none.clone();
+    wr10["iops_wr"] = json!(10);
+    assert_eq!(q.ok("block_set_io_throttle", Some(wr10)), json!({}));
+    let ins = &q.ok("query-block", None)[0]["inserted"];
+    assert_eq!(ins["iops_wr"], 10);
+    assert_eq!(ins["iops"], 0);
+    assert_eq!(ins["iops_wr_max_length"], 1);
+
+    // Refused, and the limits stay.
+    let mut both = none.clone();
+    both["iops"] = json!(5);
+    both["iops_rd"] = json!(5);
+    let mut neg = none.clone();
+    neg["bps"] = json!(-1);
+    let mut other = none.clone();
+    other["device"] = json!("fvd9");
+    for (args, want) in [
+        (both, "cannot be used at the same time"),
+        (neg, "must be within"),
+        (json!({"device": "fvd0", "bps": 0}), "'bps_rd' is missing"),
+        (other, "'fvd9' not found"),
+    ] {
+        let (class, desc) = q.error("block_set_io_throttle", Some(args));
+        assert_eq!(class, "GenericError");
+        assert!(desc.contains(want), "{desc} lacks {want}");
+    }
+    assert_eq!(q.ok("query-block", None)[0]["inserted"]["iops_wr"], 10);
+
+    // 15 writes at 10 a second: the first goes at once, each next one a tenth of a second
+    // later (a lower bound: the limit holds them back).
+    let mut cl = client::connect(&s.server.socket, 1, false).unwrap();
+    let t = Instant::now();
+    for i in 0..15u64 {
+        cl.write(0, i * 4096, &[0x11; 4096]);
+    }
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1200),
+        "15 writes took {took:?}"
+    );
+    assert_eq!(q.ok("block_set_io_throttle", Some(none)), json!({}));
+
+    // Grow 64M -> 96M while the frontend is connected (libblkio does not take the backend
+    // request channel: the size is in the configuration space for it to read).
+    assert_eq!(
+        q.ok(
+            "block_resize",
+            Some(json!({"node-name": "fvd0", "size": 96 << 20}))
+        ),
+        json!({})
+    );
+    assert_eq!(
+        q.ok("query-block", None)[0]["inserted"]["image"]["virtual-size"],
+        96 << 20
+    );
+    assert_eq!(cl.read(0, 80 << 20, 4096), vec![0u8; 4096]);
+    cl.write(0, 90 << 20, &[0x22; 4096]);
+    assert_eq!(cl.read(0, 90 << 20, 4096), vec![0x22; 4096]);
+    for (args, want) in [
+        (json!({"device": "fvd0", "size": 32 << 20}), "shrink"),
+        (json!({"device": "fvd0", "size": 1u64 << 40}), "max"),
+        (json!({"device": "fvd0", "size": -1}), "'size'"),
+        (json!({"device": "fvd0"}), "'size' is missing"),
+    ] {
+        let (class, desc) = q.error("block_resize", Some(args.clone()));
+        assert_eq!(class, "GenericError", "{args}");
+        assert!(
+            desc.to_lowercase().contains(want),
+            "{args}: {desc} lacks {want}"
+        );
+    }
+    drop(cl);
+    drop(q);
+    let image = s.image.clone();
+    let dir = s._dir;
+    drop(s.server);
+    let info = fvd().arg("info").arg(&image).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains(&format!("{}", 96u64 << 20)),
+        "{}",
+        String::from_utf8_lossy(&info.stdout)
+    );
+    drop(dir);
 }

@@ -464,6 +464,10 @@ fn rules(kind: ThreadKind) -> Rules {
             allow(
                 &mut r,
                 &[
+                    // `block_resize` tells the frontend on its backend request channel and
+                    // waits for the ack.
+                    libc::SYS_sendmsg,
+                    libc::SYS_recvmsg,
                     // Its event loop (created before the filter), clients and their sockets.
                     libc::SYS_epoll_pwait,
                     #[cfg(target_arch = "x86_64")]

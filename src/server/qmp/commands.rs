@@ -1,14 +1,12 @@
 //! The commands of the control socket: QEMU's names and reply shapes where the meaning matches
 //! (qapi/block-core.json, qapi/job.json, qapi/control.json), `x-fvd-` ones for fvd's own.
-//!
-//! `block_resize` and `block_set_io_throttle` are not here: unknown commands get
-//! `CommandNotFound`, as QEMU answers them.
 
 use super::protocol::{self, QmpError};
 use super::DEVICE_NAME;
 use crate::engine::Disk;
 use crate::server::background::{JobError, PREFETCH_JOB};
 use crate::server::handle::ServerHandle;
+use crate::server::throttle::{Limit, ThrottleConfig};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
 
@@ -24,6 +22,8 @@ pub const COMMANDS: &[&str] = &[
     "block-job-resume",
     "block-job-set-speed",
     "block-job-cancel",
+    "block_resize",
+    "block_set_io_throttle",
     "x-fvd-copy-on-read",
     "x-fvd-flush",
     "quit",
@@ -144,6 +144,27 @@ pub fn execute(h: &ServerHandle, name: &str, args: &Map<String, Value>) -> Resul
                 .map_err(|e| job_error(device, e))?;
             Ok(json!({}))
         }
+        "block_resize" => {
+            let a = Args::new(args, &["device", "node-name", "size"])?;
+            disk_named(a.str("device")?, a.str("node-name")?)?;
+            let size = Args::req(a.int("size")?, "size")?;
+            let size = u64::try_from(size)
+                .map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
+            h.resize(size)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+            Ok(json!({}))
+        }
+        "block_set_io_throttle" => {
+            let mut allowed = vec!["device", "id", "iops_size", "group"];
+            allowed.extend(THROTTLE_FIELDS.iter().flat_map(|f| f.names()));
+            let a = Args::new(args, &allowed)?;
+            disk_named(a.str("device")?, a.str("id")?)?;
+            a.str("group")?;
+            let cfg = throttle_config(&a)?;
+            h.set_throttle(cfg)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+            Ok(json!({}))
+        }
         "x-fvd-copy-on-read" => {
             let a = Args::new(args, &["enable"])?;
             let enable = Args::req(a.bool("enable")?, "enable")?;
@@ -177,6 +198,100 @@ pub fn execute(h: &ServerHandle, name: &str, args: &Map<String, Value>) -> Resul
     }
 }
 
+/// The disk a command names (QEMU's `device`, or its `node-name` / qdev `id`): one of them,
+/// and it must be ours.
+fn disk_named(device: Option<&str>, other: Option<&str>) -> Result<(), QmpError> {
+    match device.or(other) {
+        Some(DEVICE_NAME) => Ok(()),
+        Some(d) => Err(QmpError::generic(format!("Device '{d}' not found"))),
+        None => Err(QmpError::generic(
+            "Need exactly one of 'device' and 'node-name'",
+        )),
+    }
+}
+
+/// One throttle limit as QMP's `BlockIOThrottle` names it (`bps`, `bps_max`,
+/// `bps_max_length`, ...), and where it goes in [`ThrottleConfig`].
+struct ThrottleField {
+    names: [&'static str; 3],
+    limit: fn(&mut ThrottleConfig) -> &mut Limit,
+    get: fn(&ThrottleConfig) -> &Limit,
+}
+
+impl ThrottleField {
+    fn names(&self) -> [&'static str; 3] {
+        self.names
+    }
+}
+
+const THROTTLE_FIELDS: [ThrottleField; 6] = [
+    ThrottleField {
+        names: ["bps", "bps_max", "bps_max_length"],
+        limit: |c| &mut c.bps_total,
+        get: |c| &c.bps_total,
+    },
+    ThrottleField {
+        names: ["bps_rd", "bps_rd_max", "bps_rd_max_length"],
+        limit: |c| &mut c.bps_read,
+        get: |c| &c.bps_read,
+    },
+    ThrottleField {
+        names: ["bps_wr", "bps_wr_max", "bps_wr_max_length"],
+        limit: |c| &mut c.bps_write,
+        get: |c| &c.bps_write,
+    },
+    ThrottleField {
+        names: ["iops", "iops_max", "iops_max_length"],
+        limit: |c| &mut c.iops_total,
+        get: |c| &c.iops_total,
+    },
+    ThrottleField {
+        names: ["iops_rd", "iops_rd_max", "iops_rd_max_length"],
+        limit: |c| &mut c.iops_read,
+        get: |c| &c.iops_read,
+    },
+    ThrottleField {
+        names: ["iops_wr", "iops_wr_max", "iops_wr_max_length"],
+        limit: |c| &mut c.iops_write,
+        get: |c| &c.iops_write,
+    },
+];
+
+/// `block_set_io_throttle`'s arguments as a configuration: the six rates are required (as in
+/// QEMU), bursts and their lengths optional (length 1 s by default).
+fn throttle_config(a: &Args) -> Result<ThrottleConfig, QmpError> {
+    let value = |name: &str| -> Result<Option<u64>, QmpError> {
+        match a.int(name)? {
+            None => Ok(None),
+            Some(v) => u64::try_from(v).map(Some).map_err(|_| {
+                QmpError::generic("bps/iops/max values must be within [0, 1000000000000000]")
+            }),
+        }
+    };
+    let mut cfg = ThrottleConfig::default();
+    for f in &THROTTLE_FIELDS {
+        let [avg, max, len] = f.names();
+        let l = (f.limit)(&mut cfg);
+        l.avg = Args::req(value(avg)?, avg)?;
+        l.max = value(max)?.unwrap_or(0);
+        l.max_length = value(len)?.unwrap_or(1);
+    }
+    cfg.iops_size = value("iops_size")?.unwrap_or(0);
+    Ok(cfg)
+}
+
+/// The limits in `query-block`'s `inserted`, as QEMU's BlockDeviceInfo names them.
+fn throttle_info(cfg: &ThrottleConfig, into: &mut Value) {
+    for f in &THROTTLE_FIELDS {
+        let [avg, max, len] = f.names();
+        let l = (f.get)(cfg);
+        into[avg] = json!(l.avg);
+        into[max] = json!(l.max);
+        into[len] = json!(l.max_length);
+    }
+    into["iops_size"] = json!(cfg.iops_size);
+}
+
 fn job(device: &str) -> Result<(), QmpError> {
     if device == PREFETCH_JOB {
         Ok(())
@@ -192,8 +307,8 @@ fn job_error(device: &str, e: JobError) -> QmpError {
     }
 }
 
-/// `query-block`'s one entry (QEMU's BlockInfo with BlockDeviceInfo in `inserted`; throttle
-/// fields are zero: no limits).
+/// `query-block`'s one entry (QEMU's BlockInfo with BlockDeviceInfo in `inserted`, the I/O
+/// limits in it as `block_set_io_throttle` sets them).
 fn query_block(h: &ServerHandle) -> Value {
     let i = &h.info;
     let file = i.image.display().to_string();
@@ -204,7 +319,8 @@ fn query_block(h: &ServerHandle) -> Value {
     let mut image = json!({
         "filename": file,
         "format": i.format,
-        "virtual-size": i.device.capacity,
+        // Current: `block_resize` changes it.
+        "virtual-size": h.disk.virtual_size(),
         "dirty-flag": false,
     });
     let mut inserted = json!({
@@ -215,13 +331,13 @@ fn query_block(h: &ServerHandle) -> Value {
         "backing_file_depth": u32::from(i.base.is_some()),
         "encrypted": false,
         "detect_zeroes": "off",
-        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
         "cache": {"writeback": i.device.writeback, "direct": true, "no-flush": false},
         "x-fvd-copy-on-read": cor,
         "x-fvd-block-size": i.device.block_size,
         "x-fvd-optimal-io-size": i.device.optimal_io,
     });
+    throttle_info(&h.throttle(), &mut inserted);
     if let Some(b) = &i.base {
         inserted["backing_file"] = json!(b);
         image["backing-filename"] = json!(b);
