@@ -22,7 +22,7 @@ repo=$(dirname "$here")
 backend=${FVD_INTEGRATION_BACKEND:-fvd}
 logs=$here/.cache/logs
 all_cases=(config fio-verify fio-flush trim reboot fs-restart fs-kill wt-kill wb-kill crash readonly base fio-nocompact
-    qmp metrics throttle restart-load restart-fs)
+    qmp metrics throttle resize restart-load restart-fs)
 
 case "$backend" in fvd | qsd) ;; *) echo "FVD_INTEGRATION_BACKEND must be fvd or qsd" >&2; exit 2 ;; esac
 if [ "${1:-}" = --list ]; then printf '%s\n' "${all_cases[@]}"; exit 0; fi
@@ -571,6 +571,7 @@ case_qmp() {
         return 1
     fi
     check_image "$img"
+}
 case_throttle() {
     # Limits set on the server: the guest's writes and reads take at least what they imply.
     local img
@@ -580,6 +581,42 @@ case_throttle() {
     server_limits=""
     vm throttle throttle 1 iops_write=20 bps_read=2097152 || return 1
     stop_server throttle
+}
+case_resize() {
+    # block_resize on the control socket while the guest's fio writes with verify: the guest
+    # sees the new size (kernel: "detected capacity change"), the new range reads zeros and
+    # takes writes, the size persists across a restart.
+    if [ "$backend" != fvd ]; then
+        say "resize: block_resize on fvd's control socket; nothing to run against $backend"
+        return 0
+    fi
+    local img ctl=$sockets/resize.qmp vlog=$logs/$current-resize.log new=$((128 << 20)) rc=0
+    img=$(create_image resize 64M) || return 1 # default room: 4x
+    serve_extra=(--control "$ctl")
+    start_server resize "$img" 1 || { serve_extra=(); return 1; }
+    serve_extra=()
+    rm -f "$vlog"
+    "$here/run-vm.sh" --test resize --socket "${server_sock[resize]}" --queues 1 --log "$vlog" \
+        --timeout 300 --arg "new_size=$new" &
+    vm_pid=$!
+    until grep -q "FVD-PROGRESS start" "$vlog" 2>/dev/null; do
+        kill -0 "$vm_pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    sleep 3 # fio is writing
+    if ! "$FVD_BIN" ctl "$ctl" block_resize "{\"node-name\": \"fvd0\", \"size\": $new}" \
+        >"$logs/resize-ctl.log" 2>&1; then
+        say "resize: block_resize failed: $(cat "$logs/resize-ctl.log")"
+        kill "$vm_pid" 2>/dev/null
+    fi
+    wait "$vm_pid" || rc=$?
+    vm_pid=
+    [ "$rc" = 0 ] || { say "server log: $logs/server-resize.log"; return 1; }
+    stop_server resize || return 1
+    "$FVD_BIN" info "$img" | grep -q "$new" || { say "resize: the size did not persist"; return 1; }
+    start_server resize "$img" 1 || return 1
+    vm config resize 1 "size=$new" queues=1 "wc=$(wc_mode)" discard=1 ro=0 $(topology) || return 1
+    stop_server resize
 }
 case_restart_load() {
     # >= 60 s of fio writes (rounds of 128 MiB) under 5 SIGKILLs and 5 SIGTERMs.

@@ -71,27 +71,12 @@ fn server() -> &'static Srv {
         .expect("create the image");
         let socket = dir.path().join("disk.sock");
         let srv = Server::bind(ServeConfig {
-            image,
-            socket: Some(socket.clone()),
-            num_queues: 1,
-            queue_size: QSIZE,
-            read_only: false,
-            serial: None,
-            socket_mode: 0o600,
-            once: false,
-            prefetch: Some(false),
-            prefetch_config: Default::default(),
-            copy_on_read: None,
-            grow: None,
-            signal_each_completion: false,
             format: Some(fvd::engine::Format::Fvd),
-            nbd: Default::default(),
+            queue_size: QSIZE,
+            prefetch: Some(false),
             // A filter would bind the whole fuzzer process (libFuzzer, the sanitizer runtime).
             seccomp: fvd::server::seccomp::SeccompMode::Off,
-            zero_ranges: Default::default(),
-            control: None,
-            metrics: None,
-            throttle: Default::default(),
+            ..ServeConfig::new(image, Some(socket.clone()))
         })
         .expect("bind the server");
         let thread = std::thread::spawn(move || srv.run());
