@@ -544,3 +544,86 @@ mod tests {
         assert_eq!(pick_header(&blank, &blank), Err(FormatError::BadMagic));
     }
 }
+
+/// The byte layout docs/FORMAT.md gives ("Header (two slots)"): images written by earlier
+/// versions must keep opening the same.
+#[cfg(test)]
+mod on_disk_tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_at_their_documented_offsets() {
+        let h = Header {
+            generation: 0x10,
+            incompat: INCOMPAT_COMPACT | INCOMPAT_INTENTS,
+            compat: COMPAT_COPY_ON_READ,
+            virtual_size: 0x18,
+            block_size: 0x30,
+            chunk_size: 0x34,
+            flags: FLAG_CLEAN | FLAG_BASE_NOT_NEEDED,
+            meta_offset: [0x40, 0x48],
+            meta_len: 0x50,
+            bitmap_sectors: 0x58,
+            table_sectors: 0x60,
+            active_meta: 1,
+            journal_offset: 0x70,
+            journal_len: 0x78,
+            journal_epoch: 0x80,
+            data_offset: 0x88,
+            base: Some(BaseRef {
+                path: "nbd://host/x".into(),
+                format: BaseFormat::Fvd,
+                size: 0x98,
+            }),
+            boot_id: [0xb0; 16],
+        };
+        let b = h.encode();
+        assert_eq!(&b[0..8], b"FVDIMAGE");
+        let u32s = [
+            (8, 1),
+            (12, 4096),
+            (48, 0x30),
+            (52, 0x34),
+            (104, 1),
+            (144, 2),
+            (148, 12),
+        ];
+        for (off, v) in u32s {
+            assert_eq!(get_u32(&b, off), v, "u32 at {off}");
+        }
+        let u64s = [
+            (16, 0x10),
+            (24, 3),
+            (32, 1),
+            (40, 0x18),
+            (56, 3),
+            (64, 0x40),
+            (72, 0x48),
+            (80, 0x50),
+            (88, 0x58),
+            (96, 0x60),
+            (112, 0x70),
+            (120, 0x78),
+            (128, 0x80),
+            (136, 0x88),
+            (152, 0x98),
+        ];
+        for (off, v) in u64s {
+            assert_eq!(get_u64(&b, off), v, "u64 at {off}");
+        }
+        assert_eq!(&b[160..172], b"nbd://host/x");
+        assert!(b[172..2208].iter().all(|&x| x == 0));
+        assert_eq!(b[2208..2224], [0xb0; 16]);
+        assert!(b[2224..4092].iter().all(|&x| x == 0));
+        assert_eq!(get_u32(&b, 4092), checksum(&b[..4092]));
+        let mut raw = h.clone();
+        raw.base.as_mut().unwrap().format = BaseFormat::Raw;
+        assert_eq!(get_u32(&raw.encode(), 144), 1);
+        raw.base = None;
+        assert_eq!(get_u32(&raw.encode(), 144), 0);
+        assert_eq!(
+            (BaseFormat::Raw.name(), BaseFormat::Fvd.name()),
+            ("raw", "fvd")
+        );
+    }
+}

@@ -332,3 +332,57 @@ mod crafted_tests {
         assert_eq!(identify(&odd).unwrap().commit_start, None);
     }
 }
+
+/// The byte layout docs/FORMAT.md gives ("Journal (F3)"): journals written by earlier versions
+/// must keep replaying the same.
+#[cfg(test)]
+mod on_disk_tests {
+    use super::*;
+
+    #[test]
+    fn sectors_are_laid_out_as_documented() {
+        assert_eq!(ENTRIES_PER_SECTOR, 254);
+        let entries: Vec<JournalEntry> = (0..256u64)
+            .map(|i| JournalEntry::SetBits { start: i, count: 2 })
+            .chain([
+                JournalEntry::ClearBits {
+                    start: 0x12_3456,
+                    count: 3,
+                },
+                JournalEntry::Map {
+                    chunk: 5,
+                    phys: 0xdead_beef,
+                },
+                JournalEntry::Unmap { chunk: 6 },
+            ])
+            .collect();
+        let b = encode_part(&entries[..], 0x1122_3344_5566_7788, 40, 2, true);
+        assert_eq!(b.len(), 2 * SECTOR);
+        let s = &b[SECTOR..];
+        assert_eq!(&s[0..4], b"FVDJ");
+        assert_eq!(get_u16(s, 4), 5);
+        assert_eq!(get_u16(s, 6), 1);
+        assert_eq!(get_u64(s, 8), 0x1122_3344_5566_7788);
+        assert_eq!(get_u64(s, 16), 43);
+        let words: Vec<(u64, u64)> = (0..5)
+            .map(|j| (get_u64(s, 24 + 16 * j), get_u64(s, 32 + 16 * j)))
+            .collect();
+        assert_eq!(
+            words,
+            [
+                (1 << 56 | 254, 2),
+                (1 << 56 | 255, 2),
+                (2 << 56 | 0x12_3456, 3),
+                (3 << 56 | 5, 0xdead_beef),
+                (4 << 56 | 6, 0),
+            ]
+        );
+        assert!(s[24 + 16 * 5..4088].iter().all(|&x| x == 0));
+        assert_eq!(get_u32(s, 4088), 4);
+        assert_eq!(get_u32(s, 4092), checksum(&s[..4092]));
+        // The first sector is full and a normal write has no flags.
+        assert_eq!(get_u16(&b, 4), 254);
+        let n = encode(&entries[..1], 1, 0);
+        assert_eq!((get_u16(&n, 6), get_u32(&n, 4088)), (0, 1));
+    }
+}
