@@ -542,6 +542,12 @@ mod tests {
         assert_eq!(pick_header(&blank, &torn), Err(FormatError::HeaderChecksum));
         assert_eq!(pick_header(&torn, &blank), Err(FormatError::HeaderChecksum));
         assert_eq!(pick_header(&blank, &blank), Err(FormatError::BadMagic));
+        // Equal generations never come from fvd (each write goes to slot generation % 2), but
+        // a crafted image gets one answer, slot 0, from open and `fvd check` alike.
+        let mut twin = old.clone();
+        twin.journal_epoch += 5;
+        assert_eq!(pick_header(&a, &twin.encode()), Ok(old.clone()));
+        assert_eq!(pick_header(&twin.encode(), &a), Ok(twin));
     }
 }
 
@@ -556,7 +562,7 @@ mod on_disk_tests {
         let h = Header {
             generation: 0x10,
             incompat: INCOMPAT_COMPACT | INCOMPAT_INTENTS,
-            compat: COMPAT_COPY_ON_READ,
+            compat: COMPAT_COPY_ON_READ | COMPAT_PREFETCH,
             virtual_size: 0x18,
             block_size: 0x30,
             chunk_size: 0x34,
@@ -594,7 +600,7 @@ mod on_disk_tests {
         let u64s = [
             (16, 0x10),
             (24, 3),
-            (32, 1),
+            (32, 3),
             (40, 0x18),
             (56, 3),
             (64, 0x40),

@@ -166,9 +166,9 @@ mod on_disk_tests {
         encode_table_sector(&entries, 1, 9, &mut s);
         assert_eq!(get_u32(&s, 0), 1020);
         assert_eq!(get_u32(&s, 36), 1029);
-        assert_eq!(get_u32(&s, 40), u32::MAX);
-        assert_eq!(get_u32(&s, 4076), u32::MAX);
-        assert_eq!(get_u32(&s, 4084), 9);
+        assert!((40..PAYLOAD).step_by(4).all(|o| get_u32(&s, o) == u32::MAX));
+        assert_eq!(&s[4080..4084], b"FVDM");
+        assert_eq!((get_u32(&s, 4084), get_u32(&s, 4088)), (9, 0));
         assert_eq!(get_u32(&s, 4092), checksum(&s[..4092]));
         let mut back = vec![7u32; 1030];
         decode_table_sector(&s, 1, &mut back);
