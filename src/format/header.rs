@@ -429,3 +429,335 @@ mod tests {
         assert!(huge.validate().is_err());
     }
 }
+
+#[cfg(test)]
+mod decode_tests {
+    use super::super::layout::Layout;
+    use super::*;
+
+    /// A valid header for `virtual_size` bytes, laid out as `fvd create` does.
+    fn valid(virtual_size: u64, block_size: u32, chunk_size: u32, compact: bool) -> Header {
+        let geo = crate::units::Geometry {
+            virtual_size,
+            block_size: block_size as u64,
+            chunk_size: chunk_size as u64,
+        };
+        let l = Layout::compute(&geo, compact, 64 << 10);
+        Header {
+            generation: 5,
+            incompat: if compact { INCOMPAT_COMPACT } else { 0 },
+            compat: COMPAT_PREFETCH,
+            virtual_size,
+            block_size,
+            chunk_size,
+            flags: FLAG_BASE_NOT_NEEDED,
+            meta_offset: l.meta_offset,
+            meta_len: l.meta_len,
+            bitmap_sectors: l.bitmap_sectors,
+            table_sectors: l.table_sectors,
+            active_meta: 1,
+            journal_offset: l.journal_offset,
+            journal_len: l.journal_len,
+            journal_epoch: 77,
+            data_offset: l.data_offset,
+            base: None,
+            boot_id: [0; 16],
+        }
+    }
+
+    fn invalid(h: &Header) -> bool {
+        matches!(h.validate(), Err(FormatError::InvalidHeader(_)))
+    }
+
+    #[test]
+    fn every_field_round_trips() {
+        for (compact, base) in [
+            (true, None),
+            (
+                false,
+                Some(BaseRef {
+                    path: "/images/base.raw".into(),
+                    format: BaseFormat::Raw,
+                    size: 1 << 30,
+                }),
+            ),
+            (
+                true,
+                Some(BaseRef {
+                    path: "b".repeat(MAX_BASE_PATH),
+                    format: BaseFormat::Fvd,
+                    size: 12345 * 512,
+                }),
+            ),
+        ] {
+            let mut h = valid(8 << 30, 64 << 10, 1 << 20, compact);
+            h.base = base;
+            h.incompat |= INCOMPAT_INTENTS;
+            h.boot_id = *b"0123456789abcdef";
+            let b = h.encode();
+            assert_eq!(b.len(), SECTOR);
+            assert_eq!(Header::decode(&b), Ok(h.clone()));
+            assert_eq!(h.compact(), compact);
+            assert!(h.intents() && !h.clean());
+        }
+        // The flag and feature helpers read their own bit only.
+        let mut h = valid(1 << 20, 4096, 4096, false);
+        assert!(!h.compact() && !h.intents() && !h.clean());
+        h.flags = FLAG_CLEAN;
+        assert!(h.clean());
+        h.flags = !FLAG_CLEAN;
+        assert!(!h.clean());
+        h.incompat = !(INCOMPAT_COMPACT | INCOMPAT_INTENTS);
+        assert!(!h.compact() && !h.intents());
+        // Generations alternate between the two slots.
+        assert_eq!((h.slot_offset(), h.generation), (SECTOR as u64, 5));
+        h.generation = 6;
+        assert_eq!(h.slot_offset(), 0);
+    }
+
+    #[test]
+    fn damaged_or_foreign_slots_are_refused() {
+        let mut h = valid(1 << 30, 64 << 10, 1 << 20, true);
+        h.base = Some(BaseRef {
+            path: "base".into(),
+            format: BaseFormat::Fvd,
+            size: 4096,
+        });
+        let good = h.encode();
+        // Re-seals a modified slot so only the intended check can refuse it.
+        let reseal = |change: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            change(&mut b);
+            let crc = checksum(&b[..O_CRC]);
+            put_u32(&mut b, O_CRC, crc);
+            Header::decode(&b)
+        };
+        assert_eq!(
+            Header::decode(&good[..SECTOR - 1]),
+            Err(FormatError::BadMagic)
+        );
+        assert_eq!(reseal(&|b| b[O_MAGIC] = b'X'), Err(FormatError::BadMagic));
+        let mut torn = good.clone();
+        torn[O_VIRTUAL_SIZE] ^= 1;
+        assert_eq!(Header::decode(&torn), Err(FormatError::HeaderChecksum));
+        assert_eq!(
+            reseal(&|b| put_u32(b, O_VERSION, 2)),
+            Err(FormatError::UnsupportedVersion(2))
+        );
+        assert_eq!(
+            reseal(&|b| put_u64(b, O_INCOMPAT, INCOMPAT_COMPACT | 1 << 7 | 1 << 40)),
+            Err(FormatError::UnknownIncompatFeatures(1 << 7 | 1 << 40))
+        );
+        assert!(matches!(
+            reseal(&|b| put_u32(b, O_BASE_FORMAT, 3)),
+            Err(FormatError::InvalidHeader(m)) if m.contains("base format 3")
+        ));
+        for len in [0, MAX_BASE_PATH as u32 + 1, u32::MAX] {
+            assert!(matches!(
+                reseal(&|b| put_u32(b, O_BASE_PATH_LEN, len)),
+                Err(FormatError::InvalidHeader(m)) if m.contains("base path length")
+            ));
+        }
+        assert!(matches!(
+            reseal(&|b| b[O_BASE_PATH] = 0xff),
+            Err(FormatError::InvalidHeader(m)) if m.contains("UTF-8")
+        ));
+        // The longest path is read whole.
+        let decoded = reseal(&|b| {
+            put_u32(b, O_BASE_PATH_LEN, MAX_BASE_PATH as u32);
+            b[O_BASE_PATH..O_BASE_PATH + MAX_BASE_PATH].fill(b'p');
+        })
+        .unwrap();
+        assert_eq!(decoded.base.unwrap().path, "p".repeat(MAX_BASE_PATH));
+        // A valid slot whose content does not validate is refused too.
+        assert!(matches!(
+            reseal(&|b| put_u32(b, O_ACTIVE_META, 2)),
+            Err(FormatError::InvalidHeader(_))
+        ));
+    }
+
+    #[test]
+    fn sizes_are_accepted_up_to_their_limits_and_refused_past_them() {
+        // Block size: 4 KiB to 16 MiB, a power of two.
+        assert!(valid(1 << 30, 4096, 4096, true).validate().is_ok());
+        assert!(valid(1 << 30, 1 << 24, 1 << 24, true).validate().is_ok());
+        assert!(invalid(&valid(1 << 30, 2048, 4096, true)));
+        assert!(invalid(&valid(1 << 30, 1 << 25, 1 << 25, true)));
+        assert!(invalid(&valid(1 << 30, 3 << 12, 3 << 12, true)));
+        // Chunk size: a power of two, at least the block size, at most 1 GiB.
+        assert!(valid(4 << 30, 4096, 1 << 30, true).validate().is_ok());
+        assert!(invalid(&valid(4 << 30, 4096, 1 << 31, true)));
+        assert!(invalid(&valid(1 << 30, 8192, 4096, true)));
+        assert!(invalid(&valid(1 << 30, 4096, 3 << 12, true)));
+        // Virtual size: a non-zero multiple of 512, at most 64 PiB.
+        assert!(valid(512, 4096, 4096, false).validate().is_ok());
+        assert!(valid(1 << 56, 1 << 24, 1 << 30, false).validate().is_ok());
+        assert!(invalid(&valid((1 << 56) + 512, 1 << 24, 1 << 30, false)));
+        assert!(invalid(&valid(1000, 4096, 4096, false)));
+        let mut h = valid(4096, 4096, 4096, false);
+        h.virtual_size = 0;
+        assert!(invalid(&h));
+    }
+
+    #[test]
+    fn regions_must_match_the_geometry_be_ordered_and_aligned() {
+        let good = valid(1 << 30, 64 << 10, 1 << 20, true);
+        assert!(good.validate().is_ok());
+        let refused = |change: &dyn Fn(&mut Header)| {
+            let mut h = good.clone();
+            change(&mut h);
+            invalid(&h)
+        };
+        let accepted = |change: &dyn Fn(&mut Header)| {
+            let mut h = good.clone();
+            change(&mut h);
+            h.validate().is_ok()
+        };
+        let s = SECTOR as u64;
+        assert!(refused(&|h| h.bitmap_sectors += 1));
+        assert!(refused(&|h| h.table_sectors -= 1));
+        // A flat header's counts are those of a flat layout (no table).
+        assert!(refused(&|h| h.incompat = 0));
+        // The metadata region may be larger than its sectors, never smaller.
+        assert!(refused(&|h| h.meta_len -= s));
+        assert!(accepted(&|h| {
+            h.meta_len += s;
+            h.meta_offset[1] += s;
+            h.journal_offset += 2 * s;
+        }));
+        assert!(accepted(&|h| h.active_meta = 0));
+        assert!(refused(&|h| h.active_meta = 2));
+        // Copy 0 starts right after the two header slots at the earliest.
+        assert!(refused(&|h| h.meta_offset[0] -= s));
+        assert!(refused(&|h| h.meta_offset[0] += 1));
+        assert!(refused(&|h| h.meta_offset[1] -= s));
+        assert!(refused(&|h| h.journal_offset -= s));
+        assert!(refused(&|h| h.journal_offset += 512));
+        assert!(refused(&|h| h.journal_len += 512));
+        // Gaps between regions are allowed.
+        assert!(accepted(&|h| h.journal_offset += s));
+        assert!(refused(&|h| h.journal_offset = u64::MAX - s + 1));
+        assert!(refused(&|h| h.journal_len = 0));
+        assert!(accepted(&|h| h.journal_len = s));
+        // The data area starts after the journal, on a chunk boundary.
+        assert!(refused(&|h| h.data_offset -= 1 << 20));
+        assert!(refused(&|h| h.data_offset += s));
+        assert!(accepted(&|h| h.data_offset += 1 << 20));
+        assert!(accepted(&|h| {
+            h.journal_len = h.data_offset - h.journal_offset;
+        }));
+        assert!(refused(&|h| {
+            h.journal_len = h.data_offset - h.journal_offset + s;
+        }));
+    }
+
+    #[test]
+    fn the_newest_valid_slot_wins() {
+        let mut old = valid(1 << 30, 64 << 10, 1 << 20, true);
+        old.generation = 8;
+        let mut new = old.clone();
+        new.generation = 9;
+        new.journal_epoch += 1;
+        let (a, b) = (old.encode(), new.encode());
+        assert_eq!(pick_header(&a, &b), Ok(new.clone()));
+        assert_eq!(pick_header(&b, &a), Ok(new.clone()));
+        let mut torn = b.clone();
+        torn[100] ^= 1;
+        assert_eq!(pick_header(&a, &torn), Ok(old.clone()));
+        assert_eq!(pick_header(&torn, &a), Ok(old.clone()));
+        // Neither valid: a blank slot (a torn first write) says less than a bad checksum.
+        let blank = vec![0u8; SECTOR];
+        assert_eq!(pick_header(&blank, &torn), Err(FormatError::HeaderChecksum));
+        assert_eq!(pick_header(&torn, &blank), Err(FormatError::HeaderChecksum));
+        assert_eq!(pick_header(&blank, &blank), Err(FormatError::BadMagic));
+        // Equal generations never come from fvd (each write goes to slot generation % 2), but
+        // a crafted image gets one answer, slot 0, from open and `fvd check` alike.
+        let mut twin = old.clone();
+        twin.journal_epoch += 5;
+        assert_eq!(pick_header(&a, &twin.encode()), Ok(old.clone()));
+        assert_eq!(pick_header(&twin.encode(), &a), Ok(twin));
+    }
+}
+
+/// The byte layout docs/FORMAT.md gives ("Header (two slots)"): images written by earlier
+/// versions must keep opening the same.
+#[cfg(test)]
+mod on_disk_tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_at_their_documented_offsets() {
+        let h = Header {
+            generation: 0x10,
+            incompat: INCOMPAT_COMPACT | INCOMPAT_INTENTS,
+            compat: COMPAT_COPY_ON_READ | COMPAT_PREFETCH,
+            virtual_size: 0x18,
+            block_size: 0x30,
+            chunk_size: 0x34,
+            flags: FLAG_CLEAN | FLAG_BASE_NOT_NEEDED,
+            meta_offset: [0x40, 0x48],
+            meta_len: 0x50,
+            bitmap_sectors: 0x58,
+            table_sectors: 0x60,
+            active_meta: 1,
+            journal_offset: 0x70,
+            journal_len: 0x78,
+            journal_epoch: 0x80,
+            data_offset: 0x88,
+            base: Some(BaseRef {
+                path: "nbd://host/x".into(),
+                format: BaseFormat::Fvd,
+                size: 0x98,
+            }),
+            boot_id: [0xb0; 16],
+        };
+        let b = h.encode();
+        assert_eq!(&b[0..8], b"FVDIMAGE");
+        let u32s = [
+            (8, 1),
+            (12, 4096),
+            (48, 0x30),
+            (52, 0x34),
+            (104, 1),
+            (144, 2),
+            (148, 12),
+        ];
+        for (off, v) in u32s {
+            assert_eq!(get_u32(&b, off), v, "u32 at {off}");
+        }
+        let u64s = [
+            (16, 0x10),
+            (24, 3),
+            (32, 3),
+            (40, 0x18),
+            (56, 3),
+            (64, 0x40),
+            (72, 0x48),
+            (80, 0x50),
+            (88, 0x58),
+            (96, 0x60),
+            (112, 0x70),
+            (120, 0x78),
+            (128, 0x80),
+            (136, 0x88),
+            (152, 0x98),
+        ];
+        for (off, v) in u64s {
+            assert_eq!(get_u64(&b, off), v, "u64 at {off}");
+        }
+        assert_eq!(&b[160..172], b"nbd://host/x");
+        assert!(b[172..2208].iter().all(|&x| x == 0));
+        assert_eq!(b[2208..2224], [0xb0; 16]);
+        assert!(b[2224..4092].iter().all(|&x| x == 0));
+        assert_eq!(get_u32(&b, 4092), checksum(&b[..4092]));
+        let mut raw = h.clone();
+        raw.base.as_mut().unwrap().format = BaseFormat::Raw;
+        assert_eq!(get_u32(&raw.encode(), 144), 1);
+        raw.base = None;
+        assert_eq!(get_u32(&raw.encode(), 144), 0);
+        assert_eq!(
+            (BaseFormat::Raw.name(), BaseFormat::Fvd.name()),
+            ("raw", "fvd")
+        );
+    }
+}

@@ -257,3 +257,132 @@ mod tests {
         assert!(identify(&odd).is_none() && decode_any(&odd, 9, 21).is_none());
     }
 }
+
+#[cfg(test)]
+mod crafted_tests {
+    use super::*;
+
+    /// Re-seals a modified sector so only the intended check can refuse it.
+    fn reseal(s: &mut [u8]) {
+        let crc = checksum(&s[..O_CRC]);
+        put_u32(s, O_CRC, crc);
+    }
+
+    #[test]
+    fn a_count_past_the_sector_is_refused_not_read() {
+        let entries: Vec<JournalEntry> = (0..ENTRIES_PER_SECTOR as u64)
+            .map(|i| JournalEntry::Unmap { chunk: i })
+            .collect();
+        let mut s = encode(&entries, 3, 4);
+        assert_eq!(s.len(), SECTOR);
+        assert_eq!(decode(&s, 3, 4).unwrap().len(), ENTRIES_PER_SECTOR);
+        for n in [ENTRIES_PER_SECTOR + 1, u16::MAX as usize] {
+            put_u16(&mut s, O_COUNT, n as u16);
+            reseal(&mut s);
+            assert_eq!(decode_any(&s, 3, 4), None, "count {n}");
+        }
+    }
+
+    #[test]
+    fn record_fields_use_their_full_width() {
+        let entries = [
+            JournalEntry::SetBits {
+                start: INDEX_MASK,
+                count: u64::MAX,
+            },
+            JournalEntry::ClearBits {
+                start: INDEX_MASK - 1,
+                count: 1 << 60,
+            },
+            JournalEntry::Map {
+                chunk: INDEX_MASK,
+                phys: u32::MAX,
+            },
+            JournalEntry::Unmap { chunk: 1 << 55 },
+        ];
+        let s = encode(&entries, u64::MAX, u64::MAX - 1);
+        assert_eq!(decode(&s, u64::MAX, u64::MAX - 1).unwrap(), entries);
+        // A Map whose physical chunk does not fit 32 bits, or an unknown kind, is not a record.
+        for (word, value) in [(8, 1u64 << 32), (0, 5 << 56), (0, 0)] {
+            let mut bad = s.clone();
+            put_u64(&mut bad, O_ENTRIES + 2 * ENTRY_SIZE + word, value);
+            reseal(&mut bad);
+            assert_eq!(decode(&bad, u64::MAX, u64::MAX - 1), None);
+        }
+    }
+
+    #[test]
+    fn sector_counts_and_commit_starts() {
+        assert_eq!(sectors_for(0), 1);
+        assert_eq!(sectors_for(ENTRIES_PER_SECTOR), 1);
+        assert_eq!(sectors_for(ENTRIES_PER_SECTOR + 1), 2);
+        let s = encode(&[JournalEntry::Unmap { chunk: 9 }], 1, 0);
+        assert_eq!(s.len(), SECTOR);
+        let id = identify(&s).unwrap();
+        assert_eq!((id.commit_start, id.intent), (Some(0), false));
+        // Sectors written before the commit index existed carry 0 there: no start recorded.
+        let mut old = s.clone();
+        put_u32(&mut old, O_COMMIT_INDEX, 0);
+        reseal(&mut old);
+        assert_eq!(identify(&old).unwrap().commit_start, None);
+        // An index larger than the sequence number is damage, not a start before sector 0.
+        let mut odd = s.clone();
+        put_u32(&mut odd, O_COMMIT_INDEX, 2);
+        reseal(&mut odd);
+        assert_eq!(identify(&odd).unwrap().commit_start, None);
+    }
+}
+
+/// The byte layout docs/FORMAT.md gives ("Journal (F3)"): journals written by earlier versions
+/// must keep replaying the same.
+#[cfg(test)]
+mod on_disk_tests {
+    use super::*;
+
+    #[test]
+    fn sectors_are_laid_out_as_documented() {
+        assert_eq!(ENTRIES_PER_SECTOR, 254);
+        let entries: Vec<JournalEntry> = (0..256u64)
+            .map(|i| JournalEntry::SetBits { start: i, count: 2 })
+            .chain([
+                JournalEntry::ClearBits {
+                    start: 0x12_3456,
+                    count: 3,
+                },
+                JournalEntry::Map {
+                    chunk: 5,
+                    phys: 0xdead_beef,
+                },
+                JournalEntry::Unmap { chunk: 6 },
+            ])
+            .collect();
+        let b = encode_part(&entries[..], 0x1122_3344_5566_7788, 40, 2, true);
+        assert_eq!(b.len(), 2 * SECTOR);
+        let s = &b[SECTOR..];
+        assert_eq!(&s[0..4], b"FVDJ");
+        assert_eq!(get_u16(s, 4), 5);
+        assert_eq!(get_u16(s, 6), 1);
+        assert_eq!(get_u64(s, 8), 0x1122_3344_5566_7788);
+        assert_eq!(get_u64(s, 16), 43);
+        let words: Vec<(u64, u64)> = (0..5)
+            .map(|j| (get_u64(s, 24 + 16 * j), get_u64(s, 32 + 16 * j)))
+            .collect();
+        assert_eq!(
+            words,
+            [
+                (1 << 56 | 254, 2),
+                (1 << 56 | 255, 2),
+                (2 << 56 | 0x12_3456, 3),
+                (3 << 56 | 5, 0xdead_beef),
+                (4 << 56 | 6, 0),
+            ]
+        );
+        assert!(s[24 + 16 * 5..4088].iter().all(|&x| x == 0));
+        assert_eq!(get_u32(s, 4088), 4);
+        assert_eq!(get_u32(s, 4092), checksum(&s[..4092]));
+        // The first sector is full and a normal write has no flags.
+        assert_eq!(get_u16(&b, 4), 254);
+        let n = encode(&entries[..1], 1, 0);
+        assert_eq!((get_u16(&n, 6), get_u32(&n, 4088)), (0, 1));
+    }
+}

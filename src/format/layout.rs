@@ -41,3 +41,32 @@ impl Layout {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_follow_each_other_as_documented() {
+        // 100 GiB, 64 KiB blocks, 1 MiB chunks: 1638400 blocks, 102400 chunks.
+        let geo = Geometry {
+            virtual_size: 100 << 30,
+            block_size: 64 << 10,
+            chunk_size: 1 << 20,
+        };
+        let l = Layout::compute(&geo, true, (16 << 20) + 1);
+        // ceil(1638400 / 32640) = 51, ceil(102400 / 1020) = 101.
+        assert_eq!((l.bitmap_sectors, l.table_sectors), (51, 101));
+        assert_eq!(l.meta_len, 152 * 4096);
+        assert_eq!(l.meta_offset, [8192, 8192 + 152 * 4096]);
+        assert_eq!(l.journal_offset, 8192 + 2 * 152 * 4096);
+        // The journal is rounded up to whole sectors, the data area to a whole chunk.
+        assert_eq!(l.journal_len, (16 << 20) + 4096);
+        assert_eq!(l.data_offset, 18 << 20);
+        // Without compact there is no table.
+        let flat = Layout::compute(&geo, false, 16 << 20);
+        assert_eq!((flat.bitmap_sectors, flat.table_sectors), (51, 0));
+        assert_eq!(flat.journal_offset, 8192 + 2 * 51 * 4096);
+        assert_eq!(flat.data_offset, 17 << 20);
+    }
+}

@@ -124,3 +124,78 @@ mod tests {
         ));
     }
 }
+
+/// The byte layout docs/FORMAT.md gives ("Metadata sectors"): images written by earlier versions
+/// must keep reading the same.
+#[cfg(test)]
+mod on_disk_tests {
+    use super::*;
+
+    #[test]
+    fn sectors_are_laid_out_as_documented() {
+        assert_eq!(
+            (PAYLOAD, BITS_PER_SECTOR, ENTRIES_PER_SECTOR),
+            (4080, 32640, 1020)
+        );
+        // Bit i of the image is bit i % 8 of byte i / 8; a sector holds whole words.
+        let mut words = vec![0u64; 2 * BITS_PER_SECTOR / 64];
+        words[1] = 1 << 9; // bit 73
+        words[BITS_PER_SECTOR / 64] = 1 << 63; // bit 63 of the second sector
+        let mut s = vec![0xaau8; SECTOR];
+        encode_bitmap_sector(&words, 0, &mut s);
+        let set: Vec<usize> = (0..PAYLOAD * 8)
+            .filter(|i| s[i / 8] & (1 << (i % 8)) != 0)
+            .collect();
+        assert_eq!(set, [73]);
+        assert_eq!(&s[4080..4084], b"FVDM");
+        assert_eq!(get_u32(&s, 4084), 0);
+        assert_eq!(get_u32(&s, 4088), 0);
+        assert_eq!(get_u32(&s, 4092), checksum(&s[..4092]));
+        encode_bitmap_sector(&words, 1, &mut s);
+        assert_eq!(s[7], 0x80);
+        assert!(s[..7].iter().chain(&s[8..PAYLOAD]).all(|&b| b == 0));
+        assert_eq!(get_u32(&s, 4084), 1);
+        // Decoding writes only the words of its own sector.
+        let mut back = vec![u64::MAX; words.len()];
+        decode_bitmap_sector(&s, 1, &mut back);
+        assert_eq!(back[BITS_PER_SECTOR / 64 - 1], u64::MAX);
+        assert_eq!(back[BITS_PER_SECTOR / 64..], words[BITS_PER_SECTOR / 64..]);
+
+        // Table entry c is the u32 at byte 4 (c % 1020); entries past the table read unallocated.
+        let entries: Vec<u32> = (0..1030).collect();
+        encode_table_sector(&entries, 1, 9, &mut s);
+        assert_eq!(get_u32(&s, 0), 1020);
+        assert_eq!(get_u32(&s, 36), 1029);
+        assert!((40..PAYLOAD).step_by(4).all(|o| get_u32(&s, o) == u32::MAX));
+        assert_eq!(&s[4080..4084], b"FVDM");
+        assert_eq!((get_u32(&s, 4084), get_u32(&s, 4088)), (9, 0));
+        assert_eq!(get_u32(&s, 4092), checksum(&s[..4092]));
+        let mut back = vec![7u32; 1030];
+        decode_table_sector(&s, 1, &mut back);
+        assert!(back[..1020].iter().all(|&e| e == 7));
+        assert_eq!(back[1020..], entries[1020..]);
+    }
+
+    #[test]
+    fn every_trailer_field_is_checked() {
+        let mut s = vec![0u8; SECTOR];
+        encode_bitmap_sector(&[1, 2, 3], 4, &mut s);
+        verify(&s, 0, 4).unwrap();
+        let fails = |change: &dyn Fn(&mut Vec<u8>), what: &'static str| {
+            let mut bad = s.clone();
+            change(&mut bad);
+            assert_eq!(
+                verify(&bad, 1, 4),
+                Err(FormatError::MetadataSector {
+                    copy: 1,
+                    index: 4,
+                    what
+                })
+            );
+        };
+        fails(&|b| b[4080] = b'X', "bad magic");
+        fails(&|b| put_u32(b, 4084, 5), "sector index mismatch");
+        fails(&|b| b[4088] = 1, "checksum mismatch");
+        fails(&|b| b[0] ^= 1, "checksum mismatch");
+    }
+}
