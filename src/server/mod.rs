@@ -577,12 +577,9 @@ impl Server {
                 disk: self.disk.clone(),
                 serial: self.serial,
                 write_through: AtomicBool::new(false),
-                // The most the disk can grow to while served: the engine checks the current
-                // size (which a resize changes) on every request.
-                limits: request::Limits {
-                    capacity: self.disk.max_size() / 512 * 512,
-                    ..self.device.limits()
-                },
+                // The capacity here is the size at start; each request is checked against the
+                // current one (`Worker::take`), which a resize changes.
+                limits: self.device.limits(),
                 backend_req: self.handle.backend_req.clone(),
                 signal_each: self.cfg.signal_each_completion,
                 sigbus_base: sigbus::faults(),

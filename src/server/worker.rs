@@ -212,7 +212,13 @@ impl Worker {
         if let Some(t) = &mut self.tracker {
             t.get(head);
         }
-        let parsed = request::parse(chain, &**mem, &ctx.limits);
+        // Against the current size (an online resize grows it): a request past the end is
+        // refused here, counted as invalid, as QEMU counts it, not as an I/O error.
+        let limits = request::Limits {
+            capacity: ctx.disk.virtual_size() / 512 * 512,
+            ..ctx.limits.clone()
+        };
+        let parsed = request::parse(chain, &**mem, &limits);
         // Read from zero pages the SIGBUS handler put in: not what the guest wrote,
         // so neither executed nor answered.
         if ctx.memory_lost() {
