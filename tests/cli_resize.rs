@@ -2,44 +2,10 @@
 //! without room to grow, raw files and block devices; data kept, the new range reads zeros,
 //! `fvd check` clean after.
 
+mod cli_support;
+
+use cli_support::{dir, fails, ok};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn fvd(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fvd"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let o = fvd(dir, args);
-    assert!(
-        o.status.success(),
-        "fvd {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// Fails with exactly one line on stderr, and returns it.
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let o = fvd(dir, args);
-    assert!(!o.status.success(), "fvd {args:?} should fail");
-    let err = String::from_utf8(o.stderr).unwrap();
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "want one error line, got: {err}"
-    );
-    assert!(err.starts_with("fvd: "), "{err}");
-    err
-}
-
-fn dir() -> tempfile::TempDir {
-    tempfile::tempdir_in("/var/tmp").unwrap()
-}
 
 fn info(dir: &Path, image: &str) -> serde_json::Value {
     serde_json::from_str(&ok(dir, &["info", image, "--output", "json"])).unwrap()
