@@ -11,7 +11,7 @@ old=$(cat "$BLK/size")
 [ "$old" -lt "$new" ] || fail "the disk already has $old sectors"
 dmesg_mark
 fio --name=during --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=8 \
-    --rw=randwrite --bs=4k --size=$((old * 512)) --time_based --runtime=20 \
+    --rw=randwrite --bs=4k --size=16m --time_based --runtime=15 \
     --verify=crc32c --verify_fatal=1 --verify_dump=0 --minimal >/tmp/fio.out 2>/tmp/fio.err &
 fio_pid=$!
 echo "FVD-PROGRESS start"
