@@ -22,9 +22,8 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,10 +87,10 @@ pub fn parse_addr(s: &str) -> Result<MetricsAddr, String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("metrics endpoint {addr}: {path_kind}")]
-    Path {
+    #[error("metrics endpoint {addr}: {source}")]
+    Socket {
         addr: MetricsAddr,
-        path_kind: &'static str,
+        source: super::listener::ListenerError,
     },
     #[error("metrics endpoint {addr}: cannot {op}: {source}")]
     Io {
@@ -132,33 +131,14 @@ pub fn bind(addr: &MetricsAddr) -> Result<Bound, MetricsError> {
             None,
         ),
         MetricsAddr::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                let path_kind = if !meta.file_type().is_socket() {
-                    Some("exists and is not a socket")
-                } else if UnixStream::connect(path).is_ok() {
-                    Some("is in use by another server")
-                } else {
-                    None
-                };
-                if let Some(path_kind) = path_kind {
-                    return Err(MetricsError::Path {
-                        addr: addr.clone(),
-                        path_kind,
-                    });
-                }
-                std::fs::remove_file(path).map_err(io_err("remove the stale socket"))?;
-            }
-            // Created with no permissions for others: no window with a wider mode.
-            // SAFETY: umask only swaps the process file-creation mask.
-            let old = unsafe { libc::umask(0o177) };
-            let bound = UnixListener::bind(path);
-            // SAFETY: as above, restoring the previous mask.
-            unsafe { libc::umask(old) };
-            let l = bound.map_err(io_err("bind"))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(io_err("chmod"))?;
-            let meta = std::fs::symlink_metadata(path).map_err(io_err("stat"))?;
-            (Listener::Unix(l), Some((meta.dev(), meta.ino())))
+            // As the vhost-user socket: a stale socket replaced, one in use refused, mode 0600
+            // from the start.
+            let (l, id) =
+                super::listener::bind_unix(path, 0o600).map_err(|source| MetricsError::Socket {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            (Listener::Unix(l), Some(id))
         }
     };
     match &listener {
@@ -240,15 +220,7 @@ impl Running {
             let _ = t.join();
         }
         if let Some((path, id)) = &self.file {
-            remove_if_ours(path, *id);
-        }
-    }
-}
-
-fn remove_if_ours(path: &Path, id: (u64, u64)) {
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if (m.dev(), m.ino()) == id {
-            let _ = std::fs::remove_file(path);
+            super::listener::remove_if_same(path, *id);
         }
     }
 }

@@ -156,7 +156,7 @@ pub fn execute(h: &ServerHandle, name: &str, args: &Map<String, Value>) -> Resul
         }
         "block_set_io_throttle" => {
             let mut allowed = vec!["device", "id", "iops_size", "group"];
-            allowed.extend(THROTTLE_FIELDS.iter().flat_map(|f| f.names()));
+            allowed.extend(THROTTLE_FIELDS.iter().flat_map(|f| f.names));
             let a = Args::new(args, &allowed)?;
             disk_named(a.str("device")?, a.str("id")?)?;
             a.str("group")?;
@@ -218,12 +218,6 @@ struct ThrottleField {
     get: fn(&ThrottleConfig) -> &Limit,
 }
 
-impl ThrottleField {
-    fn names(&self) -> [&'static str; 3] {
-        self.names
-    }
-}
-
 const THROTTLE_FIELDS: [ThrottleField; 6] = [
     ThrottleField {
         names: ["bps", "bps_max", "bps_max_length"],
@@ -270,7 +264,7 @@ fn throttle_config(a: &Args) -> Result<ThrottleConfig, QmpError> {
     };
     let mut cfg = ThrottleConfig::default();
     for f in &THROTTLE_FIELDS {
-        let [avg, max, len] = f.names();
+        let [avg, max, len] = f.names;
         let l = (f.limit)(&mut cfg);
         l.avg = Args::req(value(avg)?, avg)?;
         l.max = value(max)?.unwrap_or(0);
@@ -283,7 +277,7 @@ fn throttle_config(a: &Args) -> Result<ThrottleConfig, QmpError> {
 /// The limits in `query-block`'s `inserted`, as QEMU's BlockDeviceInfo names them.
 fn throttle_info(cfg: &ThrottleConfig, into: &mut Value) {
     for f in &THROTTLE_FIELDS {
-        let [avg, max, len] = f.names();
+        let [avg, max, len] = f.names;
         let l = (f.get)(cfg);
         into[avg] = json!(l.avg);
         into[max] = json!(l.max);
