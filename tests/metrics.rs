@@ -6,7 +6,7 @@
 mod serve_support;
 
 use serve_support::client::{connect, Req};
-use serve_support::{create_image, dir, fvd, ServerProc};
+use serve_support::{create_image, dir, fvd, Loop, ServerProc};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -395,36 +395,6 @@ fn copy_on_read_and_base_remaining_follow_guest_reads() {
     assert_eq!(get(&after, "fvd_prefetch_bytes_total"), 0.0);
     drop(c);
     assert!(srv.terminate().success());
-}
-
-/// A loop device, detached on drop.
-struct Loop(std::path::PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Option<Loop> {
-        let o = std::process::Command::new("losetup")
-            .args(["--direct-io=on", "-f", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !o.status.success() {
-            eprintln!(
-                "SKIP: losetup failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            return None;
-        }
-        Some(Loop(String::from_utf8(o.stdout).ok()?.trim().into()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// A thin image on a block device: the free space falls by one chunk (1 MiB) per chunk the

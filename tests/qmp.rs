@@ -6,7 +6,7 @@
 mod serve_support;
 
 use serde_json::{json, Value};
-use serve_support::{client, create_image, dir, fvd, ServerProc};
+use serve_support::{client, create_image, dir, fvd, Loop, ServerProc};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -680,17 +680,6 @@ fn the_qemu_qmp_package_drives_the_socket() {
     }
 }
 
-struct Loop(PathBuf);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A thin image on a loop device over an 8 MiB file, served with `grow_cmd`; None (skipped)
 /// where loop devices cannot be set up.
 fn thin_on_loop(grow_cmd: impl Fn(&Path) -> String, extra: &[&str]) -> Option<(Setup, Loop)> {
@@ -700,21 +689,7 @@ fn thin_on_loop(grow_cmd: impl Fn(&Path) -> String, extra: &[&str]) -> Option<(S
         .unwrap()
         .set_len(8 << 20)
         .unwrap();
-    let o = std::process::Command::new("losetup")
-        .args(["--direct-io=on", "-f", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    if !o.status.success() {
-        eprintln!(
-            "skipping: losetup failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        return None;
-    }
-    let dev = Loop(PathBuf::from(
-        String::from_utf8(o.stdout).unwrap().trim().to_string(),
-    ));
+    let dev = Loop::attach(&backing)?;
     let c = fvd()
         .arg("create")
         .arg(&dev.0)

@@ -7,9 +7,8 @@
 mod serve_support;
 
 use serve_support::client::{connect, Req};
-use serve_support::{fvd, thread_filters, ServerProc};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use serve_support::{fvd, thread_filters, Loop, ServerProc};
+use std::path::Path;
 
 const MIB: usize = 1 << 20;
 
@@ -138,34 +137,6 @@ fn compact_image_on_tmpfs_grows_under_seccomp_on() {
         "the image file did not grow: {before} -> {after}"
     );
     check_clean(&image);
-}
-
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Option<Loop> {
-        let o = Command::new("losetup")
-            .args(["--direct-io=on", "-f", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !o.status.success() {
-            eprintln!(
-                "SKIP: losetup failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            return None;
-        }
-        Some(Loop(PathBuf::from(
-            String::from_utf8(o.stdout).ok()?.trim(),
-        )))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
 }
 
 #[test]

@@ -179,3 +179,34 @@ pub fn thread_filters(pid: i32) -> std::collections::BTreeMap<String, Vec<u32>> 
     }
     out
 }
+
+/// A loop device over a file (direct I/O), detached on drop: a block device for tests, as a
+/// logical volume would be.
+pub struct Loop(pub PathBuf);
+
+impl Loop {
+    /// None (and a SKIP line) where loop devices cannot be set up.
+    pub fn attach(file: &Path) -> Option<Loop> {
+        let o = Command::new("losetup")
+            .args(["--direct-io=on", "-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            eprintln!(
+                "SKIP: losetup failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return None;
+        }
+        Some(Loop(PathBuf::from(
+            String::from_utf8(o.stdout).ok()?.trim(),
+        )))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
