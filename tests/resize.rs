@@ -204,3 +204,30 @@ fn capacity_is_reserved_at_create_and_old_images_say_how_far_they_grow() {
     close(img);
     check_clean(&old);
 }
+
+/// A served disk's grow: to its own size it changes nothing, to a smaller size it is refused
+/// as a shrink of a disk in use, and to a size that is not a multiple of 512 it is refused;
+/// none of them moves the size.
+#[test]
+fn grow_refuses_shrinking_and_odd_sizes_and_accepts_its_own_size() {
+    let d = tmpdir();
+    let path = d.path().join("g.fvd");
+    create(&path, 4 << 20, Some(16 << 20), true, None);
+    let img = open(&path);
+    let size = img.virtual_size();
+    block_on(img.grow(&SyncIo, size)).unwrap();
+    assert_eq!(img.virtual_size(), size);
+    match block_on(img.grow(&SyncIo, size - 512)) {
+        Err(EngineError::Resize(ResizeRefused::ShrinkInUse { size: s, current })) => {
+            assert_eq!((s, current), (size - 512, size));
+        }
+        r => panic!("grow to a smaller size: {r:?}"),
+    }
+    match block_on(img.grow(&SyncIo, size + 100)) {
+        Err(EngineError::Resize(ResizeRefused::BadSize(s))) => assert_eq!(s, size + 100),
+        r => panic!("grow to an odd size: {r:?}"),
+    }
+    assert_eq!(img.virtual_size(), size);
+    close(img);
+    check_clean(&path);
+}
