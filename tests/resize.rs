@@ -1,6 +1,7 @@
 //! `Image::resize` on real files (docs/FORMAT.md, "Resizing"): data kept, the grown range
 //! reads zeros (over a longer base and past a partial last block too), shrinking only over
-//! unallocated space, the reserved capacity, and images made without room to grow.
+//! unallocated space, the reserved capacity, images made without room to grow, and flat and
+//! compact images on a block device (a loop device).
 
 use fvd::engine::{CreateParams, EngineError, Image, ResizeRefused};
 use fvd::format::header::INCOMPAT_CAPACITY;
@@ -8,8 +9,12 @@ use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
-use fvd::io::{Buf, HostFile};
+use fvd::io::HostFile;
 use std::path::Path;
+
+mod engine_support;
+mod serve_support;
+use engine_support::write;
 
 const BS: u64 = 16 << 10;
 const CS: u64 = 64 << 10;
@@ -50,16 +55,8 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn write(img: &Image<SyncIo>, off: u64, data: &[u8]) {
-    let b = Buf::alloc(data.len());
-    b.copy_from_slice(0, data);
-    block_on(img.write(&SyncIo, off, b)).unwrap();
-}
-
 fn read(img: &Image<SyncIo>, off: u64, len: u64) -> Vec<u8> {
-    let b = Buf::alloc(len as usize);
-    block_on(img.read(&SyncIo, off, b.clone())).unwrap();
-    b.to_vec()
+    engine_support::read(img, off, len as usize)
 }
 
 fn check_clean(path: &Path) {
@@ -230,4 +227,116 @@ fn grow_refuses_shrinking_and_odd_sizes_and_accepts_its_own_size() {
     assert_eq!(img.virtual_size(), size);
     close(img);
     check_clean(&path);
+}
+
+/// The tail of a partial last block is zeroed only where that block holds data: a grow whose
+/// last block was never written leaves the compact image's other chunks alone (its block has no
+/// storage to zero), and an image smaller than one block, whose only block holds base data past
+/// its end, reads zeros there after the grow.
+#[test]
+fn grow_zeroes_the_tail_of_a_partial_last_block_only_where_it_is_stored() {
+    // Never written: nothing to zero, and nothing else touched.
+    let d = tmpdir();
+    let path = d.path().join("unwritten.fvd");
+    let old = 20 * BS + 1536;
+    create(&path, old, Some(64 * BS), true, None);
+    let img = open(&path);
+    // The data sits at the same place in its chunk as the old end does in its own.
+    write(&img, 4 * BS, &pattern(4, BS as usize));
+    let mut img = {
+        close(img);
+        open(&path)
+    };
+    block_on(img.resize(&SyncIo, 40 * BS, false)).unwrap();
+    assert_eq!(read(&img, 4 * BS, BS), pattern(4, BS as usize));
+    assert!(read(&img, old, 40 * BS - old).iter().all(|&b| b == 0));
+    close(img);
+    check_clean(&path);
+
+    // Smaller than one block, over a longer base: the first write copies the base into the
+    // whole block, past the old end.
+    for compact in [true, false] {
+        let d = tmpdir();
+        let path = d.path().join("tiny.fvd");
+        std::fs::write(d.path().join("base.raw"), pattern(9, 4 * BS as usize)).unwrap();
+        let base = BaseRef {
+            path: "base.raw".into(),
+            format: BaseFormat::Raw,
+            size: 4 * BS,
+        };
+        let old = 1536;
+        create(&path, old, Some(64 * BS), compact, Some(base));
+        let img = open(&path);
+        write(&img, 0, &pattern(5, 512));
+        close(img);
+        let mut img = open(&path);
+        block_on(img.resize(&SyncIo, 2 * BS, false)).unwrap();
+        assert_eq!(read(&img, 0, 512), pattern(5, 512));
+        assert_eq!(
+            read(&img, 512, 1024),
+            pattern(9, 4 * BS as usize)[512..1536]
+        );
+        assert!(
+            read(&img, old, 2 * BS - old).iter().all(|&b| b == 0),
+            "compact {compact}: base data past the old end shows"
+        );
+        close(img);
+        check_clean(&path);
+    }
+}
+
+/// On a block device a flat image's grow checks the device first: it needs the data area of
+/// the new size, to the byte (the error says how much it has and needs), and the size does not
+/// move when refused. A compact image's grow needs no room (its chunks are allocated as written).
+#[test]
+fn grow_on_a_block_device_needs_room_for_a_flat_image_only() {
+    let d = tmpdir();
+    let old = 16 * BS;
+    // Flat: the device holds exactly the data area of 32 blocks.
+    let backing = d.path().join("flat.lv");
+    let f = std::fs::File::create(&backing).unwrap();
+    f.set_len(8 << 20).unwrap();
+    let Some(lv) = serve_support::Loop::attach(&backing) else {
+        return;
+    };
+    create(&lv.0, old, Some(256 * BS), false, None);
+    let data_offset = open(&lv.0).header().data_offset;
+    drop(lv);
+    let have = data_offset + 32 * BS;
+    f.set_len(have).unwrap();
+    let lv = serve_support::Loop::attach(&backing).unwrap();
+    let mut img = open(&lv.0);
+    write(&img, 3 * BS, &pattern(6, BS as usize));
+    match block_on(img.resize(&SyncIo, 32 * BS + 512, false)) {
+        Err(EngineError::Resize(ResizeRefused::DeviceTooSmall { have: h, need })) => {
+            assert_eq!((h, need), (have, data_offset + 33 * BS));
+        }
+        r => panic!("grow past the device: {r:?}"),
+    }
+    assert_eq!(img.virtual_size(), old);
+    block_on(img.resize(&SyncIo, 32 * BS, false)).unwrap();
+    assert_eq!(img.virtual_size(), 32 * BS);
+    write(&img, 31 * BS, &pattern(7, BS as usize));
+    assert_eq!(read(&img, 3 * BS, BS), pattern(6, BS as usize));
+    close(img);
+    let img = open(&lv.0);
+    assert_eq!(img.virtual_size(), 32 * BS);
+    assert_eq!(read(&img, 31 * BS, BS), pattern(7, BS as usize));
+    close(img);
+    drop(lv);
+
+    // Compact: a device with room for a few chunks grows to far more.
+    let backing = d.path().join("compact.lv");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let lv = serve_support::Loop::attach(&backing).unwrap();
+    create(&lv.0, old, Some(4096 * BS), true, None);
+    let mut img = open(&lv.0);
+    write(&img, 0, &pattern(8, BS as usize));
+    block_on(img.resize(&SyncIo, 4096 * BS, false)).unwrap();
+    assert_eq!(img.virtual_size(), 4096 * BS);
+    assert_eq!(read(&img, 0, BS), pattern(8, BS as usize));
+    close(img);
 }
