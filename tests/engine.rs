@@ -9,6 +9,9 @@ use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
 use std::path::{Path, PathBuf};
 
+mod engine_support;
+use engine_support::{pattern, read, write};
+
 fn tmpdir() -> tempfile::TempDir {
     // O_DIRECT needs a real filesystem; /var/tmp is on disk.
     tempfile::tempdir_in("/var/tmp").unwrap()
@@ -33,24 +36,6 @@ fn params(size: u64, compact: bool, base: Option<BaseRef>) -> CreateParams {
 
 fn open_image(io: &SyncIo, path: &Path, ro: bool) -> fvd::engine::Result<Image<SyncIo>> {
     block_on(fvd::engine::open_image(io, path, ro))
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(seed * 7919) % 251) as u8)
-        .collect()
-}
-
-fn write(img: &Image<SyncIo>, off: u64, data: &[u8]) {
-    let b = Buf::alloc(data.len());
-    b.copy_from_slice(0, data);
-    block_on(img.write(&SyncIo, off, b)).unwrap();
-}
-
-fn read(img: &Image<SyncIo>, off: u64, len: usize) -> Vec<u8> {
-    let b = Buf::alloc(len);
-    block_on(img.read(&SyncIo, off, b.clone())).unwrap();
-    b.to_vec()
 }
 
 /// A raw base file with a known pattern.

@@ -6,10 +6,13 @@ use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
-use fvd::io::{Buf, HostFile};
+use fvd::io::HostFile;
 use fvd::units::ChunkIndex;
 use std::path::Path;
 use std::process::Command;
+
+mod engine_support;
+use engine_support::{read, write};
 
 const BS: u64 = 16 << 10;
 const CS: u64 = 64 << 10;
@@ -31,18 +34,6 @@ fn create(path: &Path, size: u64, base: Option<BaseRef>, compat: u64) {
 
 fn open(path: &Path) -> Image<SyncIo> {
     block_on(fvd::engine::open_image(&SyncIo, path, false)).unwrap()
-}
-
-fn write(img: &Image<SyncIo>, off: u64, data: &[u8]) {
-    let b = Buf::alloc(data.len());
-    b.copy_from_slice(0, data);
-    block_on(img.write(&SyncIo, off, b)).unwrap();
-}
-
-fn read(img: &Image<SyncIo>, off: u64, len: usize) -> Vec<u8> {
-    let b = Buf::alloc(len);
-    block_on(img.read(&SyncIo, off, b.clone())).unwrap();
-    b.to_vec()
 }
 
 fn raw_base(dir: &Path, size: usize, seed: u8) -> BaseRef {

@@ -10,11 +10,15 @@ use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::HostFile;
 use fvd::server::{ServeConfig, Server};
-use std::io::{Read, Write};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::VhostBackend;
 
 const MIB: u64 = 1 << 20;
@@ -27,6 +31,17 @@ fn config(image: &std::path::Path, socket: &std::path::Path) -> ServeConfig {
         // Filters would bind the test process's threads.
         seccomp: fvd::server::seccomp::SeccompMode::Off,
         ..ServeConfig::new(image.to_path_buf(), Some(socket.to_path_buf()))
+    }
+}
+
+/// The frontend's handler of backend requests: counts CONFIG_CHANGE_MSGs.
+#[derive(Default)]
+struct ConfigChanges(AtomicUsize);
+
+impl VhostUserFrontendReqHandler for ConfigChanges {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(0)
     }
 }
 
@@ -66,31 +81,28 @@ fn resize_tells_the_frontend_and_persists() {
         | VhostUserProtocolFeatures::BACKEND_REQ;
     assert!(offered.contains(want), "offered {offered:?}");
     fe.set_protocol_features(want).unwrap();
-    let (channel, mut frontend_end) = UnixStream::pair().unwrap();
-    frontend_end
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    fe.set_backend_request_fd(&channel).unwrap();
+    // The frontend's side of the backend channel, as the vhost crate's frontend serves it: one
+    // CONFIG_CHANGE_MSG, acknowledged (REPLY_ACK).
+    let changes = Arc::new(ConfigChanges::default());
+    let mut channel = FrontendReqHandler::new(changes.clone()).unwrap();
+    channel.set_reply_ack_flag(true);
+    // SAFETY: the handler owns this descriptor and outlives the call that sends it.
+    let tx = unsafe { BorrowedFd::borrow_raw(channel.get_tx_raw_fd()) };
+    fe.set_backend_request_fd(&tx).unwrap();
     assert_eq!(capacity(&mut fe), 8 * MIB);
 
-    // The frontend's side of the backend channel: one CONFIG_CHANGE_MSG, acknowledged.
-    let frontend = std::thread::spawn(move || {
-        let mut hdr = [0u8; 12];
-        frontend_end.read_exact(&mut hdr).unwrap();
-        let w = |i: usize| u32::from_le_bytes(hdr[i * 4..i * 4 + 4].try_into().unwrap());
-        assert_eq!(w(0), 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
-        assert_eq!(w(1), 0x1 | 0x8, "version 1, need reply");
-        assert_eq!(w(2), 0, "no body");
-        let mut reply = Vec::new();
-        for v in [2u32, 0x1 | 0x4, 8] {
-            reply.extend_from_slice(&v.to_le_bytes());
-        }
-        reply.extend_from_slice(&0u64.to_le_bytes());
-        frontend_end.write_all(&reply).unwrap();
-        frontend_end
+    // On a thread of its own, with a deadline: a message that never comes fails the test.
+    let (done, handled) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = channel.handle_request().map(|_| ());
+        let _ = done.send((r, channel));
     });
     handle.resize(24 * MIB).unwrap();
-    let _frontend_end = frontend.join().unwrap();
+    let (r, _channel) = handled
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no CONFIG_CHANGE_MSG within 30 s");
+    r.unwrap();
+    assert_eq!(changes.0.load(Ordering::SeqCst), 1);
     assert_eq!(capacity(&mut fe), 24 * MIB);
 
     // A served disk does not shrink; past the reserved room is refused too.

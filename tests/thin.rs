@@ -8,54 +8,25 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-struct Loop {
-    dev: PathBuf,
-}
+mod serve_support;
+use serve_support::Loop;
 
-impl Loop {
-    fn attach(file: &Path) -> Option<Loop> {
-        let o = Command::new("losetup")
-            .args(["--direct-io=on", "-f", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !o.status.success() {
-            eprintln!(
-                "skipping: losetup failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            return None;
-        }
-        Some(Loop {
-            dev: PathBuf::from(String::from_utf8(o.stdout).ok()?.trim()),
-        })
-    }
-}
-
-impl Loop {
-    /// An FVD image of `virtual_size` on the device, with a 1 MiB journal.
-    fn create_image(&self, virtual_size: u64) -> CreateParams {
-        let f = HostFile::open(&self.dev, OpenMode::Create).unwrap();
-        let p = CreateParams {
-            virtual_size,
-            journal_size: MIB,
-            ..Default::default()
-        };
-        block_on(Image::create(&SyncIo, f, &p)).unwrap();
-        p
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
+/// An FVD image of `virtual_size` on the device, with a 1 MiB journal.
+fn create_image(lv: &Loop, virtual_size: u64) -> CreateParams {
+    let f = HostFile::open(&lv.0, OpenMode::Create).unwrap();
+    let p = CreateParams {
+        virtual_size,
+        journal_size: MIB,
+        ..Default::default()
+    };
+    block_on(Image::create(&SyncIo, f, &p)).unwrap();
+    p
 }
 
 const MIB: u64 = 1 << 20;
@@ -74,8 +45,8 @@ fn image_on_a_growing_loop_device_fills_past_its_initial_size() {
         return;
     };
 
-    lv.create_image(256 * MIB);
-    let img = Arc::new(block_on(fvd::engine::open_image(&SyncIo, &lv.dev, false)).unwrap());
+    create_image(&lv, 256 * MIB);
+    let img = Arc::new(block_on(fvd::engine::open_image(&SyncIo, &lv.0, false)).unwrap());
     assert!(img.free_bytes().unwrap() < 8 * MIB);
 
     // The grower: what `fvd serve --grow-cmd` does, with `losetup -c` as the LV resize.
@@ -93,7 +64,7 @@ fn image_on_a_growing_loop_device_fills_past_its_initial_size() {
         let img = Arc::downgrade(&img);
         let grows = grows.clone();
         let backing = backing.clone();
-        let dev = lv.dev.clone();
+        let dev = lv.0.clone();
         std::thread::spawn(move || {
             while let Ok(()) = rx.recv() {
                 // Coalesce a burst of requests into one grow.
@@ -139,7 +110,7 @@ fn image_on_a_growing_loop_device_fills_past_its_initial_size() {
     );
     drop(img);
     let _ = grower.join();
-    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.dev, true)).unwrap();
+    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.0, true)).unwrap();
     for i in 0..40u64 {
         let b = Buf::alloc(MIB as usize);
         block_on(img.read(&SyncIo, i * 3 * MIB, b.clone())).unwrap();
@@ -159,8 +130,8 @@ fn first_partial_write_on_an_lv_writes_the_block_whole_and_hides_stale_bytes() {
     let Some(lv) = Loop::attach(&backing) else {
         return;
     };
-    let bs = lv.create_image(16 * MIB).block_size;
-    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.dev, false)).unwrap();
+    let bs = create_image(&lv, 16 * MIB).block_size;
+    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.0, false)).unwrap();
     let before = img.counters().snapshot();
     let data = Buf::alloc(4096);
     data.copy_from_slice(0, &[0x5A; 4096]);
@@ -182,7 +153,7 @@ fn first_partial_write_on_an_lv_writes_the_block_whole_and_hides_stale_bytes() {
     block_on(img.close(&SyncIo)).unwrap();
     drop(img);
 
-    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.dev, true)).unwrap();
+    let img = block_on(fvd::engine::open_image(&SyncIo, &lv.0, true)).unwrap();
     let b = Buf::alloc(bs as usize);
     block_on(img.read(&SyncIo, bs, b.clone())).unwrap();
     let mut want = vec![0u8; bs as usize];
