@@ -19,6 +19,10 @@ fi
 name=fvd-package-test
 img=/var/lib/fvd/$name.fvd
 sock=/run/fvd/$name.sock
+# The unit's RuntimeDirectory (systemd makes it for User=, removes it at stop) and the control
+# socket the server binds in it.
+rundir=/run/fvd/$name
+ctl=$rundir/qmp.sock
 unit=/lib/systemd/system/fvd@.service
 target=${CARGO_TARGET_DIR:-$(pwd)/target}
 server_pid=
@@ -40,6 +44,7 @@ cleanup() {
         server_pid=
     fi
     rm -f "$img" "$sock"
+    rm -rf "$rundir"
     if pkg_known; then
         dpkg --purge fvd >/dev/null 2>&1 || true
     fi
@@ -124,6 +129,9 @@ start_server() {
     exec=$(sed -n 's/^ExecStart=//p' "$unit")
     exec=${exec//%i/$name}
     exec=${exec//\$FVD_SERVE_ARGS/}
+    # As systemd does for RuntimeDirectory=fvd/%i, RuntimeDirectoryMode=0700.
+    [ "$(sed -n 's/^RuntimeDirectory=//p' "$unit")" = "fvd/%i" ] || fail "$unit: RuntimeDirectory is not fvd/%i"
+    install -d -o fvd -g fvd -m "$(sed -n 's/^RuntimeDirectoryMode=//p' "$unit")" "$rundir"
     if activated; then
         listen=$(sed -n 's/^ListenStream=//p' "$socket_unit")
         [ "${listen//%i/$name}" = "$sock" ] || fail "$socket_unit listens on $listen, not $sock"
@@ -159,7 +167,24 @@ stop_server() {
     server_pid=
     [ "$rc" = 0 ] || { cat "$target/package-serve.log" >&2; fail "the server exited with status $rc"; }
     activated || [ ! -e "$sock" ] || fail "the server left $sock behind"
+    [ ! -e "$ctl" ] || fail "the server left its control socket $ctl behind"
     rm -f "$sock"
+    rm -rf "$rundir"   # as systemd does when the service stops
+}
+
+# The control socket of the unit's ExecStart: bound by the server (as fvd, mode 0600) in its
+# runtime directory, and root's fvd ctl talks QMP on it.
+check_control() {
+    for _ in $(seq 100); do
+        [ -S "$ctl" ] && break
+        sleep 0.1
+    done
+    [ -S "$ctl" ] || { cat "$target/package-serve.log" >&2; fail "no control socket $ctl"; }
+    [ "$(stat -c '%U %a' "$ctl")" = "fvd 600" ] || fail "$ctl: $(stat -c '%U %a' "$ctl"), not fvd 600"
+    [ "$(stat -c '%U %a' "$rundir")" = "fvd 700" ] || fail "$rundir: $(stat -c '%U %a' "$rundir")"
+    local out
+    out=$(/usr/bin/fvd ctl "$ctl" query-block) || fail "fvd ctl $ctl query-block failed: $out"
+    grep -q '"virtual-size": 67108864' <<<"$out" || fail "query-block on $ctl: $out"
 }
 
 echo "== package: build"
@@ -188,6 +213,7 @@ activated && want="$(socket_setting SocketUser root) $(socket_setting SocketMode
 # Checked while it serves: with socket activation the server starts on the first connection.
 [ "$(ps -o user= -p "$server_pid")" = fvd ] || fail "the server does not run as fvd"
 [ "$(ps -o comm= -p "$server_pid")" = fvd ] || fail "pid $server_pid is not the server"
+check_control
 stop_server
 /usr/bin/fvd check "$img" || fail "fvd check after a clean stop"
 start_server

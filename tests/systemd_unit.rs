@@ -66,6 +66,24 @@ fn runs_unprivileged_with_only_its_image_writable_and_seccomp_on() {
 }
 
 #[test]
+fn the_control_socket_is_in_a_runtime_directory_of_the_servers_own() {
+    let u = unit();
+    // /run/fvd belongs to root (fvd.tmpfiles): the server, as fvd, can bind only in a directory
+    // systemd makes for it, which ProtectSystem=strict leaves writable.
+    assert_eq!(values(&u, "RuntimeDirectory"), ["fvd/%i"]);
+    assert_eq!(values(&u, "RuntimeDirectoryMode"), ["0700"]);
+    let exec = &values(&u, "ExecStart")[0];
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == "--control")
+        .unwrap_or_else(|| panic!("no --control in {exec}"));
+    assert_eq!(words.get(at + 1), Some(&"/run/fvd/%i/qmp.sock"));
+    // The default mode (0600) stays: no --control-mode widening it.
+    assert!(!exec.contains("--control-mode"), "{exec}");
+}
+
+#[test]
 fn the_socket_unit_holds_the_socket_the_service_serves() {
     let (u, s) = (unit(), socket_unit());
     let listen = values(&s, "ListenStream");
