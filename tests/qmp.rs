@@ -146,29 +146,6 @@ fn serve_new(args: &[&str]) -> Setup {
     serve(image, d, args)
 }
 
-/// Seccomp filters installed on the server's control thread (from /proc).
-fn qmp_thread_filters(pid: i32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap().path();
-        let (Ok(comm), Ok(status)) = (
-            std::fs::read_to_string(t.join("comm")),
-            std::fs::read_to_string(t.join("status")),
-        ) else {
-            continue;
-        };
-        if comm.trim() == "fvd-qmp" {
-            out.extend(
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Seccomp_filters:"))
-                    .map(|v| v.trim().parse::<u32>().unwrap()),
-            );
-        }
-    }
-    out
-}
-
 #[test]
 fn greeting_negotiation_commands_and_errors() {
     let s = serve_new(&[]);
@@ -199,19 +176,12 @@ fn greeting_negotiation_commands_and_errors() {
         .iter()
         .map(|c| c["name"].as_str().unwrap().to_string())
         .collect();
-    for c in [
-        "query-version",
-        "query-block",
-        "query-blockstats",
-        "query-block-jobs",
-        "block-job-pause",
-        "block-job-resume",
-        "block-job-set-speed",
-        "block-job-cancel",
-        "x-fvd-copy-on-read",
-        "x-fvd-flush",
-        "quit",
-    ] {
+    // The commands the issue names, and ours.
+    for c in "query-version query-block query-blockstats query-block-jobs block-job-pause \
+              block-job-resume block-job-set-speed block-job-cancel block_resize \
+              block_set_io_throttle x-fvd-copy-on-read x-fvd-flush quit"
+        .split_whitespace()
+    {
         assert!(names.iter().any(|n| n == c), "{c} missing from {names:?}");
     }
     assert_eq!(q.ok("query-version", None), g["QMP"]["version"]);
@@ -290,7 +260,10 @@ fn greeting_negotiation_commands_and_errors() {
     assert_eq!(q.ok("query-block-jobs", None), json!([]));
     // Everything above ran under the control thread's own filter (no-open + its list), after
     // it served a flush on the shared ring.
-    assert_eq!(qmp_thread_filters(s.server.pid()), [2]);
+    assert_eq!(
+        serve_support::thread_filters(s.server.pid()).remove("fvd-qmp"),
+        Some(vec![2])
+    );
     assert!(s.server.terminate().success());
 }
 
@@ -698,16 +671,7 @@ fn thin_on_loop(grow_cmd: impl Fn(&Path) -> String, extra: &[&str]) -> Option<(S
         .unwrap();
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let grow = grow_cmd(&backing);
-    let mut args = vec![
-        "--num-queues",
-        "1",
-        "--grow-cmd",
-        &grow,
-        "--grow-unit",
-        "8M",
-        "--grow-watermark",
-        "3M",
-    ];
+    let mut args = serve_support::thin_grow_args(&grow);
     args.extend_from_slice(extra);
     Some((serve(dev.0.clone(), d, &args), dev))
 }

@@ -6,7 +6,7 @@ mod serve_support;
 
 use serve_support::client::{connect, Client, Req};
 use serve_support::{dir, fvd, ServerProc};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -180,14 +180,6 @@ fn base_image_on_nbd_through_the_server() {
     assert!(srv.terminate().success());
 }
 
-struct Loop(PathBuf);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn thin_image_on_a_loop_device_grows_while_the_client_writes() {
     let d = dir();
@@ -197,19 +189,9 @@ fn thin_image_on_a_loop_device_grows_while_the_client_writes() {
         .unwrap()
         .set_len(8 * MIB as u64)
         .unwrap();
-    let o = Command::new("losetup")
-        .args(["--direct-io=on", "-f", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    if !o.status.success() {
-        eprintln!(
-            "skipping: losetup failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+    let Some(dev) = serve_support::Loop::attach(&backing) else {
         return;
-    }
-    let dev = Loop(PathBuf::from(String::from_utf8(o.stdout).unwrap().trim()));
+    };
     let devs = dev.0.to_str().unwrap().to_string();
     run(
         p,
@@ -221,20 +203,7 @@ fn thin_image_on_a_loop_device_grows_while_the_client_writes() {
         backing.display()
     );
     let sock = p.join("s.sock");
-    let srv = ServerProc::start(
-        &dev.0,
-        &sock,
-        &[
-            "--num-queues",
-            "1",
-            "--grow-cmd",
-            &grow,
-            "--grow-unit",
-            "8M",
-            "--grow-watermark",
-            "3M",
-        ],
-    );
+    let srv = ServerProc::start(&dev.0, &sock, &serve_support::thin_grow_args(&grow));
     let mut c = connect(&sock, 1, false).unwrap();
     // 48 MiB of distinct data, six times the initial device, verified as it goes.
     for i in 0..48u64 {

@@ -160,6 +160,21 @@ impl Drop for ServerProc {
 /// See [`ServerProc::kill_after`]: dropping it cancels the kill.
 pub struct KillGuard(std::sync::mpsc::Sender<()>);
 
+/// `fvd serve` options of the thin-on-loop tests: one queue, and `grow` run whenever less than
+/// 3 MiB is free, asking for 8 MiB at a time.
+pub fn thin_grow_args(grow: &str) -> Vec<&str> {
+    vec![
+        "--num-queues",
+        "1",
+        "--grow-cmd",
+        grow,
+        "--grow-unit",
+        "8M",
+        "--grow-watermark",
+        "3M",
+    ]
+}
+
 /// Thread name -> seccomp filter counts of process `pid`'s threads (from /proc).
 pub fn thread_filters(pid: i32) -> std::collections::BTreeMap<String, Vec<u32>> {
     let mut out = std::collections::BTreeMap::<String, Vec<u32>>::new();
