@@ -8,15 +8,8 @@ use fvd::io::executor::block_on;
 use fvd::io::sync::SyncIo;
 use fvd::io::Buf;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn fvd(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fvd"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
+mod serve_support;
+use serve_support::fvd_in as fvd;
 
 /// Runs `fvd check [args] img.fvd` and returns its exit code and stdout.
 fn check(dir: &Path, args: &[&str]) -> (i32, String) {

@@ -14,11 +14,11 @@ use fvd::io::nbd::{NbdClient, NbdOptions};
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
 use serve_support::client::{connect, Req};
-use serve_support::ServerProc;
+use serve_support::{fvd_in as fvd, ServerProc};
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -146,14 +146,6 @@ fn base_file(dir: &Path, len: usize) -> (PathBuf, Vec<u8>) {
     let p = dir.join("base.raw");
     std::fs::write(&p, &data).unwrap();
     (p, data)
-}
-
-fn fvd(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fvd"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
 }
 
 fn fvd_ok(dir: &Path, args: &[&str]) -> String {

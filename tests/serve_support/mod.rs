@@ -13,6 +13,11 @@ pub fn fvd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fvd"))
 }
 
+/// Runs `fvd ARGS` in `dir` to completion.
+pub fn fvd_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    fvd().args(args).current_dir(dir).output().unwrap()
+}
+
 /// A scratch directory on a filesystem with O_DIRECT (tmpfs may lack it).
 pub fn dir() -> tempfile::TempDir {
     tempfile::tempdir_in("/var/tmp").unwrap()

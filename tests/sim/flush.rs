@@ -621,16 +621,7 @@ fn a_damaged_intent_sector_before_later_ones_is_tolerated() {
             env.world.power_loss();
         }
         env.io = env.world.io();
-        let (io, f) = (env.io.clone(), env.file.clone());
-        let report = env
-            .world
-            .block_on(async move { fvd::engine::check::check(&io, f).await })
-            .unwrap();
-        assert!(
-            !report.corrupt(),
-            "process crash {process}: {:?}",
-            report.problems
-        );
+        super::assert_not_corrupt(&env.world, &env.file, &format!("process crash {process}"));
         env.img = Env::open(&env.world, &env.io, &env.file, &env.base);
         // Sector 0 (the first 254 records) is gone, so is everything after it.
         for &b in &blocks {

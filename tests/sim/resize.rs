@@ -233,16 +233,7 @@ fn check_after_crash(seed: u64, env: &Env, c: Case, finished: bool) {
         }
     }
     drop(img);
-    let (io, f) = (env.world.io(), env.file.clone());
-    let report = env
-        .world
-        .block_on(async move { fvd::engine::check::check(&io, f).await })
-        .unwrap();
-    assert!(
-        !report.corrupt(),
-        "{what}: check finds {:?}",
-        report.problems
-    );
+    super::assert_not_corrupt(&env.world, &env.file, &what);
 }
 
 #[test]
