@@ -133,7 +133,8 @@ impl Framer {
             self.numeric = b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+');
             match b {
                 b'"' => self.in_string = true,
-                b'{' | b'[' => self.depth += 1,
+                // Saturating: nesting deeper than u32 is garbage that ends as TooLong anyway.
+                b'{' | b'[' => self.depth = self.depth.saturating_add(1),
                 b'}' | b']' => {
                     self.depth -= 1;
                     if self.depth == 0 {
@@ -260,6 +261,7 @@ pub fn encode(v: &Value) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn frames(input: &[&[u8]]) -> Vec<Frame> {
         let mut f = Framer::default();
@@ -349,5 +351,97 @@ mod tests {
         assert!(encode(&json!({})).ends_with(b"}\r\n"));
         assert_eq!(greeting()["QMP"]["capabilities"], json!([]));
         assert!(greeting()["QMP"]["version"]["qemu"]["minor"].is_u64());
+    }
+
+    /// JSON values as clients send them: nested objects and arrays of strings with escapes and
+    /// brackets inside, numbers with exponents, literals.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            (-1e300f64..1e300).prop_map(|f| json!(f)),
+            "[ -~\\t\n\"{}\\[\\]é]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z\"{}]{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Feeds `input` cut at `cuts` (offsets, any order, out of range ones ignored).
+    fn frames_cut(input: &[u8], cuts: &[usize]) -> Vec<Frame> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        at.push(0);
+        at.push(input.len());
+        at.sort_unstable();
+        let pieces: Vec<&[u8]> = at.windows(2).map(|w| &input[w[0]..w[1]]).collect();
+        frames(&pieces)
+    }
+
+    proptest! {
+        /// Whatever a client sends, however the reads cut it: the same messages, none longer
+        /// than the limit, and no panic.
+        #[test]
+        fn framer_is_independent_of_read_boundaries(
+            input in prop::collection::vec(
+                prop_oneof![
+                    4 => any::<u8>(),
+                    6 => prop::sample::select(b"{}[]\"\\ \nax1e-".to_vec()),
+                ],
+                0..400,
+            ),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let whole = frames(&[&input]);
+            prop_assert_eq!(&frames_cut(&input, &cuts), &whole);
+            for f in &whole {
+                if let Frame::Message(m) = f {
+                    prop_assert!(m.len() <= MAX_MESSAGE);
+                    prop_assert!(!m.is_empty());
+                }
+            }
+        }
+
+        /// Values written one after the other, with any whitespace between them and cut
+        /// anywhere, come out one message each, each the value's text.
+        #[test]
+        fn framer_returns_each_value_sent(
+            values in prop::collection::vec(json_value(), 1..5),
+            seps in prop::collection::vec("[ \t\r\n]{0,3}", 5),
+            pretty in any::<bool>(),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            // Top-level values as messages: objects or arrays (bare tokens end at whitespace,
+            // so a top-level string with spaces is not one message, as in QEMU).
+            let values: Vec<Value> = values.into_iter().map(|v| json!({ "v": v })).collect();
+            let texts: Vec<Vec<u8>> = values
+                .iter()
+                .map(|v| {
+                    if pretty {
+                        serde_json::to_vec_pretty(v).unwrap()
+                    } else {
+                        serde_json::to_vec(v).unwrap()
+                    }
+                })
+                .collect();
+            let mut input = Vec::new();
+            for (text, sep) in texts.iter().zip(&seps) {
+                input.extend_from_slice(text);
+                input.extend_from_slice(sep.as_bytes());
+            }
+            // Each message is the value's text, to the byte.
+            let got: Vec<Vec<u8>> = frames_cut(&input, &cuts)
+                .into_iter()
+                .map(|f| match f {
+                    Frame::Message(m) => m,
+                    Frame::TooLong => panic!("a short message was cut as too long"),
+                })
+                .collect();
+            prop_assert_eq!(got, texts);
+        }
     }
 }
