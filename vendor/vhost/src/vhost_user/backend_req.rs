@@ -4,6 +4,7 @@
 use std::io;
 use std::mem;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +34,9 @@ struct BackendInternal {
 
     // whether the endpoint has encountered any failure
     error: Option<i32>,
+
+    // fvd patch 8: the bound on sending a header-only request and waiting for its reply.
+    timeout: Option<Duration>,
 }
 
 impl BackendInternal {
@@ -70,9 +74,94 @@ impl BackendInternal {
         if self.reply_ack_negotiated {
             hdr.set_need_reply(true);
         }
-        self.sock.send_header(&hdr, None)?;
+        // fvd patch 8: with a timeout, both the send and the ack wait end at one deadline.
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        let r = self
+            .ready(libc::POLLOUT, deadline)
+            .and_then(|_| self.sock.send_header(&hdr, None))
+            .and_then(|_| self.wait_for_ack_until(&hdr, deadline));
+        // A failure other than the frontend's own answer (a timeout, a partial or unexpected
+        // reply) leaves the stream out of step with the frontend: a late reply would answer
+        // the next request. The channel fails for good.
+        if let Err(e) = &r {
+            if !matches!(e, Error::FrontendInternalError) {
+                self.error = Some(libc::EIO);
+            }
+        }
+        r
+    }
 
-        self.wait_for_ack(&hdr)
+    // fvd patch 8: waits until the socket is ready for `events` or the deadline passes (no
+    // deadline: returns at once, the blocking call that follows waits).
+    fn ready(&self, events: libc::c_short, deadline: Option<Instant>) -> Result<()> {
+        let Some(deadline) = deadline else {
+            return Ok(());
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::SocketError(io::ErrorKind::TimedOut.into()));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events,
+                revents: 0,
+            };
+            // Rounded up, so the wait never ends before the deadline.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd, alive for the duration of the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r > 0 {
+                // Ready, or hung up / in error: the call that follows reports which.
+                return Ok(());
+            }
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(Error::SocketError(e));
+                }
+            }
+        }
+    }
+
+    // fvd patch 8: `wait_for_ack` with a deadline. `recv_body` retries EAGAIN for ever, so the
+    // reply is read in pieces, each after `poll` said the socket is readable.
+    fn wait_for_ack_until(
+        &mut self,
+        hdr: &VhostUserMsgHeader<BackendReq>,
+        deadline: Option<Instant>,
+    ) -> Result<u64> {
+        if deadline.is_none() {
+            return self.wait_for_ack(hdr);
+        }
+        self.check_state()?;
+        if !self.reply_ack_negotiated {
+            return Ok(0);
+        }
+        let mut reply = VhostUserMsgHeader::<BackendReq>::default();
+        let mut body = VhostUserU64::default();
+        let hlen = mem::size_of_val(&reply);
+        let total = hlen + mem::size_of_val(&body);
+        let mut buf = Vec::with_capacity(total);
+        while buf.len() < total {
+            self.ready(libc::POLLIN, deadline)?;
+            match self.sock.recv_into_buf(total - buf.len()) {
+                Ok((_, _, Some(_))) => return Err(Error::InvalidMessage),
+                Ok((0, _, None)) => return Err(Error::PartialMessage),
+                Ok((n, bytes, None)) => buf.extend_from_slice(&bytes[..n]),
+                Err(Error::SocketRetry(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        reply.as_mut_slice().copy_from_slice(&buf[..hlen]);
+        body.as_mut_slice().copy_from_slice(&buf[hlen..]);
+        if !reply.is_valid() || !reply.is_reply_for(hdr) || !body.is_valid() {
+            return Err(Error::InvalidMessage);
+        }
+        if body.value != 0 {
+            return Err(Error::FrontendInternalError);
+        }
+        Ok(body.value)
     }
 
     fn wait_for_ack(&mut self, hdr: &VhostUserMsgHeader<BackendReq>) -> Result<u64> {
@@ -117,6 +206,7 @@ impl Backend {
                 shared_object_negotiated: false,
                 shmem_negotiated: false,
                 error: None,
+                timeout: None,
             })),
         }
     }
@@ -126,6 +216,13 @@ impl Backend {
         Self::new(Endpoint::<VhostUserMsgHeader<BackendReq>>::from_stream(
             sock,
         ))
+    }
+
+    /// Bounds how long sending `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` and waiting for its
+    /// reply may take (fvd patch 8). `None`, the default, waits for ever: a frontend that never
+    /// answers would hold the sender for good. After a timeout the channel fails.
+    pub fn set_timeout(&self, timeout: Option<Duration>) {
+        self.inner.lock().unwrap().timeout = timeout;
     }
 
     /// Set the negotiation state of the `VHOST_USER_PROTOCOL_F_REPLY_ACK` protocol feature.
