@@ -215,7 +215,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     // The frontend's channel for CONFIG_CHANGE_MSG after a resize (`ServerHandle::resize`).
+    // Its ack wait is bounded: a frontend that never answers must not hold the control thread.
     fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        backend.set_timeout(Some(super::handle::BACKEND_REQ_TIMEOUT));
         self.ctx.backend_req.set(Some(backend));
     }
 

@@ -38,6 +38,11 @@ pub struct ServerHandle {
     pub backend_req: Arc<FrontendChannel>,
 }
 
+/// How long sending CONFIG_CHANGE_MSG and waiting for the frontend's ack may take (QEMU answers
+/// from its main loop at once); past it the resize is reported as not told, and the channel
+/// fails (a late ack would answer the next message).
+pub const BACKEND_REQ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The backend request channel of the connected frontend (SET_BACKEND_REQ_FD), if it set one
 /// up: how the server tells it that the configuration space changed.
 #[derive(Default)]
@@ -203,5 +208,37 @@ mod tests {
         t.join().unwrap();
         ch.set(None);
         assert!(!ch.config_changed().unwrap());
+    }
+
+    /// A frontend that reads the message but never acks: the wait ends at the timeout with an
+    /// error, and the channel is failed from then on (an ack arriving late would otherwise
+    /// answer the next message), so the next call fails at once without sending.
+    #[test]
+    fn a_frontend_that_never_acks_times_out_and_fails_the_channel() {
+        let ch = FrontendChannel::default();
+        let (a, mut fe) = UnixStream::pair().unwrap();
+        let b = Backend::from_stream(a);
+        b.set_reply_ack_flag(true);
+        b.set_timeout(Some(std::time::Duration::from_millis(200)));
+        ch.set(Some(b));
+        let start = std::time::Instant::now();
+        assert!(ch.config_changed().is_err());
+        assert!(start.elapsed() >= std::time::Duration::from_millis(200));
+        let mut hdr = [0u8; 12];
+        fe.read_exact(&mut hdr).unwrap();
+        assert_eq!(u32::from_le_bytes(hdr[..4].try_into().unwrap()), 2);
+        // The late ack is never read as the answer to another message.
+        let mut reply = Vec::new();
+        for v in [2u32, 0x1 | 0x4, 8] {
+            reply.extend_from_slice(&v.to_le_bytes());
+        }
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        fe.write_all(&reply).unwrap();
+        assert!(ch.config_changed().is_err());
+        fe.set_nonblocking(true).unwrap();
+        assert!(
+            fe.read(&mut hdr).is_err(),
+            "a failed channel sent another message"
+        );
     }
 }

@@ -465,9 +465,12 @@ fn rules(kind: ThreadKind) -> Rules {
                 &mut r,
                 &[
                     // `block_resize` tells the frontend on its backend request channel and
-                    // waits for the ack.
+                    // waits for the ack, polling with a deadline (vendor/vhost patch 8).
                     libc::SYS_sendmsg,
                     libc::SYS_recvmsg,
+                    #[cfg(target_arch = "x86_64")]
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
                     // Its event loop (created before the filter), clients and their sockets.
                     libc::SYS_epoll_pwait,
                     #[cfg(target_arch = "x86_64")]
