@@ -186,7 +186,7 @@ impl<I: Io> Image<I> {
             return Ok(false);
         }
         self.flush(io).await?;
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.lock_flush_state().await;
         if fs.header.flags & FLAG_BASE_NOT_NEEDED == 0 {
             self.write_header(io, &mut fs, |h| h.flags |= FLAG_BASE_NOT_NEEDED)
                 .await?;
@@ -203,7 +203,7 @@ impl<I: Io> Image<I> {
         change: impl FnOnce(&mut crate::format::Header),
     ) -> Result<()> {
         self.check_writable()?;
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.lock_flush_state().await;
         self.write_header(io, &mut fs, change).await
     }
 }

@@ -67,7 +67,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         self.check_writable()?;
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.lock_flush_state().await;
         self.sync_locked(io, &mut fs).await
     }
 
@@ -140,7 +140,7 @@ impl<I: Io> Image<I> {
         if self.read_only || self.journaled.load(Ordering::Acquire) >= upto {
             return Ok(());
         }
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.lock_flush_state().await;
         if fs.journaled >= upto {
             // Another writer's journal write took ours along.
             return Ok(());
@@ -320,6 +320,6 @@ impl<I: Io> Image<I> {
 
     /// Journal sectors in use in the current epoch (tests, `fvd info`).
     pub async fn journal_used(&self) -> u64 {
-        self.flush_state.lock().await.tail
+        self.lock_flush_state().await.tail
     }
 }

@@ -7,6 +7,7 @@ use super::block_locks::BlockLocks;
 use super::counters::Counters;
 use super::error::{Corruption, EngineError, InvalidParams, IoContext, IoOp, NoSpace, Result};
 use super::flush::Pending;
+use super::lock_order::{Level, Ordered};
 use super::metadata::{Committed, LiveMetadata};
 use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
@@ -14,7 +15,6 @@ use crate::format::layout::Layout;
 use crate::format::{journal, BaseRef, FormatError, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Growth, Io, IoFile};
 use crate::units::{ChunkIndex, Geometry};
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Parameters of `fvd create`.
@@ -142,12 +142,12 @@ pub struct Image<I: Io> {
     pub(super) journal_sectors: u64,
     pub(super) read_only: bool,
     pub(super) live: LiveMetadata,
-    pub(super) pending: Mutex<Pending>,
+    pub(super) pending: Ordered<Pending>,
     /// Physical chunks unmapped since the last flush: allocatable once their unmap is durable.
     /// Locked after `pending` when both are needed.
-    pub(super) freed: Mutex<Vec<u32>>,
+    pub(super) freed: Ordered<Vec<u32>>,
     pub(super) locks: BlockLocks,
-    pub(super) alloc: Mutex<Allocator>,
+    pub(super) alloc: Ordered<Allocator>,
     pub(super) flush_state: futures::lock::Mutex<FlushState>,
     /// `FlushState::journaled`, readable without the lock (writers that queued nothing new).
     pub(super) journaled: std::sync::atomic::AtomicU64,
@@ -163,13 +163,13 @@ pub struct Image<I: Io> {
     /// refuses further writes and flushes until reopened (never journal possibly lost data).
     pub(super) failed: AtomicBool,
     pub(super) closed: AtomicBool,
-    pub(super) header_snapshot: Mutex<Header>,
+    pub(super) header_snapshot: Ordered<Header>,
     /// Copy-on-read on for this open image.
     pub(super) cor: AtomicBool,
-    pub(super) cor_jobs: Mutex<Vec<super::fill::CorJob>>,
+    pub(super) cor_jobs: Ordered<Vec<super::fill::CorJob>>,
     pub(super) cor_inflight: std::sync::atomic::AtomicU64,
     pub(super) prefetch_cursor: std::sync::atomic::AtomicU64,
-    pub(super) space_policy: Mutex<Option<super::space::SpacePolicy>>,
+    pub(super) space_policy: Ordered<Option<super::space::SpacePolicy>>,
     pub(super) space_waiters: super::space::SpaceWaiters,
 }
 
@@ -443,10 +443,10 @@ impl<I: Io> Image<I> {
             journal_sectors: header.journal_len / SECTOR as u64,
             read_only,
             live,
-            pending: Mutex::new(Pending::default()),
-            freed: Mutex::new(Vec::new()),
+            pending: Ordered::default_at(Level::Pending, "pending"),
+            freed: Ordered::default_at(Level::Freed, "freed"),
             locks: BlockLocks::default(),
-            alloc: Mutex::new(alloc),
+            alloc: Ordered::new(Level::Alloc, "alloc", alloc),
             flush_state: futures::lock::Mutex::new(FlushState {
                 header: header.clone(),
                 committed,
@@ -464,17 +464,17 @@ impl<I: Io> Image<I> {
             lock_all_writes,
             failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            header_snapshot: Mutex::new(header),
+            header_snapshot: Ordered::new(Level::Leaf, "header_snapshot", header),
             cor: AtomicBool::new(false),
-            cor_jobs: Mutex::new(Vec::new()),
+            cor_jobs: Ordered::default_at(Level::Leaf, "cor_jobs"),
             cor_inflight: Default::default(),
             prefetch_cursor: Default::default(),
-            space_policy: Mutex::new(None),
+            space_policy: Ordered::default_at(Level::Leaf, "space_policy"),
             space_waiters: Default::default(),
         };
         img.set_copy_on_read(img.cor_default());
         if !read_only {
-            let mut fs = img.flush_state.lock().await;
+            let mut fs = img.lock_flush_state().await;
             if intents {
                 // The intents describe writes that only the storage's volatile cache may hold
                 // (the process died, the host did not): durable before anything records them.
@@ -514,7 +514,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         self.flush(io).await?;
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.lock_flush_state().await;
         self.checkpoint(io, &mut fs, true).await?;
         self.closed.store(true, Ordering::Release);
         Ok(())
@@ -576,6 +576,12 @@ impl<I: Io> Image<I> {
     /// Blocks with a fill in progress (tests: must be 0 when idle).
     pub fn locked_blocks(&self) -> usize {
         self.locks.held()
+    }
+
+    /// The flush state, waited for with no synchronous lock held (see [`super::lock_order`]).
+    pub(super) async fn lock_flush_state(&self) -> futures::lock::MutexGuard<'_, FlushState> {
+        super::lock_order::assert_none_held("flush_state");
+        self.flush_state.lock().await
     }
 
     /// Checks a guest request's range.

@@ -16,6 +16,7 @@ pub mod error;
 pub mod fill;
 pub mod flush;
 pub mod image;
+pub mod lock_order;
 pub mod map;
 pub mod metadata;
 pub mod prefetch;

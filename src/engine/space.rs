@@ -4,8 +4,8 @@
 
 use super::error::{EngineError, Result};
 use super::image::Image;
+use super::lock_order::{Level, Ordered};
 use crate::io::{Io, IoFile};
-use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,10 +22,18 @@ pub struct SpacePolicy {
     pub wait: Duration,
 }
 
-#[derive(Default)]
 pub struct SpaceWaiters {
     generation: AtomicU64,
-    wakers: Mutex<Vec<Waker>>,
+    wakers: Ordered<Vec<Waker>>,
+}
+
+impl Default for SpaceWaiters {
+    fn default() -> Self {
+        SpaceWaiters {
+            generation: AtomicU64::new(0),
+            wakers: Ordered::default_at(Level::Leaf, "space_waiters"),
+        }
+    }
 }
 
 struct SpaceChanged<'a> {
