@@ -4,11 +4,12 @@
 use super::allocator::Allocator;
 use super::base::Base;
 use super::block_locks::BlockLocks;
+use super::cor::Cor;
 use super::counters::Counters;
 use super::error::{Corruption, EngineError, InvalidParams, IoContext, IoOp, NoSpace, Result};
-use super::flush::Pending;
-use super::lock_order::{Level, Ordered};
+use super::journal::Journal;
 use super::metadata::{Committed, LiveMetadata};
+use super::space::{Space, SpacePolicy};
 use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::layout::Layout;
@@ -115,18 +116,12 @@ impl CreateParams {
     }
 }
 
-/// State owned by the flush path (one flush at a time): the header, the committed metadata and
-/// the journal's write position.
-pub(super) struct FlushState {
-    pub header: Header,
-    pub committed: Committed,
-    /// Journal sectors used in the current epoch (intents past it are not counted).
-    pub tail: u64,
-    /// Queue number up to which queued records are in the journal of this epoch, as normal
-    /// records or intents (see [`super::flush::Pending::base`]).
-    pub journaled: u64,
-}
-
+/// An open FVD image. Its parts own their state behind narrow interfaces (docs/ARCHITECTURE.md,
+/// "Engine parts"): `journal` (queued records, the flush state, the header), `space` (the
+/// allocator and waiting for space), `cor` (copy-on-read and prefetch bookkeeping), `live` (the
+/// bitmap and table requests read) and `locks` (fill locks). The request paths (read.rs,
+/// write.rs, discard.rs, fill.rs, flush.rs, resize.rs) are `Image` methods that call them; no
+/// part knows `Image`.
 pub struct Image<I: Io> {
     pub(super) store: Storage<I>,
     /// Block and chunk sizes. Its `virtual_size` is the capacity (the most the metadata can
@@ -138,19 +133,12 @@ pub struct Image<I: Io> {
     /// Taken first by a resize (before fill locks and the flush state): one at a time.
     pub(super) resizing: futures::lock::Mutex<()>,
     pub(super) data_offset: u64,
-    pub(super) journal_offset: u64,
-    pub(super) journal_sectors: u64,
     pub(super) read_only: bool,
     pub(super) live: LiveMetadata,
-    pub(super) pending: Ordered<Pending>,
-    /// Physical chunks unmapped since the last flush: allocatable once their unmap is durable.
-    /// Locked after `pending` when both are needed.
-    pub(super) freed: Ordered<Vec<u32>>,
     pub(super) locks: BlockLocks,
-    pub(super) alloc: Ordered<Allocator>,
-    pub(super) flush_state: futures::lock::Mutex<FlushState>,
-    /// `FlushState::journaled`, readable without the lock (writers that queued nothing new).
-    pub(super) journaled: std::sync::atomic::AtomicU64,
+    pub(super) journal: Journal,
+    pub(super) space: Space,
+    pub(super) cor: Cor,
     pub(super) base: Option<Base<I>>,
     /// Bytes of the base this image reads: its size, but no more than the header records (the
     /// base's size at create, lowered by a resize so a grown range reads zeros, never base data).
@@ -163,14 +151,6 @@ pub struct Image<I: Io> {
     /// refuses further writes and flushes until reopened (never journal possibly lost data).
     pub(super) failed: AtomicBool,
     pub(super) closed: AtomicBool,
-    pub(super) header_snapshot: Ordered<Header>,
-    /// Copy-on-read on for this open image.
-    pub(super) cor: AtomicBool,
-    pub(super) cor_jobs: Ordered<Vec<super::fill::CorJob>>,
-    pub(super) cor_inflight: std::sync::atomic::AtomicU64,
-    pub(super) prefetch_cursor: std::sync::atomic::AtomicU64,
-    pub(super) space_policy: Ordered<Option<super::space::SpacePolicy>>,
-    pub(super) space_waiters: super::space::SpaceWaiters,
 }
 
 /// A flat image on a file: chunks past the end of the file at open read zeros this session
@@ -439,21 +419,12 @@ impl<I: Io> Image<I> {
             size: geo.virtual_size.into(),
             resizing: Default::default(),
             data_offset: header.data_offset,
-            journal_offset: header.journal_offset,
-            journal_sectors: header.journal_len / SECTOR as u64,
             read_only,
             live,
-            pending: Ordered::default_at(Level::Pending, "pending"),
-            freed: Ordered::default_at(Level::Freed, "freed"),
             locks: BlockLocks::default(),
-            alloc: Ordered::new(Level::Alloc, "alloc", alloc),
-            flush_state: futures::lock::Mutex::new(FlushState {
-                header: header.clone(),
-                committed,
-                tail,
-                journaled: 0,
-            }),
-            journaled: Default::default(),
+            journal: Journal::new(header.clone(), committed, tail),
+            space: Space::new(alloc),
+            cor: Cor::default(),
             base_end: match (&base, &header.base) {
                 (Some(b), Some(r)) => b.size().min(r.size),
                 _ => 0,
@@ -464,17 +435,10 @@ impl<I: Io> Image<I> {
             lock_all_writes,
             failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            header_snapshot: Ordered::new(Level::Leaf, "header_snapshot", header),
-            cor: AtomicBool::new(false),
-            cor_jobs: Ordered::default_at(Level::Leaf, "cor_jobs"),
-            cor_inflight: Default::default(),
-            prefetch_cursor: Default::default(),
-            space_policy: Ordered::default_at(Level::Leaf, "space_policy"),
-            space_waiters: Default::default(),
         };
         img.set_copy_on_read(img.cor_default());
         if !read_only {
-            let mut fs = img.lock_flush_state().await;
+            let mut fs = img.journal.lock_state().await;
             if intents {
                 // The intents describe writes that only the storage's volatile cache may hold
                 // (the process died, the host did not): durable before anything records them.
@@ -500,7 +464,7 @@ impl<I: Io> Image<I> {
             // such a reader refuse the image until the clean-shutdown header.
             img.write_header(io, &mut fs, |_| {}).await?;
             // Both paths ended with a flush: the growth at open is durable.
-            let mut alloc = img.alloc.lock();
+            let mut alloc = img.space.alloc();
             if let Some(len) = alloc.undurable_growth() {
                 alloc.growth_durable(len);
             }
@@ -514,7 +478,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         self.flush(io).await?;
-        let mut fs = self.lock_flush_state().await;
+        let mut fs = self.journal.lock_state().await;
         self.checkpoint(io, &mut fs, true).await?;
         self.closed.store(true, Ordering::Release);
         Ok(())
@@ -552,7 +516,7 @@ impl<I: Io> Image<I> {
     }
     /// The header as last written.
     pub fn header(&self) -> Header {
-        self.header_snapshot.lock().clone()
+        self.journal.header()
     }
     /// Blocks whose data is in this image (live view).
     pub fn present_blocks(&self) -> u64 {
@@ -567,21 +531,31 @@ impl<I: Io> Image<I> {
     }
     /// Physical chunks in use (compact images).
     pub fn allocated_chunks(&self) -> u64 {
-        self.alloc.lock().allocated()
+        self.space.alloc().allocated()
     }
     /// Logical block size of the storage (what to advertise to guests).
     pub fn alignment(&self) -> u32 {
         self.store.align.max(512) as u32
     }
+    pub fn set_space_policy(&self, policy: SpacePolicy) {
+        self.space.set_policy(policy);
+    }
+    /// Something changed (the device grew, or a timer ticked): re-read the device size and let
+    /// waiting writes try again.
+    pub fn notify_space(&self) {
+        self.space.notify(&self.store);
+    }
+    /// Number of writes waiting for space (the server ticks `notify_space` while non-zero).
+    pub fn space_waiting(&self) -> usize {
+        self.space.waiting()
+    }
+    /// Free bytes in the data area, if the storage is bounded (a block device).
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.space.free_bytes(self.geo.chunk_size)
+    }
     /// Blocks with a fill in progress (tests: must be 0 when idle).
     pub fn locked_blocks(&self) -> usize {
         self.locks.held()
-    }
-
-    /// The flush state, waited for with no synchronous lock held (see [`super::lock_order`]).
-    pub(super) async fn lock_flush_state(&self) -> futures::lock::MutexGuard<'_, FlushState> {
-        super::lock_order::assert_none_held("flush_state");
-        self.flush_state.lock().await
     }
 
     /// Checks a guest request's range.

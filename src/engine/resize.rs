@@ -64,7 +64,7 @@ impl<I: Io> Image<I> {
             virtual_size: size,
             ..self.geo
         };
-        let capacity = self.header_snapshot.lock().capacity();
+        let capacity = self.journal.header().capacity();
         if size > capacity {
             return Err(EngineError::Resize(ResizeRefused::Capacity {
                 size,
@@ -97,7 +97,7 @@ impl<I: Io> Image<I> {
         } else {
             None
         };
-        let mut fs = self.lock_flush_state().await;
+        let mut fs = self.journal.lock_state().await;
         // Every completed write into the committed state, so the copy written below holds it.
         self.sync_locked(io, &mut fs).await?;
         if size < old {
