@@ -222,7 +222,7 @@ impl<I: Io> Image<I> {
         self.store.flush(io, &self.counters).await?;
         // Above every epoch in the journal area: open started this run's first epoch above
         // them all, and only this run's epochs were written since.
-        let epoch = super::image::next_epoch(fs.header.journal_epoch)?;
+        let epoch = super::replay::next_epoch(fs.header.journal_epoch)?;
         self.write_header(io, fs, |h| {
             change(h);
             h.active_meta = target;
