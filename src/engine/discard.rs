@@ -86,7 +86,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         {
-            let _refs = self.live.enter(first * bs, end * bs);
+            let _refs = self.enter_chunks(first * bs, end * bs);
             self.drop_blocks_inner(io, first, end, true).await?;
         }
         // Our own references are gone: unmap what is now empty and idle.

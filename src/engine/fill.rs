@@ -94,7 +94,7 @@ impl<I: Io> Image<I> {
     pub async fn fill_block(&self, io: &I, b: u64, data: Option<Buf>) -> Result<bool> {
         self.check_writable()?;
         let bs = self.geo.block_size;
-        let _refs = self.live.enter(b * bs, (b + 1) * bs);
+        let _refs = self.enter_chunks(b * bs, (b + 1) * bs);
         if self.live.present(BlockIndex(b)) {
             return Ok(false);
         }

@@ -8,7 +8,7 @@ use super::cor::Cor;
 use super::counters::Counters;
 use super::error::{Corruption, EngineError, InvalidParams, IoContext, IoOp, NoSpace, Result};
 use super::journal::Journal;
-use super::metadata::{Committed, LiveMetadata};
+use super::metadata::{ChunkRefs, Committed, LiveMetadata};
 use super::replay::{check_regions_fit, next_epoch, read_region, replay, storage_len, Replayed};
 use super::space::{Space, SpacePolicy};
 use super::storage::Storage;
@@ -515,6 +515,13 @@ impl<I: Io> Image<I> {
     /// Blocks with a fill in progress (tests: must be 0 when idle).
     pub fn locked_blocks(&self) -> usize {
         self.locks.held()
+    }
+
+    /// References the chunks of `[off, end)` for a request's run. First in the lock order: it
+    /// may wait for an unmap that runs under the allocator, so no synchronous lock may be held.
+    pub(super) fn enter_chunks(&self, off: u64, end: u64) -> ChunkRefs<'_> {
+        super::lock_order::assert_none_held("chunk references");
+        self.live.enter(off, end)
     }
 
     /// Checks a guest request's range.

@@ -23,10 +23,12 @@
 //!   across an `.await` (they are not `Send`, and the request futures must be), so a thread's
 //!   held set is exactly the guards of the code running on it. Release builds keep a plain
 //!   mutex.
-//! * The asynchronous locks (1 to 3) are awaited, so they cannot be tracked per thread. Their
-//!   invariant is that no synchronous lock is held while waiting for one: [`assert_none_held`]
-//!   checks it (debug builds) where each is taken. Among themselves their order is the one
-//!   above, kept by the code that takes them (`resize`, `write`, `discard`, `fill`, `flush`).
+//! * The first three are held across `.await`s (chunk references are waited for by spinning,
+//!   the others are async locks), so they cannot be tracked per thread. Their invariant is that
+//!   no synchronous lock is held while waiting for one: [`assert_none_held`] checks it (debug
+//!   builds) where each is taken (`Image::enter_chunks`, `BlockLocks::lock`, `resize`,
+//!   `Journal::lock_state`). Among themselves their order is the one above, kept by the code
+//!   that takes them (`resize`, `write`, `discard`, `fill`, `flush`).
 
 #[cfg(debug_assertions)]
 use std::cell::RefCell;

@@ -43,7 +43,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         let end = off + len;
-        let _refs = self.live.enter(off, end);
+        let _refs = self.enter_chunks(off, end);
         let first = off / self.geo.block_size;
         let last = (end - 1) / self.geo.block_size;
         if self.live.compact() {
