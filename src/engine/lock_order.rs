@@ -51,7 +51,10 @@ thread_local! {
 
 /// A parking_lot mutex with a place in the lock order.
 pub(super) struct Ordered<T> {
+    // Read only by the debug-build checks.
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     level: Level,
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     name: &'static str,
     inner: parking_lot::Mutex<T>,
 }
