@@ -8,17 +8,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Metadata records queued for the next flush.
 #[derive(Default)]
-pub(super) struct Pending {
-    pub records: Vec<JournalEntry>,
+struct Pending {
+    records: Vec<JournalEntry>,
     /// Some record must not become durable before the data it describes (see flush.rs).
-    pub data_first: bool,
+    data_first: bool,
     /// Queue number of `records[0]` (records are numbered from the open on).
-    pub base: u64,
+    base: u64,
 }
 
 impl Pending {
     /// Queue number after the newest record.
-    pub fn end(&self) -> u64 {
+    fn end(&self) -> u64 {
         self.base + self.records.len() as u64
     }
 }
