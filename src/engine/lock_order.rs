@@ -167,22 +167,24 @@ mod tests {
         assert_eq!(*pending.lock(), 1);
     }
 
-    #[test]
-    #[should_panic(expected = "taking `alloc` (Alloc) while holding `pending` (Pending)")]
-    fn inversion_is_caught() {
-        let alloc = Ordered::new(Level::Alloc, "alloc", ());
-        let pending = Ordered::new(Level::Pending, "pending", ());
-        let _p = pending.lock();
-        let _a = alloc.lock();
+    /// Holds a lock at `held`, then takes one at `then`.
+    fn nest(held: (Level, &'static str), then: (Level, &'static str)) {
+        let outer = Ordered::new(held.0, held.1, ());
+        let inner = Ordered::new(then.0, then.1, ());
+        let _o = outer.lock();
+        let _i = inner.lock();
     }
 
     #[test]
-    #[should_panic(expected = "while holding `cor_jobs` (Leaf)")]
+    #[should_panic(expected = "taking `alloc` (Alloc) while holding `pending` (Pending)")]
+    fn inversion_is_caught() {
+        nest((Level::Pending, "pending"), (Level::Alloc, "alloc"));
+    }
+
+    #[test]
+    #[should_panic(expected = "taking `space_policy` (Leaf) while holding `cor_jobs` (Leaf)")]
     fn leaves_do_not_nest() {
-        let jobs = Ordered::new(Level::Leaf, "cor_jobs", ());
-        let policy = Ordered::new(Level::Leaf, "space_policy", ());
-        let _j = jobs.lock();
-        let _p = policy.lock();
+        nest((Level::Leaf, "cor_jobs"), (Level::Leaf, "space_policy"));
     }
 
     #[test]
