@@ -2,7 +2,7 @@
 //!
 //! Taken in this order, never the reverse:
 //!
-//! 1. chunk references (`LiveMetadata::enter`, held by a request for its whole run);
+//! 1. chunk references (`Image::enter_chunks`, held by a request for its whole run);
 //! 2. `resizing` (async: one resize at a time), then block fill locks (`block_locks`, async,
 //!    taken in ascending block order);
 //! 3. the flush state (`Journal::state`, async: header, committed metadata, journal tail; one
