@@ -32,6 +32,7 @@ impl Drop for BlockGuard<'_> {
 impl BlockLocks {
     /// Waits until `block` is free, then holds it.
     pub fn lock(&self, block: u64) -> impl Future<Output = BlockGuard<'_>> + Send {
+        super::lock_order::assert_none_held("a block fill lock");
         LockFuture { locks: self, block }
     }
 

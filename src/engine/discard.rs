@@ -59,7 +59,7 @@ impl<I: Io> Image<I> {
     /// Journals every record queued so far (see `persist`): a DISCARD or WRITE ZEROES does not
     /// complete before its records survive a crash of this process.
     async fn persist_queued(&self, io: &I) -> Result<()> {
-        let upto = self.pending.lock().end();
+        let upto = self.journal.end();
         self.persist(io, upto).await
     }
 
@@ -86,7 +86,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         {
-            let _refs = self.live.enter(first * bs, end * bs);
+            let _refs = self.enter_chunks(first * bs, end * bs);
             self.drop_blocks_inner(io, first, end, true).await?;
         }
         // Our own references are gone: unmap what is now empty and idle.
@@ -142,7 +142,7 @@ impl<I: Io> Image<I> {
     /// chunk is reusable after the next flush makes the unmap durable: reusing it earlier could
     /// let a crash map the old virtual chunk onto the new owner's data.
     fn try_unmap(&self, c: ChunkIndex) {
-        let mut alloc = self.alloc.lock();
+        let mut alloc = self.space.alloc();
         let p = self.live.phys(c);
         if !p.is_allocated() || !self.live.chunk_empty(c) {
             return;
@@ -154,18 +154,17 @@ impl<I: Io> Image<I> {
             }
             self.live.set_phys(c, PhysChunk::UNALLOCATED);
             alloc.unmapped();
-            let mut pending = self.pending.lock();
-            pending.records.push(JournalEntry::Unmap { chunk: c.0 });
-            self.freed.lock().push(p.0);
+            self.journal.queue_unmap(c.0, p.0);
         });
     }
 
     fn clear_blocks(&self, first: u64, count: u64) {
-        let mut pending = self.pending.lock();
-        pending.records.push(JournalEntry::ClearBits {
-            start: first,
-            count,
-        });
-        self.live.clear(first, count);
+        self.journal.queue_with(
+            JournalEntry::ClearBits {
+                start: first,
+                count,
+            },
+            || self.live.clear(first, count),
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! Engine errors. I/O errors keep their errno so the server can log it and the tools can print it,
 //! and the operation that failed as a kind, so that callers decide on it, never on message text.
 
-use super::check::Problem;
+use super::problem::Problem;
 use crate::format::FormatError;
 use std::io;
 

@@ -8,16 +8,8 @@ use super::image::Image;
 use crate::format::header::{COMPAT_COPY_ON_READ, FLAG_BASE_NOT_NEEDED};
 use crate::io::{Buf, Io};
 use crate::units::BlockIndex;
-use std::sync::atomic::Ordering;
 
-/// Copy-on-read bytes allowed in flight; beyond this, reads are served without copying.
-pub const COR_MAX_INFLIGHT: u64 = 16 << 20;
-
-/// A block to copy from the base, with its data if the guest's read already fetched it all.
-pub struct CorJob {
-    block: u64,
-    data: Option<Buf>,
-}
+pub use super::cor::{CorJob, COR_MAX_INFLIGHT};
 
 /// Progress of prefetching.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -33,18 +25,16 @@ pub struct PrefetchStep {
 impl<I: Io> Image<I> {
     /// Turns copy-on-read on or off for this open image (the header's setting is the default).
     pub fn set_copy_on_read(&self, on: bool) {
-        self.cor.store(
-            on && self.base.is_some() && !self.read_only,
-            Ordering::Release,
-        );
+        self.cor
+            .set_on(on && self.base.is_some() && !self.read_only);
     }
 
     pub fn copy_on_read(&self) -> bool {
-        self.cor.load(Ordering::Acquire)
+        self.cor.on()
     }
 
     pub(super) fn cor_default(&self) -> bool {
-        self.header_snapshot.lock().compat & COMPAT_COPY_ON_READ != 0
+        self.journal.header().compat & COMPAT_COPY_ON_READ != 0
     }
 
     /// Called by the read path for a piece served from the base: queues copies of the blocks
@@ -57,16 +47,17 @@ impl<I: Io> Image<I> {
         let mut b = vpos / bs;
         while b * bs < end && b * bs < base_end {
             let (s, e) = (b * bs, (b + 1) * bs);
-            if self.cor_inflight.fetch_add(bs, Ordering::AcqRel) + bs > COR_MAX_INFLIGHT {
-                self.cor_inflight.fetch_sub(bs, Ordering::AcqRel);
+            let queued = self.cor.try_queue(bs, || {
+                let data = (s >= vpos && e <= end).then(|| {
+                    let copy = Buf::alloc(bs as usize);
+                    copy.copy_from_buf(0, buf, (s - vpos) as usize, bs as usize);
+                    copy
+                });
+                CorJob { block: b, data }
+            });
+            if !queued {
                 return;
             }
-            let data = (s >= vpos && e <= end).then(|| {
-                let copy = Buf::alloc(bs as usize);
-                copy.copy_from_buf(0, buf, (s - vpos) as usize, bs as usize);
-                copy
-            });
-            self.cor_jobs.lock().push(CorJob { block: b, data });
             b += 1;
         }
     }
@@ -75,15 +66,14 @@ impl<I: Io> Image<I> {
     /// read, so the guest never waits for the copy.
     pub async fn run_deferred(&self, io: &I) {
         loop {
-            let Some(job) = self.cor_jobs.lock().pop() else {
+            let Some(job) = self.cor.next() else {
                 return;
             };
             let r = self.fill_block(io, job.block, job.data).await;
             if matches!(r, Ok(true)) {
                 Counters::add(&self.counters.cor_bytes, self.geo.block_size);
             }
-            self.cor_inflight
-                .fetch_sub(self.geo.block_size, Ordering::AcqRel);
+            self.cor.done(self.geo.block_size);
             if let Err(e) = r {
                 if self.failed() {
                     // Its space recycling flushed, and the flush failed: no longer a detail.
@@ -104,7 +94,7 @@ impl<I: Io> Image<I> {
     pub async fn fill_block(&self, io: &I, b: u64, data: Option<Buf>) -> Result<bool> {
         self.check_writable()?;
         let bs = self.geo.block_size;
-        let _refs = self.live.enter(b * bs, (b + 1) * bs);
+        let _refs = self.enter_chunks(b * bs, (b + 1) * bs);
         if self.live.present(BlockIndex(b)) {
             return Ok(false);
         }
@@ -163,7 +153,7 @@ impl<I: Io> Image<I> {
             .div_ceil(self.geo.block_size);
         let mut step = PrefetchStep::default();
         let mut scanned = 0;
-        let mut b = self.prefetch_cursor.load(Ordering::Acquire) % n.max(1);
+        let mut b = self.cor.prefetch_cursor() % n.max(1);
         while scanned < n && step.copied < max_blocks {
             if !self.live.present(BlockIndex(b)) && self.fill_block(io, b, None).await? {
                 step.copied += 1;
@@ -173,7 +163,7 @@ impl<I: Io> Image<I> {
             scanned += 1;
             b = (b + 1) % n;
         }
-        self.prefetch_cursor.store(b, Ordering::Release);
+        self.cor.set_prefetch_cursor(b);
         // A full pass filled every block it found missing.
         step.done = scanned >= n;
         Ok(step)
@@ -186,7 +176,7 @@ impl<I: Io> Image<I> {
             return Ok(false);
         }
         self.flush(io).await?;
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.journal.lock_state().await;
         if fs.header.flags & FLAG_BASE_NOT_NEEDED == 0 {
             self.write_header(io, &mut fs, |h| h.flags |= FLAG_BASE_NOT_NEEDED)
                 .await?;
@@ -203,7 +193,7 @@ impl<I: Io> Image<I> {
         change: impl FnOnce(&mut crate::format::Header),
     ) -> Result<()> {
         self.check_writable()?;
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.journal.lock_state().await;
         self.write_header(io, &mut fs, change).await
     }
 }

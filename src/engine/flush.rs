@@ -31,28 +31,12 @@
 
 use super::counters::Counters;
 use super::error::{IoOp, Result};
-use super::image::{FlushState, Image};
+use super::image::Image;
+use super::journal::FlushState;
 use crate::format::header::{FLAG_CLEAN, INCOMPAT_INTENTS};
 use crate::format::{journal, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Io, IoFile};
 use std::sync::atomic::Ordering;
-
-/// Metadata records queued for the next flush.
-#[derive(Default)]
-pub(super) struct Pending {
-    pub records: Vec<JournalEntry>,
-    /// Some record must not become durable before the data it describes (see the module doc).
-    pub data_first: bool,
-    /// Queue number of `records[0]` (records are numbered from the open on).
-    pub base: u64,
-}
-
-impl Pending {
-    /// Queue number after the newest record.
-    pub fn end(&self) -> u64 {
-        self.base + self.records.len() as u64
-    }
-}
 
 impl<I: Io> Image<I> {
     /// Makes every write that completed before this call durable, with its metadata.
@@ -67,38 +51,31 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         self.check_writable()?;
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.journal.lock_state().await;
         self.sync_locked(io, &mut fs).await
     }
 
     pub(super) async fn sync_locked(&self, io: &I, fs: &mut FlushState) -> Result<()> {
-        let (records, data_first, taken_from, freed) = {
-            let mut pending = self.pending.lock();
-            let freed = std::mem::take(&mut *self.freed.lock());
-            let base = pending.base;
-            pending.base = pending.end();
-            let records = std::mem::take(&mut pending.records);
-            let data_first = std::mem::take(&mut pending.data_first);
-            (records, data_first, base, freed)
-        };
+        let taken = self.journal.take();
+        let (records, data_first, taken_from) = (&taken.records, taken.data_first, taken.from);
         // Taken after the records (the allocator grows the file before queueing a table
         // record): a record mapping a chunk of a growth that no flush covered yet must wait for
         // the data flush, or a crash could keep the mapping and lose the file's new length.
-        let growth = self.alloc.lock().undurable_growth();
+        let growth = self.space.alloc().undurable_growth();
         let grows = growth.is_some()
             && records
                 .iter()
                 .any(|r| matches!(r, JournalEntry::Map { .. }));
-        let r = self.commit(io, fs, &records, data_first || grows).await;
+        let r = self.commit(io, fs, records, data_first || grows).await;
         if r.is_ok() {
             // Normal sectors (or the checkpoint) hold them now; intents past the new tail are
             // for records queued from here on.
             let end = taken_from + records.len() as u64;
-            fs.journaled = fs.journaled.max(end);
-            self.journaled.store(fs.journaled, Ordering::Release);
+            let journaled = fs.journaled.max(end);
+            self.journal.set_journaled(fs, journaled);
             // Their unmap records are durable now: the chunks may be reused.
-            let mut alloc = self.alloc.lock();
-            alloc.release(freed);
+            let mut alloc = self.space.alloc();
+            alloc.release(taken.freed);
             if let Some(len) = growth {
                 alloc.growth_durable(len);
             }
@@ -106,17 +83,9 @@ impl<I: Io> Image<I> {
             let device_flush_failed = e.io_op() == Some(IoOp::Flush);
             // The records describe data that is still in place: queue them again, ahead of newer ones.
             let had_records = !records.is_empty();
-            {
-                let mut pending = self.pending.lock();
-                let newer = std::mem::replace(&mut pending.records, records);
-                pending.records.extend(newer);
-                pending.base = taken_from;
-                pending.data_first |= data_first;
-                self.freed.lock().extend(freed);
-            }
+            self.journal.requeue(taken);
             // The failed journal write may have damaged intent sectors of completed requests.
-            fs.journaled = taken_from;
-            self.journaled.store(taken_from, Ordering::Release);
+            self.journal.set_journaled(fs, taken_from);
             if device_flush_failed {
                 // After a failed device flush we cannot know what is durable; journaling the
                 // records later could point at lost data.
@@ -137,10 +106,10 @@ impl<I: Io> Image<I> {
     /// or normal records), so that a crash of this process cannot lose them. Called before a
     /// write or discard that queued them completes.
     pub(super) async fn persist(&self, io: &I, upto: u64) -> Result<()> {
-        if self.read_only || self.journaled.load(Ordering::Acquire) >= upto {
+        if self.read_only || self.journal.journaled() >= upto {
             return Ok(());
         }
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.journal.lock_state().await;
         if fs.journaled >= upto {
             // Another writer's journal write took ours along.
             return Ok(());
@@ -163,21 +132,16 @@ impl<I: Io> Image<I> {
     /// not fit in it.
     async fn write_intents(&self, io: &I, fs: &mut FlushState) -> Result<bool> {
         let per = journal::ENTRIES_PER_SECTOR as u64;
-        let (records, first, end) = {
-            let p = self.pending.lock();
-            // Sector `first` past the tail holds the oldest record not yet journaled; it is
-            // rewritten whole (it may hold earlier records) and the rest appended.
-            let first = (fs.journaled - p.base) / per;
-            (p.records[(first * per) as usize..].to_vec(), first, p.end())
-        };
-        if fs.tail + first + journal::sectors_for(records.len()) > self.journal_sectors {
+        // Sector `first` past the tail holds the oldest record not yet journaled; it is
+        // rewritten whole (it may hold earlier records) and the rest appended.
+        let (records, first, end) = self.journal.unjournaled(fs.journaled, per);
+        if fs.tail + first + journal::sectors_for(records.len()) > self.journal.sectors() {
             return Ok(false);
         }
         let bytes = journal::encode_part(&records, fs.header.journal_epoch, fs.tail, first, true);
         Counters::inc(&self.counters.journal_intents);
         self.write_journal(io, fs.tail + first, &bytes).await?;
-        fs.journaled = end;
-        self.journaled.store(end, Ordering::Release);
+        self.journal.set_journaled(fs, end);
         Ok(true)
     }
 
@@ -192,7 +156,7 @@ impl<I: Io> Image<I> {
             return self.store.flush(io, &self.counters).await;
         }
         let nsec = journal::sectors_for(records.len());
-        if fs.tail + nsec > self.journal_sectors {
+        if fs.tail + nsec > self.journal.sectors() {
             fs.committed.apply(records)?;
             return self.checkpoint(io, fs, false).await;
         }
@@ -215,12 +179,7 @@ impl<I: Io> Image<I> {
         let buf = Buf::alloc(bytes.len());
         buf.copy_from_slice(0, bytes);
         self.store
-            .write(
-                io,
-                &self.counters,
-                self.journal_offset + sector * SECTOR as u64,
-                buf,
-            )
+            .write(io, &self.counters, self.journal.sector_offset(sector), buf)
             .await
     }
 
@@ -263,7 +222,7 @@ impl<I: Io> Image<I> {
         self.store.flush(io, &self.counters).await?;
         // Above every epoch in the journal area: open started this run's first epoch above
         // them all, and only this run's epochs were written since.
-        let epoch = super::image::next_epoch(fs.header.journal_epoch)?;
+        let epoch = super::replay::next_epoch(fs.header.journal_epoch)?;
         self.write_header(io, fs, |h| {
             change(h);
             h.active_meta = target;
@@ -313,13 +272,12 @@ impl<I: Io> Image<I> {
             self.failed.store(true, Ordering::Release);
             return Err(e);
         }
-        *self.header_snapshot.lock() = h.clone();
-        fs.header = h;
+        self.journal.header_written(fs, h);
         Ok(())
     }
 
     /// Journal sectors in use in the current epoch (tests, `fvd info`).
     pub async fn journal_used(&self) -> u64 {
-        self.flush_state.lock().await.tail
+        self.journal.lock_state().await.tail
     }
 }

@@ -4,17 +4,19 @@
 use super::allocator::Allocator;
 use super::base::Base;
 use super::block_locks::BlockLocks;
+use super::cor::Cor;
 use super::counters::Counters;
 use super::error::{Corruption, EngineError, InvalidParams, IoContext, IoOp, NoSpace, Result};
-use super::flush::Pending;
-use super::metadata::{Committed, LiveMetadata};
+use super::journal::Journal;
+use super::metadata::{ChunkRefs, Committed, LiveMetadata};
+use super::replay::{check_regions_fit, next_epoch, read_region, replay, storage_len, Replayed};
+use super::space::{Space, SpacePolicy};
 use super::storage::Storage;
 use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::layout::Layout;
-use crate::format::{journal, BaseRef, FormatError, Header, JournalEntry, SECTOR};
+use crate::format::{BaseRef, FormatError, Header, SECTOR};
 use crate::io::{Buf, Growth, Io, IoFile};
 use crate::units::{ChunkIndex, Geometry};
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Parameters of `fvd create`.
@@ -115,18 +117,12 @@ impl CreateParams {
     }
 }
 
-/// State owned by the flush path (one flush at a time): the header, the committed metadata and
-/// the journal's write position.
-pub(super) struct FlushState {
-    pub header: Header,
-    pub committed: Committed,
-    /// Journal sectors used in the current epoch (intents past it are not counted).
-    pub tail: u64,
-    /// Queue number up to which queued records are in the journal of this epoch, as normal
-    /// records or intents (see [`super::flush::Pending::base`]).
-    pub journaled: u64,
-}
-
+/// An open FVD image. Its parts own their state behind narrow interfaces (docs/ARCHITECTURE.md,
+/// "Engine parts"): `journal` (queued records, the flush state, the header), `space` (the
+/// allocator and waiting for space), `cor` (copy-on-read and prefetch bookkeeping), `live` (the
+/// bitmap and table requests read) and `locks` (fill locks). The request paths (read.rs,
+/// write.rs, discard.rs, fill.rs, flush.rs, resize.rs) are `Image` methods that call them; no
+/// part knows `Image`.
 pub struct Image<I: Io> {
     pub(super) store: Storage<I>,
     /// Block and chunk sizes. Its `virtual_size` is the capacity (the most the metadata can
@@ -138,19 +134,12 @@ pub struct Image<I: Io> {
     /// Taken first by a resize (before fill locks and the flush state): one at a time.
     pub(super) resizing: futures::lock::Mutex<()>,
     pub(super) data_offset: u64,
-    pub(super) journal_offset: u64,
-    pub(super) journal_sectors: u64,
     pub(super) read_only: bool,
     pub(super) live: LiveMetadata,
-    pub(super) pending: Mutex<Pending>,
-    /// Physical chunks unmapped since the last flush: allocatable once their unmap is durable.
-    /// Locked after `pending` when both are needed.
-    pub(super) freed: Mutex<Vec<u32>>,
     pub(super) locks: BlockLocks,
-    pub(super) alloc: Mutex<Allocator>,
-    pub(super) flush_state: futures::lock::Mutex<FlushState>,
-    /// `FlushState::journaled`, readable without the lock (writers that queued nothing new).
-    pub(super) journaled: std::sync::atomic::AtomicU64,
+    pub(super) journal: Journal,
+    pub(super) space: Space,
+    pub(super) cor: Cor,
     pub(super) base: Option<Base<I>>,
     /// Bytes of the base this image reads: its size, but no more than the header records (the
     /// base's size at create, lowered by a resize so a grown range reads zeros, never base data).
@@ -163,14 +152,6 @@ pub struct Image<I: Io> {
     /// refuses further writes and flushes until reopened (never journal possibly lost data).
     pub(super) failed: AtomicBool,
     pub(super) closed: AtomicBool,
-    pub(super) header_snapshot: Mutex<Header>,
-    /// Copy-on-read on for this open image.
-    pub(super) cor: AtomicBool,
-    pub(super) cor_jobs: Mutex<Vec<super::fill::CorJob>>,
-    pub(super) cor_inflight: std::sync::atomic::AtomicU64,
-    pub(super) prefetch_cursor: std::sync::atomic::AtomicU64,
-    pub(super) space_policy: Mutex<Option<super::space::SpacePolicy>>,
-    pub(super) space_waiters: super::space::SpaceWaiters,
 }
 
 /// A flat image on a file: chunks past the end of the file at open read zeros this session
@@ -202,48 +183,6 @@ pub(super) fn prepare_flat_file<I: Io>(
         }
     }
     Ok(())
-}
-
-/// Size of the image's file or block device.
-pub(super) fn storage_len<I: Io>(store: &Storage<I>) -> Result<u64> {
-    store.file.size().ctx(IoOp::Size, "size of image storage")
-}
-
-/// Every region the header names ends by `data_offset` (the header's validation orders them),
-/// and the storage holds at least that much: `fvd create` writes both metadata copies and sizes
-/// a file to the data area (a device is refused when smaller), and nothing ever shrinks the
-/// storage. Storage that ends before it was truncated, or the header lies. Checked before
-/// anything reads, scans or allocates by the header's sizes, so neither time nor memory follows
-/// a size the storage cannot hold.
-pub(super) fn check_regions_fit(h: &Header, len: u64) -> Result<()> {
-    if len < h.data_offset {
-        return Err(EngineError::Corrupt(Corruption::StorageTruncated {
-            len,
-            data_offset: h.data_offset,
-        }));
-    }
-    Ok(())
-}
-
-/// The journal epoch after `epoch`. Epochs start below 2^33 and advance once per checkpoint, so
-/// only a damaged header or journal can exhaust them.
-pub(super) fn next_epoch(epoch: u64) -> Result<u64> {
-    epoch
-        .checked_add(1)
-        .ok_or(EngineError::Corrupt(Corruption::EpochExhausted { epoch }))
-}
-
-/// Reads `len` bytes at `off` into a fresh buffer.
-pub(super) async fn read_region<I: Io>(
-    io: &I,
-    store: &Storage<I>,
-    c: &Counters,
-    off: u64,
-    len: u64,
-) -> Result<Vec<u8>> {
-    let buf = Buf::alloc(len as usize);
-    store.read(io, c, off, buf.clone()).await?;
-    Ok(buf.to_vec())
 }
 
 impl<I: Io> Image<I> {
@@ -342,7 +281,7 @@ impl<I: Io> Image<I> {
         base: Option<Base<I>>,
         read_only: bool,
         repair: bool,
-    ) -> Result<(Image<I>, Vec<super::check::Problem>)> {
+    ) -> Result<(Image<I>, Vec<super::problem::Problem>)> {
         let store = Storage::<I>::new(file);
         let c = Counters::default();
         let raw = read_region(io, &store, &c, 0, 2 * SECTOR as u64).await?;
@@ -439,21 +378,12 @@ impl<I: Io> Image<I> {
             size: geo.virtual_size.into(),
             resizing: Default::default(),
             data_offset: header.data_offset,
-            journal_offset: header.journal_offset,
-            journal_sectors: header.journal_len / SECTOR as u64,
             read_only,
             live,
-            pending: Mutex::new(Pending::default()),
-            freed: Mutex::new(Vec::new()),
             locks: BlockLocks::default(),
-            alloc: Mutex::new(alloc),
-            flush_state: futures::lock::Mutex::new(FlushState {
-                header: header.clone(),
-                committed,
-                tail,
-                journaled: 0,
-            }),
-            journaled: Default::default(),
+            journal: Journal::new(header.clone(), committed, tail),
+            space: Space::new(alloc),
+            cor: Cor::default(),
             base_end: match (&base, &header.base) {
                 (Some(b), Some(r)) => b.size().min(r.size),
                 _ => 0,
@@ -464,17 +394,10 @@ impl<I: Io> Image<I> {
             lock_all_writes,
             failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            header_snapshot: Mutex::new(header),
-            cor: AtomicBool::new(false),
-            cor_jobs: Mutex::new(Vec::new()),
-            cor_inflight: Default::default(),
-            prefetch_cursor: Default::default(),
-            space_policy: Mutex::new(None),
-            space_waiters: Default::default(),
         };
         img.set_copy_on_read(img.cor_default());
         if !read_only {
-            let mut fs = img.flush_state.lock().await;
+            let mut fs = img.journal.lock_state().await;
             if intents {
                 // The intents describe writes that only the storage's volatile cache may hold
                 // (the process died, the host did not): durable before anything records them.
@@ -500,7 +423,7 @@ impl<I: Io> Image<I> {
             // such a reader refuse the image until the clean-shutdown header.
             img.write_header(io, &mut fs, |_| {}).await?;
             // Both paths ended with a flush: the growth at open is durable.
-            let mut alloc = img.alloc.lock();
+            let mut alloc = img.space.alloc();
             if let Some(len) = alloc.undurable_growth() {
                 alloc.growth_durable(len);
             }
@@ -514,7 +437,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         self.flush(io).await?;
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.journal.lock_state().await;
         self.checkpoint(io, &mut fs, true).await?;
         self.closed.store(true, Ordering::Release);
         Ok(())
@@ -552,7 +475,7 @@ impl<I: Io> Image<I> {
     }
     /// The header as last written.
     pub fn header(&self) -> Header {
-        self.header_snapshot.lock().clone()
+        self.journal.header()
     }
     /// Blocks whose data is in this image (live view).
     pub fn present_blocks(&self) -> u64 {
@@ -567,15 +490,38 @@ impl<I: Io> Image<I> {
     }
     /// Physical chunks in use (compact images).
     pub fn allocated_chunks(&self) -> u64 {
-        self.alloc.lock().allocated()
+        self.space.alloc().allocated()
     }
     /// Logical block size of the storage (what to advertise to guests).
     pub fn alignment(&self) -> u32 {
         self.store.align.max(512) as u32
     }
+    pub fn set_space_policy(&self, policy: SpacePolicy) {
+        self.space.set_policy(policy);
+    }
+    /// Something changed (the device grew, or a timer ticked): re-read the device size and let
+    /// waiting writes try again.
+    pub fn notify_space(&self) {
+        self.space.notify(&self.store);
+    }
+    /// Number of writes waiting for space (the server ticks `notify_space` while non-zero).
+    pub fn space_waiting(&self) -> usize {
+        self.space.waiting()
+    }
+    /// Free bytes in the data area, if the storage is bounded (a block device).
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.space.free_bytes(self.geo.chunk_size)
+    }
     /// Blocks with a fill in progress (tests: must be 0 when idle).
     pub fn locked_blocks(&self) -> usize {
         self.locks.held()
+    }
+
+    /// References the chunks of `[off, end)` for a request's run. First in the lock order: it
+    /// may wait for an unmap that runs under the allocator, so no synchronous lock may be held.
+    pub(super) fn enter_chunks(&self, off: u64, end: u64) -> ChunkRefs<'_> {
+        super::lock_order::assert_none_held("chunk references");
+        self.live.enter(off, end)
     }
 
     /// Checks a guest request's range.
@@ -602,127 +548,5 @@ impl<I: Io> Image<I> {
             return Err(EngineError::Closed);
         }
         Ok(())
-    }
-}
-
-/// What [`replay`] found in the journal.
-pub(super) struct Replayed {
-    pub entries: Vec<JournalEntry>,
-    /// Valid sectors of the header's epoch, from the start.
-    pub tail: u64,
-    /// Damage that a torn write cannot explain: flushed records follow the tail.
-    pub damage: Option<super::check::Problem>,
-    /// Records of the valid sectors of the header's epoch past the tail, each at its own
-    /// position (written by later flushes when the tail is damage): what repair keeps.
-    pub later: Vec<JournalEntry>,
-    /// Highest epoch of a valid sector at its position (the header's if none is newer): a new
-    /// epoch must exceed it, or sectors left in the journal area (of a lost header's epoch, of an
-    /// older image, or crafted) would be replayed as records of the new epoch.
-    pub newest_epoch: u64,
-    /// Some replayed records came from intent sectors.
-    pub intents: bool,
-}
-
-/// True if the intent sectors of `h`'s epoch are to be replayed: they were written under the
-/// storage's current boot, so every write that completed before them is still in the storage.
-/// After a power loss they are ignored: no completed FLUSH needs them.
-pub(super) fn adopt_intents<F: IoFile>(h: &Header, file: &F) -> bool {
-    h.intents() && h.boot_id != [0; 16] && file.boot_id() == Some(h.boot_id)
-}
-
-/// Reads the journal of the header's epoch.
-///
-/// Replay ends at the first sector that is not a valid sector of the epoch at its position (or
-/// at an intent sector, unless [`adopt_intents`]). That is a torn tail only if nothing written
-/// later survives: the rest of the journal is scanned, and a valid sector of this epoch appended
-/// by a later write, or any sector of the next epoch (whose header must then have been durable),
-/// proves damage. Intents are written from the tail, as part of the next normal write there, so
-/// lost or ignored intents never look like damage.
-pub(super) async fn replay<I: Io>(
-    io: &I,
-    store: &Storage<I>,
-    c: &Counters,
-    h: &Header,
-) -> Result<Replayed> {
-    let adopt = adopt_intents(h, &store.file);
-    let total = h.journal_len / SECTOR as u64;
-    let per_read = 256u64; // 1 MiB
-    let mut r = Replayed {
-        entries: Vec::new(),
-        tail: total,
-        damage: None,
-        later: Vec::new(),
-        newest_epoch: h.journal_epoch,
-        intents: false,
-    };
-    let mut ended = false;
-    let mut pos = 0u64;
-    while pos < total {
-        let n = per_read.min(total - pos);
-        let raw = read_region(
-            io,
-            store,
-            c,
-            h.journal_offset + pos * SECTOR as u64,
-            n * SECTOR as u64,
-        )
-        .await?;
-        for sector in raw.chunks(SECTOR) {
-            if !ended {
-                match journal::decode_any(sector, h.journal_epoch, pos) {
-                    Some((e, intent)) if adopt || !intent => {
-                        r.entries.extend(e);
-                        r.intents |= intent;
-                        pos += 1;
-                        continue;
-                    }
-                    _ => {}
-                }
-                ended = true;
-                r.tail = pos;
-            }
-            after_tail(&mut r, sector, h.journal_epoch, pos, adopt);
-            pos += 1;
-        }
-    }
-    Ok(r)
-}
-
-/// Journal sector at `pos`, at or after the end of the replayed journal of `epoch`: records
-/// whether it proves that the journal was damaged rather than torn.
-fn after_tail(r: &mut Replayed, sector: &[u8], epoch: u64, pos: u64, adopt: bool) {
-    let Some(id) = journal::identify(sector) else {
-        return;
-    };
-    if id.seq != pos {
-        return;
-    }
-    let tail = r.tail;
-    r.newest_epoch = r.newest_epoch.max(id.epoch);
-    let ignored_intent = id.intent && !adopt;
-    if id.epoch == epoch && pos > tail && !ignored_intent {
-        if let Some((e, _)) = journal::decode_any(sector, epoch, pos) {
-            r.later.extend(e);
-        }
-    }
-    let damage = if Some(id.epoch) == epoch.checked_add(1) {
-        Some(format!(
-            "belongs to epoch {}, newer than the header's {epoch}: the newest header slot is damaged",
-            id.epoch
-        ))
-    } else if id.epoch != epoch {
-        None
-    } else if pos == tail && !ignored_intent {
-        Some("has a valid checksum but invalid records".into())
-    } else if id.commit_start.is_some_and(|s| s > tail) {
-        Some(format!(
-            "was written after sector {tail}, which is damaged: flushed records would be lost"
-        ))
-    } else {
-        None
-    };
-    if let Some(what) = damage {
-        r.damage
-            .get_or_insert(super::check::Problem::JournalDamaged { sector: pos, what });
     }
 }

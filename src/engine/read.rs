@@ -37,7 +37,7 @@ impl<I: Io> Image<I> {
         if len == 0 {
             return Ok(());
         }
-        let _refs = self.live.enter(off, off + len);
+        let _refs = self.enter_chunks(off, off + len);
         // Split into pieces of one source each, merging neighbours that are contiguous.
         let mut pieces: smallvec::SmallVec<[(Source, u64, u64); 4]> = smallvec::SmallVec::new();
         let mut pos = off;

@@ -45,6 +45,7 @@ impl<I: Io> Image<I> {
     /// The work of both; shrinking only through [`Image::resize`] (exclusive).
     async fn change_size(&self, io: &I, size: u64, shrink: bool) -> Result<()> {
         self.check_writable()?;
+        super::lock_order::assert_none_held("resizing");
         let _one = self.resizing.lock().await;
         let old = self.virtual_size();
         if size == 0 || size % 512 != 0 {
@@ -63,7 +64,7 @@ impl<I: Io> Image<I> {
             virtual_size: size,
             ..self.geo
         };
-        let capacity = self.header_snapshot.lock().capacity();
+        let capacity = self.journal.header().capacity();
         if size > capacity {
             return Err(EngineError::Resize(ResizeRefused::Capacity {
                 size,
@@ -96,7 +97,7 @@ impl<I: Io> Image<I> {
         } else {
             None
         };
-        let mut fs = self.flush_state.lock().await;
+        let mut fs = self.journal.lock_state().await;
         // Every completed write into the committed state, so the copy written below holds it.
         self.sync_locked(io, &mut fs).await?;
         if size < old {

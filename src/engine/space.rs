@@ -2,15 +2,15 @@
 //! for more space before it runs out, and writes that find no free chunk wait for the device to
 //! grow instead of failing (up to a timeout).
 
-use super::error::{EngineError, Result};
-use super::image::Image;
+use super::allocator::Allocator;
+use super::lock_order::{Level, Ordered, OrderedGuard};
+use super::storage::Storage;
 use crate::io::{Io, IoFile};
-use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What the image does when space runs low. Installed by the server.
 pub struct SpacePolicy {
@@ -22,10 +22,18 @@ pub struct SpacePolicy {
     pub wait: Duration,
 }
 
-#[derive(Default)]
-pub struct SpaceWaiters {
+struct SpaceWaiters {
     generation: AtomicU64,
-    wakers: Mutex<Vec<Waker>>,
+    wakers: Ordered<Vec<Waker>>,
+}
+
+impl Default for SpaceWaiters {
+    fn default() -> Self {
+        SpaceWaiters {
+            generation: AtomicU64::new(0),
+            wakers: Ordered::default_at(Level::Leaf, "space_waiters"),
+        }
+    }
 }
 
 struct SpaceChanged<'a> {
@@ -45,18 +53,38 @@ impl Future for SpaceChanged<'_> {
     }
 }
 
-impl<I: Io> Image<I> {
-    pub fn set_space_policy(&self, policy: SpacePolicy) {
-        *self.space_policy.lock() = Some(policy);
+/// Physical space of a compact image: the allocator, and what writes do when it runs out.
+pub(super) struct Space {
+    alloc: Ordered<Allocator>,
+    policy: Ordered<Option<SpacePolicy>>,
+    waiters: SpaceWaiters,
+}
+
+impl Space {
+    pub(super) fn new(alloc: Allocator) -> Space {
+        Space {
+            alloc: Ordered::new(Level::Alloc, "alloc", alloc),
+            policy: Ordered::default_at(Level::Leaf, "space_policy"),
+            waiters: SpaceWaiters::default(),
+        }
+    }
+
+    /// The allocator, locked (level `Alloc` in the lock order).
+    pub(super) fn alloc(&self) -> OrderedGuard<'_, Allocator> {
+        self.alloc.lock()
+    }
+
+    pub(super) fn set_policy(&self, policy: SpacePolicy) {
+        *self.policy.lock() = Some(policy);
     }
 
     /// Something changed (the device grew, or a timer ticked): re-read the device size and let
     /// waiting writes try again.
-    pub fn notify_space(&self) {
-        if self.store.file.is_block_device() {
-            let _ = self.alloc.lock().refresh(&self.store);
+    pub(super) fn notify<I: Io>(&self, store: &Storage<I>) {
+        if store.file.is_block_device() {
+            let _ = self.alloc.lock().refresh(store);
         }
-        let w = &self.space_waiters;
+        let w = &self.waiters;
         let wakers = {
             let mut g = w.wakers.lock();
             w.generation.fetch_add(1, Ordering::AcqRel);
@@ -67,78 +95,46 @@ impl<I: Io> Image<I> {
         }
     }
 
-    /// Number of writes waiting for space (the server ticks `notify_space` while non-zero).
-    pub fn space_waiting(&self) -> usize {
-        self.space_waiters.wakers.lock().len()
+    /// Number of writes waiting for space.
+    pub(super) fn waiting(&self) -> usize {
+        self.waiters.wakers.lock().len()
     }
 
     /// Free bytes in the data area, if the storage is bounded (a block device).
-    pub fn free_bytes(&self) -> Option<u64> {
-        self.alloc
-            .lock()
-            .free_chunks()
-            .map(|c| c * self.geo.chunk_size)
+    pub(super) fn free_bytes(&self, chunk_size: u64) -> Option<u64> {
+        self.alloc.lock().free_chunks().map(|c| c * chunk_size)
     }
 
     /// After an allocation: asks for space when below the watermark.
-    pub(super) fn check_watermark(&self) {
-        let Some(free) = self.free_bytes() else {
+    pub(super) fn check_watermark(&self, chunk_size: u64) {
+        let Some(free) = self.free_bytes(chunk_size) else {
             return;
         };
-        if let Some(p) = &*self.space_policy.lock() {
+        if let Some(p) = &*self.policy.lock() {
             if free < p.watermark {
                 (p.on_low)();
             }
         }
     }
 
-    /// Allocates chunks for blocks `first..=last`, waiting for space if the device is full and a
-    /// policy allows it.
-    pub(super) async fn ensure_chunks_waiting(&self, io: &I, first: u64, last: u64) -> Result<()> {
-        let mut deadline: Option<Instant> = None;
-        // Bounds the retries when other writers keep taking the chunks our syncs release.
-        let mut syncs = 0;
-        loop {
-            let seen = self.space_waiters.generation.load(Ordering::Acquire);
-            match self.ensure_chunks(first, last) {
-                Err(EngineError::NoSpace(_))
-                    if syncs < 16 && (syncs == 0 || self.alloc.lock().awaiting_release() > 0) =>
-                {
-                    // Chunks freed by discards become reusable once their unmap is durable;
-                    // a flush may be committing some right now. Wait for it and commit the rest
-                    // rather than fail (an extra flush never breaks a promise).
-                    syncs += 1;
-                    self.sync(io).await?;
-                }
-                Err(EngineError::NoSpace(msg)) => {
-                    let wait = {
-                        let p = self.space_policy.lock();
-                        let Some(p) = &*p else {
-                            return Err(EngineError::NoSpace(msg));
-                        };
-                        (p.on_low)();
-                        p.wait
-                    };
-                    let d = *deadline.get_or_insert_with(|| Instant::now() + wait);
-                    if Instant::now() >= d {
-                        tracing::error!("no space for new chunks after waiting {wait:?}: {msg}; failing the write");
-                        return Err(EngineError::NoSpace(msg));
-                    }
-                    SpaceChanged {
-                        w: &self.space_waiters,
-                        seen,
-                    }
-                    .await;
-                }
-                Err(e) => return Err(e),
-                Ok(allocated) => {
-                    // Free space only shrinks when we allocate: no locks on the common path.
-                    if allocated {
-                        self.check_watermark();
-                    }
-                    return Ok(());
-                }
-            }
+    /// The current generation of space changes, for [`Space::changed`].
+    pub(super) fn generation(&self) -> u64 {
+        self.waiters.generation.load(Ordering::Acquire)
+    }
+
+    /// No space: asks for more and returns how long to wait for it, or None without a policy.
+    pub(super) fn ask(&self) -> Option<Duration> {
+        let p = self.policy.lock();
+        let p = p.as_ref()?;
+        (p.on_low)();
+        Some(p.wait)
+    }
+
+    /// Resolves once the space changed after generation `seen`.
+    pub(super) fn changed(&self, seen: u64) -> impl Future<Output = ()> + '_ {
+        SpaceChanged {
+            w: &self.waiters,
+            seen,
         }
     }
 }

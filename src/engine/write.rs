@@ -10,12 +10,13 @@
 //! guest's bytes merged into base data or zeros (never a read-modify-write loop).
 
 use super::counters::Counters;
-use super::error::Result;
+use super::error::{EngineError, Result};
 use super::image::Image;
 use crate::format::JournalEntry;
 use crate::io::{Buf, Io};
 use crate::units::{BlockIndex, ChunkIndex};
 use smallvec::SmallVec;
+use std::time::Instant;
 
 /// One host write of a guest write.
 enum Piece {
@@ -42,7 +43,7 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         let end = off + len;
-        let _refs = self.live.enter(off, end);
+        let _refs = self.enter_chunks(off, end);
         let first = off / self.geo.block_size;
         let last = (end - 1) / self.geo.block_size;
         if self.live.compact() {
@@ -278,13 +279,10 @@ impl<I: Io> Image<I> {
     /// the blocks would read differently after a reopen.
     /// Returns the queue number after them.
     fn unqueue_present(&self, blocks: &[u64]) -> u64 {
-        let mut pending = self.pending.lock();
-        for (start, count) in runs(blocks) {
-            pending
-                .records
-                .push(JournalEntry::ClearBits { start, count });
-        }
-        pending.end()
+        self.journal.queue(
+            false,
+            runs(blocks).map(|(start, count)| JournalEntry::ClearBits { start, count }),
+        )
     }
 
     /// Without a base an absent block reads zeros, and in a fresh chunk its storage reads zeros
@@ -301,12 +299,51 @@ impl<I: Io> Image<I> {
     fn queue_present(&self, blocks: &[u64]) -> u64 {
         // Anywhere but where zeros_before holds, the data must be durable first.
         let zeros_before = self.zeros_before(blocks);
-        let mut pending = self.pending.lock();
-        pending.data_first |= !zeros_before;
-        for (start, count) in runs(blocks) {
-            pending.records.push(JournalEntry::SetBits { start, count });
+        self.journal.queue(
+            !zeros_before,
+            runs(blocks).map(|(start, count)| JournalEntry::SetBits { start, count }),
+        )
+    }
+
+    /// Allocates chunks for blocks `first..=last`, waiting for space if the device is full and a
+    /// policy allows it.
+    pub(super) async fn ensure_chunks_waiting(&self, io: &I, first: u64, last: u64) -> Result<()> {
+        let mut deadline: Option<Instant> = None;
+        // Bounds the retries when other writers keep taking the chunks our syncs release.
+        let mut syncs = 0;
+        loop {
+            let seen = self.space.generation();
+            match self.ensure_chunks(first, last) {
+                Err(EngineError::NoSpace(_))
+                    if syncs < 16 && (syncs == 0 || self.space.alloc().awaiting_release() > 0) =>
+                {
+                    // Chunks freed by discards become reusable once their unmap is durable;
+                    // a flush may be committing some right now. Wait for it and commit the rest
+                    // rather than fail (an extra flush never breaks a promise).
+                    syncs += 1;
+                    self.sync(io).await?;
+                }
+                Err(EngineError::NoSpace(msg)) => {
+                    let Some(wait) = self.space.ask() else {
+                        return Err(EngineError::NoSpace(msg));
+                    };
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + wait);
+                    if Instant::now() >= d {
+                        tracing::error!("no space for new chunks after waiting {wait:?}: {msg}; failing the write");
+                        return Err(EngineError::NoSpace(msg));
+                    }
+                    self.space.changed(seen).await;
+                }
+                Err(e) => return Err(e),
+                Ok(allocated) => {
+                    // Free space only shrinks when we allocate: no locks on the common path.
+                    if allocated {
+                        self.space.check_watermark(self.geo.chunk_size);
+                    }
+                    return Ok(());
+                }
+            }
         }
-        pending.end()
     }
 
     /// Gives every chunk touched by blocks `first..=last` a physical chunk; true if it allocated.
@@ -318,7 +355,7 @@ impl<I: Io> Image<I> {
             if self.live.phys(ChunkIndex(c)).is_allocated() {
                 continue;
             }
-            let mut alloc = self.alloc.lock();
+            let mut alloc = self.space.alloc();
             if self.live.phys(ChunkIndex(c)).is_allocated() {
                 continue; // another queue won the race
             }
@@ -332,10 +369,13 @@ impl<I: Io> Image<I> {
             // (seeing "not fresh" would only cost it a needless zeroing).
             self.live.set_fresh(ChunkIndex(c), fresh);
             self.live.set_phys(ChunkIndex(c), p);
-            self.pending.lock().records.push(JournalEntry::Map {
-                chunk: c,
-                phys: p.0,
-            });
+            self.journal.queue(
+                false,
+                [JournalEntry::Map {
+                    chunk: c,
+                    phys: p.0,
+                }],
+            );
             Counters::inc(&self.counters.chunks_allocated);
             allocated = true;
         }
