@@ -23,7 +23,8 @@ def main():
         sys.exit(__doc__)
     workload, new = sys.argv[1], sys.argv[2]
     pairs, nv, ov = [], [], []
-    row = re.compile(r"\] " + re.escape(workload) + r"\s+fvd\s+([\d.]+)")
+    # Timed runs only (`[STORAGE rep N]`), not the counting run that follows them.
+    row = re.compile(r" rep \d+\] " + re.escape(workload) + r"\s+fvd\s+([\d.]+)")
     for out, log in zip(sys.argv[3::2], sys.argv[4::2]):
         vals = [float(m[1]) for m in row.finditer(open(out).read())]
         bins = [line.strip() for line in open(log) if line.strip() != "skip"]

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Instructions per request of `fvd serve`, counted by callgrind (deterministic, unlike timings):
 # runs one peers-harness workload on tmpfs with the server under valgrind, then divides the
-# server's instructions (start-up included) by its requests (one task spawn each) and counts
+# server's instructions (start-up included) by its requests (one Worker::spawn each) and counts
 # its heap allocations.
 #
 #   benches/tools/callgrind-serve.sh [FVD_BINARY] [WORKLOAD]     (defaults: target/release/fvd,
@@ -35,7 +35,8 @@ count() { # calls of functions matching $1, summed over their callers
     grep -E ">   .*$1 \(" "$out/calling.txt" | grep -o '([0-9,]*x)' | tr -dc '0-9\n' |
         paste -sd+ | bc
 }
-requests=$(count 'Executor::spawn')
+# One Worker::spawn a request (Executor::spawn may be inlined, e.g. with codegen-units=1).
+requests=$(count 'Worker::spawn')
 allocs=$(count ':malloc')
 echo "$w, $(basename "$bin"): $total instructions, $requests requests:" \
     "$((total / requests)) instructions and $(echo "scale=2; $allocs / $requests" | bc)" \
