@@ -166,6 +166,17 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
+    /// The frontend's reply to CONFIG_CHANGE_MSG: code 2, version 1 with the reply flag, a u64
+    /// body (0: done).
+    fn ack(value: u64) -> Vec<u8> {
+        let mut reply = Vec::new();
+        for v in [2u32, 0x1 | 0x4, 8] {
+            reply.extend_from_slice(&v.to_le_bytes());
+        }
+        reply.extend_from_slice(&value.to_le_bytes());
+        reply
+    }
+
     /// The message on the wire, as QEMU's backend-channel reader takes it: code 2, no body,
     /// need-reply with REPLY_ACK; the frontend's ack (u64 0) completes the call.
     #[test]
@@ -183,12 +194,7 @@ mod tests {
             assert_eq!(w(0), 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
             assert_eq!(w(1), 0x1 | 0x8, "version 1, need reply");
             assert_eq!(w(2), 0, "no body");
-            let mut reply = Vec::new();
-            for v in [2u32, 0x1 | 0x4, 8] {
-                reply.extend_from_slice(&v.to_le_bytes());
-            }
-            reply.extend_from_slice(&0u64.to_le_bytes());
-            fe.write_all(&reply).unwrap();
+            fe.write_all(&ack(0)).unwrap();
             fe
         });
         assert!(ch.config_changed().unwrap());
@@ -197,12 +203,7 @@ mod tests {
         let t = std::thread::spawn(move || {
             let mut hdr = [0u8; 12];
             fe.read_exact(&mut hdr).unwrap();
-            let mut reply = Vec::new();
-            for v in [2u32, 0x1 | 0x4, 8] {
-                reply.extend_from_slice(&v.to_le_bytes());
-            }
-            reply.extend_from_slice(&1u64.to_le_bytes());
-            fe.write_all(&reply).unwrap();
+            fe.write_all(&ack(1)).unwrap();
         });
         assert!(ch.config_changed().is_err());
         t.join().unwrap();
@@ -228,12 +229,7 @@ mod tests {
         fe.read_exact(&mut hdr).unwrap();
         assert_eq!(u32::from_le_bytes(hdr[..4].try_into().unwrap()), 2);
         // The late ack is never read as the answer to another message.
-        let mut reply = Vec::new();
-        for v in [2u32, 0x1 | 0x4, 8] {
-            reply.extend_from_slice(&v.to_le_bytes());
-        }
-        reply.extend_from_slice(&0u64.to_le_bytes());
-        fe.write_all(&reply).unwrap();
+        fe.write_all(&ack(0)).unwrap();
         assert!(ch.config_changed().is_err());
         fe.set_nonblocking(true).unwrap();
         assert!(
