@@ -427,6 +427,13 @@ mod tests {
         let mut huge = h.clone();
         huge.table_sectors = u64::MAX / 8192;
         assert!(huge.validate().is_err());
+        // Room in the table only (a table sector maps 1020 MiB, a bitmap sector 2040 MiB): the
+        // table's count alone differs from the size's, and the bit is still needed.
+        let h = header(100 << 20, 1500 << 20);
+        let exact = Layout::compute(&h.geometry(), true, 1 << 20);
+        assert_eq!(exact.bitmap_sectors, h.bitmap_sectors);
+        assert_ne!(exact.table_sectors, h.table_sectors);
+        assert_ne!(h.incompat & INCOMPAT_CAPACITY, 0);
     }
 }
 
