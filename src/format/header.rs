@@ -401,6 +401,56 @@ mod tests {
         h
     }
 
+    /// `h` with the capacity bit and `bitmap` + `table` metadata sectors, its regions laid out
+    /// again around them (so only the counts can make it invalid).
+    fn with_counts(h: &Header, bitmap: u64, table: u64) -> Header {
+        let mut h = h.clone();
+        h.incompat |= INCOMPAT_CAPACITY;
+        h.bitmap_sectors = bitmap;
+        h.table_sectors = table;
+        h.meta_len = (bitmap + table) * SECTOR as u64;
+        h.meta_offset = [2 * SECTOR as u64, 2 * SECTOR as u64 + h.meta_len];
+        h.journal_offset = h.meta_offset[1] + h.meta_len;
+        h.data_offset = (h.journal_offset + h.journal_len).next_multiple_of(h.chunk_size as u64);
+        h
+    }
+
+    fn counts_refused(h: &Header) -> bool {
+        matches!(h.validate(), Err(FormatError::InvalidHeader(m)) if m.contains("counts do not fit"))
+    }
+
+    #[test]
+    fn capacity_counts_are_checked_at_each_bound() {
+        // 3 GiB needs 2 bitmap sectors (2040 MiB each) and 4 table sectors (1020 MiB each).
+        let h = header(3 << 30, 3 << 30);
+        let need = Layout::compute(&h.geometry(), true, 0);
+        let most = Layout::compute(
+            &Geometry {
+                virtual_size: MAX_VIRTUAL_SIZE,
+                ..h.geometry()
+            },
+            true,
+            0,
+        );
+        assert_eq!((need.bitmap_sectors, need.table_sectors), (2, 4));
+        let ok = |b, t| with_counts(&h, b, t).validate().is_ok();
+        let refused = |b, t| counts_refused(&with_counts(&h, b, t));
+        // Exactly what the size needs, and exactly the most any size needs: accepted.
+        assert!(ok(2, 4));
+        assert!(ok(most.bitmap_sectors, 4));
+        assert!(ok(2, most.table_sectors));
+        // One short of the size, or one past the largest size, in either count: refused.
+        assert!(refused(1, 4));
+        assert!(refused(2, 3));
+        assert!(refused(most.bitmap_sectors + 1, 4));
+        assert!(refused(2, most.table_sectors + 1));
+        // A flat image has no table: with room in its bitmap it is valid, with a table not.
+        let mut flat = h.clone();
+        flat.incompat &= !INCOMPAT_COMPACT;
+        assert!(with_counts(&flat, 3, 0).validate().is_ok());
+        assert!(counts_refused(&with_counts(&flat, 3, 1)));
+    }
+
     #[test]
     fn capacity_bit_follows_the_sector_counts_and_is_checked() {
         // 1 GiB in 4 GiB of room: 5 table sectors (1020 chunks each) where 2 would do.
