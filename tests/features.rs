@@ -177,6 +177,37 @@ fn copy_on_read_copies_after_the_read_and_prefetch_streams_everything() {
     );
 }
 
+/// Copy-on-read off (the header's default without the flag) copies nothing; on, the copies a
+/// read queues are bounded by `COR_MAX_INFLIGHT` bytes (the rest of the read is served without
+/// copying), and the bound frees up as the copies finish, so later reads copy again.
+#[test]
+fn copy_on_read_off_copies_nothing_and_queued_copies_are_bounded() {
+    use fvd::engine::fill::COR_MAX_INFLIGHT;
+    let d = tempfile::tempdir_in("/var/tmp").unwrap();
+    let size = COR_MAX_INFLIGHT + 8 * CS;
+    let base = raw_base(d.path(), size as usize, 5);
+    let path = d.path().join("img.fvd");
+    create(&path, size, Some(base), 0);
+    let img = open(&path);
+    assert!(!img.copy_on_read());
+    read(&img, 0, BS as usize);
+    block_on(img.run_deferred(&SyncIo));
+    assert_eq!(img.present_blocks(), 0, "copy-on-read is off");
+    assert_eq!(img.counters().snapshot().cor_bytes, 0);
+
+    img.set_copy_on_read(true);
+    // One read past the bound: exactly the bound is queued and copied.
+    read(&img, 0, (COR_MAX_INFLIGHT + 2 * BS) as usize);
+    block_on(img.run_deferred(&SyncIo));
+    assert_eq!(img.counters().snapshot().cor_bytes, COR_MAX_INFLIGHT);
+    assert_eq!(img.present_blocks(), COR_MAX_INFLIGHT / BS);
+    // The copies finished: a later read past them copies again.
+    read(&img, COR_MAX_INFLIGHT + 4 * BS, BS as usize);
+    block_on(img.run_deferred(&SyncIo));
+    assert_eq!(img.counters().snapshot().cor_bytes, COR_MAX_INFLIGHT + BS);
+    block_on(img.close(&SyncIo)).unwrap();
+}
+
 #[test]
 fn cli_stream_amend_and_rebase_refusal() {
     let d = tempfile::tempdir_in("/var/tmp").unwrap();
