@@ -59,6 +59,16 @@ fn read(img: &Image<SyncIo>, off: u64, len: u64) -> Vec<u8> {
     engine_support::read(img, off, len as usize)
 }
 
+/// A raw base `base.raw` of `len` bytes of `pattern(9, ..)` in `dir`.
+fn raw_base(dir: &Path, len: u64) -> BaseRef {
+    std::fs::write(dir.join("base.raw"), pattern(9, len as usize)).unwrap();
+    BaseRef {
+        path: "base.raw".into(),
+        format: BaseFormat::Raw,
+        size: len,
+    }
+}
+
 fn check_clean(path: &Path) {
     let f = HostFile::open(path, OpenMode::ReadOnly).unwrap();
     let r = block_on(fvd::engine::check::check(&SyncIo, f)).unwrap();
@@ -77,14 +87,7 @@ fn grow_keeps_data_and_the_new_range_reads_zeros() {
             let path = d.path().join("img.fvd");
             let old = 20 * BS + 1536;
             let new = 50 * BS + 512;
-            let base = with_base.then(|| {
-                std::fs::write(d.path().join("base.raw"), pattern(9, 64 * BS as usize)).unwrap();
-                BaseRef {
-                    path: "base.raw".into(),
-                    format: BaseFormat::Raw,
-                    size: 64 * BS,
-                }
-            });
+            let base = with_base.then(|| raw_base(d.path(), 64 * BS));
             create(&path, old, Some(64 * BS), compact, base);
             let img = open(&path);
             let data = pattern(1, 512);
@@ -258,12 +261,7 @@ fn grow_zeroes_the_tail_of_a_partial_last_block_only_where_it_is_stored() {
     for compact in [true, false] {
         let d = tmpdir();
         let path = d.path().join("tiny.fvd");
-        std::fs::write(d.path().join("base.raw"), pattern(9, 4 * BS as usize)).unwrap();
-        let base = BaseRef {
-            path: "base.raw".into(),
-            format: BaseFormat::Raw,
-            size: 4 * BS,
-        };
+        let base = raw_base(d.path(), 4 * BS);
         let old = 1536;
         create(&path, old, Some(64 * BS), compact, Some(base));
         let img = open(&path);
