@@ -8,6 +8,7 @@ pub mod pattern;
 mod regress;
 mod resize;
 pub mod scenario;
+mod space;
 
 /// Asserts that `fvd check` finds no corruption in the image `file` as the simulated disk holds
 /// it now (after a crash: what the next open would find).
