@@ -7,7 +7,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::HostFile;
-use fvd::units::ChunkIndex;
+use fvd::units::{BlockIndex, ChunkIndex};
 use std::path::Path;
 use std::process::Command;
 
@@ -94,6 +94,43 @@ fn discarded_chunks_are_reused_after_flush_and_allocation_keeps_locality() {
     assert_eq!(read(&img, 2 * CS, 512), vec![3u8; 512]);
 }
 
+/// A prefetch step continues where the previous one stopped: a block a DISCARD dropped behind
+/// the cursor (it reads from the base again) is copied when the pass wraps around, not first.
+#[test]
+fn prefetch_continues_where_it_stopped_and_copies_a_discarded_block_on_wrapping() {
+    let d = tempfile::tempdir_in("/var/tmp").unwrap();
+    let size = 2 * CS;
+    let base = raw_base(d.path(), size as usize, 5);
+    let orig = std::fs::read(d.path().join("base.raw")).unwrap();
+    let path = d.path().join("img.fvd");
+    create(&path, size, Some(base), 0);
+    let img = open(&path);
+    let present = |img: &Image<SyncIo>| -> Vec<u64> {
+        (0..size / BS)
+            .filter(|&b| img.block_present(BlockIndex(b)))
+            .collect()
+    };
+    let step = |img: &Image<SyncIo>| block_on(img.prefetch_step(&SyncIo, 2)).unwrap();
+    assert_eq!(step(&img).copied, 2);
+    assert_eq!(present(&img), [0, 1]);
+    block_on(img.discard(&SyncIo, 0, BS)).unwrap();
+    assert_eq!(present(&img), [1], "the discard dropped block 0");
+    let s = step(&img);
+    assert_eq!((s.copied, s.done), (2, false));
+    assert_eq!(present(&img), [1, 2, 3], "block 0 waits for the wrap");
+    let s = step(&img);
+    assert_eq!((s.copied, s.done), (2, false));
+    assert_eq!(present(&img), [1, 2, 3, 4, 5]);
+    let s = step(&img);
+    assert_eq!((s.copied, s.done), (2, false));
+    assert_eq!(present(&img), [1, 2, 3, 4, 5, 6, 7]);
+    // The wrap: block 0, then a whole pass finds nothing missing.
+    let s = step(&img);
+    assert_eq!((s.copied, s.done), (1, true));
+    assert_eq!(present(&img), (0..size / BS).collect::<Vec<_>>());
+    assert_eq!(read(&img, 0, size as usize), orig);
+}
+
 #[test]
 fn copy_on_read_copies_after_the_read_and_prefetch_streams_everything() {
     let d = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -136,10 +173,21 @@ fn copy_on_read_copies_after_the_read_and_prefetch_streams_everything() {
     // Streaming copies the rest; then the base can be dropped.
     let img = open(&path);
     img.set_copy_on_read(false);
+    // Each step copies the next three missing blocks, in order from where the last one
+    // stopped (blocks 1 and 2 are present already).
+    let order: Vec<u64> = (0..size / BS).filter(|b| ![1, 2].contains(b)).collect();
     let mut steps = 0;
     loop {
         let s = block_on(img.prefetch_step(&SyncIo, 3)).unwrap();
         steps += 1;
+        let copied = &order[..(3 * steps).min(order.len())];
+        for b in 0..size / BS {
+            assert_eq!(
+                img.block_present(BlockIndex(b)),
+                b == 1 || b == 2 || copied.contains(&b),
+                "block {b} after step {steps}"
+            );
+        }
         if s.done {
             break;
         }

@@ -397,6 +397,53 @@ fn a_failed_journal_write_does_not_poison_the_image() {
     }
 }
 
+/// A FLUSH's journal write goes where the intents of completed writes are (the tail), so a
+/// failed one may leave that sector damaged: the intents are written again before the FLUSH
+/// returns its error, and a crash of the process right after still keeps those writes.
+#[test]
+fn intents_a_failed_journal_write_damaged_are_written_again() {
+    for seed in 0..8 {
+        let mut env = Env::new(seed, small_image(), 0);
+        env.write_blocks(1, [0]);
+        assert_eq!(env.journal_sector(0), Some(true), "the write's intent");
+        let mut ex = Executor::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let (img, io, flag) = (env.img.clone(), env.io.clone(), done.clone());
+        ex.spawn(async move {
+            assert!(img.flush(&io).await.is_err(), "the journal write failed");
+            flag.store(true, Ordering::SeqCst);
+        });
+        loop {
+            ex.run_ready();
+            if let Some((off, len)) = env.pending_journal_write() {
+                assert_eq!(
+                    off,
+                    env.img.header().journal_offset,
+                    "the commit writes the tail"
+                );
+                assert!(env.world.complete_write_at(off, true));
+                // The failed write tore what it was writing over.
+                env.file.write_now(off, &vec![0xA5; len as usize]);
+                break;
+            }
+            assert!(
+                env.world.complete_one(),
+                "seed {seed}: the FLUSH wrote no journal"
+            );
+        }
+        run_until(&env.world, &mut ex, &done);
+        drop(ex);
+        assert!(!env.img.failed(), "seed {seed}: the intents were put back");
+        assert_eq!(
+            env.journal_sector(0),
+            Some(true),
+            "seed {seed}: the intent is back"
+        );
+        env.process_crash_and_reopen();
+        env.expect_block(0, 1);
+    }
+}
+
 /// A FLUSH whose journal write fails queues its records again. A write that completed while
 /// that FLUSH was in flight queued a record that needs its data durable first (the block read
 /// the base before); the retry must still flush the data before journaling, or a power loss
