@@ -13,7 +13,7 @@ use fvd::io::host_file::OpenMode;
 use fvd::io::sync::{rw_all, SyncIo};
 use fvd::io::{Buf, HostFile};
 use fvd::server::request::{parse, Limits};
-use fvd::units::{BlockIndex, ChunkIndex};
+use fvd::units::{BlockIndex, ChunkIndex, VirtOffset};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -118,7 +118,7 @@ fn fixture() -> Fixture {
     let buf = Buf::alloc(1 << 20);
     buf.copy_from_slice(0, &vec![0x5a; 1 << 20]);
     for off in (0..SIZE).step_by(1 << 20) {
-        block_on(img.write(&io, off, buf.clone())).expect("write");
+        block_on(img.write(&io, VirtOffset(off), buf.clone())).expect("write");
         rw_all(&raw, off, &buf, true).expect("raw write");
     }
     block_on(img.flush(&io)).expect("flush");
@@ -160,7 +160,7 @@ fn bench_read(c: &mut Criterion, fx: &Fixture) {
         g.bench_function("engine_compact", |b| {
             b.iter(|| {
                 i = (i + 1) % offs.len();
-                block_on(fx.img.read(&io, offs[i], buf.clone())).expect("read")
+                block_on(fx.img.read(&io, VirtOffset(offs[i]), buf.clone())).expect("read")
             })
         });
         g.bench_function("bare_pread", |b| {

@@ -10,6 +10,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
+use fvd::units::VirtOffset;
 use serve_support::client::{connect, Req};
 use serve_support::{dir, fvd, ServerProc};
 use std::path::Path;
@@ -67,7 +68,7 @@ fn truncate(path: &Path, len: u64) {
 
 fn read(img: &Image<SyncIo>, off: u64, len: usize) -> Result<Vec<u8>, EngineError> {
     let b = Buf::alloc(len);
-    block_on(img.read(&SyncIo, off, b.clone()))?;
+    block_on(img.read(&SyncIo, VirtOffset(off), b.clone()))?;
     Ok(b.to_vec())
 }
 

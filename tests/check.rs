@@ -7,6 +7,7 @@ use fvd::format::{Header, SECTOR};
 use fvd::io::executor::block_on;
 use fvd::io::sync::SyncIo;
 use fvd::io::Buf;
+use fvd::units::VirtOffset;
 use std::path::Path;
 mod serve_support;
 use serve_support::fvd_in as fvd;
@@ -52,7 +53,7 @@ fn write_and_close(path: &Path, writes: &[(u64, &[u8])]) {
     for (off, data) in writes {
         let b = Buf::alloc(data.len());
         b.copy_from_slice(0, data);
-        block_on(img.write(&SyncIo, *off, b)).unwrap();
+        block_on(img.write(&SyncIo, VirtOffset(*off), b)).unwrap();
     }
     block_on(img.close(&SyncIo)).unwrap();
 }
@@ -225,7 +226,7 @@ fn write_flush_and_abandon(path: &Path, writes: &[(u64, &[u8])]) {
     for (off, data) in writes {
         let b = Buf::alloc(data.len());
         b.copy_from_slice(0, data);
-        block_on(img.write(&SyncIo, *off, b)).unwrap();
+        block_on(img.write(&SyncIo, VirtOffset(*off), b)).unwrap();
         block_on(img.flush(&SyncIo)).unwrap();
     }
     drop(img);

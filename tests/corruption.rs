@@ -10,6 +10,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
+use fvd::units::VirtOffset;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -486,7 +487,7 @@ fn power_loss_after_file_growth_never_leaves_a_mapping_past_the_end() {
             let b = Buf::alloc(4096);
             b.copy_from_slice(0, &pattern(c, 4096));
             world
-                .block_on(async move { img.write(&io, c * CS, b).await })
+                .block_on(async move { img.write(&io, VirtOffset(c * CS), b).await })
                 .unwrap();
         };
         for c in 0..inside {

@@ -28,6 +28,7 @@ use fvd::format::{Header, SECTOR};
 use fvd::io::executor::block_on;
 use fvd::io::sync::SyncIo;
 use fvd::io::Buf;
+use fvd::units::VirtOffset;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -248,7 +249,7 @@ fn campaign_child() {
         for i in 0..w.units {
             b.copy_from_slice((i * UNIT) as usize, &unit_data(w.id, w.unit + i));
         }
-        block_on(img.write(&SyncIo, w.unit * UNIT, b)).unwrap();
+        block_on(img.write(&SyncIo, VirtOffset(w.unit * UNIT), b)).unwrap();
     };
     for g in &s.groups {
         g.iter().for_each(write);

@@ -7,6 +7,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
+use fvd::units::VirtOffset;
 use std::path::{Path, PathBuf};
 
 mod engine_support;
@@ -222,7 +223,7 @@ fn discard_and_write_zeroes() {
         create(&path, params(size, true, base));
         let img = open_image(&SyncIo, &path, false).unwrap();
         write(&img, 0, &pattern(5, 256 << 10));
-        block_on(img.write_zeroes(&SyncIo, 1024, 100_000 / 512 * 512, true)).unwrap();
+        block_on(img.write_zeroes(&SyncIo, VirtOffset(1024), 100_000 / 512 * 512, true)).unwrap();
         let got = read(&img, 0, 256 << 10);
         assert!(
             got[1024..1024 + 100_000 / 512 * 512]
@@ -231,7 +232,7 @@ fn discard_and_write_zeroes() {
             "write zeroes must read zeros"
         );
         assert_eq!(got[..1024], pattern(5, 1024)[..]);
-        block_on(img.discard(&SyncIo, 128 << 10, 64 << 10)).unwrap();
+        block_on(img.discard(&SyncIo, VirtOffset(128 << 10), 64 << 10)).unwrap();
         let got = read(&img, 128 << 10, 64 << 10);
         assert_eq!(
             got,
@@ -254,8 +255,8 @@ fn corrupt_header_and_out_of_range_are_errors() {
     let path = dir.path().join("img.fvd");
     create(&path, params(1 << 20, true, None));
     let img = open_image(&SyncIo, &path, false).unwrap();
-    assert!(block_on(img.read(&SyncIo, 1 << 20, Buf::alloc(512))).is_err());
-    assert!(block_on(img.write(&SyncIo, 100, Buf::alloc(512))).is_err());
+    assert!(block_on(img.read(&SyncIo, VirtOffset(1 << 20), Buf::alloc(512))).is_err());
+    assert!(block_on(img.write(&SyncIo, VirtOffset(100), Buf::alloc(512))).is_err());
     drop(img);
     // Destroy both header slots' checksums.
     let mut raw = std::fs::read(&path).unwrap();
@@ -340,7 +341,7 @@ fn first_partial_write_past_end_of_file_needs_no_zeroing() {
     // (a discard need not punch): the next partial first write zeroes the rest again. Block 2
     // keeps the chunk mapped.
     write(&img, 2 * bs, &pattern(4, bs as usize));
-    block_on(img.discard(&SyncIo, 3 * bs, bs)).unwrap();
+    block_on(img.discard(&SyncIo, VirtOffset(3 * bs), bs)).unwrap();
     let before = img.counters().snapshot();
     write(&img, 3 * bs, &pattern(3, 4096));
     let after = img.counters().snapshot();
@@ -371,7 +372,7 @@ fn allocating_flush_skips_the_data_flush_only_where_lost_data_would_read_as_befo
     // A discard only clears bits (block 2, written while the chunk was fresh, needs no order),
     // but leaves the chunk not fresh: the next first write there must reach the storage first.
     write(&img, 2 * bs, &pattern(7, bs as usize));
-    block_on(img.discard(&SyncIo, 3 * bs, bs)).unwrap();
+    block_on(img.discard(&SyncIo, VirtOffset(3 * bs), bs)).unwrap();
     assert_eq!(flush(&img), (1, 1));
     write(&img, 3 * bs, &pattern(8, 4096));
     assert_eq!(flush(&img), (2, 0), "discarded chunk: data first");
@@ -483,6 +484,6 @@ fn invalid_parameters_and_a_closed_image_are_their_own_kinds() {
     let img = open_image(&SyncIo, &path, false).unwrap();
     block_on(img.close(&SyncIo)).unwrap();
     let buf = Buf::alloc(4096);
-    let e = block_on(img.write(&SyncIo, 0, buf)).unwrap_err();
+    let e = block_on(img.write(&SyncIo, VirtOffset(0), buf)).unwrap_err();
     assert!(matches!(e, EngineError::Closed), "{e:?}");
 }

@@ -7,7 +7,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::HostFile;
-use fvd::units::{BlockIndex, ChunkIndex};
+use fvd::units::{BlockIndex, ChunkIndex, VirtOffset};
 use std::path::Path;
 use std::process::Command;
 
@@ -62,7 +62,7 @@ fn discarded_chunks_are_reused_after_flush_and_allocation_keeps_locality() {
         assert_eq!(img.chunk_phys(ChunkIndex(c)).0 as u64, c);
     }
     assert_eq!(img.allocated_chunks(), 4);
-    block_on(img.discard(&SyncIo, CS, CS)).unwrap();
+    block_on(img.discard(&SyncIo, VirtOffset(CS), CS)).unwrap();
     assert!(
         !img.chunk_phys(ChunkIndex(1)).is_allocated(),
         "an empty chunk must be unmapped"
@@ -113,7 +113,7 @@ fn prefetch_continues_where_it_stopped_and_copies_a_discarded_block_on_wrapping(
     let step = |img: &Image<SyncIo>| block_on(img.prefetch_step(&SyncIo, 2)).unwrap();
     assert_eq!(step(&img).copied, 2);
     assert_eq!(present(&img), [0, 1]);
-    block_on(img.discard(&SyncIo, 0, BS)).unwrap();
+    block_on(img.discard(&SyncIo, VirtOffset(0), BS)).unwrap();
     assert_eq!(present(&img), [1], "the discard dropped block 0");
     let s = step(&img);
     assert_eq!((s.copied, s.done), (2, false));

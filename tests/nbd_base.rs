@@ -13,6 +13,7 @@ use fvd::io::host_file::OpenMode;
 use fvd::io::nbd::{NbdClient, NbdOptions};
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
+use fvd::units::VirtOffset;
 use serve_support::client::{connect, Req};
 use serve_support::{fvd_in as fvd, ServerProc};
 use std::fs::File;
@@ -170,7 +171,7 @@ fn open(path: &Path, read_only: bool) -> Disk<SyncIo> {
 
 fn disk_read(d: &Disk<SyncIo>, off: u64, len: usize) -> engine::Result<Vec<u8>> {
     let b = Buf::alloc(len);
-    block_on(d.read(&SyncIo, off, b.clone()))?;
+    block_on(d.read(&SyncIo, VirtOffset(off), b.clone()))?;
     Ok(b.to_vec())
 }
 
@@ -217,7 +218,7 @@ fn unix_socket_base_serves_reads_and_keeps_writes_in_the_image() {
             let data: Vec<u8> = (0..len).map(|j| (j * 7 + i * 13 + 1) as u8).collect();
             let b = Buf::alloc(len);
             b.copy_from_slice(0, &data);
-            block_on(d.write(&SyncIo, off as u64, b)).unwrap();
+            block_on(d.write(&SyncIo, VirtOffset(off as u64), b)).unwrap();
             model[off..off + len].copy_from_slice(&data);
         }
         assert_eq!(disk_read(&d, 0, size).unwrap(), model);
@@ -517,10 +518,10 @@ fn killed_server_fails_pending_and_later_reads() {
         }
         // A write that must merge base data fails; a whole-block write does not need the base.
         let b = Buf::alloc(512);
-        assert!(block_on(d.write(&SyncIo, 1 << 20, b)).is_err());
+        assert!(block_on(d.write(&SyncIo, VirtOffset(1 << 20), b)).is_err());
         let b = Buf::alloc(64 << 10);
         b.copy_from_slice(0, &[9u8; 64 << 10]);
-        block_on(d.write(&SyncIo, 2 << 20, b)).unwrap();
+        block_on(d.write(&SyncIo, VirtOffset(2 << 20), b)).unwrap();
         assert_eq!(disk_read(&d, 2 << 20, 512).unwrap(), vec![9u8; 512]);
         drop(d);
         drop(c);

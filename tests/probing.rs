@@ -8,6 +8,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
+use fvd::units::VirtOffset;
 use serve_support::client::{connect, Req};
 use serve_support::{dir, fvd, ServerProc};
 use std::path::{Path, PathBuf};
@@ -57,18 +58,18 @@ fn probed_raw_refuses_the_magic_in_either_header_slot() {
     };
     assert!(raw.probed());
     for off in [0u64, 4096] {
-        let e = block_on(disk.write(&SyncIo, off, sector_with(0, MAGIC))).unwrap_err();
+        let e = block_on(disk.write(&SyncIo, VirtOffset(off), sector_with(0, MAGIC))).unwrap_err();
         assert!(matches!(e, EngineError::ProbedRawMagic), "{e}");
         assert_eq!(e.errno(), libc::EPERM);
         // Also inside a larger write that starts before the slot.
         let big = Buf::alloc(16384);
         big.copy_from_slice(4096, MAGIC);
-        assert!(block_on(disk.write(&SyncIo, 0, big)).is_err());
+        assert!(block_on(disk.write(&SyncIo, VirtOffset(0), big)).is_err());
     }
     // Other bytes of those sectors, and the magic anywhere else, are ordinary data.
-    block_on(disk.write(&SyncIo, 0, sector_with(8, MAGIC))).unwrap();
-    block_on(disk.write(&SyncIo, 512, sector_with(0, MAGIC))).unwrap();
-    block_on(disk.write(&SyncIo, 8192, sector_with(0, MAGIC))).unwrap();
+    block_on(disk.write(&SyncIo, VirtOffset(0), sector_with(8, MAGIC))).unwrap();
+    block_on(disk.write(&SyncIo, VirtOffset(512), sector_with(0, MAGIC))).unwrap();
+    block_on(disk.write(&SyncIo, VirtOffset(8192), sector_with(0, MAGIC))).unwrap();
     block_on(disk.flush(&SyncIo)).unwrap();
     drop(disk);
     let data = std::fs::read(&p).unwrap();
@@ -89,7 +90,7 @@ fn probed_raw_refuses_the_magic_in_either_header_slot() {
     let disk = open(&p, Some(Format::Raw)).unwrap();
     let Disk::Raw(raw) = &disk else { panic!() };
     assert!(!raw.probed());
-    block_on(disk.write(&SyncIo, 0, sector_with(0, MAGIC))).unwrap();
+    block_on(disk.write(&SyncIo, VirtOffset(0), sector_with(0, MAGIC))).unwrap();
     block_on(disk.flush(&SyncIo)).unwrap();
     drop(disk);
     assert_eq!(&std::fs::read(&p).unwrap()[..8], MAGIC);

@@ -10,6 +10,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::HostFile;
+use fvd::units::VirtOffset;
 use std::path::Path;
 
 mod engine_support;
@@ -149,7 +150,7 @@ fn shrink_only_over_unallocated_space() {
             r => panic!("shrink over data: {:?}", r.err()),
         }
         assert_eq!(img.virtual_size(), 40 * BS);
-        block_on(img.discard(&SyncIo, 28 * BS, 4 * BS)).unwrap();
+        block_on(img.discard(&SyncIo, VirtOffset(28 * BS), 4 * BS)).unwrap();
         block_on(img.flush(&SyncIo)).unwrap();
         block_on(img.resize(&SyncIo, 10 * BS, true)).unwrap();
         assert_eq!(img.virtual_size(), 10 * BS);

@@ -8,6 +8,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
+use fvd::units::VirtOffset;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,7 +98,7 @@ fn image_on_a_growing_loop_device_fills_past_its_initial_size() {
     for i in 0..40u64 {
         let b = Buf::alloc(MIB as usize);
         b.copy_from_slice(0, &pattern(i));
-        block_on(img.write(&SyncIo, i * 3 * MIB, b))
+        block_on(img.write(&SyncIo, VirtOffset(i * 3 * MIB), b))
             .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
         if i % 8 == 7 {
             block_on(img.flush(&SyncIo)).unwrap();
@@ -113,7 +114,7 @@ fn image_on_a_growing_loop_device_fills_past_its_initial_size() {
     let img = block_on(fvd::engine::open_image(&SyncIo, &lv.0, true)).unwrap();
     for i in 0..40u64 {
         let b = Buf::alloc(MIB as usize);
-        block_on(img.read(&SyncIo, i * 3 * MIB, b.clone())).unwrap();
+        block_on(img.read(&SyncIo, VirtOffset(i * 3 * MIB), b.clone())).unwrap();
         assert_eq!(b.to_vec(), pattern(i), "chunk {i} after reopen");
     }
 }
@@ -135,7 +136,7 @@ fn first_partial_write_on_an_lv_writes_the_block_whole_and_hides_stale_bytes() {
     let before = img.counters().snapshot();
     let data = Buf::alloc(4096);
     data.copy_from_slice(0, &[0x5A; 4096]);
-    block_on(img.write(&SyncIo, bs + 8192, data)).unwrap();
+    block_on(img.write(&SyncIo, VirtOffset(bs + 8192), data)).unwrap();
     let after = img.counters().snapshot();
     assert_eq!(after.host_zeroes - before.host_zeroes, 0, "no WRITE ZEROES");
     // One write of the block, plus one intent sector (its bit's record, journaled before the
@@ -155,7 +156,7 @@ fn first_partial_write_on_an_lv_writes_the_block_whole_and_hides_stale_bytes() {
 
     let img = block_on(fvd::engine::open_image(&SyncIo, &lv.0, true)).unwrap();
     let b = Buf::alloc(bs as usize);
-    block_on(img.read(&SyncIo, bs, b.clone())).unwrap();
+    block_on(img.read(&SyncIo, VirtOffset(bs), b.clone())).unwrap();
     let mut want = vec![0u8; bs as usize];
     want[8192..8192 + 4096].fill(0x5A);
     assert!(

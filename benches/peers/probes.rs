@@ -11,6 +11,7 @@ use fvd::io::executor::block_on;
 use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::{Buf, HostFile};
+use fvd::units::VirtOffset;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -54,7 +55,7 @@ pub fn journal_open(dir: &Path) -> Result<JournalOpen, String> {
         let mut block = 0;
         for _ in 0..sectors {
             for _ in 0..per {
-                block_on(img.write(&io, block * K4, buf.clone())).map_err(e)?;
+                block_on(img.write(&io, VirtOffset(block * K4), buf.clone())).map_err(e)?;
                 block += 2;
             }
             block_on(img.flush(&io)).map_err(e)?;

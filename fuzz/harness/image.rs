@@ -10,6 +10,7 @@ use fvd::engine::{Base, CreateParams, Image};
 use fvd::format::{checksum, BaseFormat, BaseRef, Header, SECTOR};
 use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
 use fvd::io::Buf;
+use fvd::units::VirtOffset;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -101,7 +102,7 @@ impl Built {
             let buf = Buf::alloc(len as usize);
             let b2 = buf.clone();
             self.world
-                .block_on(async move { img2.read(&io, off, b2).await })?;
+                .block_on(async move { img2.read(&io, VirtOffset(off), b2).await })?;
             for (i, w) in buf.to_vec().chunks_exact(8).enumerate() {
                 let w = u64::from_le_bytes(w.try_into().unwrap());
                 assert!(
@@ -133,7 +134,7 @@ impl Built {
         buf.copy_from_slice(0, &words);
         let (io, img2) = (self.io(), img.clone());
         self.world
-            .block_on(async move { img2.write(&io, b * bs, buf).await })
+            .block_on(async move { img2.write(&io, VirtOffset(b * bs), buf).await })
     }
 
     pub fn flush(&self, img: &Arc<Image<SimIo>>) -> fvd::engine::Result<()> {

@@ -133,20 +133,20 @@ pub fn run(data: &[u8]) {
     match &req.op {
         Op::Read { offset, data } => {
             contained(data, &allowed(true), status);
-            in_capacity(*offset, data.iter().map(|s| s.len as u64).sum(), &lim);
+            in_capacity(offset.0, data.iter().map(|s| s.len as u64).sum(), &lim);
         }
         Op::GetId { data } => contained(data, &allowed(true), status),
         Op::Write { offset, data } => {
             assert!(!lim.read_only, "write accepted on a read-only disk");
             contained(data, &allowed(false), status);
-            in_capacity(*offset, data.iter().map(|s| s.len as u64).sum(), &lim);
+            in_capacity(offset.0, data.iter().map(|s| s.len as u64).sum(), &lim);
         }
         Op::Flush => {}
         Op::Discard { ranges } | Op::WriteZeroes { ranges } => {
             assert!(lim.discard && !lim.read_only);
             assert!(ranges.len() as u32 <= lim.max_discard_seg);
             for r in ranges {
-                in_capacity(r.offset, r.len, &lim);
+                in_capacity(r.offset.0, r.len, &lim);
             }
         }
     }

@@ -7,6 +7,7 @@ use crate::io::executor::block_on;
 use crate::io::host_file::OpenMode;
 use crate::io::sync::SyncIo;
 use crate::io::{Buf, HostFile};
+use crate::units::VirtOffset;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -110,11 +111,11 @@ fn copy(io: &SyncIo, src: &Disk<SyncIo>, a: &Args, size: u64) -> Result<()> {
     while off < size {
         let n = STEP.min(size - off);
         let piece = buf.slice(0, n as usize);
-        block_on(src.read(io, off, piece.clone()))
+        block_on(src.read(io, VirtOffset(off), piece.clone()))
             .with_context(|| format!("read error at offset {off}"))?;
         piece.copy_to_slice(0, &mut host[..n as usize]);
         if host[..n as usize].iter().any(|&b| b != 0) {
-            block_on(dst.write(io, off, piece))
+            block_on(dst.write(io, VirtOffset(off), piece))
                 .with_context(|| format!("write error at offset {off}"))?;
         }
         off += n;

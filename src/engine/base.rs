@@ -7,6 +7,7 @@ use super::image::Image;
 use super::storage::Storage;
 use crate::io::nbd::NbdClient;
 use crate::io::{Buf, Io, IoFile};
+use crate::units::{PhysOffset, VirtOffset};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,10 +63,10 @@ impl<I: Io> Base<I> {
             let part = buf.slice(0, inside as usize);
             match self {
                 Base::Raw { store, .. } => {
-                    store.read(io, c, off, part.clone()).await?;
+                    store.read(io, c, PhysOffset(off), part.clone()).await?;
                     check_not_shrunk(store, off, &part)
                 }
-                Base::Fvd(img) => img.read(io, off, part).await,
+                Base::Fvd(img) => img.read(io, VirtOffset(off), part).await,
                 Base::Nbd(c) => c
                     .read(off, part)
                     .await

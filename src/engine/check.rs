@@ -14,7 +14,7 @@ use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::metadata::{self as md, BITS_PER_SECTOR, ENTRIES_PER_SECTOR};
 use crate::format::{journal, FormatError, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Io, IoFile};
-use crate::units::PhysChunk;
+use crate::units::{PhysChunk, PhysOffset};
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -602,7 +602,9 @@ pub async fn repair<I: Io>(io: &I, file: I::File) -> std::result::Result<Repair,
         nh.generation += 1;
         let buf = Buf::alloc(SECTOR);
         buf.copy_from_slice(0, &nh.encode());
-        store.write(io, &c, nh.slot_offset(), buf).await?;
+        store
+            .write(io, &c, PhysOffset(nh.slot_offset()), buf)
+            .await?;
         store.flush(io, &c).await?;
     }
     Ok(Repair {
@@ -630,7 +632,9 @@ async fn write_copy<I: Io>(
             committed.encode_sector(s + i, &mut sector);
             buf.copy_from_slice(i as usize * SECTOR, &sector);
         }
-        store.write(io, c, off + s * SECTOR as u64, buf).await?;
+        store
+            .write(io, c, PhysOffset(off + s * SECTOR as u64), buf)
+            .await?;
         s += k;
     }
     Ok(())

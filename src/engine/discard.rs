@@ -10,14 +10,15 @@ use super::error::Result;
 use super::image::Image;
 use crate::format::JournalEntry;
 use crate::io::{Buf, Io};
-use crate::units::{BlockIndex, ChunkIndex, PhysChunk};
+use crate::units::{BlockIndex, ChunkIndex, PhysChunk, PhysOffset, VirtOffset};
 
 /// Zero buffer size for WRITE ZEROES done as writes.
 const ZERO_CHUNK: u64 = 1 << 20;
 
 impl<I: Io> Image<I> {
     /// Drops whole blocks of `[off, off + len)` from the image.
-    pub async fn discard(&self, io: &I, off: u64, len: u64) -> Result<()> {
+    pub async fn discard(&self, io: &I, off: VirtOffset, len: u64) -> Result<()> {
+        let off = off.0;
         self.check_range(off, len)?;
         self.check_writable()?;
         Counters::inc(&self.counters.guest_discards);
@@ -26,7 +27,8 @@ impl<I: Io> Image<I> {
     }
 
     /// Makes `[off, off + len)` read as zeros. `unmap` allows freeing the space.
-    pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
+    pub async fn write_zeroes(&self, io: &I, off: VirtOffset, len: u64, unmap: bool) -> Result<()> {
+        let off = off.0;
         self.check_range(off, len)?;
         self.check_writable()?;
         let end = off + len;
@@ -70,7 +72,8 @@ impl<I: Io> Image<I> {
         let zeros = Buf::alloc(ZERO_CHUNK.min(end - off) as usize);
         while off < end {
             let n = (end - off).min(ZERO_CHUNK);
-            self.write(io, off, zeros.slice(0, n as usize)).await?;
+            self.write(io, VirtOffset(off), zeros.slice(0, n as usize))
+                .await?;
             off += n;
         }
         Ok(())
@@ -115,7 +118,7 @@ impl<I: Io> Image<I> {
                 guards.push(self.locks.lock(b).await);
             }
             // Punch runs of present blocks that are physically contiguous.
-            let mut runs: Vec<(u64, u64)> = Vec::new();
+            let mut runs: Vec<(PhysOffset, u64)> = Vec::new();
             for b in (b0..b1).filter(|&b| punch && self.live.present(BlockIndex(b))) {
                 let p = self.phys_of(b * bs);
                 match runs.last_mut() {

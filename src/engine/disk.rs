@@ -11,6 +11,7 @@ use crate::format::BaseFormat;
 use crate::io::host_file::OpenMode;
 use crate::io::nbd::{is_nbd_uri, NbdClient};
 use crate::io::{Buf, HostFile, Io, IoFile};
+use crate::units::{PhysOffset, VirtOffset};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -52,19 +53,19 @@ impl<I: Io> Disk<I> {
     pub fn counters(&self) -> &Counters {
         both!(self, d => d.counters())
     }
-    pub async fn read(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+    pub async fn read(&self, io: &I, off: VirtOffset, buf: Buf) -> Result<()> {
         both!(self, d => d.read(io, off, buf).await)
     }
-    pub async fn write(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+    pub async fn write(&self, io: &I, off: VirtOffset, buf: Buf) -> Result<()> {
         both!(self, d => d.write(io, off, buf).await)
     }
     pub async fn flush(&self, io: &I) -> Result<()> {
         both!(self, d => d.flush(io).await)
     }
-    pub async fn discard(&self, io: &I, off: u64, len: u64) -> Result<()> {
+    pub async fn discard(&self, io: &I, off: VirtOffset, len: u64) -> Result<()> {
         both!(self, d => d.discard(io, off, len).await)
     }
-    pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, unmap: bool) -> Result<()> {
+    pub async fn write_zeroes(&self, io: &I, off: VirtOffset, len: u64, unmap: bool) -> Result<()> {
         both!(self, d => d.write_zeroes(io, off, len, unmap).await)
     }
     /// The most the disk can grow to ([`crate::format::Header::capacity`]; a raw disk's size).
@@ -140,7 +141,9 @@ pub async fn probe<I: Io<File = HostFile>>(io: &I, file: &HostFile) -> Result<Fo
     let store = Storage::<I>::new(file.clone());
     let buf = Buf::alloc(PROBE_LEN as usize);
     // Past the end of a short file this reads zeros, which never match the magic.
-    store.read(io, &Counters::default(), 0, buf.clone()).await?;
+    store
+        .read(io, &Counters::default(), PhysOffset(0), buf.clone())
+        .await?;
     if !has_magic(&buf) {
         return Ok(Format::Raw);
     }

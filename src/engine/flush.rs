@@ -36,6 +36,7 @@ use super::journal::FlushState;
 use crate::format::header::{FLAG_CLEAN, INCOMPAT_INTENTS};
 use crate::format::{journal, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Io, IoFile};
+use crate::units::PhysOffset;
 use std::sync::atomic::Ordering;
 
 impl<I: Io> Image<I> {
@@ -179,7 +180,12 @@ impl<I: Io> Image<I> {
         let buf = Buf::alloc(bytes.len());
         buf.copy_from_slice(0, bytes);
         self.store
-            .write(io, &self.counters, self.journal.sector_offset(sector), buf)
+            .write(
+                io,
+                &self.counters,
+                PhysOffset(self.journal.sector_offset(sector)),
+                buf,
+            )
             .await
     }
 
@@ -213,7 +219,12 @@ impl<I: Io> Image<I> {
                     buf.copy_from_slice(i as usize * SECTOR, &sector);
                 }
                 self.store
-                    .write(io, &self.counters, base_off + s * SECTOR as u64, buf)
+                    .write(
+                        io,
+                        &self.counters,
+                        PhysOffset(base_off + s * SECTOR as u64),
+                        buf,
+                    )
                     .await?;
                 s += n;
             }
@@ -262,7 +273,7 @@ impl<I: Io> Image<I> {
         buf.copy_from_slice(0, &h.encode());
         let written = async {
             self.store
-                .write(io, &self.counters, h.slot_offset(), buf)
+                .write(io, &self.counters, PhysOffset(h.slot_offset()), buf)
                 .await?;
             self.store.flush(io, &self.counters).await
         };

@@ -16,7 +16,7 @@ use crate::format::header::{pick_header, FLAG_CLEAN};
 use crate::format::layout::Layout;
 use crate::format::{BaseRef, FormatError, Header, SECTOR};
 use crate::io::{Buf, Growth, Io, IoFile};
-use crate::units::{ChunkIndex, Geometry};
+use crate::units::{ChunkIndex, Geometry, PhysOffset};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Parameters of `fvd create`.
@@ -229,14 +229,19 @@ impl<I: Io> Image<I> {
                 let buf = Buf::alloc(bytes.len());
                 buf.copy_from_slice(0, &bytes);
                 store
-                    .write(io, &c, l.meta_offset[copy] + s * SECTOR as u64, buf)
+                    .write(
+                        io,
+                        &c,
+                        PhysOffset(l.meta_offset[copy] + s * SECTOR as u64),
+                        buf,
+                    )
                     .await?;
                 s += n;
             }
         }
         // Invalidate the first journal sector in case the device held an older image.
         store
-            .write(io, &c, l.journal_offset, Buf::alloc(SECTOR))
+            .write(io, &c, PhysOffset(l.journal_offset), Buf::alloc(SECTOR))
             .await?;
         // A file holds every region up to the data area (sparse): open refuses shorter storage
         // as truncated. Durable with the flush below.
@@ -251,7 +256,9 @@ impl<I: Io> Image<I> {
             h.generation = g;
             let buf = Buf::alloc(SECTOR);
             buf.copy_from_slice(0, &h.encode());
-            store.write(io, &c, h.slot_offset(), buf).await?;
+            store
+                .write(io, &c, PhysOffset(h.slot_offset()), buf)
+                .await?;
         }
         store.flush(io, &c).await
     }

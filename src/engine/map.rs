@@ -55,7 +55,7 @@ impl<I: Io> Image<I> {
                 });
             };
             if self.live.present(BlockIndex(b)) {
-                push(start, end, Location::Data, Some(self.phys_of(start)));
+                push(start, end, Location::Data, Some(self.phys_of(start).0));
             } else if start < base_size {
                 let split = end.min(base_size);
                 push(start, split, Location::Base, None);

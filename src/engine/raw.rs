@@ -10,6 +10,7 @@ use super::disk::{has_magic, PROBE_LEN, PROBE_MAGIC_AT};
 use super::error::{EngineError, IoContext, IoOp, Result};
 use super::storage::Storage;
 use crate::io::{Buf, Io, IoFile};
+use crate::units::{PhysOffset, VirtOffset};
 
 pub struct RawDisk<I: Io> {
     store: Storage<I>,
@@ -70,12 +71,14 @@ impl<I: Io> RawDisk<I> {
         self.store.align.max(512) as u32
     }
 
-    pub async fn read(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+    pub async fn read(&self, io: &I, off: VirtOffset, buf: Buf) -> Result<()> {
+        let off = off.0;
         self.check(off, buf.len() as u64, false)?;
         Counters::inc(&self.counters.guest_reads);
-        self.store.read(io, &self.counters, off, buf).await
+        self.store.read(io, &self.counters, phys(off), buf).await
     }
-    pub async fn write(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+    pub async fn write(&self, io: &I, off: VirtOffset, buf: Buf) -> Result<()> {
+        let off = off.0;
         self.check(off, buf.len() as u64, true)?;
         Counters::inc(&self.counters.guest_writes);
         let buf = if self.probed {
@@ -83,7 +86,7 @@ impl<I: Io> RawDisk<I> {
         } else {
             buf
         };
-        self.store.write(io, &self.counters, off, buf).await
+        self.store.write(io, &self.counters, phys(off), buf).await
     }
     pub async fn flush(&self, io: &I) -> Result<()> {
         Counters::inc(&self.counters.guest_flushes);
@@ -92,19 +95,24 @@ impl<I: Io> RawDisk<I> {
         }
         self.store.flush(io, &self.counters).await
     }
-    pub async fn discard(&self, io: &I, off: u64, len: u64) -> Result<()> {
+    pub async fn discard(&self, io: &I, off: VirtOffset, len: u64) -> Result<()> {
+        let off = off.0;
         self.check(off, len, true)?;
         Counters::inc(&self.counters.guest_discards);
-        self.store.punch_hole(io, off, len).await
+        self.store.punch_hole(io, phys(off), len).await
     }
     /// Punching reads back as zeros on files and block devices alike; where the storage cannot
     /// punch, zeros are written.
-    pub async fn write_zeroes(&self, io: &I, off: u64, len: u64, _unmap: bool) -> Result<()> {
+    pub async fn write_zeroes(
+        &self,
+        io: &I,
+        off: VirtOffset,
+        len: u64,
+        _unmap: bool,
+    ) -> Result<()> {
+        let off = off.0;
         self.check(off, len, true)?;
-        match io
-            .punch_hole(&self.store.file, crate::units::PhysOffset(off), len)
-            .await
-        {
+        match io.punch_hole(&self.store.file, phys(off), len).await {
             Ok(()) => Ok(()),
             Err(_) => {
                 let chunk = 1u64 << 20;
@@ -113,7 +121,7 @@ impl<I: Io> RawDisk<I> {
                 while pos < off + len {
                     let n = (off + len - pos).min(chunk);
                     self.store
-                        .write(io, &self.counters, pos, zeros.slice(0, n as usize))
+                        .write(io, &self.counters, phys(pos), zeros.slice(0, n as usize))
                         .await?;
                     pos += n;
                 }
@@ -121,6 +129,11 @@ impl<I: Io> RawDisk<I> {
             }
         }
     }
+}
+
+/// A raw disk stores virtual byte `v` at byte `v` of its storage.
+fn phys(v: u64) -> PhysOffset {
+    PhysOffset(v)
 }
 
 /// For a probed raw image: the data to write at `off` in place of `buf`, or an error if it would

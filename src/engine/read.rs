@@ -4,13 +4,12 @@ use super::counters::Counters;
 use super::error::Result;
 use super::image::Image;
 use crate::io::{Buf, Io};
-use crate::units::{BlockIndex, VirtOffset};
+use crate::units::{BlockIndex, PhysOffset, VirtOffset};
 
 /// Where a piece of a read comes from.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum Source {
-    /// Physical byte offset in this image's storage.
-    Here(u64),
+    Here(PhysOffset),
     Base,
     Zero,
 }
@@ -18,19 +17,21 @@ enum Source {
 impl<I: Io> Image<I> {
     /// Physical offset of a virtual byte whose block is present (or about to be written).
     #[inline]
-    pub(super) fn phys_of(&self, off: u64) -> u64 {
+    pub(super) fn phys_of(&self, off: u64) -> PhysOffset {
         if self.live.compact() {
             let c = self.geo.chunk_of(VirtOffset(off));
             let p = self.live.phys(c);
             debug_assert!(p.is_allocated());
-            self.data_offset + p.0 as u64 * self.geo.chunk_size + (off - self.geo.chunk_start(c).0)
+            PhysOffset(self.data_offset + p.0 as u64 * self.geo.chunk_size)
+                + (off - self.geo.chunk_start(c).0)
         } else {
-            self.data_offset + off
+            PhysOffset(self.data_offset) + off
         }
     }
 
     /// Reads `buf.len()` bytes at virtual offset `off`.
-    pub async fn read(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+    pub async fn read(&self, io: &I, off: VirtOffset, buf: Buf) -> Result<()> {
+        let off = off.0;
         let len = buf.len() as u64;
         self.check_range(off, len)?;
         Counters::inc(&self.counters.guest_reads);

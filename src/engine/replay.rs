@@ -6,6 +6,7 @@ use super::problem::Problem;
 use super::storage::Storage;
 use crate::format::{journal, Header, JournalEntry, SECTOR};
 use crate::io::{Buf, Io, IoFile};
+use crate::units::PhysOffset;
 
 /// Size of the image's file or block device.
 pub(super) fn storage_len<I: Io>(store: &Storage<I>) -> Result<u64> {
@@ -45,7 +46,7 @@ pub(super) async fn read_region<I: Io>(
     len: u64,
 ) -> Result<Vec<u8>> {
     let buf = Buf::alloc(len as usize);
-    store.read(io, c, off, buf.clone()).await?;
+    store.read(io, c, PhysOffset(off), buf.clone()).await?;
     Ok(buf.to_vec())
 }
 

@@ -55,33 +55,33 @@ impl<I: Io> Storage<I> {
         }
     }
 
-    fn aligned(&self, off: u64, len: u64) -> bool {
-        off % self.align == 0 && len % self.align == 0
+    fn aligned(&self, off: PhysOffset, len: u64) -> bool {
+        off.0 % self.align == 0 && len % self.align == 0
     }
 
     /// Reads `buf.len()` bytes at `off`.
-    pub async fn read(&self, io: &I, c: &Counters, off: u64, buf: Buf) -> Result<()> {
+    pub async fn read(&self, io: &I, c: &Counters, off: PhysOffset, buf: Buf) -> Result<()> {
         Counters::inc(&c.host_reads);
         Counters::add(&c.host_bytes_read, buf.len() as u64);
         let len = buf.len() as u64;
         if self.aligned(off, len) && buf.is_aligned(self.mem_align) {
             return io
-                .read(&self.file, PhysOffset(off), buf)
+                .read(&self.file, off, buf)
                 .await
                 .ctx(IoOp::Read, "read from image storage");
         }
         Counters::inc(&c.bounced);
         let (start, bounce) = self.read_around(io, off, len).await?;
-        buf.copy_from_buf(0, &bounce, (off - start) as usize, len as usize);
+        buf.copy_from_buf(0, &bounce, off.since(start) as usize, len as usize);
         Ok(())
     }
 
     /// Reads the aligned range covering `[off, off + len)` into a fresh buffer.
-    async fn read_around(&self, io: &I, off: u64, len: u64) -> Result<(u64, Buf)> {
-        let start = off / self.align * self.align;
-        let end = (off + len).div_ceil(self.align) * self.align;
-        let bounce = Buf::alloc((end - start) as usize);
-        io.read(&self.file, PhysOffset(start), bounce.clone())
+    async fn read_around(&self, io: &I, off: PhysOffset, len: u64) -> Result<(PhysOffset, Buf)> {
+        let start = PhysOffset(off.0 / self.align * self.align);
+        let end = PhysOffset((off + len).0.div_ceil(self.align) * self.align);
+        let bounce = Buf::alloc(end.since(start) as usize);
+        io.read(&self.file, start, bounce.clone())
             .await
             .ctx(IoOp::Read, "read from image storage")?;
         Ok((start, bounce))
@@ -89,14 +89,14 @@ impl<I: Io> Storage<I> {
 
     /// Writes `buf` at `off`. An offset or length not aligned to the storage's logical block is
     /// done as read-modify-write of the surrounding blocks: the caller must hold the block lock.
-    pub async fn write(&self, io: &I, c: &Counters, off: u64, buf: Buf) -> Result<()> {
+    pub async fn write(&self, io: &I, c: &Counters, off: PhysOffset, buf: Buf) -> Result<()> {
         Counters::inc(&c.host_writes);
         Counters::add(&c.host_bytes_written, buf.len() as u64);
         let len = buf.len() as u64;
         if self.aligned(off, len) {
             if buf.is_aligned(self.mem_align) {
                 return io
-                    .write(&self.file, PhysOffset(off), buf)
+                    .write(&self.file, off, buf)
                     .await
                     .ctx(IoOp::Write, "write to image storage");
             }
@@ -104,14 +104,14 @@ impl<I: Io> Storage<I> {
             let bounce = Buf::alloc(len as usize);
             bounce.copy_from_buf(0, &buf, 0, len as usize);
             return io
-                .write(&self.file, PhysOffset(off), bounce)
+                .write(&self.file, off, bounce)
                 .await
                 .ctx(IoOp::Write, "write to image storage");
         }
         Counters::inc(&c.bounced);
         let (start, bounce) = self.read_around(io, off, len).await?;
-        bounce.copy_from_buf((off - start) as usize, &buf, 0, len as usize);
-        io.write(&self.file, PhysOffset(start), bounce)
+        bounce.copy_from_buf(off.since(start) as usize, &buf, 0, len as usize);
+        io.write(&self.file, start, bounce)
             .await
             .ctx(IoOp::Write, "write to image storage")
     }
@@ -145,11 +145,17 @@ impl<I: Io> Storage<I> {
     /// WRITE ZEROES on a block device (the kernel never falls back to writing there). Storage
     /// that cannot do that gets zeros written, and is not asked again. Durable after the next
     /// flush like a write (fdatasync covers extent changes).
-    pub async fn write_zeroes(&self, io: &I, c: &Counters, off: u64, len: u64) -> Result<()> {
+    pub async fn write_zeroes(
+        &self,
+        io: &I,
+        c: &Counters,
+        off: PhysOffset,
+        len: u64,
+    ) -> Result<()> {
         let za = self.zero_align();
-        if self.zeroes_cheaply() && off % za == 0 && len % za == 0 {
+        if self.zeroes_cheaply() && off.0 % za == 0 && len % za == 0 {
             Counters::inc(&c.host_zeroes);
-            match io.punch_hole(&self.file, PhysOffset(off), len).await {
+            match io.punch_hole(&self.file, off, len).await {
                 Err(e)
                     if matches!(
                         e.raw_os_error(),
@@ -168,8 +174,8 @@ impl<I: Io> Storage<I> {
     }
 
     /// Returns space to the storage; unsupported storage is not an error (space simply stays used).
-    pub async fn punch_hole(&self, io: &I, off: u64, len: u64) -> Result<()> {
-        match io.punch_hole(&self.file, PhysOffset(off), len).await {
+    pub async fn punch_hole(&self, io: &I, off: PhysOffset, len: u64) -> Result<()> {
+        match io.punch_hole(&self.file, off, len).await {
             Err(e)
                 if matches!(
                     e.raw_os_error(),

@@ -14,7 +14,7 @@ use super::error::{EngineError, Result};
 use super::image::Image;
 use crate::format::JournalEntry;
 use crate::io::{Buf, Io};
-use crate::units::{BlockIndex, ChunkIndex};
+use crate::units::{BlockIndex, ChunkIndex, PhysOffset, VirtOffset};
 use smallvec::SmallVec;
 use std::time::Instant;
 
@@ -22,19 +22,20 @@ use std::time::Instant;
 enum Piece {
     /// Guest bytes `[buf_off, buf_off + len)` to physical `phys`.
     Direct {
-        phys: u64,
+        phys: PhysOffset,
         buf_off: usize,
         len: usize,
     },
     /// Block `block` is filled: base data (or zeros) merged with the guest's bytes.
     Merge { block: u64 },
     /// Physical `[phys, phys + len)`, part of a block being filled, is made to read as zeros.
-    Zero { phys: u64, len: u64 },
+    Zero { phys: PhysOffset, len: u64 },
 }
 
 impl<I: Io> Image<I> {
     /// Writes `buf` at virtual offset `off`.
-    pub async fn write(&self, io: &I, off: u64, buf: Buf) -> Result<()> {
+    pub async fn write(&self, io: &I, off: VirtOffset, buf: Buf) -> Result<()> {
+        let off = off.0;
         let len = buf.len() as u64;
         self.check_range(off, len)?;
         self.check_writable()?;
@@ -169,7 +170,7 @@ impl<I: Io> Image<I> {
         }
         let za = self.store.zero_align();
         let (pbs, ps, pe) = (self.phys_of(bs), self.phys_of(s), self.phys_of(e - 1) + 1);
-        if pbs % za != 0 || ps % za != 0 || pe % za != 0 {
+        if pbs.0 % za != 0 || ps.0 % za != 0 || pe.0 % za != 0 {
             return None;
         }
         let mut z = SmallVec::new();
@@ -194,11 +195,16 @@ impl<I: Io> Image<I> {
         if !self.live.compact() {
             return self
                 .store
-                .write(io, &self.counters, self.data_offset + off, buf.clone())
+                .write(
+                    io,
+                    &self.counters,
+                    PhysOffset(self.data_offset) + off,
+                    buf.clone(),
+                )
                 .await;
         }
         // Compact: one host write per physically contiguous run of chunks.
-        let mut runs: SmallVec<[(u64, usize, usize); 2]> = SmallVec::new();
+        let mut runs: SmallVec<[(PhysOffset, usize, usize); 2]> = SmallVec::new();
         let mut pos = off;
         while pos < off + len {
             let cend = ((pos / self.geo.chunk_size) + 1) * self.geo.chunk_size;

@@ -11,6 +11,7 @@
 
 use crate::io::buf::{window, Piece};
 use crate::io::Segment;
+use crate::units::VirtOffset;
 use smallvec::SmallVec;
 use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_bindings::virtio_blk::*;
@@ -49,7 +50,7 @@ pub type Segs = SmallVec<[Segment; 4]>;
 /// A byte range of the virtual disk for discard / write-zeroes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Range {
-    pub offset: u64,
+    pub offset: VirtOffset,
     pub len: u64,
     /// Write-zeroes only: the guest allows deallocating the range.
     pub unmap: bool,
@@ -59,11 +60,11 @@ pub struct Range {
 #[derive(Debug)]
 pub enum Op {
     Read {
-        offset: u64,
+        offset: VirtOffset,
         data: Segs,
     },
     Write {
-        offset: u64,
+        offset: VirtOffset,
         data: Segs,
     },
     Flush,
@@ -405,13 +406,13 @@ fn parse_op<M: GuestMemoryBackend>(
 
 /// Byte offset of `sector`, if `[sector * 512, + len)` lies inside the disk and `len` is whole
 /// sectors.
-fn check_range(sector: u64, len: u64, lim: &Limits) -> Result<u64, Bad> {
+fn check_range(sector: u64, len: u64, lim: &Limits) -> Result<VirtOffset, Bad> {
     if len % SECTOR != 0 {
         return Err(Bad::BadLength);
     }
     let offset = sector.checked_mul(SECTOR).ok_or(Bad::PastEnd)?;
     match offset.checked_add(len) {
-        Some(end) if end <= lim.capacity => Ok(offset),
+        Some(end) if end <= lim.capacity => Ok(VirtOffset(offset)),
         _ => Err(Bad::PastEnd),
     }
 }

@@ -66,7 +66,7 @@ fn read_maps_guest_buffers_and_reports_written_len() {
     assert_eq!(req.written_len(), 4097);
     match req.op {
         Op::Read { offset, data } => {
-            assert_eq!(offset, 3 * 512);
+            assert_eq!(offset, VirtOffset(3 * 512));
             assert_eq!(data.len(), 1);
             assert_eq!((data[0].addr, data[0].len), (host(&m, 0x1000), 4096));
         }
@@ -82,7 +82,7 @@ fn any_layout_header_with_data_and_data_with_status() {
     let req = parse([d(0x200, 16 + 1024, R), d(0x900, 1, W)], &m, &lim()).unwrap();
     match req.op {
         Op::Write { offset, data } => {
-            assert_eq!(offset, 512);
+            assert_eq!(offset, VirtOffset(512));
             assert_eq!(data.iter().map(|s| s.len).sum::<usize>(), 1024);
             assert_eq!(data[0].addr, host(&m, 0x210));
         }
@@ -169,12 +169,12 @@ fn flush_get_id_discard_and_write_zeroes() {
         ranges.as_slice(),
         [
             Range {
-                offset: 4096,
+                offset: VirtOffset(4096),
                 len: 8192,
                 unmap: false
             },
             Range {
-                offset: 51200,
+                offset: VirtOffset(51200),
                 len: 512,
                 unmap: true
             }

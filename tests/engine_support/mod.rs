@@ -7,6 +7,7 @@ use fvd::engine::Image;
 use fvd::io::executor::block_on;
 use fvd::io::sync::SyncIo;
 use fvd::io::Buf;
+use fvd::units::VirtOffset;
 
 /// `len` bytes that differ with `seed` and along the buffer (period 251, prime to every block
 /// and sector size).
@@ -19,11 +20,11 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub fn write(img: &Image<SyncIo>, off: u64, data: &[u8]) {
     let b = Buf::alloc(data.len());
     b.copy_from_slice(0, data);
-    block_on(img.write(&SyncIo, off, b)).unwrap();
+    block_on(img.write(&SyncIo, VirtOffset(off), b)).unwrap();
 }
 
 pub fn read(img: &Image<SyncIo>, off: u64, len: usize) -> Vec<u8> {
     let b = Buf::alloc(len);
-    block_on(img.read(&SyncIo, off, b.clone())).unwrap();
+    block_on(img.read(&SyncIo, VirtOffset(off), b.clone())).unwrap();
     b.to_vec()
 }

@@ -12,7 +12,7 @@ use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::Executor;
 use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
 use fvd::io::Buf;
-use fvd::units::{BlockIndex, ChunkIndex};
+use fvd::units::{BlockIndex, ChunkIndex, VirtOffset};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -358,7 +358,7 @@ impl Run {
                 let (img, io, b) = (self.img.clone(), self.io.clone(), buf.clone());
                 match self
                     .world
-                    .block_on(async move { img.read(&io, off, b).await })
+                    .block_on(async move { img.read(&io, VirtOffset(off), b).await })
                 {
                     Ok(()) => {
                         buf.copy_to_slice(0, &mut out[off as usize..(off + n) as usize]);

@@ -13,6 +13,7 @@ use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::Executor;
 use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
 use fvd::io::Buf;
+use fvd::units::VirtOffset;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -120,7 +121,8 @@ impl Env {
         self.world
             .block_on(async move {
                 for b in blocks {
-                    img.write(&io, b * BS, block_data(id, b)).await?;
+                    img.write(&io, VirtOffset(b * BS), block_data(id, b))
+                        .await?;
                 }
                 Ok::<_, fvd::engine::EngineError>(())
             })
@@ -139,7 +141,9 @@ impl Env {
         let (img, io) = (self.img.clone(), self.io.clone());
         let sec = self.world.block_on(async move {
             let buf = Buf::alloc(512);
-            img.read(&io, b * BS, buf.clone()).await.unwrap();
+            img.read(&io, VirtOffset(b * BS), buf.clone())
+                .await
+                .unwrap();
             buf.to_vec()
         });
         decode(b * BS / 512, &sec)
@@ -349,7 +353,7 @@ fn a_failed_device_flush_poisons_the_image() {
         env.world.set_config(SimConfig::default());
         let (img, io) = (env.img.clone(), env.io.clone());
         let later = env.world.block_on(async move {
-            let w = img.write(&io, 6 * BS, block_data(3, 6)).await;
+            let w = img.write(&io, VirtOffset(6 * BS), block_data(3, 6)).await;
             (w, img.flush(&io).await)
         });
         assert!(
@@ -457,7 +461,7 @@ fn retry_after_a_failed_journal_write_still_flushes_data_first() {
         // DISCARD queues a record that needs no data first.
         let (img, io) = (env.img.clone(), env.io.clone());
         env.world
-            .block_on(async move { img.discard(&io, 2 * BS, BS).await })
+            .block_on(async move { img.discard(&io, VirtOffset(2 * BS), BS).await })
             .unwrap();
         let mut ex = Executor::default();
         let f1 = Arc::new(AtomicBool::new(false));
@@ -474,7 +478,9 @@ fn retry_after_a_failed_journal_write_still_flushes_data_first() {
         let w = Arc::new(AtomicBool::new(false));
         let (img, io, flag) = (env.img.clone(), env.io.clone(), w.clone());
         ex.spawn(async move {
-            img.write(&io, BS, block_data(3, 1)).await.unwrap();
+            img.write(&io, VirtOffset(BS), block_data(3, 1))
+                .await
+                .unwrap();
             flag.store(true, Ordering::SeqCst);
         });
         ex.run_ready();
@@ -552,7 +558,9 @@ fn power_loss_after_the_header_flip_keeps_flushed_data() {
         let (img, io) = (env.img.clone(), env.io.clone());
         // The journal is full: the write's intent does not fit, so the write checkpoints.
         ex.spawn(async move {
-            let _ = img.write(&io, 3100 * BS, block_data(3, 3100)).await;
+            let _ = img
+                .write(&io, VirtOffset(3100 * BS), block_data(3, 3100))
+                .await;
         });
         let c0 = env.checkpoints();
         let mut seen = false;
@@ -719,7 +727,7 @@ fn an_intent_overlaps_the_data_write_of_a_fresh_block() {
         let done = Arc::new(AtomicBool::new(false));
         let (img, io, flag) = (env.img.clone(), env.io.clone(), done.clone());
         ex.spawn(async move {
-            let r = img.write(&io, 9 * BS, block_data(3, 9)).await;
+            let r = img.write(&io, VirtOffset(9 * BS), block_data(3, 9)).await;
             assert_eq!(r.is_err(), fail_data, "the write's result");
             flag.store(true, Ordering::SeqCst);
         });

@@ -6,6 +6,7 @@ use fvd::engine::{EngineError, Image};
 use fvd::io::executor::Executor;
 use fvd::io::sim::SimIo;
 use fvd::io::{Buf, Segment};
+use fvd::units::VirtOffset;
 use rand::rngs::SmallRng;
 use rand::Rng;
 use std::sync::atomic::Ordering;
@@ -97,7 +98,7 @@ impl Run {
                 }
                 ex.spawn(async move {
                     let tk = sh.model.lock().write_begin(lba, n, id);
-                    let r = img.write(&io, lba * 512, buf).await;
+                    let r = img.write(&io, VirtOffset(lba * 512), buf).await;
                     sh.model.lock().end(tk, r.is_ok());
                     if let Err(e) = r {
                         sh.engine_error("write", &e);
@@ -123,7 +124,7 @@ impl Run {
                 let (lba, n) = self.range(6);
                 ex.spawn(async move {
                     let tk = sh.model.lock().discard_begin(lba, n);
-                    let r = img.discard(&io, lba * 512, n * 512).await;
+                    let r = img.discard(&io, VirtOffset(lba * 512), n * 512).await;
                     sh.model.lock().end(tk, false);
                     if let Err(e) = r {
                         sh.engine_error("discard", &e);
@@ -135,7 +136,9 @@ impl Run {
                 let unmap = self.rng.gen_bool(0.5);
                 ex.spawn(async move {
                     let tk = sh.model.lock().write_begin(lba, n, ZERO);
-                    let r = img.write_zeroes(&io, lba * 512, n * 512, unmap).await;
+                    let r = img
+                        .write_zeroes(&io, VirtOffset(lba * 512), n * 512, unmap)
+                        .await;
                     sh.model.lock().end(tk, r.is_ok());
                     if let Err(e) = r {
                         sh.engine_error("write_zeroes", &e);
@@ -148,7 +151,7 @@ impl Run {
 
 async fn read_task(img: Arc<Image<SimIo>>, io: SimIo, sh: Arc<Shared>, lba: u64, n: u64, buf: Buf) {
     let tk = sh.model.lock().read_begin(lba, n);
-    let r = img.read(&io, lba * 512, buf.clone()).await;
+    let r = img.read(&io, VirtOffset(lba * 512), buf.clone()).await;
     let data = r.as_ref().ok().map(|_| buf.to_vec());
     if let Err(e) = sh.model.lock().read_end(tk, data.as_deref()) {
         sh.fail(e);

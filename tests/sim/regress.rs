@@ -5,6 +5,7 @@ use fvd::engine::{CreateParams, Image};
 use fvd::io::executor::Executor;
 use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
 use fvd::io::Buf;
+use fvd::units::VirtOffset;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -61,7 +62,9 @@ fn spawn_write(
     let done = Arc::new(AtomicBool::new(false));
     let (img, io, d) = (img.clone(), io.clone(), done.clone());
     ex.spawn(async move {
-        img.write(&io, lba * 512, data(id, lba, n)).await.unwrap();
+        img.write(&io, VirtOffset(lba * 512), data(id, lba, n))
+            .await
+            .unwrap();
         d.store(true, Ordering::SeqCst);
     });
     done
@@ -100,7 +103,9 @@ fn write_waiting_for_a_lock_does_not_merge_a_block_it_did_not_lock() {
         let dd = Arc::new(AtomicBool::new(false));
         let (i2, io2, f2) = (img.clone(), io.clone(), dd.clone());
         ex.spawn(async move {
-            i2.discard(&io2, 40 * 512, 8 * 512).await.unwrap();
+            i2.discard(&io2, VirtOffset(40 * 512), 8 * 512)
+                .await
+                .unwrap();
             f2.store(true, Ordering::SeqCst);
         });
         run_until(&world, &mut ex, &dd);
@@ -110,7 +115,9 @@ fn write_waiting_for_a_lock_does_not_merge_a_block_it_did_not_lock() {
         let (i3, io3) = (img.clone(), io.clone());
         let got = world.block_on(async move {
             let b = Buf::alloc(3 * 512);
-            i3.read(&io3, 40 * 512, b.clone()).await.unwrap();
+            i3.read(&io3, VirtOffset(40 * 512), b.clone())
+                .await
+                .unwrap();
             b.to_vec()
         });
         for (i, sec) in got.chunks(512).enumerate() {
@@ -145,9 +152,9 @@ fn rewrite_after_discard_on_a_full_device_does_not_fail() {
     let (world, _file, io, img) = setup(1, true, Some(layout.data_offset + 16 * BS));
     let (i, io2) = (img.clone(), io.clone());
     let r = world.block_on(async move {
-        i.write(&io2, 0, data(20, 0, 128)).await?;
-        i.discard(&io2, 0, 4 * BS).await?;
-        i.write(&io2, 0, data(21, 0, 8)).await
+        i.write(&io2, VirtOffset(0), data(20, 0, 128)).await?;
+        i.discard(&io2, VirtOffset(0), 4 * BS).await?;
+        i.write(&io2, VirtOffset(0), data(21, 0, 8)).await
     });
     assert!(r.is_ok(), "{:?}", r.err().map(|e| e.to_string()));
 }
@@ -170,7 +177,9 @@ fn fill_finishing_after_a_discard_does_not_resurrect_older_data() {
             let flag = Arc::new(AtomicBool::new(false));
             let (i, io2, f) = (img.clone(), io.clone(), flag.clone());
             ex.spawn(async move {
-                i.discard(&io2, 40 * 512, 8 * 512).await.unwrap();
+                i.discard(&io2, VirtOffset(40 * 512), 8 * 512)
+                    .await
+                    .unwrap();
                 f.store(true, Ordering::SeqCst);
             });
             flag
@@ -188,7 +197,9 @@ fn fill_finishing_after_a_discard_does_not_resurrect_older_data() {
         let (i3, io3) = (img.clone(), io.clone());
         let sec = world.block_on(async move {
             let b = Buf::alloc(512);
-            i3.read(&io3, 41 * 512, b.clone()).await.unwrap();
+            i3.read(&io3, VirtOffset(41 * 512), b.clone())
+                .await
+                .unwrap();
             b.to_vec()
         });
         // X never wrote sector 41; the second discard, issued after W returned, leaves zero.

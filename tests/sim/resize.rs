@@ -13,6 +13,7 @@ use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::Executor;
 use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
 use fvd::io::Buf;
+use fvd::units::VirtOffset;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -111,10 +112,10 @@ impl Env {
         env.world
             .block_on(async move {
                 for b in blocks {
-                    i2.write(&io, b * BS, data(2, b, size)).await?;
+                    i2.write(&io, VirtOffset(b * BS), data(2, b, size)).await?;
                 }
                 i2.flush(&io).await?;
-                i2.write(&io, BS, data(3, 1, size)).await
+                i2.write(&io, VirtOffset(BS), data(3, 1, size)).await
             })
             .unwrap();
         let img = Arc::try_unwrap(img).unwrap_or_else(|_| panic!("image still shared"));
@@ -133,7 +134,7 @@ impl Env {
         let (img, io) = (img.clone(), self.world.io());
         let bytes = self.world.block_on(async move {
             let buf = Buf::alloc(len as usize);
-            img.read(&io, off, buf.clone()).await.unwrap();
+            img.read(&io, VirtOffset(off), buf.clone()).await.unwrap();
             buf.to_vec()
         });
         bytes
@@ -272,7 +273,8 @@ fn a_resized_image_takes_writes_in_the_new_range() {
         let (i2, io) = (img.clone(), env.world.io());
         env.world
             .block_on(async move {
-                i2.write(&io, 30 * BS, data(4, 30, size)).await?;
+                i2.write(&io, VirtOffset(30 * BS), data(4, 30, size))
+                    .await?;
                 i2.flush(&io).await
             })
             .unwrap();
@@ -308,7 +310,7 @@ fn grow_while_requests_run() {
         for (i, b) in [2u64, 5, 8].into_iter().enumerate() {
             let (i2, io) = (img.clone(), env.world.io());
             ex.spawn(async move {
-                i2.write(&io, b * BS, data(5 + i as u64, b, c.old_size()))
+                i2.write(&io, VirtOffset(b * BS), data(5 + i as u64, b, c.old_size()))
                     .await
                     .unwrap();
             });
@@ -323,7 +325,9 @@ fn grow_while_requests_run() {
                 ex.spawn(async move {
                     // Read in the same poll as the write's range check.
                     let before = was_done.load(Ordering::SeqCst);
-                    let r = i2.write(&io, 30 * BS, data(9, 30, 40 * BS)).await;
+                    let r = i2
+                        .write(&io, VirtOffset(30 * BS), data(9, 30, 40 * BS))
+                        .await;
                     if r.is_ok() && !before {
                         e.store(true, Ordering::SeqCst);
                     }
@@ -345,7 +349,8 @@ fn grow_while_requests_run() {
         let (i2, io) = (img.clone(), env.world.io());
         env.world
             .block_on(async move {
-                i2.write(&io, 30 * BS, data(9, 30, 40 * BS)).await?;
+                i2.write(&io, VirtOffset(30 * BS), data(9, 30, 40 * BS))
+                    .await?;
                 i2.flush(&io).await
             })
             .unwrap();

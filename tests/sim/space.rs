@@ -7,6 +7,7 @@ use fvd::engine::{CreateParams, EngineError, Image};
 use fvd::io::executor::Executor;
 use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
 use fvd::io::{Buf, IoFile};
+use fvd::units::VirtOffset;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -77,7 +78,7 @@ fn spawn_write(ex: &mut Executor, img: &Arc<Image<SimIo>>, io: &SimIo, chunk: u6
     ex.spawn(async move {
         let b = Buf::alloc(BS as usize);
         b.copy_from_slice(0, &[chunk as u8 + 1; BS as usize]);
-        let r = img.write(&io, chunk * CHUNK, b).await;
+        let r = img.write(&io, VirtOffset(chunk * CHUNK), b).await;
         *o.lock() = Some(r);
     });
     out
@@ -99,7 +100,9 @@ fn read_back(world: &SimWorld, img: &Arc<Image<SimIo>>, io: &SimIo, chunk: u64) 
     let (img, io) = (img.clone(), io.clone());
     let got = world.block_on(async move {
         let b = Buf::alloc(BS as usize);
-        img.read(&io, chunk * CHUNK, b.clone()).await.unwrap();
+        img.read(&io, VirtOffset(chunk * CHUNK), b.clone())
+            .await
+            .unwrap();
         b.to_vec()
     });
     assert!(
