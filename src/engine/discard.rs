@@ -120,7 +120,7 @@ impl<I: Io> Image<I> {
             // Punch runs of present blocks that are physically contiguous.
             let mut runs: Vec<(PhysOffset, u64)> = Vec::new();
             for b in (b0..b1).filter(|&b| punch && self.live.present(BlockIndex(b))) {
-                let p = self.phys_of(b * bs);
+                let p = self.live.phys_of(b * bs);
                 match runs.last_mut() {
                     Some((s, l)) if *s + *l == p => *l += bs,
                     _ => runs.push((p, bs)),

@@ -116,7 +116,7 @@ impl<I: Io> Image<I> {
             }
         };
         self.store
-            .write(io, &self.counters, self.phys_of(b * bs), blk)
+            .write(io, &self.counters, self.live.phys_of(b * bs), blk)
             .await?;
         // Journaled before the bit is set even though losing a copy loses nothing: a guest
         // write that then finds the block present must not depend on an unjournaled record.

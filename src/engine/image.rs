@@ -369,7 +369,7 @@ impl<I: Io> Image<I> {
             virtual_size: header.capacity().max(geo.virtual_size),
             ..geo
         };
-        let live = LiveMetadata::from_committed(capacity, &committed);
+        let live = LiveMetadata::from_committed(capacity, header.data_offset, &committed);
         let mut alloc = Allocator::from_table(&committed.table, &header, &store)?;
         if !read_only && !store.file.is_block_device() {
             if live.compact() {

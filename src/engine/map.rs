@@ -1,8 +1,8 @@
 //! Where each range of the virtual disk is stored (`fvd map`).
 
 use super::image::Image;
+use super::mapping::Source;
 use crate::io::Io;
-use crate::units::BlockIndex;
 use serde::Serialize;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
@@ -30,40 +30,41 @@ impl<I: Io> Image<I> {
     /// The virtual disk as a list of extents, neighbours of the same kind merged.
     pub fn extents(&self) -> Vec<Extent> {
         let mut out: Vec<Extent> = Vec::new();
-        let base_size = self.base_end();
-        let size = self.virtual_size();
-        for b in 0..size.div_ceil(self.geo.block_size) {
-            let start = b * self.geo.block_size;
-            let end = (start + self.geo.block_size).min(size);
-            let mut push = |s: u64, e: u64, location, offset: Option<u64>| {
-                if let Some(last) = out.last_mut() {
-                    let contiguous = match (last.offset, offset) {
-                        (Some(a), Some(o)) => a + last.length == o,
-                        (None, None) => true,
-                        _ => false,
-                    };
-                    if last.location == location && contiguous && last.start + last.length == s {
-                        last.length += e - s;
-                        return;
-                    }
+        let mut push = |start: u64, end: u64, location, offset: Option<u64>| {
+            if start == end {
+                return;
+            }
+            if let Some(last) = out.last_mut() {
+                let contiguous = match (last.offset, offset) {
+                    (Some(a), Some(o)) => a + last.length == o,
+                    (None, None) => true,
+                    _ => false,
+                };
+                if last.location == location && contiguous {
+                    last.length += end - start;
+                    return;
                 }
-                out.push(Extent {
-                    start: s,
-                    length: e - s,
-                    location,
-                    offset,
-                });
-            };
-            if self.live.present(BlockIndex(b)) {
-                push(start, end, Location::Data, Some(self.phys_of(start).0));
-            } else if start < base_size {
-                let split = end.min(base_size);
-                push(start, split, Location::Base, None);
-                if split < end {
+            }
+            out.push(Extent {
+                start,
+                length: end - start,
+                location,
+                offset,
+            });
+        };
+        let base_end = self.base_end();
+        let size = self.virtual_size();
+        for m in self.live.map(0, size, self.base.is_some()) {
+            let end = m.off + m.len;
+            match m.source {
+                Source::Here(p) => push(m.off, end, Location::Data, Some(p.0)),
+                // Past the base image's end, reads give zeros.
+                Source::Base => {
+                    let split = end.min(base_end).max(m.off);
+                    push(m.off, split, Location::Base, None);
                     push(split, end, Location::Zero, None);
                 }
-            } else {
-                push(start, end, Location::Zero, None);
+                Source::Zero => push(m.off, end, Location::Zero, None),
             }
         }
         out

@@ -35,6 +35,8 @@ fn word_masks(start: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
 
 pub struct LiveMetadata {
     pub geo: Geometry,
+    /// Where the data area starts in the image's storage (see [`LiveMetadata::phys_of`]).
+    pub(super) data_offset: u64,
     bits: Vec<AtomicU64>,
     table: Vec<AtomicU32>,
     /// Requests in flight per virtual chunk (compact images). A chunk is unmapped only when its
@@ -69,8 +71,8 @@ impl Drop for ChunkRefs<'_> {
 
 impl LiveMetadata {
     /// The live state of `c`, covering `geo` (the capacity: at least `c`'s size; blocks and
-    /// chunks past `c`'s end absent and unallocated).
-    pub fn from_committed(geo: Geometry, c: &Committed) -> Self {
+    /// chunks past `c`'s end absent and unallocated), for a data area at `data_offset`.
+    pub fn from_committed(geo: Geometry, data_offset: u64, c: &Committed) -> Self {
         let words = (geo.block_count().div_ceil(64) as usize).max(c.bits.len());
         let chunks = if c.table.is_empty() {
             0
@@ -80,6 +82,7 @@ impl LiveMetadata {
         let entry = |i: usize| c.table.get(i).copied().unwrap_or(PhysChunk::UNALLOCATED.0);
         LiveMetadata {
             geo,
+            data_offset,
             bits: (0..words)
                 .map(|i| AtomicU64::new(c.bits.get(i).copied().unwrap_or(0)))
                 .collect(),
@@ -409,7 +412,7 @@ mod tests {
             chunk_size: 65536,
         };
         let c = Committed::new(&geo, true, 1, 1);
-        let live = LiveMetadata::from_committed(geo, &c);
+        let live = LiveMetadata::from_committed(geo, 0, &c);
         live.set(60, 70);
         assert!(!live.present(BlockIndex(59)));
         assert!(live.present(BlockIndex(60)) && live.present(BlockIndex(129)));
@@ -430,7 +433,7 @@ mod tests {
         };
         let c = Committed::new(&geo, false, 1, 1);
         for first in [0, 1, 63, 64, 70, 129, 130, 500] {
-            let live = LiveMetadata::from_committed(geo, &c);
+            let live = LiveMetadata::from_committed(geo, 0, &c);
             live.set_fresh_from(ChunkIndex(first));
             for ch in 0..200 {
                 let want = ch >= first && ch < 130;

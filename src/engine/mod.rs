@@ -20,6 +20,7 @@ pub mod image;
 mod journal;
 pub mod lock_order;
 pub mod map;
+pub mod mapping;
 pub mod metadata;
 pub mod prefetch;
 mod problem;

@@ -118,7 +118,7 @@ impl<I: Io> Image<I> {
             // bytes are past the end.
             let len = (last.0 + 1) * bs - old;
             self.store
-                .write_zeroes(io, &self.counters, self.phys_of(old), len)
+                .write_zeroes(io, &self.counters, self.live.phys_of(old), len)
                 .await?;
         }
         let resized = fs.committed.resized(&geo);

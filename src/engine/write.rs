@@ -89,7 +89,7 @@ impl<I: Io> Image<I> {
                     }
                 }
             }
-            let phys = self.phys_of(s);
+            let phys = self.live.phys_of(s);
             let buf_off = (s - off) as usize;
             let n = (e - s) as usize;
             match pieces.last_mut() {
@@ -169,7 +169,11 @@ impl<I: Io> Image<I> {
             return None;
         }
         let za = self.store.zero_align();
-        let (pbs, ps, pe) = (self.phys_of(bs), self.phys_of(s), self.phys_of(e - 1) + 1);
+        let (pbs, ps, pe) = (
+            self.live.phys_of(bs),
+            self.live.phys_of(s),
+            self.live.phys_of(e - 1) + 1,
+        );
         if pbs.0 % za != 0 || ps.0 % za != 0 || pe.0 % za != 0 {
             return None;
         }
@@ -203,13 +207,15 @@ impl<I: Io> Image<I> {
                 )
                 .await;
         }
-        // Compact: one host write per physically contiguous run of chunks.
+        // Compact: one host write per physically contiguous run of chunks. By chunk, not by
+        // the bitmap: a DISCARD racing this write may clear a bit meanwhile, while the chunk
+        // references keep the chunk mapped.
         let mut runs: SmallVec<[(PhysOffset, usize, usize); 2]> = SmallVec::new();
         let mut pos = off;
         while pos < off + len {
             let cend = ((pos / self.geo.chunk_size) + 1) * self.geo.chunk_size;
             let e = cend.min(off + len);
-            let phys = self.phys_of(pos);
+            let phys = self.live.phys_of(pos);
             let (bo, n) = ((pos - off) as usize, (e - pos) as usize);
             match runs.last_mut() {
                 Some((p, _, l)) if *p + *l as u64 == phys => *l += n,
@@ -251,7 +257,7 @@ impl<I: Io> Image<I> {
                 let (s, e) = (bs.max(off), (bs + bsize).min(end));
                 blk.copy_from_buf((s - bs) as usize, buf, (s - off) as usize, (e - s) as usize);
                 self.store
-                    .write(io, &self.counters, self.phys_of(bs), blk)
+                    .write(io, &self.counters, self.live.phys_of(bs), blk)
                     .await
             }
             Piece::Zero { phys, len } => {
