@@ -55,6 +55,7 @@ impl LiveMetadata {
 
     /// Where virtual bytes `[off, end)` are read from: blocks present here, the rest from the
     /// base image if there is one (`has_base`), else zeros.
+    #[inline]
     pub fn map(&self, off: u64, end: u64, has_base: bool) -> Mapping<'_> {
         Mapping {
             live: self,
@@ -64,6 +65,7 @@ impl LiveMetadata {
         }
     }
 
+    #[inline]
     fn source_of(&self, pos: u64, has_base: bool) -> Source {
         if self.present(self.geo.block_of(VirtOffset(pos))) {
             Source::Here(self.phys_of(pos))
@@ -78,6 +80,7 @@ impl LiveMetadata {
 impl Iterator for Mapping<'_> {
     type Item = Mapped;
 
+    #[inline]
     fn next(&mut self) -> Option<Mapped> {
         if self.pos >= self.end {
             return None;

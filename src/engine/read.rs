@@ -19,11 +19,15 @@ impl<I: Io> Image<I> {
             return Ok(());
         }
         let _refs = self.enter_chunks(off, off + len);
-        let pieces: SmallVec<[Mapped; 4]> =
-            self.live.map(off, off + len, self.base.is_some()).collect();
-        if pieces.len() == 1 {
-            return self.read_piece(io, pieces[0], buf).await;
+        let mut map = self.live.map(off, off + len, self.base.is_some());
+        let Some(first) = map.next() else {
+            return Ok(());
+        };
+        if first.len == len {
+            // One source (most reads): no list.
+            return self.read_piece(io, first, buf).await;
         }
+        let pieces: SmallVec<[Mapped; 4]> = std::iter::once(first).chain(map).collect();
         let futs = pieces
             .iter()
             .map(|&m| self.read_piece(io, m, buf.slice((m.off - off) as usize, m.len as usize)));
