@@ -8,7 +8,7 @@ use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
 use fvd::io::HostFile;
 use fvd::units::{BlockIndex, ChunkIndex, VirtOffset};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod engine_support;
@@ -46,6 +46,21 @@ fn raw_base(dir: &Path, size: usize, seed: u8) -> BaseRef {
         format: BaseFormat::Raw,
         size: size as u64,
     }
+}
+
+/// An image of `size` in `dir` over a raw base of its size (seeded by `seed`), opened; also
+/// returns the base's bytes and the image's path.
+fn over_raw_base(
+    dir: &Path,
+    size: u64,
+    seed: u8,
+    compat: u64,
+) -> (Image<SyncIo>, Vec<u8>, PathBuf) {
+    let base = raw_base(dir, size as usize, seed);
+    let orig = std::fs::read(dir.join("base.raw")).unwrap();
+    let path = dir.join("img.fvd");
+    create(&path, size, Some(base), compat);
+    (open(&path), orig, path)
 }
 
 #[test]
@@ -100,11 +115,7 @@ fn discarded_chunks_are_reused_after_flush_and_allocation_keeps_locality() {
 fn prefetch_continues_where_it_stopped_and_copies_a_discarded_block_on_wrapping() {
     let d = tempfile::tempdir_in("/var/tmp").unwrap();
     let size = 2 * CS;
-    let base = raw_base(d.path(), size as usize, 5);
-    let orig = std::fs::read(d.path().join("base.raw")).unwrap();
-    let path = d.path().join("img.fvd");
-    create(&path, size, Some(base), 0);
-    let img = open(&path);
+    let (img, orig, _) = over_raw_base(d.path(), size, 5, 0);
     let present = |img: &Image<SyncIo>| -> Vec<u64> {
         (0..size / BS)
             .filter(|&b| img.block_present(BlockIndex(b)))
@@ -135,16 +146,8 @@ fn prefetch_continues_where_it_stopped_and_copies_a_discarded_block_on_wrapping(
 fn copy_on_read_copies_after_the_read_and_prefetch_streams_everything() {
     let d = tempfile::tempdir_in("/var/tmp").unwrap();
     let size = 8 * CS;
-    let base = raw_base(d.path(), size as usize, 7);
-    let orig = std::fs::read(d.path().join("base.raw")).unwrap();
-    let path = d.path().join("img.fvd");
-    create(
-        &path,
-        size,
-        Some(base),
-        fvd::format::header::COMPAT_COPY_ON_READ,
-    );
-    let img = open(&path);
+    let (img, orig, path) =
+        over_raw_base(d.path(), size, 7, fvd::format::header::COMPAT_COPY_ON_READ);
     assert!(img.copy_on_read());
     // A read covering one whole block and part of the next.
     assert_eq!(
@@ -233,10 +236,7 @@ fn copy_on_read_off_copies_nothing_and_queued_copies_are_bounded() {
     use fvd::engine::fill::COR_MAX_INFLIGHT;
     let d = tempfile::tempdir_in("/var/tmp").unwrap();
     let size = COR_MAX_INFLIGHT + 8 * CS;
-    let base = raw_base(d.path(), size as usize, 5);
-    let path = d.path().join("img.fvd");
-    create(&path, size, Some(base), 0);
-    let img = open(&path);
+    let (img, ..) = over_raw_base(d.path(), size, 5, 0);
     assert!(!img.copy_on_read());
     read(&img, 0, BS as usize);
     block_on(img.run_deferred(&SyncIo));

@@ -167,6 +167,36 @@ impl Env {
             .find(|(off, _)| journal.contains(off))
     }
 
+    /// A FLUSH whose journal write (at the journal's tail) fails, with the sector it was
+    /// writing left as garbage if `torn`; returns once the FLUSH returned its write error.
+    fn flush_with_failed_journal_write(&self, torn: bool) {
+        let mut ex = Executor::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let (img, io, flag) = (self.img.clone(), self.io.clone(), done.clone());
+        ex.spawn(async move {
+            let e = img.flush(&io).await.unwrap_err();
+            assert_eq!(e.io_op(), Some(IoOp::Write), "{e}");
+            flag.store(true, Ordering::SeqCst);
+        });
+        loop {
+            ex.run_ready();
+            if let Some((off, len)) = self.pending_journal_write() {
+                assert_eq!(
+                    off,
+                    self.img.header().journal_offset,
+                    "the commit writes the tail"
+                );
+                assert!(self.world.complete_write_at(off, true));
+                if torn {
+                    self.file.write_now(off, &vec![0xA5; len as usize]);
+                }
+                break;
+            }
+            assert!(self.world.complete_one(), "the FLUSH wrote no journal");
+        }
+        run_until(&self.world, &mut ex, &done);
+    }
+
     fn checkpoints(&self) -> u64 {
         self.img.counters().checkpoints.load(Ordering::Relaxed)
     }
@@ -372,27 +402,7 @@ fn a_failed_journal_write_does_not_poison_the_image() {
     for seed in 0..8 {
         let mut env = Env::new(seed, small_image(), 0);
         env.write_blocks(1, [0]);
-        let mut ex = Executor::default();
-        let done = Arc::new(AtomicBool::new(false));
-        let (img, io, flag) = (env.img.clone(), env.io.clone(), done.clone());
-        ex.spawn(async move {
-            let e = img.flush(&io).await.unwrap_err();
-            assert_eq!(e.io_op(), Some(IoOp::Write), "{e}");
-            flag.store(true, Ordering::SeqCst);
-        });
-        loop {
-            ex.run_ready();
-            if let Some((off, _)) = env.pending_journal_write() {
-                assert!(env.world.complete_write_at(off, true));
-                break;
-            }
-            assert!(
-                env.world.complete_one(),
-                "seed {seed}: the FLUSH wrote no journal"
-            );
-        }
-        run_until(&env.world, &mut ex, &done);
-        drop(ex);
+        env.flush_with_failed_journal_write(false);
         env.write_blocks(2, [5]);
         env.flush();
         env.crash_and_reopen();
@@ -410,33 +420,8 @@ fn intents_a_failed_journal_write_damaged_are_written_again() {
         let mut env = Env::new(seed, small_image(), 0);
         env.write_blocks(1, [0]);
         assert_eq!(env.journal_sector(0), Some(true), "the write's intent");
-        let mut ex = Executor::default();
-        let done = Arc::new(AtomicBool::new(false));
-        let (img, io, flag) = (env.img.clone(), env.io.clone(), done.clone());
-        ex.spawn(async move {
-            assert!(img.flush(&io).await.is_err(), "the journal write failed");
-            flag.store(true, Ordering::SeqCst);
-        });
-        loop {
-            ex.run_ready();
-            if let Some((off, len)) = env.pending_journal_write() {
-                assert_eq!(
-                    off,
-                    env.img.header().journal_offset,
-                    "the commit writes the tail"
-                );
-                assert!(env.world.complete_write_at(off, true));
-                // The failed write tore what it was writing over.
-                env.file.write_now(off, &vec![0xA5; len as usize]);
-                break;
-            }
-            assert!(
-                env.world.complete_one(),
-                "seed {seed}: the FLUSH wrote no journal"
-            );
-        }
-        run_until(&env.world, &mut ex, &done);
-        drop(ex);
+        // The failed write tore what it was writing over.
+        env.flush_with_failed_journal_write(true);
         assert!(!env.img.failed(), "seed {seed}: the intents were put back");
         assert_eq!(
             env.journal_sector(0),

@@ -27,3 +27,21 @@ pub fn assert_not_corrupt(
         report.problems
     );
 }
+
+/// Creates an image with `p` on `file` and opens it (no base image).
+pub fn create_and_open(
+    world: &std::sync::Arc<fvd::io::sim::SimWorld>,
+    file: &fvd::io::sim::SimFile,
+    p: fvd::engine::CreateParams,
+) -> std::sync::Arc<fvd::engine::Image<fvd::io::sim::SimIo>> {
+    let (io, f) = (world.io(), file.clone());
+    world
+        .block_on(async move { fvd::engine::Image::create(&io, f, &p).await })
+        .unwrap();
+    let (io, f) = (world.io(), file.clone());
+    std::sync::Arc::new(
+        world
+            .block_on(async move { fvd::engine::Image::open(&io, f, None, false).await })
+            .unwrap(),
+    )
+}

@@ -29,15 +29,8 @@ fn setup(
         compact,
         ..Default::default()
     };
-    let (io, f) = (world.io(), file.clone());
-    world
-        .block_on(async move { Image::create(&io, f, &p).await })
-        .unwrap();
-    let (io, f) = (world.io(), file.clone());
-    let img = world
-        .block_on(async move { Image::open(&io, f, None, false).await })
-        .unwrap();
-    (world.clone(), file, world.io(), Arc::new(img))
+    let img = super::create_and_open(&world, &file, p);
+    (world.clone(), file, world.io(), img)
 }
 
 fn data(id: u64, lba: u64, n: u64) -> Buf {

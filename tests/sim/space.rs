@@ -31,15 +31,8 @@ fn params() -> CreateParams {
 fn create_and_open(device: u64) -> (Arc<SimWorld>, SimFile, SimIo, Arc<Image<SimIo>>) {
     let world = SimWorld::new(7, SimConfig::default());
     let file = world.create_block_device(device);
-    let (io, f) = (world.io(), file.clone());
-    world
-        .block_on(async move { Image::create(&io, f, &params()).await })
-        .unwrap();
-    let (io, f) = (world.io(), file.clone());
-    let img = world
-        .block_on(async move { Image::open(&io, f, None, false).await })
-        .unwrap();
-    (world.clone(), file, world.io(), Arc::new(img))
+    let img = super::create_and_open(&world, &file, params());
+    (world.clone(), file, world.io(), img)
 }
 
 /// A compact image on a block device with room for exactly `free` chunks of data.
