@@ -8,7 +8,7 @@
 //! Where they are enforced: every request entry point of the engine (`Disk`, `Image` and
 //! `RawDisk` `read`/`write`/`discard`/`write_zeroes`) takes a [`VirtOffset`], which the server
 //! makes once from the guest's sector; everything that touches storage (`Storage`, the `Io`
-//! backends) takes a [`PhysOffset`], which only the mapping (`Image::phys_of`), the format
+//! backends) takes a [`PhysOffset`], which only the mapping (`LiveMetadata::phys_of`), the format
 //! layer's region offsets and a raw disk's identity mapping produce. Inside one request path the
 //! engine works on the plain byte count it unwrapped at the entry. The inner integer stays public
 //! (as in `std::num::Wrapping`): the types name what a number means, they do not hide it.
