@@ -11,27 +11,18 @@ use fvd::units::VirtOffset;
 use std::path::{Path, PathBuf};
 
 mod engine_support;
-use engine_support::{pattern, read, write};
+use engine_support::{create, pattern, read, small, write};
 
 fn tmpdir() -> tempfile::TempDir {
     // O_DIRECT needs a real filesystem; /var/tmp is on disk.
     tempfile::tempdir_in("/var/tmp").unwrap()
 }
 
-fn create(path: &Path, p: CreateParams) {
-    let f = HostFile::open(path, OpenMode::Create).unwrap();
-    block_on(Image::create(&SyncIo, f, &p)).unwrap();
-}
-
 fn params(size: u64, compact: bool, base: Option<BaseRef>) -> CreateParams {
     CreateParams {
-        virtual_size: size,
-        block_size: 4096 * 4,
-        chunk_size: 65536,
-        journal_size: 64 << 10,
         compact,
         base,
-        ..Default::default()
+        ..small(size)
     }
 }
 
@@ -64,25 +55,28 @@ fn raw_base(dir: &Path, size: u64) -> (PathBuf, Vec<u8>) {
     (p, data)
 }
 
+/// With `with_base`, a [`raw_base`] (named by its absolute path) and its data; without, no
+/// base and the zeros an image reads then.
+fn raw_base_or_zeros(dir: &Path, size: u64, with_base: bool) -> (Option<BaseRef>, Vec<u8>) {
+    if !with_base {
+        return (None, vec![0u8; size as usize]);
+    }
+    let (p, d) = raw_base(dir, size);
+    let base = BaseRef {
+        path: p.to_string_lossy().into(),
+        format: BaseFormat::Raw,
+        size,
+    };
+    (Some(base), d)
+}
+
 #[test]
 fn all_feature_combinations_read_back_and_survive_reopen() {
     for compact in [false, true] {
         for with_base in [false, true] {
             let dir = tmpdir();
             let size = 1 << 20;
-            let (base, mut model) = if with_base {
-                let (p, d) = raw_base(dir.path(), size);
-                (
-                    Some(BaseRef {
-                        path: p.to_string_lossy().into(),
-                        format: BaseFormat::Raw,
-                        size,
-                    }),
-                    d,
-                )
-            } else {
-                (None, vec![0u8; size as usize])
-            };
+            let (base, mut model) = raw_base_or_zeros(dir.path(), size, with_base);
             let path = dir.path().join("img.fvd");
             create(&path, params(size, compact, base));
             let img = open_image(&SyncIo, &path, false).unwrap_or_else(|e| panic!("{e}"));
@@ -206,19 +200,7 @@ fn discard_and_write_zeroes() {
     for with_base in [false, true] {
         let dir = tmpdir();
         let size = 1u64 << 20;
-        let (base, base_data) = if with_base {
-            let (p, d) = raw_base(dir.path(), size);
-            (
-                Some(BaseRef {
-                    path: p.to_string_lossy().into(),
-                    format: BaseFormat::Raw,
-                    size,
-                }),
-                d,
-            )
-        } else {
-            (None, vec![0u8; size as usize])
-        };
+        let (base, base_data) = raw_base_or_zeros(dir.path(), size, with_base);
         let path = dir.path().join("img.fvd");
         create(&path, params(size, true, base));
         let img = open_image(&SyncIo, &path, false).unwrap();

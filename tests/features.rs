@@ -4,32 +4,23 @@
 use fvd::engine::{CreateParams, Image};
 use fvd::format::{BaseFormat, BaseRef};
 use fvd::io::executor::block_on;
-use fvd::io::host_file::OpenMode;
 use fvd::io::sync::SyncIo;
-use fvd::io::HostFile;
 use fvd::units::{BlockIndex, ChunkIndex, VirtOffset};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod engine_support;
-use engine_support::{read, write};
-
-const BS: u64 = 16 << 10;
-const CS: u64 = 64 << 10;
+use engine_support::{read, small, write, BS, CS};
 
 fn create(path: &Path, size: u64, base: Option<BaseRef>, compat: u64) {
-    let f = HostFile::open(path, OpenMode::Create).unwrap();
     let p = CreateParams {
-        virtual_size: size,
-        block_size: BS,
-        chunk_size: CS,
-        journal_size: 64 << 10,
         compact: true,
         base,
         compat,
         max_size: None,
+        ..small(size)
     };
-    block_on(Image::create(&SyncIo, f, &p)).unwrap();
+    engine_support::create(path, p);
 }
 
 fn open(path: &Path) -> Image<SyncIo> {

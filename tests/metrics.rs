@@ -6,7 +6,7 @@
 mod serve_support;
 
 use serve_support::client::{connect, Req};
-use serve_support::{create_image, dir, fvd, Loop, ServerProc};
+use serve_support::{create_image, dir, fvd, fvd_create, Loop, ServerProc};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -344,13 +344,7 @@ fn copy_on_read_and_base_remaining_follow_guest_reads() {
     let base = d.path().join("base.raw");
     std::fs::write(&base, vec![5u8; 4 << 20]).unwrap();
     let image = d.path().join("o.fvd");
-    let o = fvd()
-        .arg("create")
-        .arg(&image)
-        .args(["-b", "base.raw", "-F", "raw"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fvd_create(&image, &["-b", "base.raw", "-F", "raw"]);
     let sock = d.path().join("vhost.sock");
     let msock = d.path().join("metrics.sock");
     let srv = ServerProc::start(
@@ -410,13 +404,7 @@ fn storage_free_bytes_of_a_thin_image_on_a_block_device() {
     let Some(dev) = Loop::attach(&backing) else {
         return;
     };
-    let o = fvd()
-        .arg("create")
-        .arg(&dev.0)
-        .args(["--size", "256M"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fvd_create(&dev.0, &["--size", "256M"]);
     let sock = d.path().join("vhost.sock");
     let msock = d.path().join("metrics.sock");
     let srv = ServerProc::start(

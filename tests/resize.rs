@@ -15,10 +15,7 @@ use std::path::Path;
 
 mod engine_support;
 mod serve_support;
-use engine_support::write;
-
-const BS: u64 = 16 << 10;
-const CS: u64 = 64 << 10;
+use engine_support::{small, write, BS, CS};
 
 fn tmpdir() -> tempfile::TempDir {
     // O_DIRECT needs a real filesystem; /var/tmp is on disk.
@@ -26,18 +23,13 @@ fn tmpdir() -> tempfile::TempDir {
 }
 
 fn create(path: &Path, size: u64, max: Option<u64>, compact: bool, base: Option<BaseRef>) {
-    let f = HostFile::open(path, OpenMode::Create).unwrap();
     let p = CreateParams {
-        virtual_size: size,
-        block_size: BS,
-        chunk_size: CS,
-        journal_size: 64 << 10,
         compact,
         base,
         max_size: max,
-        ..Default::default()
+        ..small(size)
     };
-    block_on(Image::create(&SyncIo, f, &p)).unwrap();
+    engine_support::create(path, p);
 }
 
 fn open(path: &Path) -> Image<SyncIo> {

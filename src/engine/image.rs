@@ -93,19 +93,13 @@ impl CreateParams {
             block_size: p.block_size as u32,
             chunk_size: p.chunk_size as u32,
             flags: FLAG_CLEAN,
-            meta_offset: l.meta_offset,
-            meta_len: l.meta_len,
-            bitmap_sectors: l.bitmap_sectors,
-            table_sectors: l.table_sectors,
             active_meta: 0,
-            journal_offset: l.journal_offset,
-            journal_len: l.journal_len,
             // A random starting epoch: journal sectors of an earlier image on the same device
             // can never match.
             journal_epoch: rand::random::<u32>() as u64 + 1,
-            data_offset: l.data_offset,
             base: p.base.clone(),
             boot_id: [0; 16],
+            ..Header::with_layout(&l)
         };
         h.set_virtual_size(p.virtual_size);
         h.validate().map_err(|e| match e {
@@ -190,15 +184,7 @@ impl<I: Io> Image<I> {
     pub async fn create(io: &I, file: I::File, p: &CreateParams) -> Result<()> {
         let mut h = p.header()?;
         let geo = h.geometry();
-        let l = Layout {
-            bitmap_sectors: h.bitmap_sectors,
-            table_sectors: h.table_sectors,
-            meta_offset: h.meta_offset,
-            meta_len: h.meta_len,
-            journal_offset: h.journal_offset,
-            journal_len: h.journal_len,
-            data_offset: h.data_offset,
-        };
+        let l = h.layout();
         let store = Storage::<I>::new(file);
         if store.file.is_block_device() {
             let need = if p.compact {

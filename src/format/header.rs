@@ -164,6 +164,44 @@ impl Header {
         }
     }
 
+    /// A header with `l`'s regions and every other field zero or empty: the base of a literal
+    /// that sets the rest (`Header { generation, .., ..Header::with_layout(&l) }`).
+    pub fn with_layout(l: &super::layout::Layout) -> Header {
+        Header {
+            generation: 0,
+            incompat: 0,
+            compat: 0,
+            virtual_size: 0,
+            block_size: 0,
+            chunk_size: 0,
+            flags: 0,
+            meta_offset: l.meta_offset,
+            meta_len: l.meta_len,
+            bitmap_sectors: l.bitmap_sectors,
+            table_sectors: l.table_sectors,
+            active_meta: 0,
+            journal_offset: l.journal_offset,
+            journal_len: l.journal_len,
+            journal_epoch: 0,
+            data_offset: l.data_offset,
+            base: None,
+            boot_id: [0; 16],
+        }
+    }
+
+    /// The regions this header records.
+    pub fn layout(&self) -> super::layout::Layout {
+        super::layout::Layout {
+            bitmap_sectors: self.bitmap_sectors,
+            table_sectors: self.table_sectors,
+            meta_offset: self.meta_offset,
+            meta_len: self.meta_len,
+            journal_offset: self.journal_offset,
+            journal_len: self.journal_len,
+            data_offset: self.data_offset,
+        }
+    }
+
     /// Encodes into one 4 KiB slot with a trailing crc32c.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; SECTOR];
@@ -385,17 +423,11 @@ mod tests {
             block_size: 64 << 10,
             chunk_size: 1 << 20,
             flags: 0,
-            meta_offset: l.meta_offset,
-            meta_len: l.meta_len,
-            bitmap_sectors: l.bitmap_sectors,
-            table_sectors: l.table_sectors,
             active_meta: 0,
-            journal_offset: l.journal_offset,
-            journal_len: l.journal_len,
             journal_epoch: 7,
-            data_offset: l.data_offset,
             base: None,
             boot_id: [0; 16],
+            ..Header::with_layout(&l)
         };
         h.set_virtual_size(size);
         h
@@ -508,17 +540,11 @@ mod decode_tests {
             block_size,
             chunk_size,
             flags: FLAG_BASE_NOT_NEEDED,
-            meta_offset: l.meta_offset,
-            meta_len: l.meta_len,
-            bitmap_sectors: l.bitmap_sectors,
-            table_sectors: l.table_sectors,
             active_meta: 1,
-            journal_offset: l.journal_offset,
-            journal_len: l.journal_len,
             journal_epoch: 77,
-            data_offset: l.data_offset,
             base: None,
             boot_id: [0; 16],
+            ..Header::with_layout(&l)
         }
     }
 

@@ -350,6 +350,20 @@ fn nbd_close(r: &mut Rules) {
     );
 }
 
+/// Starting a thread, and the new thread's own first calls.
+fn spawn(r: &mut Rules) {
+    allow(
+        r,
+        &[
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_set_robust_list,
+            libc::SYS_rseq,
+            libc::SYS_sched_getaffinity,
+        ],
+    );
+}
+
 /// The allow-list of one kind of thread.
 fn rules(kind: ThreadKind) -> Rules {
     let mut r = Rules::new();
@@ -409,16 +423,11 @@ fn rules(kind: ThreadKind) -> Rules {
             // Everything the connection and queue threads it starts need (filters stack).
             merge(&mut r, rules(ThreadKind::Connection));
             merge(&mut r, rules(ThreadKind::Queue));
+            spawn(&mut r);
             allow(
                 &mut r,
                 &[
                     libc::SYS_accept4,
-                    // Starting threads; the new thread's own first calls.
-                    libc::SYS_clone,
-                    libc::SYS_clone3,
-                    libc::SYS_set_robust_list,
-                    libc::SYS_rseq,
-                    libc::SYS_sched_getaffinity,
                     // Fresh rings, eventfds and epolls for each connection's queues.
                     libc::SYS_io_uring_setup,
                     libc::SYS_io_uring_register,
@@ -435,6 +444,8 @@ fn rules(kind: ThreadKind) -> Rules {
             );
         }
         ThreadKind::Signals => {
+            // Starting the stop watchdog (`listener::start_watchdog`).
+            spawn(&mut r);
             allow(
                 &mut r,
                 &[
@@ -445,12 +456,6 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_poll,
                     // Ending a live frontend connection (`ShutdownHandle`).
                     libc::SYS_shutdown,
-                    // Starting the stop watchdog (`listener::start_watchdog`).
-                    libc::SYS_clone,
-                    libc::SYS_clone3,
-                    libc::SYS_set_robust_list,
-                    libc::SYS_rseq,
-                    libc::SYS_sched_getaffinity,
                 ],
             );
         }
@@ -461,6 +466,7 @@ fn rules(kind: ThreadKind) -> Rules {
             // `quit` stops as SIGTERM does: cuts NBD base reads short, ends the frontend's
             // connection, starts the stop watchdog.
             nbd_close(&mut r);
+            spawn(&mut r);
             allow(
                 &mut r,
                 &[
@@ -479,11 +485,6 @@ fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_accept4,
                     libc::SYS_recvfrom,
                     libc::SYS_shutdown,
-                    libc::SYS_clone,
-                    libc::SYS_clone3,
-                    libc::SYS_set_robust_list,
-                    libc::SYS_rseq,
-                    libc::SYS_sched_getaffinity,
                 ],
             );
             allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO]);

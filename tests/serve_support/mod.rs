@@ -26,18 +26,18 @@ pub fn dir() -> tempfile::TempDir {
 /// Creates an FVD image with `fvd create`.
 pub fn create_image(dir: &Path, name: &str, size: &str) -> PathBuf {
     let path = dir.join(name);
-    let o = fvd()
-        .arg("create")
-        .arg(&path)
-        .args(["-s", size])
-        .output()
-        .unwrap();
+    fvd_create(&path, &["-s", size]);
+    path
+}
+
+/// Runs `fvd create TARGET ARGS` and asserts that it succeeds.
+pub fn fvd_create(target: &Path, args: &[&str]) {
+    let o = fvd().arg("create").arg(target).args(args).output().unwrap();
     assert!(
         o.status.success(),
         "fvd create: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    path
 }
 
 /// Runs `fvd check IMAGE`, asserts that it passes (`what` names the case in the failure

@@ -47,6 +47,31 @@ pub struct Ticket {
     pub n: u64,
 }
 
+impl Cand {
+    /// The value `val` op `t` may leave, from its start, while the op is still open.
+    fn open(t: u64, val: u64) -> Cand {
+        Cand {
+            op: t,
+            val,
+            start: t,
+            end: OPEN,
+            dead: OPEN,
+        }
+    }
+}
+
+impl Ticket {
+    /// Op `t` on sectors `[lba, lba + n)`, starting now.
+    fn new(t: u64, lba: u64, n: u64) -> Ticket {
+        Ticket {
+            op: t,
+            start: t,
+            lba,
+            n,
+        }
+    }
+}
+
 impl Model {
     pub fn new(vsectors: u64, has_base: bool, base_sectors: u64) -> Model {
         let init = if has_base { BASE } else { ZERO };
@@ -105,20 +130,9 @@ impl Model {
         let t = self.next();
         self.log("write begin", lba, n, &name(val));
         for s in lba..lba + n {
-            self.sectors[s as usize].push(Cand {
-                op: t,
-                val,
-                start: t,
-                end: OPEN,
-                dead: OPEN,
-            });
+            self.sectors[s as usize].push(Cand::open(t, val));
         }
-        Ticket {
-            op: t,
-            start: t,
-            lba,
-            n,
-        }
+        Ticket::new(t, lba, n)
     }
 
     /// A DISCARD starts: the sectors may become zero or base data, or stay.
@@ -127,29 +141,12 @@ impl Model {
         self.log("discard begin", lba, n, "");
         for s in lba..lba + n {
             let v = &mut self.sectors[s as usize];
-            v.push(Cand {
-                op: t,
-                val: ZERO,
-                start: t,
-                end: OPEN,
-                dead: OPEN,
-            });
+            v.push(Cand::open(t, ZERO));
             if self.has_base {
-                v.push(Cand {
-                    op: t,
-                    val: BASE,
-                    start: t,
-                    end: OPEN,
-                    dead: OPEN,
-                });
+                v.push(Cand::open(t, BASE));
             }
         }
-        Ticket {
-            op: t,
-            start: t,
-            lba,
-            n,
-        }
+        Ticket::new(t, lba, n)
     }
 
     /// A write, write-zeroes or discard ends. `kills`: it returned Ok and overwrites.
@@ -174,12 +171,7 @@ impl Model {
         let t = self.next();
         self.log("read begin", lba, n, "");
         self.pin(t);
-        Ticket {
-            op: t,
-            start: t,
-            lba,
-            n,
-        }
+        Ticket::new(t, lba, n)
     }
 
     /// Checks what a read returned (`data` covers the ticket's sectors).
