@@ -9,11 +9,11 @@ use fvd::engine::base::Base;
 use fvd::engine::storage::Storage;
 use fvd::engine::{CreateParams, EngineError, Image, IoOp};
 use fvd::format::header::FLAG_BASE_NOT_NEEDED;
-use fvd::format::{BaseFormat, BaseRef};
+use fvd::format::{BaseFormat, BaseRef, JournalEntry};
 use fvd::io::executor::Executor;
 use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
 use fvd::io::Buf;
-use fvd::units::VirtOffset;
+use fvd::units::{BlockIndex, VirtOffset};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -766,5 +766,56 @@ fn an_intent_overlaps_the_data_write_of_a_fresh_block() {
             env.expect_block(9, 3);
         }
         env.expect_block(1, 2);
+    }
+}
+
+/// Replay reads the journal in pieces of 256 sectors: records past the first piece are read
+/// from their own place (300 FLUSHes, one journal sector each, then a power loss).
+#[test]
+fn replay_reads_a_journal_longer_than_one_read() {
+    for seed in 0..2 {
+        let mut env = Env::new(seed, image(320, 4, 400, seed % 2 == 1), 0);
+        for b in 0..300 {
+            env.write_blocks(b + 1, [b]);
+            env.flush();
+        }
+        assert_eq!(
+            env.checkpoints(),
+            0,
+            "seed {seed}: all 300 are in the journal"
+        );
+        assert!(env.journal_used() > 256, "seed {seed}: past the first read");
+        env.crash_and_reopen();
+        for b in 0..300 {
+            env.expect_block(b, b + 1);
+        }
+    }
+}
+
+/// Replay stops at the end of the journal: a sector just past it that looks like the next
+/// journal sector of this epoch (the data area is the guest's to fill) is neither replayed nor
+/// taken for a later write that proves damage.
+#[test]
+fn replay_reads_nothing_past_the_journal() {
+    for journal_sectors in [1, 300] {
+        let mut env = Env::new(journal_sectors, image(64, 4, journal_sectors, false), 0);
+        // Block 0 lies right after the journal, where the forged sector goes.
+        env.write_blocks(1, [5]);
+        env.flush();
+        let h = env.img.header();
+        let total = h.journal_len / SECTOR;
+        let forged = fvd::format::journal::encode(
+            &[JournalEntry::SetBits { start: 9, count: 1 }],
+            h.journal_epoch,
+            total,
+        );
+        env.file
+            .write_now(h.journal_offset + h.journal_len, &forged);
+        env.crash_and_reopen();
+        env.expect_block(5, 1);
+        assert!(
+            !env.img.block_present(BlockIndex(9)),
+            "{journal_sectors} sectors: a record past the journal was replayed"
+        );
     }
 }
