@@ -259,6 +259,52 @@ fn a_damaged_journal_sector_followed_by_later_flushes_is_corruption() {
     }
 }
 
+/// The same damage found after a reboot (the header's boot id is another boot's, so intents
+/// are not adopted): the later flushes' sectors are still kept by the repair, and an intent
+/// written after them (a write that completed without FLUSH before the host went down) is not:
+/// the reboot may have dropped its data.
+#[test]
+fn repair_after_a_reboot_keeps_later_flushes_and_drops_intents() {
+    let (d, img) = new_image();
+    let p = d.path();
+    let pieces: Vec<Vec<u8>> = (0..5).map(|i| pattern(i, 65536)).collect();
+    {
+        // Four flushed writes, then a fifth completed and not flushed (its record is an intent
+        // past the last flush's sector), then the process dies.
+        let i: Image<SyncIo> = block_on(fvd::engine::open_image(&SyncIo, &img, false)).unwrap();
+        for (n, piece) in pieces.iter().enumerate() {
+            let b = Buf::alloc(piece.len());
+            b.copy_from_slice(0, piece);
+            block_on(i.write(&SyncIo, VirtOffset((n as u64) << 20), b)).unwrap();
+            if n < 4 {
+                block_on(i.flush(&SyncIo)).unwrap();
+            }
+        }
+    }
+    let mut h = header(&img);
+    assert!(h.intents(), "left open: intents on");
+    h.boot_id = [0x5a; 16];
+    edit(&img, |raw| {
+        let o = h.slot_offset() as usize;
+        raw[o..o + SECTOR].copy_from_slice(&h.encode());
+        raw[h.journal_offset as usize + 40] ^= 0x08;
+    });
+    let (code, out) = check(p, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("after sector 0, which is damaged"), "{out}");
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    let v = contents(p);
+    assert!(v[..65536].iter().all(|&b| b == 0), "first flush lost");
+    for (i, piece) in pieces.iter().enumerate().take(4).skip(1) {
+        assert_eq!(&v[i << 20..(i << 20) + 65536], &piece[..], "flush {i}");
+    }
+    assert!(
+        v[4 << 20..(4 << 20) + 65536].iter().all(|&b| b == 0),
+        "another boot's intent replayed"
+    );
+}
+
 #[test]
 fn a_damaged_newer_header_slot_is_detected_by_the_journal_and_rebuilt() {
     let d = dir();
