@@ -100,6 +100,45 @@ fn discarded_chunks_are_reused_after_flush_and_allocation_keeps_locality() {
     assert_eq!(read(&img, 2 * CS, 512), vec![3u8; 512]);
 }
 
+/// WRITE ZEROES without a base image drops the whole blocks it covers (their bits cleared,
+/// with unmap their chunk freed) and writes zeros only into the partial blocks at its edges.
+#[test]
+fn write_zeroes_drops_whole_blocks_and_writes_only_the_edges() {
+    let d = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = d.path().join("img.fvd");
+    create(&path, 8 * CS, None, 0);
+    let img = open(&path);
+    write(&img, 0, &vec![7u8; 2 * CS as usize]);
+    assert_eq!(img.present_blocks(), 2 * CS / BS);
+    let present = |img: &Image<SyncIo>| -> Vec<u64> {
+        (0..2 * CS / BS)
+            .filter(|&b| img.block_present(BlockIndex(b)))
+            .collect()
+    };
+    // From the middle of block 1 to the middle of block 6: blocks 2..=5 whole.
+    let (off, end) = (BS + 512, 6 * BS + 1024);
+    block_on(img.write_zeroes(&SyncIo, VirtOffset(off), end - off, false)).unwrap();
+    assert_eq!(
+        present(&img),
+        [0, 1, 6, 7],
+        "whole blocks dropped, edges kept"
+    );
+    let all = read(&img, 0, 2 * CS as usize);
+    for (i, &b) in all.iter().enumerate() {
+        let want = if (off..end).contains(&(i as u64)) {
+            0
+        } else {
+            7
+        };
+        assert_eq!(b, want, "byte {i}");
+    }
+    // With unmap, a whole chunk's worth frees the chunk.
+    assert_eq!(img.allocated_chunks(), 2);
+    block_on(img.write_zeroes(&SyncIo, VirtOffset(CS), CS, true)).unwrap();
+    assert_eq!(img.allocated_chunks(), 1);
+    assert!(read(&img, CS, CS as usize).iter().all(|&b| b == 0));
+}
+
 /// A prefetch step continues where the previous one stopped: a block a DISCARD dropped behind
 /// the cursor (it reads from the base again) is copied when the pass wraps around, not first.
 #[test]
