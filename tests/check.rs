@@ -203,11 +203,7 @@ fn truncated_images_are_corrupt_not_unreadable() {
     // checkpointed blocks can never lie past the end of its file (check used to say 0).
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.set_len(h.data_offset + 4096).unwrap();
-    let (code, out) = check(p, &[]);
-    assert_eq!(code, 2, "{out}");
-    assert!(out.contains("past the end of the storage"), "{out}");
-    let (code, out) = check(p, &["--repair"]);
-    assert_eq!(code, 0, "{out}");
+    let out = found_and_repaired(p, "past the end of the storage");
     assert!(out.contains("Lost: bytes 0x300000..0x400000"), "{out}");
     assert!(contents(p).iter().all(|&b| b == 0));
     // Cut into the metadata: reported as corruption, and repair cannot proceed.
@@ -221,6 +217,17 @@ fn truncated_images_are_corrupt_not_unreadable() {
 
 /// Writes each piece and flushes after each, then drops the image without closing it, as a
 /// killed server leaves it: dirty, its records in the journal, one sector per flush.
+/// `fvd check` finds corruption saying `what` (exit 2), then `--repair` fixes it (exit 0);
+/// returns what the repair printed.
+fn found_and_repaired(dir: &Path, what: &str) -> String {
+    let (code, out) = check(dir, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(what), "{out}");
+    let (code, out) = check(dir, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    out
+}
+
 fn write_flush_and_abandon(path: &Path, writes: &[(u64, &[u8])]) {
     let img: Image<SyncIo> = block_on(fvd::engine::open_image(&SyncIo, path, false)).unwrap();
     for (off, data) in writes {
@@ -246,11 +253,7 @@ fn a_damaged_journal_sector_followed_by_later_flushes_is_corruption() {
     // intact, which a torn write cannot leave (check used to say 0, replay silently dropping
     // the three later flushes as well).
     edit(&img, |raw| raw[h.journal_offset as usize + 40] ^= 0x08);
-    let (code, out) = check(p, &[]);
-    assert_eq!(code, 2, "{out}");
-    assert!(out.contains("after sector 0, which is damaged"), "{out}");
-    let (code, out) = check(p, &["--repair"]);
-    assert_eq!(code, 0, "{out}");
+    let out = found_and_repaired(p, "after sector 0, which is damaged");
     assert!(out.contains("Possibly lost"), "{out}");
     let v = contents(p);
     assert!(v[..65536].iter().all(|&b| b == 0), "first flush lost");
@@ -289,11 +292,7 @@ fn repair_after_a_reboot_keeps_later_flushes_and_drops_intents() {
         raw[o..o + SECTOR].copy_from_slice(&h.encode());
         raw[h.journal_offset as usize + 40] ^= 0x08;
     });
-    let (code, out) = check(p, &[]);
-    assert_eq!(code, 2, "{out}");
-    assert!(out.contains("after sector 0, which is damaged"), "{out}");
-    let (code, out) = check(p, &["--repair"]);
-    assert_eq!(code, 0, "{out}");
+    found_and_repaired(p, "after sector 0, which is damaged");
     let v = contents(p);
     assert!(v[..65536].iter().all(|&b| b == 0), "first flush lost");
     for (i, piece) in pieces.iter().enumerate().take(4).skip(1) {
@@ -325,11 +324,7 @@ fn a_damaged_newer_header_slot_is_detected_by_the_journal_and_rebuilt() {
     // The slot the checkpoint wrote is damaged: the older slot takes over and its epoch ignores
     // the journal (check used to report a clean image that lost the write).
     edit(&img, |raw| raw[h.slot_offset() as usize + 300] ^= 0x02);
-    let (code, out) = check(p, &[]);
-    assert_eq!(code, 2, "{out}");
-    assert!(out.contains("older than the journal"), "{out}");
-    let (code, out) = check(p, &["--repair"]);
-    assert_eq!(code, 0, "{out}");
+    found_and_repaired(p, "older than the journal");
     let all = contents(p);
     assert_eq!(&all[1 << 20..(1 << 20) + 65536], &a[..]);
     assert_eq!(&all[2 << 20..(2 << 20) + 65536], &b[..]);
