@@ -1,6 +1,7 @@
 //! The mapping: where each range of the virtual disk is read from, as the live metadata says
-//! now. The read path, the write fast path and `fvd map` act on the pieces it returns instead
-//! of walking the bitmap and the table themselves.
+//! now. The read path and `fvd map` act on the pieces it returns instead of walking the bitmap
+//! and the table themselves; the write path takes physical offsets from `phys_of` (its fast
+//! path maps by chunk: a racing DISCARD may clear a bit the bitmap-based mapping would see).
 //!
 //! The answer holds while the caller holds what keeps it true: chunk references
 //! ([`LiveMetadata::enter`], so a chunk is not unmapped and reused) and, for blocks that are not
