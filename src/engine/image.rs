@@ -127,7 +127,6 @@ pub struct Image<I: Io> {
     pub(super) size: std::sync::atomic::AtomicU64,
     /// Taken first by a resize (before fill locks and the flush state): one at a time.
     pub(super) resizing: futures::lock::Mutex<()>,
-    pub(super) data_offset: u64,
     pub(super) read_only: bool,
     pub(super) live: LiveMetadata,
     pub(super) locks: BlockLocks,
@@ -155,9 +154,9 @@ pub struct Image<I: Io> {
 pub(super) fn prepare_flat_file<I: Io>(
     store: &Storage<I>,
     live: &LiveMetadata,
-    data_offset: u64,
     size: u64,
 ) -> Result<()> {
+    let data_offset = live.data_offset;
     let geo = Geometry {
         virtual_size: size,
         ..live.geo
@@ -361,7 +360,7 @@ impl<I: Io> Image<I> {
             if live.compact() {
                 alloc.grow_ahead(&store)?;
             } else {
-                prepare_flat_file(&store, &live, header.data_offset, geo.virtual_size)?;
+                prepare_flat_file(&store, &live, geo.virtual_size)?;
             }
         }
         let lock_all_writes = store.align > 512;
@@ -370,7 +369,6 @@ impl<I: Io> Image<I> {
             geo: capacity,
             size: geo.virtual_size.into(),
             resizing: Default::default(),
-            data_offset: header.data_offset,
             read_only,
             live,
             locks: BlockLocks::default(),

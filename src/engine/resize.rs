@@ -73,7 +73,7 @@ impl<I: Io> Image<I> {
         }
         let compact = self.live.compact();
         if !compact && size > old {
-            let need = self.data_offset + geo.block_count() * geo.block_size;
+            let need = self.live.data_offset + geo.block_count() * geo.block_size;
             if self.store.file.is_block_device() {
                 let have = self.store.file.size().ctx(IoOp::Size, "size of device")?;
                 if have < need {
@@ -85,7 +85,7 @@ impl<I: Io> Image<I> {
             } else {
                 // The file covers the whole virtual disk before any record can name a block
                 // of the new range; the checkpoint's flush makes the length durable first.
-                super::image::prepare_flat_file(&self.store, &self.live, self.data_offset, size)?;
+                super::image::prepare_flat_file(&self.store, &self.live, size)?;
             }
         }
         // The old last block, if partial, is locked (fill locks come before the flush state)

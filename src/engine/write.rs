@@ -202,7 +202,7 @@ impl<I: Io> Image<I> {
                 .write(
                     io,
                     &self.counters,
-                    PhysOffset(self.data_offset) + off,
+                    PhysOffset(self.live.data_offset) + off,
                     buf.clone(),
                 )
                 .await;
