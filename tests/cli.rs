@@ -301,3 +301,65 @@ fn a_closed_stdout_ends_every_tool_quietly() {
     // The work was done before the report: the image exists and is sound.
     assert!(ok(p, &["check", "new.fvd"]).contains("No errors"));
 }
+
+#[test]
+fn serve_waits_for_the_lock_a_killed_predecessor_still_holds() {
+    use fvd::io::executor::block_on;
+    use fvd::io::sync::SyncIo;
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let d = dir();
+    let p = d.path();
+    ok(p, &["create", "img.fvd", "--size", "4M"]);
+    // What a killed server leaves while the kernel completes its I/O in flight: the image's
+    // lock, held by an open file that is not ours.
+    let holder = block_on(fvd::engine::open_image(&SyncIo, &p.join("img.fvd"), false)).unwrap();
+    let e = fails(
+        p,
+        &["serve", "img.fvd", "--socket", "s.sock", "--lock-wait", "0"],
+    );
+    assert!(e.contains("in use by another process (locked)"), "{e}");
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_fvd"))
+        .args([
+            "serve",
+            "img.fvd",
+            "--socket",
+            "s.sock",
+            "--lock-wait",
+            "600",
+        ])
+        .current_dir(p)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = |r: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(r).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        rx
+    };
+    let out = lines(Box::new(server.stdout.take().unwrap()));
+    let err = lines(Box::new(server.stderr.take().unwrap()));
+    let said = err
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a line on stderr");
+    assert!(
+        said.contains("is locked by another process; waiting up to 600.0 s"),
+        "{said}"
+    );
+    assert!(out.try_recv().is_err(), "serving before the lock was free");
+    drop(holder);
+    let serving = out.recv_timeout(Duration::from_secs(60)).expect("serving");
+    assert!(serving.starts_with("fvd: serving"), "{serving}");
+    // SAFETY: kill with the pid of a child we have not reaped.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+    ok(p, &["check", "img.fvd"]);
+}

@@ -108,6 +108,11 @@ pub struct ServeArgs {
     /// until it is back; reconnecting goes on in the background). 0: fail at once.
     #[arg(long, default_value_t = 0.0, value_name = "SECS")]
     pub base_reconnect_delay: f64,
+    /// Seconds to wait for the image's lock if another process holds it: a server restarted
+    /// right after a crash or a kill finds it held until the old process's I/O in flight has
+    /// completed. A second server on the same image fails after this wait.
+    #[arg(long, default_value_t = crate::server::DEFAULT_LOCK_WAIT.as_secs_f64(), value_name = "SECS")]
+    pub lock_wait: f64,
     /// Signal the guest after each completed request instead of once per batch (for measuring
     /// the signalling policy; batching is faster).
     #[arg(long, hide = true)]
@@ -241,6 +246,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 ..Default::default()
             },
             signal_each_completion: a.signal_each_completion,
+            lock_wait: secs(a.lock_wait, "--lock-wait")?,
             nbd: NbdOptions {
                 timeout: Some(secs(a.base_timeout, "--base-timeout")?).filter(|t| !t.is_zero()),
                 reconnect_delay: secs(a.base_reconnect_delay, "--base-reconnect-delay")?,
@@ -455,12 +461,21 @@ mod tests {
     }
 
     #[test]
+    fn lock_wait_defaults_to_the_servers_and_takes_seconds() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.lock_wait, crate::server::DEFAULT_LOCK_WAIT);
+        let c = config(&["--lock-wait", "0.25"]).unwrap();
+        assert_eq!(c.lock_wait, Duration::from_millis(250));
+    }
+
+    #[test]
     fn seconds_must_be_non_negative_numbers() {
         for (opt, extra) in [
             ("--prefetch-delay", &["--prefetch-delay=-1"][..]),
             ("--base-timeout", &["--base-timeout=-0.5"]),
             ("--base-reconnect-delay", &["--base-reconnect-delay=NaN"]),
             ("--grow-timeout", &["--grow-cmd", "x", "--grow-timeout=inf"]),
+            ("--lock-wait", &["--lock-wait=-1"]),
         ] {
             match config(extra) {
                 Err(e @ ServeArgsError::Seconds { option }) => {

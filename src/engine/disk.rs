@@ -8,13 +8,14 @@ use super::image::{CreateParams, Image};
 use super::raw::RawDisk;
 use super::storage::Storage;
 use crate::format::BaseFormat;
-use crate::io::host_file::OpenMode;
+use crate::io::host_file::{OpenMode, LOCK_RETRY_FOR};
 use crate::io::nbd::{is_nbd_uri, NbdClient};
 use crate::io::{Buf, HostFile, Io, IoFile};
 use crate::units::{PhysOffset, VirtOffset};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::time::Duration;
 
 // One Disk exists per served image, so the size difference between variants is irrelevant.
 #[allow(clippy::large_enum_variant)]
@@ -167,8 +168,8 @@ pub(crate) fn has_magic(buf: &Buf) -> bool {
     })
 }
 
-fn open_host(path: &Path, mode: OpenMode) -> Result<HostFile> {
-    HostFile::open(path, mode).ctx(IoOp::Open, "open image")
+fn open_host(path: &Path, mode: OpenMode, lock_wait: Duration) -> Result<HostFile> {
+    HostFile::open_waiting(path, mode, lock_wait).ctx(IoOp::Open, "open image")
 }
 
 /// Opens `path` (FVD or raw, probed), with its base chain for FVD images.
@@ -189,8 +190,20 @@ pub async fn open_disk_with<I: Io<File = HostFile>>(
     mode: OpenMode,
     format: Option<Format>,
 ) -> Result<Disk<I>> {
+    open_disk_waiting(io, path, mode, format, LOCK_RETRY_FOR).await
+}
+
+/// Like [`open_disk_with`], waiting up to `lock_wait` for the image's lock if another process
+/// holds it (see [`HostFile::open_waiting`]). Base images are opened without waiting.
+pub async fn open_disk_waiting<I: Io<File = HostFile>>(
+    io: &I,
+    path: &Path,
+    mode: OpenMode,
+    format: Option<Format>,
+    lock_wait: Duration,
+) -> Result<Disk<I>> {
     let read_only = mode != OpenMode::ReadWrite;
-    let file = open_host(path, mode)?;
+    let file = open_host(path, mode, lock_wait)?;
     match format {
         Some(Format::Raw) => Ok(Disk::Raw(RawDisk::open(file, read_only, false)?)),
         Some(Format::Fvd) => match probe(io, &file).await? {
@@ -219,7 +232,7 @@ pub async fn open_image_with<I: Io<File = HostFile>>(
     path: &Path,
     mode: OpenMode,
 ) -> Result<Image<I>> {
-    let file = open_host(path, mode)?;
+    let file = open_host(path, mode, LOCK_RETRY_FOR)?;
     if probe(io, &file).await? != Format::Fvd {
         return Err(EngineError::NotFvd);
     }

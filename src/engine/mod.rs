@@ -35,8 +35,8 @@ pub mod write;
 pub use base::Base;
 pub use counters::{CounterSnapshot, Counters};
 pub use disk::{
-    create_image, open_disk, open_disk_with, open_image, open_image_with, probe, repair_image,
-    resolve_base, Disk, Format,
+    create_image, open_disk, open_disk_waiting, open_disk_with, open_image, open_image_with, probe,
+    repair_image, resolve_base, Disk, Format,
 };
 pub use error::{Corruption, EngineError, InvalidParams, IoOp, NoSpace, ResizeRefused, Result};
 pub use image::{CreateParams, Image};

@@ -27,6 +27,25 @@ struct Inner {
     reserve: AtomicBool,
 }
 
+/// The error inside the [`io::Error`] (kind `WouldBlock`) of an open refused because another
+/// open file description holds a conflicting lock: callers tell it by type, not by message.
+#[derive(Debug, thiserror::Error)]
+#[error("{} is in use by another process (locked{})", path.display(), waited_for(*waited))]
+pub struct Locked {
+    pub path: PathBuf,
+    /// How long the open waited for the lock before giving up.
+    pub waited: Duration,
+}
+
+/// The wait, in the message, when it was longer than the usual short retry.
+fn waited_for(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("; waited {:.1} s", d.as_secs_f64())
+    } else {
+        String::new()
+    }
+}
+
 /// How to open a host file.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum OpenMode {
@@ -61,6 +80,24 @@ impl HostFile {
 
     /// Like [`HostFile::open`], choosing whether to use O_DIRECT (tests of filesystems that lack it).
     pub fn open_with(path: &Path, mode: OpenMode, direct: bool) -> io::Result<HostFile> {
+        Self::open_locking(path, mode, direct, LOCK_RETRY_FOR)
+    }
+
+    /// Like [`HostFile::open`], waiting up to `lock_wait` (at least half a second) for a lock
+    /// that another process holds. A server started right after its predecessor was killed
+    /// needs this: the kernel keeps the old open file, and its lock, until the I/O the old
+    /// process left in flight has completed (io_uring requests outlive their process), which
+    /// under load can take longer than the process took to die.
+    pub fn open_waiting(path: &Path, mode: OpenMode, lock_wait: Duration) -> io::Result<HostFile> {
+        Self::open_locking(path, mode, true, lock_wait.max(LOCK_RETRY_FOR))
+    }
+
+    fn open_locking(
+        path: &Path,
+        mode: OpenMode,
+        direct: bool,
+        lock_wait: Duration,
+    ) -> io::Result<HostFile> {
         let mut o = OpenOptions::new();
         o.read(true);
         let read_only = matches!(mode, OpenMode::ReadOnly | OpenMode::ReadOnlyShared);
@@ -86,17 +123,17 @@ impl HostFile {
         let locked = if mode == OpenMode::ReadOnlyShared {
             Ok(())
         } else {
-            lock(&file, read_only)
+            lock(&file, read_only, path, lock_wait)
         };
-        locked.map_err(|e| {
-            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
-                io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("{} is in use by another process (locked)", path.display()),
-                )
-            } else {
-                annotate(e, path, "lock")
-            }
+        locked.map_err(|e| match e {
+            LockError::Held { waited } => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                Locked {
+                    path: path.to_path_buf(),
+                    waited,
+                },
+            ),
+            LockError::Other(e) => annotate(e, path, "lock"),
         })?;
         let (align, mem_align) = if block_device {
             let mut lbs: libc::c_int = 512;
@@ -235,7 +272,16 @@ fn annotate(e: io::Error, path: &Path, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
 }
 
-fn lock(file: &File, shared: bool) -> io::Result<()> {
+enum LockError {
+    /// Another open file description holds a conflicting lock (after `waited`).
+    Held {
+        waited: Duration,
+    },
+    Other(io::Error),
+}
+
+/// Takes the image's lock, retrying a conflict for `wait`.
+fn lock(file: &File, shared: bool, path: &Path, wait: Duration) -> Result<(), LockError> {
     // SAFETY: zero is a valid bit pattern for `struct flock`.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = if shared { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
@@ -244,26 +290,44 @@ fn lock(file: &File, shared: bool) -> io::Result<()> {
     // process that had the image open shares that description until it execs. So a conflict can
     // be a holder that closed the file microseconds ago while another thread spawned a process;
     // retry briefly before reporting the image as in use (a real holder still gets refused).
-    let mut wait = Duration::from_millis(1);
-    let deadline = Instant::now() + LOCK_RETRY_FOR;
+    // A caller may wait longer (`HostFile::open_waiting`); then it says so once.
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    let mut told = false;
     loop {
         // SAFETY: F_OFD_SETLK reads the flock struct we pass and does not retain the pointer.
         let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
         if r == 0 {
+            if told {
+                tracing::info!("{}: lock acquired", path.display());
+            }
             return Ok(());
         }
         let e = io::Error::last_os_error();
-        let busy = matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES));
-        if !busy || Instant::now() >= deadline {
-            return Err(e);
+        if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+            return Err(LockError::Other(e));
         }
-        std::thread::sleep(wait);
-        wait = (wait * 2).min(Duration::from_millis(50));
+        let waited = start.elapsed();
+        if waited >= wait {
+            return Err(LockError::Held { waited });
+        }
+        if !told && waited >= LOCK_RETRY_FOR {
+            tracing::warn!(
+                "{} is locked by another process; waiting up to {:.1} s for it (a server that \
+                 has just ended holds the lock until its I/O in flight has completed)",
+                path.display(),
+                wait.as_secs_f64()
+            );
+            told = true;
+        }
+        std::thread::sleep(pause.min(wait - waited));
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
-/// How long a lock conflict is retried before the image is reported as in use.
-const LOCK_RETRY_FOR: Duration = Duration::from_millis(500);
+/// How long a lock conflict is retried before the image is reported as in use (unless the
+/// caller waits longer).
+pub const LOCK_RETRY_FOR: Duration = Duration::from_millis(500);
 
 /// ext2/3/4 and XFS: `fallocate` creates unwritten extents without writing or zeroing memory.
 const EXT4_SUPER_MAGIC: libc::c_long = 0xEF53;
@@ -358,6 +422,35 @@ mod tests {
                 "tmpfs growth must stay sparse"
             );
         }
+    }
+
+    #[test]
+    fn an_open_waiting_for_the_lock_gets_it_when_the_holder_lets_go() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let holder = HostFile::open_with(&path, OpenMode::Create, false).unwrap();
+        // The usual open gives up after its short retry, and says why by type.
+        let err = HostFile::open_with(&path, OpenMode::ReadWrite, false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        let locked = err.get_ref().and_then(|e| e.downcast_ref::<Locked>());
+        let locked = locked.expect("a lock conflict carries `Locked`");
+        assert_eq!(locked.path, path);
+        assert!(locked.waited >= LOCK_RETRY_FOR, "{:?}", locked.waited);
+        // A waiting open (what `fvd serve --lock-wait` does) returns once the holder closes,
+        // and not before.
+        let released = Arc::new(AtomicBool::new(false));
+        let r = released.clone();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            r.store(true, Ordering::SeqCst);
+            drop(holder);
+        });
+        let f = HostFile::open_locking(&path, OpenMode::ReadWrite, false, Duration::from_secs(60))
+            .expect("the lock is free once the holder closes");
+        assert!(released.load(Ordering::SeqCst), "acquired while still held");
+        releaser.join().unwrap();
+        drop(f);
     }
 
     #[test]

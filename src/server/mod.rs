@@ -81,7 +81,15 @@ pub struct ServeConfig {
     pub metrics: Option<metrics::MetricsAddr>,
     /// I/O limits at start (changed later through [`handle::ServerHandle::set_throttle`]).
     pub throttle: throttle::ThrottleConfig,
+    /// How long to wait for the image's lock when another process holds it: a server started
+    /// right after its predecessor was killed finds the lock held until the I/O that process
+    /// left in flight has completed.
+    pub lock_wait: std::time::Duration,
 }
+
+/// `ServeConfig::lock_wait` unless set: long enough for a killed server's I/O to drain on a
+/// busy device, short enough that a second server started by mistake soon says why it fails.
+pub const DEFAULT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long base reads over NBD still in flight may take once the server is stopping: a
 /// stalled NBD server must not hold the exit (and the clean close of the image) hostage.
@@ -157,6 +165,7 @@ impl ServeConfig {
             copy_on_read: None,
             grow: None,
             signal_each_completion: false,
+            lock_wait: DEFAULT_LOCK_WAIT,
             nbd: Default::default(),
             seccomp: seccomp::SeccompMode::On,
             zero_ranges: Default::default(),
@@ -259,11 +268,12 @@ impl Server {
         seccomp::init(cfg.seccomp)?;
         let control = Arc::new(Control::new().map_err(ServeError::Ring)?);
         let disk = control
-            .block_on(engine::open_disk_with(
+            .block_on(engine::open_disk_waiting(
                 control.io(),
                 &cfg.image,
                 OpenMode::for_read_only(cfg.read_only),
                 cfg.format,
+                cfg.lock_wait,
             ))
             .map_err(|error| ServeError::Open {
                 path: cfg.image.clone(),
