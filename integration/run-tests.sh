@@ -464,6 +464,32 @@ case_metrics() {
     stop_server metrics
 }
 
+# hang_report CHAOS_PID METRICS_SOCKET QMP_SOCKET FILE: what a hung guest's I/O is waiting for,
+# taken while everything still runs: the server's requests in flight and its threads' stacks,
+# QEMU's view of the virtqueues and the rings in guest memory.
+hang_report() {
+    local chaos=$1 msock=$2 qmp=$3 out=$4 spid='' p
+    for p in $(pgrep -P "$chaos"); do
+        [ "$(cat "/proc/$p/comm" 2>/dev/null)" = sleep ] || spid=$p
+    done
+    {
+        echo "== $(date +%T.%N): server pid ${spid:-none} (child of chaos.sh $chaos)"
+        if [ -n "$backend" ] && [ "$backend" = fvd ] && [ -S "$msock" ]; then
+            echo "== server metrics (requests, in flight)"
+            curl -sf --max-time 5 --unix-socket "$msock" http://fvd/metrics |
+                grep -E '^fvd_(requests_total|requests_in_flight|request_errors_total)' || echo "(scrape failed)"
+        fi
+        echo "== QEMU virtqueues"
+        python3 "$here/vm_queues.py" "$qmp"
+        if [ -n "$spid" ] && command -v gdb >/dev/null; then
+            echo "== server threads"
+            timeout 60 gdb -p "$spid" -batch -nx -ex "thread apply all bt" 2>&1 | grep -vE '^\[New LWP|^warning:'
+        fi
+    } >"$out" 2>&1
+    say "$current: hang report in $out:"
+    sed -n '1,/^== server threads/p' "$out" | sed 's/^/  | /' >&2
+}
+
 restart_case() {
     local test=$1 kills=$2 terms=$3 delay=$4 timeout=$5
     shift 5
@@ -471,6 +497,7 @@ restart_case() {
     local clog=$logs/chaos-$current.log vlog=$logs/$current-$test.log
     local seed=${FVD_RESTART_SEED:-$(($(date +%s%N) / 1000 % 32768))} a args=() rc=0 st=0
     local old new chaos_pid progress last='' last_t=$SECONDS
+    local msock=$sockets/$current-metrics.sock qmp=$sockets/$current-vm.qmp
     img=$(create_image "$current" 1G) || return 1
     say "$current: seed $seed (FVD_RESTART_SEED=$seed repeats the kill schedule)"
     for a in "$@"; do args+=(--arg "$a"); done
@@ -478,7 +505,9 @@ restart_case() {
         --log "$slog" --wait-go)
     rm -f "$sock" "$slog"
     if [ "$backend" = fvd ]; then
-        local serve="serve $img -f fvd --num-queues 1 --serial fvd-$current"
+        # The metrics socket: a hang report reads the requests each server holds; info: connections
+        # and resubmitted requests in the log.
+        local serve="serve $img -f fvd --num-queues 1 --serial fvd-$current --metrics $msock --log-level info"
         if command -v systemd-socket-activate >/dev/null; then
             # Listens now; execs chaos.sh (same pid) when QEMU first connects.
             systemd-socket-activate -l "$sock" "${chaos[@]}" \
@@ -499,7 +528,7 @@ restart_case() {
     server_pid[$current]=$chaos_pid server_sock[$current]=$sock server_img[$current]=$img
     rm -f "$vlog"
     "$here/run-vm.sh" --test "$test" --socket "$sock" --reconnect-ms 1000 --timeout "$timeout" \
-        --log "$vlog" "${args[@]}" &
+        --qmp "$qmp" --log "$vlog" "${args[@]}" &
     vm_pid=$!
     # The kill schedule starts with the guest's workload (its first FVD-PROGRESS line). A guest
     # whose I/O hangs (a request lost across a restart) would sit until the timeout: no new
@@ -512,6 +541,7 @@ restart_case() {
             last=$progress last_t=$SECONDS
         elif [ $((SECONDS - last_t)) -ge 60 ]; then
             say "$current: no guest progress for 60 s (last: ${last:-none}): guest I/O hangs"
+            hang_report "$chaos_pid" "$msock" "$qmp" "$logs/hang-$current.txt"
             rc=1
             kill -TERM "$vm_pid" 2>/dev/null
             break

@@ -13,11 +13,12 @@
 #   --timeout SECS    kill QEMU after SECS (default 300)
 #   --shell           interactive: console on this terminal, shell after the test, no timeout
 #   --reboot          let a guest reboot (for tests that reboot once; a panic then reboots too)
+#   --qmp PATH        a QMP socket at PATH (run-tests.sh reads the virtqueues through it on a hang)
 # Environment: FVD_VM_APPEND=... is added to the kernel command line (e.g. loglevel=7).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-test='' socket='' drive='' queues=1 reconnect='' smp='' log='' timeout=300 shell=0 reboot=(-no-reboot)
+test='' socket='' drive='' qmp=() queues=1 reconnect='' smp='' log='' timeout=300 shell=0 reboot=(-no-reboot)
 args=()
 die() { echo "run-vm: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -33,6 +34,7 @@ while [ $# -gt 0 ]; do
     --timeout) timeout=${2:?}; shift ;;
     --shell) shell=1 ;;
     --reboot) reboot=() ;;
+    --qmp) qmp=(-qmp "unix:${2:?},server=on,wait=off"); shift ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -73,7 +75,7 @@ cmdline="console=ttyS0 panic=-1 quiet fvdtest=$test ${args[*]}"
 qemu=(qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m 1G
     -object "memory-backend-memfd,id=mem,size=1G,share=on" -numa "node,memdev=mem"
     -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio" -append "$cmdline"
-    -nographic -nodefaults -serial mon:stdio "${reboot[@]}" "${disk[@]}")
+    -nographic -nodefaults -serial mon:stdio "${reboot[@]}" "${qmp[@]}" "${disk[@]}")
 
 if [ "$shell" = 1 ]; then
     exec "${qemu[@]}"
