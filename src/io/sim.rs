@@ -88,6 +88,9 @@ struct State {
     /// Incremented by each power loss (the host's boot: see [`IoFile::boot_id`]).
     boot: u64,
     counters: SimCounters,
+    /// Pending punches are passed over by [`SimWorld::complete_one`] (see
+    /// [`SimWorld::hold_punches`]).
+    hold_punches: bool,
 }
 
 struct PendingOp {
@@ -145,6 +148,7 @@ impl SimWorld {
             epoch: 0,
             boot: 1,
             counters: SimCounters::default(),
+            hold_punches: false,
         };
         Arc::new(SimWorld {
             state: Mutex::new(state),
@@ -204,21 +208,39 @@ impl SimWorld {
         self.state.lock().cfg = cfg;
     }
 
-    /// Completes one randomly chosen pending op. Returns false if none was pending.
+    /// Completes one randomly chosen pending op. Returns false if none was pending (or only
+    /// held punches were).
     pub fn complete_one(&self) -> bool {
         let (slot, result) = {
             let mut st = self.state.lock();
-            if st.pending.is_empty() {
-                return false;
-            }
-            let n = st.pending.len();
-            let i = st.sched.gen_range(0..n);
+            let i = if st.hold_punches {
+                let open: Vec<usize> = (0..st.pending.len())
+                    .filter(|&i| !matches!(st.pending[i].kind, OpKind::Punch { .. }))
+                    .collect();
+                if open.is_empty() {
+                    return false;
+                }
+                open[st.sched.gen_range(0..open.len())]
+            } else {
+                if st.pending.is_empty() {
+                    return false;
+                }
+                let n = st.pending.len();
+                st.sched.gen_range(0..n)
+            };
             let op = st.pending.swap_remove(i);
             let r = st.apply(op.disk, op.kind);
             (op.slot, r)
         };
         slot.complete(result);
         true
+    }
+
+    /// While `hold` is set, pending punches do not complete: [`SimWorld::complete_one`] and
+    /// [`SimWorld::run`] pass them over (a test keeps a DISCARD's punch in flight while other
+    /// requests run). A power loss or process crash still drops them.
+    pub fn hold_punches(&self, hold: bool) {
+        self.state.lock().hold_punches = hold;
     }
 
     /// Offsets and lengths of the pending writes, in no particular order (for tests that need
@@ -315,7 +337,7 @@ impl SimWorld {
     }
 
     /// Alternates `ex.run_ready()` and [`SimWorld::complete_one`] until no task is ready and no
-    /// op is pending. Returns the number of ops completed.
+    /// op is pending (but held punches). Returns the number of ops completed.
     pub fn run(&self, ex: &mut Executor) -> usize {
         let mut completed = 0;
         loop {

@@ -324,3 +324,38 @@ fn unflushed_growth_may_be_lost() {
     }
     assert!(shrunk);
 }
+
+#[test]
+fn held_punches_wait_while_other_ops_complete() {
+    let world = SimWorld::new(3, SimConfig::default());
+    let disk = world.create_disk(1 << 16, 512);
+    let io = world.io();
+    disk.write_now(0, &[7; 4096]);
+    let mut ex = Executor::default();
+    let done = Arc::new(Mutex::new(Vec::new()));
+    for (i, punch) in [(0u64, true), (1, false), (2, false)] {
+        let (io, disk, done) = (io.clone(), disk.clone(), done.clone());
+        ex.spawn(async move {
+            let r = if punch {
+                io.punch_hole(&disk, PhysOffset(0), 1024).await
+            } else {
+                io.write(&disk, PhysOffset(8192 + i * 512), filled(512, 1))
+                    .await
+            };
+            r.unwrap();
+            done.lock().push(i);
+        });
+    }
+    world.hold_punches(true);
+    assert_eq!(world.run(&mut ex), 2, "only the writes complete");
+    assert_eq!(world.pending(), 1);
+    assert_eq!(
+        disk.read_now(0, 1024),
+        vec![7; 1024],
+        "the punch is not applied"
+    );
+    world.hold_punches(false);
+    assert_eq!(world.run(&mut ex), 1);
+    assert_eq!(disk.read_now(0, 1024), vec![0; 1024]);
+    assert_eq!(done.lock().last(), Some(&0));
+}
