@@ -1,5 +1,6 @@
 //! Support code of the randomized differential tester (tests/sim_engine.rs).
 
+mod discard;
 pub mod driver;
 mod flush;
 pub mod model;
