@@ -464,11 +464,11 @@ case_metrics() {
     stop_server metrics
 }
 
-# hang_report CHAOS_PID METRICS_SOCKET QMP_SOCKET FILE: what a hung guest's I/O is waiting for,
+# hang_report CHAOS_PID METRICS_SOCKET QMP_SOCKET FILE VHOST_SOCKET: what a hung guest's I/O is waiting for,
 # taken while everything still runs: the server's requests in flight and its threads' stacks,
 # QEMU's view of the virtqueues and the rings in guest memory.
 hang_report() {
-    local chaos=$1 msock=$2 qmp=$3 out=$4 spid='' p
+    local chaos=$1 msock=$2 qmp=$3 out=$4 sock=$5 spid='' p
     for p in $(pgrep -P "$chaos"); do
         [ "$(cat "/proc/$p/comm" 2>/dev/null)" = sleep ] || spid=$p
     done
@@ -479,6 +479,18 @@ hang_report() {
             curl -sf --max-time 5 --unix-socket "$msock" http://fvd/metrics |
                 grep -E '^fvd_(requests_total|requests_in_flight|request_errors_total)' || echo "(scrape failed)"
         fi
+        # A signal written but never read (the kick or call eventfd) shows as a count; the same
+        # eventfd has the same id in both processes.
+        local who pid fd
+        for who in server qemu; do
+            [ "$who" = server ] && pid=$spid || pid=$(pgrep -f -- "^qemu-system.*path=$sock" | head -n1)
+            [ -n "$pid" ] || continue
+            echo "== $who (pid $pid) eventfds"
+            for fd in /proc/"$pid"/fd/*; do
+                [ "$(readlink "$fd" 2>/dev/null)" = "anon_inode:[eventfd]" ] || continue
+                echo "fd ${fd##*/}: $(grep -E '^eventfd-(count|id)' "/proc/$pid/fdinfo/${fd##*/}" | tr -s ' \t\n' ' ')"
+            done
+        done
         echo "== QEMU virtqueues"
         python3 "$here/vm_queues.py" "$qmp"
         if [ -n "$spid" ] && command -v gdb >/dev/null; then
@@ -541,7 +553,7 @@ restart_case() {
             last=$progress last_t=$SECONDS
         elif [ $((SECONDS - last_t)) -ge 60 ]; then
             say "$current: no guest progress for 60 s (last: ${last:-none}): guest I/O hangs"
-            hang_report "$chaos_pid" "$msock" "$qmp" "$logs/hang-$current.txt"
+            hang_report "$chaos_pid" "$msock" "$qmp" "$logs/hang-$current.txt" "$sock"
             rc=1
             kill -TERM "$vm_pid" 2>/dev/null
             break

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Prints what QEMU knows of its virtio devices' queues, for a hang report: run-tests.sh calls
 it when a guest's I/O stops (`vm_queues.py QMP_SOCKET`). For each virtio device and queue: QEMU's
-own indices (x-query-virtio-queue-status: for a vhost-user device, last-avail-idx is what QEMU
-last learnt from the backend) and the rings as they are in guest memory
-(x-query-virtio-queue-element: avail.idx is what the guest published, used.idx what the backend
-answered). Standard library only: it must run where the harness runs."""
+ring addresses (x-query-virtio-vhost-queue-status, which sends the backend nothing) and the
+split ring's indices as they are in guest memory, read with HMP `xp`: avail.idx is what the guest
+published, used.idx what the backend answered, and the EVENT_IDX fields used_event (the guest
+wants an interrupt once used.idx passes it) and avail_event (the backend wants a kick once
+avail.idx passes it). Standard library only: it must run where the harness runs."""
 
 import json
 import socket
@@ -40,6 +41,15 @@ class Qmp:
             return msg.get("return")
 
 
+def xp16(q, addr):
+    """A 16-bit value of guest memory at guest-physical `addr` (HMP `xp`), or what went wrong."""
+    out = q.execute("human-monitor-command", **{"command-line": f"xp /1hx {addr:#x}"})
+    try:
+        return int(str(out).split(":")[1].split()[0], 16)
+    except (IndexError, ValueError):
+        return f"? ({out!r})"
+
+
 def main(path):
     q = Qmp(path)
     for dev in q.execute("x-query-virtio") or []:
@@ -48,16 +58,20 @@ def main(path):
         print(f"device {p} ({dev.get('name')}): status {json.dumps(status.get('status'))}, "
               f"queues {status.get('num-vqs')}, broken {status.get('broken')}")
         for i in range(status.get("num-vqs") or 0):
-            qs = q.execute("x-query-virtio-queue-status", path=p, queue=i)
-            el = q.execute("x-query-virtio-queue-element", path=p, queue=i)
-            ring = {}
-            if isinstance(el, dict) and "avail" in el:
-                ring = {"guest avail.idx": el["avail"].get("idx"),
-                        "guest used.idx": el["used"].get("idx"),
-                        "avail.flags": el["avail"].get("flags"),
-                        "used.flags": el["used"].get("flags")}
-            print(f"  queue {i}: qemu {json.dumps(qs)}")
-            print(f"  queue {i}: rings {json.dumps(ring or el)}")
+            # Only queries that leave the device alone: x-query-virtio-queue-status asks a vhost
+            # backend for its ring base (GET_VRING_BASE), which stops the ring.
+            vq = q.execute("x-query-virtio-vhost-queue-status", path=p, queue=i)
+            if not (isinstance(vq, dict) and "avail-phys" in vq):
+                print(f"  queue {i}: {json.dumps(vq)}")
+                continue
+            num, avail, used = vq["num"], vq["avail-phys"], vq["used-phys"]
+            # The split ring in guest memory (virtio 1.x, 2.7): avail {flags, idx, ring[num],
+            # used_event}, used {flags, idx, ring[num] of 8 bytes, avail_event}.
+            print(f"  queue {i}: {num} entries; guest avail.idx {xp16(q, avail + 2)}, "
+                  f"used.idx {xp16(q, used + 2)}; used_event {xp16(q, avail + 4 + 2 * num)} "
+                  f"(the guest wants an interrupt once used.idx passes it), avail_event "
+                  f"{xp16(q, used + 4 + 8 * num)} (the backend wants a kick once avail.idx "
+                  f"passes it); avail.flags {xp16(q, avail)}, used.flags {xp16(q, used)}")
 
 
 if __name__ == "__main__":
