@@ -71,8 +71,15 @@ cmdline="console=ttyS0 panic=-1 quiet fvdtest=$test ${args[*]}"
 [ "$shell" = 0 ] || cmdline+=" fvd.shell=1"
 [ -z "${FVD_VM_APPEND:-}" ] || cmdline+=" $FVD_VM_APPEND"
 
+# maxcpus of at least 2: TCG then translates the guest for parallel execution (CF_PARALLEL), so a
+# guest's locked instruction is a real atomic, full barrier on the host. With maxcpus=1 it is a
+# plain load and store, and Linux's virt_mb() (a locked add) orders nothing against the backend,
+# a separate process: the guest's EVENT_IDX handshake (write used_event, barrier, re-read the used
+# index) can then miss the backend's completions and wait for an interrupt that never comes
+# (restart-load hung so, all requests answered; integration/README.md). One vCPU still runs.
+maxcpus=$((smp > 2 ? smp : 2))
 # vhost-user needs guest RAM the backend can map: a shared memfd backend.
-qemu=(qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m 1G
+qemu=(qemu-system-x86_64 -accel tcg -cpu max -smp "$smp,maxcpus=$maxcpus" -m 1G
     -object "memory-backend-memfd,id=mem,size=1G,share=on" -numa "node,memdev=mem"
     -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio" -append "$cmdline"
     -nographic -nodefaults -serial mon:stdio "${reboot[@]}" "${qmp[@]}" "${disk[@]}")
