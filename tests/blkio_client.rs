@@ -281,13 +281,15 @@ fn socket_mode_banner_and_a_second_server_refused() {
     )));
     assert!(srv.banner.contains("share=on") && srv.banner.contains("shared=on"));
 
-    // Another server on the live socket, or on the image in use: one error line, exit non-zero.
+    // Another server on the live socket, or on the image in use: one error line, exit non-zero
+    // (without waiting for the lock: a server that keeps it is not about to let it go).
     for (image, socket) in [(&other, sock.clone()), (&img, d.path().join("t.sock"))] {
         let o = serve_support::fvd()
             .arg("serve")
             .arg(image)
             .arg("--socket")
             .arg(&socket)
+            .args(["--lock-wait", "0"])
             .output()
             .unwrap();
         assert!(!o.status.success());
