@@ -91,12 +91,17 @@ struct State {
     /// Pending punches are passed over by [`SimWorld::complete_one`] (see
     /// [`SimWorld::hold_punches`]).
     hold_punches: bool,
+    /// The next write submitted at each of these offsets is held (see
+    /// [`SimWorld::hold_next_write_at`]).
+    hold_next_writes: Vec<u64>,
 }
 
 struct PendingOp {
     disk: usize,
     kind: OpKind,
     slot: Arc<Slot>,
+    /// Passed over by [`SimWorld::complete_one`] (see [`SimWorld::hold_next_write_at`]).
+    held: bool,
 }
 
 enum OpKind {
@@ -149,6 +154,7 @@ impl SimWorld {
             boot: 1,
             counters: SimCounters::default(),
             hold_punches: false,
+            hold_next_writes: Vec::new(),
         };
         Arc::new(SimWorld {
             state: Mutex::new(state),
@@ -209,13 +215,19 @@ impl SimWorld {
     }
 
     /// Completes one randomly chosen pending op. Returns false if none was pending (or only
-    /// held punches were).
+    /// held ops were).
     pub fn complete_one(&self) -> bool {
         let (slot, result) = {
             let mut st = self.state.lock();
-            let i = if st.hold_punches {
+            // Without holds the choice (and so every seed's schedule) is as it always was.
+            let holds = st.hold_punches || st.pending.iter().any(|op| op.held);
+            let i = if holds {
                 let open: Vec<usize> = (0..st.pending.len())
-                    .filter(|&i| !matches!(st.pending[i].kind, OpKind::Punch { .. }))
+                    .filter(|&i| {
+                        let op = &st.pending[i];
+                        let held_punch = st.hold_punches && matches!(op.kind, OpKind::Punch { .. });
+                        !op.held && !held_punch
+                    })
                     .collect();
                 if open.is_empty() {
                     return false;
@@ -241,6 +253,25 @@ impl SimWorld {
     /// requests run). A power loss or process crash still drops them.
     pub fn hold_punches(&self, hold: bool) {
         self.state.lock().hold_punches = hold;
+    }
+
+    /// Keeps the next write submitted at `off` in flight: [`SimWorld::complete_one`] and
+    /// [`SimWorld::run`] pass it over until [`SimWorld::release_writes`] (a test pauses one
+    /// request at its data write while others run). [`SimWorld::complete_write_at`], a power
+    /// loss or a process crash still complete it; later writes at `off` are not held (unless
+    /// asked again).
+    pub fn hold_next_write_at(&self, off: u64) {
+        self.state.lock().hold_next_writes.push(off);
+    }
+
+    /// Lets every write held by [`SimWorld::hold_next_write_at`] complete (and cancels a hold
+    /// not used yet).
+    pub fn release_writes(&self) {
+        let mut st = self.state.lock();
+        st.hold_next_writes.clear();
+        for op in &mut st.pending {
+            op.held = false;
+        }
     }
 
     /// Offsets and lengths of the pending writes, in no particular order (for tests that need
@@ -337,7 +368,7 @@ impl SimWorld {
     }
 
     /// Alternates `ex.run_ready()` and [`SimWorld::complete_one`] until no task is ready and no
-    /// op is pending (but held punches). Returns the number of ops completed.
+    /// op is pending (but held punches and writes). Returns the number of ops completed.
     pub fn run(&self, ex: &mut Executor) -> usize {
         let mut completed = 0;
         loop {
@@ -493,11 +524,17 @@ impl State {
                 size: d.size,
             },
         };
+        let hold = match kind {
+            OpKind::Write { off, .. } => self.hold_next_writes.iter().position(|&o| o == off),
+            _ => None,
+        };
+        let held = hold.map(|i| self.hold_next_writes.swap_remove(i)).is_some();
         let slot = Arc::new(Slot::default());
         self.pending.push(PendingOp {
             disk,
             kind,
             slot: slot.clone(),
+            held,
         });
         Ok(slot)
     }

@@ -2,6 +2,7 @@
 
 mod discard;
 pub mod driver;
+mod fill;
 mod flush;
 pub mod model;
 pub mod ops;

@@ -359,3 +359,35 @@ fn held_punches_wait_while_other_ops_complete() {
     assert_eq!(disk.read_now(0, 1024), vec![0; 1024]);
     assert_eq!(done.lock().last(), Some(&0));
 }
+
+#[test]
+fn a_held_write_waits_while_other_ops_complete() {
+    let world = SimWorld::new(5, SimConfig::default());
+    let disk = world.create_disk(1 << 16, 512);
+    let io = world.io();
+    let mut ex = Executor::default();
+    let done = Arc::new(Mutex::new(Vec::new()));
+    // Two writes at 0: only the first one submitted is held.
+    for i in 0..3u64 {
+        let (io, disk, done) = (io.clone(), disk.clone(), done.clone());
+        let off = if i < 2 { 0 } else { 4096 };
+        ex.spawn(async move {
+            io.write(&disk, PhysOffset(off), filled(512, i as u8 + 1))
+                .await
+                .unwrap();
+            done.lock().push(i);
+        });
+    }
+    world.hold_next_write_at(0);
+    assert_eq!(world.run(&mut ex), 2, "only the writes not held complete");
+    assert_eq!(world.pending_writes(), [(0, 512)]);
+    assert_eq!(
+        disk.read_now(0, 512),
+        vec![2; 512],
+        "the held write is not applied"
+    );
+    world.release_writes();
+    assert_eq!(world.run(&mut ex), 1);
+    assert_eq!(disk.read_now(0, 512), vec![1; 512]);
+    assert_eq!(done.lock().last(), Some(&0));
+}
