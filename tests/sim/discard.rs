@@ -3,27 +3,17 @@
 //! and which chunks a DISCARD may unmap. Each test kills mutants that survived the randomized
 //! suite (docs/TESTING.md lists them).
 
-use fvd::engine::{CreateParams, EngineError, Image};
-use fvd::io::executor::Executor;
-use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
-use fvd::io::Buf;
-use fvd::units::{BlockIndex, ChunkIndex, PhysChunk, VirtOffset};
-use parking_lot::Mutex;
-use std::future::Future;
+use super::requests::{discard, ReqFut, Requests};
+use fvd::engine::{CreateParams, Image};
+use fvd::io::sim::{SimConfig, SimIo, SimWorld};
+use fvd::units::{BlockIndex, PhysChunk, VirtOffset};
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 const BS: u64 = 4096;
 const CHUNK: u64 = 4 * BS;
 
-struct Env {
-    world: Arc<SimWorld>,
-    file: SimFile,
-    io: SimIo,
-    img: Arc<Image<SimIo>>,
-    ex: Executor,
-}
-
-type Outcome = Arc<Mutex<Option<Result<(), EngineError>>>>;
+struct Env(Requests);
 
 impl Env {
     /// A compact image of 16 chunks of 4 blocks on a growing simulated file.
@@ -39,77 +29,22 @@ impl Env {
             ..Default::default()
         };
         let img = super::create_and_open(&world, &file, p);
-        Env {
-            io: world.io(),
-            world,
-            file,
-            img,
-            ex: Executor::default(),
-        }
-    }
-
-    /// Starts `op` on the executor; it runs as far as the world lets it at the next `run`.
-    fn spawn<F, Fut>(&mut self, op: F) -> Outcome
-    where
-        F: FnOnce(Arc<Image<SimIo>>, SimIo) -> Fut,
-        Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
-    {
-        let out: Outcome = Arc::default();
-        let (o, fut) = (out.clone(), op(self.img.clone(), self.io.clone()));
-        self.ex.spawn(async move {
-            let r = fut.await;
-            *o.lock() = Some(r);
-        });
-        out
-    }
-
-    /// Runs everything that can run (held punches stay in flight).
-    fn run(&mut self) {
-        self.world.run(&mut self.ex);
-    }
-
-    /// Runs `op` to completion, with every other task.
-    fn now<F, Fut>(&mut self, what: &str, op: F)
-    where
-        F: FnOnce(Arc<Image<SimIo>>, SimIo) -> Fut,
-        Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
-    {
-        let out = self.spawn(op);
-        self.run();
-        let r = out.lock().take();
-        match r {
-            Some(Ok(())) => {}
-            other => panic!("{what}: {other:?}"),
-        }
-    }
-
-    fn write(&mut self, off: u64, len: u64, fill: u8) {
-        self.now(&format!("write {off}+{len}"), move |img, io| async move {
-            let b = Buf::alloc(len as usize);
-            b.copy_from_slice(0, &vec![fill; len as usize]);
-            img.write(&io, VirtOffset(off), b).await
-        });
-    }
-
-    fn read(&self, off: u64, len: u64) -> Vec<u8> {
-        let (img, io) = (self.img.clone(), self.io.clone());
-        self.world.block_on(async move {
-            let b = Buf::alloc(len as usize);
-            img.read(&io, VirtOffset(off), b.clone()).await.unwrap();
-            b.to_vec()
-        })
-    }
-
-    fn phys(&self, c: u64) -> PhysChunk {
-        self.img.chunk_phys(ChunkIndex(c))
+        Env(Requests::new(world, file, img))
     }
 }
 
-fn discard(off: u64, len: u64) -> impl FnOnce(Arc<Image<SimIo>>, SimIo) -> ReqFut {
-    move |img, io| Box::pin(async move { img.discard(&io, VirtOffset(off), len).await })
+impl Deref for Env {
+    type Target = Requests;
+    fn deref(&self) -> &Requests {
+        &self.0
+    }
 }
 
-type ReqFut = std::pin::Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send>>;
+impl DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut Requests {
+        &mut self.0
+    }
+}
 
 /// A DISCARD keeps references on every chunk it covers until its punches are done. Here it
 /// drops blocks 0..6 (chunk 0 and part of chunk 1): it clears their bits, then punches block 0

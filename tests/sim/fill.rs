@@ -5,34 +5,37 @@
 //! them).
 
 use super::pattern::base_image;
+use super::requests::{discard, finished, flush, Outcome, Requests};
 use fvd::engine::base::Base;
 use fvd::engine::storage::Storage;
-use fvd::engine::{CreateParams, EngineError, Image};
+use fvd::engine::{CreateParams, Image};
 use fvd::format::{BaseFormat, BaseRef};
-use fvd::io::executor::Executor;
-use fvd::io::sim::{SimConfig, SimFile, SimIo, SimWorld};
-use fvd::io::Buf;
-use fvd::units::{BlockIndex, ChunkIndex, PhysChunk, VirtOffset};
-use parking_lot::Mutex;
-use std::future::Future;
-use std::pin::Pin;
+use fvd::io::sim::{SimConfig, SimWorld};
+use fvd::units::{BlockIndex, PhysChunk};
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 const BS: u64 = 4096;
 
 struct Env {
-    world: Arc<SimWorld>,
-    file: SimFile,
-    io: SimIo,
-    img: Arc<Image<SimIo>>,
-    ex: Executor,
+    req: Requests,
     /// What the base image holds (`base_blocks` blocks of it).
     base: Vec<u8>,
     chunk: u64,
 }
 
-type Outcome = Arc<Mutex<Option<Result<(), EngineError>>>>;
-type ReqFut = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send>>;
+impl Deref for Env {
+    type Target = Requests;
+    fn deref(&self) -> &Requests {
+        &self.req
+    }
+}
+
+impl DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut Requests {
+        &mut self.req
+    }
+}
 
 impl Env {
     /// A compact image of 16 chunks of `chunk` bytes on a growing simulated file, over a raw
@@ -72,64 +75,10 @@ impl Env {
             .block_on(async move { Image::open(&io, f, base, false).await })
             .unwrap();
         Env {
-            io: world.io(),
-            world,
-            file,
-            img: Arc::new(img),
-            ex: Executor::default(),
+            req: Requests::new(world, file, Arc::new(img)),
             base: bytes,
             chunk,
         }
-    }
-
-    /// Starts `op` on the executor; it runs as far as the world lets it at the next `run`.
-    fn spawn(&mut self, op: impl FnOnce(Arc<Image<SimIo>>, SimIo) -> ReqFut) -> Outcome {
-        let out: Outcome = Arc::default();
-        let (o, fut) = (out.clone(), op(self.img.clone(), self.io.clone()));
-        self.ex.spawn(async move {
-            let r = fut.await;
-            *o.lock() = Some(r);
-        });
-        out
-    }
-
-    /// Runs everything that can run (held writes stay in flight).
-    fn run(&mut self) {
-        self.world.run(&mut self.ex);
-    }
-
-    /// Runs `op` to completion, with every other task.
-    fn now(&mut self, what: &str, op: impl FnOnce(Arc<Image<SimIo>>, SimIo) -> ReqFut) {
-        let out = self.spawn(op);
-        self.run();
-        let r = out.lock().take();
-        match r {
-            Some(Ok(())) => {}
-            other => panic!("{what}: {other:?}"),
-        }
-    }
-
-    fn write(&mut self, off: u64, len: u64, fill: u8) {
-        self.now(&format!("write {off}+{len}"), move |img, io| {
-            Box::pin(async move {
-                let b = Buf::alloc(len as usize);
-                b.copy_from_slice(0, &vec![fill; len as usize]);
-                img.write(&io, VirtOffset(off), b).await
-            })
-        });
-    }
-
-    fn read(&self, off: u64, len: u64) -> Vec<u8> {
-        let (img, io) = (self.img.clone(), self.io.clone());
-        self.world.block_on(async move {
-            let b = Buf::alloc(len as usize);
-            img.read(&io, VirtOffset(off), b.clone()).await.unwrap();
-            b.to_vec()
-        })
-    }
-
-    fn phys(&self, c: u64) -> PhysChunk {
-        self.img.chunk_phys(ChunkIndex(c))
     }
 
     /// File offset of block `b` of physical chunk `p`.
@@ -161,19 +110,6 @@ impl Env {
     }
 }
 
-fn discard(off: u64, len: u64) -> impl FnOnce(Arc<Image<SimIo>>, SimIo) -> ReqFut {
-    move |img, io| Box::pin(async move { img.discard(&io, VirtOffset(off), len).await })
-}
-
-fn flush() -> impl FnOnce(Arc<Image<SimIo>>, SimIo) -> ReqFut {
-    |img, io| Box::pin(async move { img.flush(&io).await })
-}
-
-fn finished(out: &Outcome, what: &str) {
-    let r = out.lock().take();
-    assert!(matches!(r, Some(Ok(()))), "{what}: {r:?}");
-}
-
 /// A fill keeps a reference on its block's chunk until the block is present. Block 0 is being
 /// copied from the base: its chunk is mapped but still empty (the bit is set only after the
 /// data write, held here). A DISCARD of block 2, in the same chunk, must not unmap the chunk,
@@ -194,7 +130,8 @@ fn a_fill_keeps_its_chunk_mapped_until_its_block_is_present() {
         "chunk 0 was unmapped while a fill writes into it"
     );
     env.now("flush", flush());
-    env.write(2 * env.chunk, env.chunk, 3);
+    let chunk = env.chunk;
+    env.write(2 * chunk, chunk, 3);
 
     env.world.release_writes();
     env.run();

@@ -8,6 +8,7 @@ pub mod model;
 pub mod ops;
 pub mod pattern;
 mod regress;
+mod requests;
 mod resize;
 pub mod scenario;
 mod space;
