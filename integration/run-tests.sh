@@ -13,6 +13,7 @@
 #                                    than FVD_BIN's: dev, or release when FVD_BIN is the dev build)
 #   FVD_RESTART_SEED=N               the restart cases' kill schedule (default: from the clock;
 #                                    the log prints the seed used)
+#   FVD_RESTART_STRESS=1             restart-load with 30 restarts 2..5 s apart, 150 s of writes
 #   FVD_KEEP=1                       keep the run directory (images) for inspection
 # Logs: integration/.cache/logs/ (one console log per VM, one log per server start).
 set -euo pipefail
@@ -666,8 +667,13 @@ case_resize() {
     stop_server resize
 }
 case_restart_load() {
-    # >= 60 s of fio writes (rounds of 128 MiB) under 5 SIGKILLs and 5 SIGTERMs.
-    restart_case fio-restart 5 5 3-9 300 size_mb=128 write_secs=60
+    # >= 60 s of fio writes (rounds of 128 MiB) under 5 SIGKILLs and 5 SIGTERMs; with
+    # FVD_RESTART_STRESS=1, >= 150 s under 15 and 15, 2..5 s apart (to hunt rare failures).
+    if [ "${FVD_RESTART_STRESS:-0}" = 1 ]; then
+        restart_case fio-restart 15 15 2-5 500 size_mb=128 write_secs=150
+    else
+        restart_case fio-restart 5 5 3-9 300 size_mb=128 write_secs=60
+    fi
 }
 case_restart_fs() {
     # 40 s of ext4 file writes without sync under 3 SIGKILLs and 3 SIGTERMs.
