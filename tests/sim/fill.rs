@@ -7,6 +7,7 @@
 use super::pattern::base_image;
 use super::requests::{discard, finished, flush, Outcome, Requests};
 use fvd::engine::base::Base;
+use fvd::engine::fill::PrefetchStep;
 use fvd::engine::storage::Storage;
 use fvd::engine::{CreateParams, Image};
 use fvd::format::{BaseFormat, BaseRef};
@@ -79,6 +80,14 @@ impl Env {
             base: bytes,
             chunk,
         }
+    }
+
+    /// One prefetch step of at most `max` blocks, run to its end.
+    fn prefetch(&self, max: u64) -> PrefetchStep {
+        let (img, io) = (self.img.clone(), self.io.clone());
+        self.world
+            .block_on(async move { img.prefetch_step(&io, max).await })
+            .unwrap()
     }
 
     /// File offset of block `b` of physical chunk `p`.
@@ -206,14 +215,10 @@ fn copy_on_read_stops_at_the_base_end() {
 #[test]
 fn prefetch_without_a_base_is_done_at_once() {
     let env = Env::new(4 * BS, 0);
-    let (img, io) = (env.img.clone(), env.io.clone());
-    let step = env
-        .world
-        .block_on(async move { img.prefetch_step(&io, 4).await })
-        .unwrap();
+    let step = env.prefetch(4);
     assert_eq!(
         step,
-        fvd::engine::fill::PrefetchStep {
+        PrefetchStep {
             copied: 0,
             bytes: 0,
             done: true
@@ -241,19 +246,11 @@ fn the_base_is_needed_until_every_base_block_is_present() {
     let env = Env::new(4 * BS, 2);
     assert_eq!(env.img.base_blocks_remaining(), 2);
     assert!(!not_needed(&env), "no base block is present yet");
-    let (img, io) = (env.img.clone(), env.io.clone());
-    let step = env
-        .world
-        .block_on(async move { img.prefetch_step(&io, 1).await })
-        .unwrap();
+    let step = env.prefetch(1);
     assert_eq!((step.copied, step.done), (1, false));
     assert_eq!(env.img.base_blocks_remaining(), 1);
     assert!(!not_needed(&env), "one base block is still missing");
-    let (img, io) = (env.img.clone(), env.io.clone());
-    let step = env
-        .world
-        .block_on(async move { img.prefetch_step(&io, 4).await })
-        .unwrap();
+    let step = env.prefetch(4);
     assert_eq!((step.copied, step.bytes, step.done), (1, BS, true));
     assert_eq!(env.img.base_blocks_remaining(), 0);
     assert!(not_needed(&env));
@@ -265,17 +262,11 @@ fn the_base_is_needed_until_every_base_block_is_present() {
 #[test]
 fn prefetch_goes_on_where_the_last_pass_stopped() {
     let mut env = Env::new(4 * BS, 4);
-    let step = |env: &Env, max: u64| {
-        let (img, io) = (env.img.clone(), env.io.clone());
-        env.world
-            .block_on(async move { img.prefetch_step(&io, max).await })
-            .unwrap()
-    };
-    let s = step(&env, 16);
+    let s = env.prefetch(16);
     assert_eq!((s.copied, s.bytes, s.done), (4, 4 * BS, true));
     env.now("discard", discard(0, 4 * BS));
     assert_eq!(env.img.present_blocks(), 0);
-    let s = step(&env, 1);
+    let s = env.prefetch(1);
     assert_eq!((s.copied, s.done), (1, false));
     let present: Vec<u64> = (0..4)
         .filter(|&b| env.img.block_present(BlockIndex(b)))
