@@ -12,6 +12,7 @@ mod requests;
 mod resize;
 pub mod scenario;
 mod space;
+mod write;
 
 /// Asserts that `fvd check` finds no corruption in the image `file` as the simulated disk holds
 /// it now (after a crash: what the next open would find).
