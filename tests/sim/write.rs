@@ -3,7 +3,7 @@
 
 use super::requests::{finished, Requests};
 use fvd::engine::{CreateParams, Image};
-use fvd::io::sim::{SimConfig, SimWorld};
+use fvd::io::sim::{SimConfig, SimFile, SimWorld};
 use fvd::io::Buf;
 use fvd::units::VirtOffset;
 use std::sync::Arc;
@@ -13,11 +13,20 @@ const BS: u64 = 4096;
 /// An image of 16 chunks of `chunk` bytes on a growing simulated file whose storage needs
 /// `align`-byte I/O.
 fn env(compact: bool, chunk: u64, align: u32) -> Requests {
-    let world = SimWorld::new(23, SimConfig::default());
+    env_with(compact, chunk, align, SimConfig::default())
+}
+
+fn env_with(compact: bool, chunk: u64, align: u32, cfg: SimConfig) -> Requests {
+    let world = SimWorld::new(23, cfg);
     let file = world.create_disk(0, align);
+    env_on(world, file, compact, BS, chunk)
+}
+
+/// An image of 16 chunks of `chunk` bytes, blocks of `block` bytes, on `file`.
+fn env_on(world: Arc<SimWorld>, file: SimFile, compact: bool, block: u64, chunk: u64) -> Requests {
     let p = CreateParams {
         virtual_size: 16 * chunk,
-        block_size: BS,
+        block_size: block,
         chunk_size: chunk,
         journal_size: 16 * 4096,
         compact,
@@ -32,6 +41,18 @@ fn env(compact: bool, chunk: u64, align: u32) -> Requests {
         .block_on(async move { Image::open(&io, f, None, false).await })
         .unwrap();
     Requests::new(world, file, Arc::new(img))
+}
+
+/// Cuts the power and opens the image again, as the next start would.
+fn power_loss_and_reopen(env: &mut Requests) {
+    env.world.power_loss();
+    env.io = env.world.io();
+    let (io, f) = (env.world.io(), env.file.clone());
+    let img = env
+        .world
+        .block_on(async move { Image::open(&io, f, None, false).await })
+        .unwrap();
+    env.img = Arc::new(img);
 }
 
 fn write_buf(len: u64, fill: u8) -> Buf {
@@ -146,4 +167,99 @@ fn a_new_chunk_goes_right_after_its_predecessor_when_that_place_is_free() {
     let mut want = vec![3u8; (chunk + BS) as usize];
     want.extend(vec![0u8; (3 * BS) as usize]);
     assert!(env.read(chunk, 2 * chunk) == want);
+}
+
+/// A DISCARD on storage that cannot punch leaves the block's old bytes in place, and its chunk
+/// no longer reads as zeros. A later first write of part of that block must make the rest of
+/// it read as zeros, even while another chunk (chunk 0 here) is still fresh.
+#[test]
+fn a_partial_first_write_after_a_discard_that_could_not_punch_reads_zeros_around_it() {
+    let cfg = SimConfig {
+        no_punch: true,
+        ..Default::default()
+    };
+    let mut env = env_with(true, 4 * BS, 512, cfg);
+    env.write(0, BS, 1);
+    env.write(4 * BS, 4 * BS, 0xAA);
+    env.now("discard block 5", super::requests::discard(5 * BS, BS));
+    assert_eq!(env.read(5 * BS, BS), vec![0; BS as usize]);
+    env.write(5 * BS, 512, 2);
+    let mut want = vec![0u8; BS as usize];
+    want[..512].fill(2);
+    let got = env.read(5 * BS, BS);
+    assert!(got == want, "block 5 reads {} after the write", got[512]);
+    env.now("flush", super::requests::flush());
+    power_loss_and_reopen(&mut env);
+    assert!(env.read(5 * BS, BS) == want, "after a power loss");
+}
+
+/// Closes the image and opens it again: chunks below the end of the storage at open are no
+/// longer known to read as zeros.
+fn reopen(env: &mut Requests) {
+    let (img, io) = (env.img.clone(), env.io.clone());
+    env.world
+        .block_on(async move { img.close(&io).await })
+        .unwrap();
+    let (io, f) = (env.world.io(), env.file.clone());
+    let img = env
+        .world
+        .block_on(async move { Image::open(&io, f, None, false).await })
+        .unwrap();
+    env.img = Arc::new(img);
+}
+
+/// Host writes, bytes written and ranges zeroed without writing by one write.
+fn host_io_of(env: &mut Requests, off: u64, len: u64, fill: u8) -> (u64, u64, u64) {
+    let before = env.img.counters().snapshot();
+    env.write(off, len, fill);
+    let after = env.img.counters().snapshot();
+    (
+        after.host_writes - before.host_writes,
+        after.host_bytes_written - before.host_bytes_written,
+        after.host_zeroes - before.host_zeroes,
+    )
+}
+
+/// A first write of part of a 16 KiB block whose storage may hold old bytes: on a file, the
+/// rest of the block is zeroed without writing it where its edges fall on 4 KiB (the zeroing
+/// granularity), and the block is written whole (guest bytes merged into zeros) where they do
+/// not; on a block device, which cannot zero cheaply, always written whole. Either way the
+/// rest of the block reads as zeros, and each costs one intent sector besides.
+#[test]
+fn a_partial_first_write_zeroes_what_it_can_without_writing_and_merges_the_rest() {
+    const B: u64 = 16 << 10;
+    const INTENT: u64 = 4096;
+    for device in [false, true] {
+        let world = SimWorld::new(29, SimConfig::default());
+        let file = if device {
+            world.create_block_device(64 * B + (1 << 20))
+        } else {
+            world.create_disk(0, 512)
+        };
+        let mut env = env_on(world, file, false, B, 4 * B);
+        reopen(&mut env);
+        let cases: [(u64, u64, (u64, u64, u64)); 5] = [
+            // Aligned edges: the head and the tail zeroed.
+            (B + 4096, 4096, (2, 4096 + INTENT, 2)),
+            // The last sector: its start is not on 4 KiB.
+            (3 * B - 512, 512, (2, B + INTENT, 0)),
+            // The second half, aligned: the head zeroed, no tail.
+            (3 * B + 8192, 8192, (2, 8192 + INTENT, 1)),
+            // The first sector: its end is not on 4 KiB.
+            (4 * B, 512, (2, B + INTENT, 0)),
+            // The first half, aligned: the tail zeroed, no head.
+            (5 * B, 8192, (2, 8192 + INTENT, 1)),
+        ];
+        for (i, &(off, len, want)) in cases.iter().enumerate() {
+            let want = if device { (2, B + INTENT, 0) } else { want };
+            let got = host_io_of(&mut env, off, len, i as u8 + 1);
+            assert_eq!(got, want, "write {off}+{len}, device={device}");
+        }
+        for (i, &(off, len, _)) in cases.iter().enumerate() {
+            let b = off / B * B;
+            let mut want = vec![0u8; B as usize];
+            want[(off - b) as usize..(off - b + len) as usize].fill(i as u8 + 1);
+            assert!(env.read(b, B) == want, "block of {off}, device={device}");
+        }
+    }
 }
