@@ -263,3 +263,25 @@ fn a_partial_first_write_zeroes_what_it_can_without_writing_and_merges_the_rest(
         }
     }
 }
+
+/// A first write of consecutive blocks is one journal record, however many blocks: 256 new
+/// blocks take one intent sector (a sector holds 254 records), and survive a crash of the
+/// process.
+#[test]
+fn a_first_write_of_many_consecutive_blocks_is_one_journal_record() {
+    let mut env = env(false, 16 * BS, 512);
+    assert_eq!(
+        host_writes_of(&mut env, 0, 256 * BS, 7),
+        (2, 256 * BS + 4096, 1),
+        "the data and one intent sector"
+    );
+    env.world.process_crash();
+    env.io = env.world.io();
+    let (io, f) = (env.world.io(), env.file.clone());
+    let img = env
+        .world
+        .block_on(async move { Image::open(&io, f, None, false).await })
+        .unwrap();
+    env.img = Arc::new(img);
+    assert!(env.read(0, 256 * BS) == vec![7u8; 256 * BS as usize]);
+}
