@@ -285,3 +285,34 @@ fn a_first_write_of_many_consecutive_blocks_is_one_journal_record() {
     env.img = Arc::new(img);
     assert!(env.read(0, 256 * BS) == vec![7u8; 256 * BS as usize]);
 }
+
+/// On storage with 512-byte logical blocks an overwrite of a present block is a plain write:
+/// it takes no lock, so a second overwrite of the same block completes while the first is
+/// still in flight.
+#[test]
+fn overwrites_of_one_block_on_512_byte_storage_do_not_wait_for_each_other() {
+    for compact in [false, true] {
+        let mut env = env(compact, 4 * BS, 512);
+        env.write(0, BS, 1);
+        let at = env.img.header().data_offset;
+        env.world.hold_next_write_at(at);
+        let first = env
+            .spawn(|img, io| async move { img.write(&io, VirtOffset(0), write_buf(512, 2)).await });
+        env.run();
+        assert!(first.lock().is_none(), "the first write is held");
+        let second =
+            env.spawn(
+                |img, io| async move { img.write(&io, VirtOffset(512), write_buf(512, 3)).await },
+            );
+        env.run();
+        finished(&second, "the second write, the first still in flight");
+        assert_eq!(env.img.locked_blocks(), 0, "compact={compact}");
+        env.world.release_writes();
+        env.run();
+        finished(&first, "the first write");
+        let mut want = vec![1u8; BS as usize];
+        want[..512].fill(2);
+        want[512..1024].fill(3);
+        assert!(env.read(0, BS) == want, "compact={compact}");
+    }
+}
