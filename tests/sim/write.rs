@@ -316,3 +316,50 @@ fn overwrites_of_one_block_on_512_byte_storage_do_not_wait_for_each_other() {
         assert!(env.read(0, BS) == want, "compact={compact}");
     }
 }
+
+/// A compact image of 16 chunks of 4 blocks on a simulated block device with room for exactly
+/// `free` chunks of data.
+fn thin(free: u64) -> Requests {
+    let chunk = 4 * BS;
+    let on_device = |size: u64| {
+        let world = SimWorld::new(31, SimConfig::default());
+        let dev = world.create_block_device(size);
+        env_on(world, dev, true, BS, chunk)
+    };
+    // Where the data area starts: measured on a roomy device.
+    let probe = 16 * chunk + (1 << 20);
+    let data_start = probe - on_device(probe).img.free_bytes().unwrap();
+    let env = on_device(data_start + free * chunk);
+    assert_eq!(env.img.free_bytes(), Some(free * chunk));
+    env
+}
+
+/// A write that finds the device full first flushes: chunks whose DISCARD is not durable yet
+/// become reusable then, and the write goes through. With nothing to release it flushes once,
+/// not again and again, then fails with ENOSPC (no space policy here).
+#[test]
+fn a_write_on_a_full_device_reuses_chunks_discarded_before_the_last_flush() {
+    let chunk = 4 * BS;
+    let mut env = thin(2);
+    env.write(0, chunk, 1);
+    env.write(chunk, chunk, 2);
+    env.now("discard chunk 0", super::requests::discard(0, chunk));
+    assert!(!env.phys(0).is_allocated());
+    env.write(2 * chunk, BS, 3);
+    assert!(env.read(2 * chunk, BS) == vec![3u8; BS as usize]);
+    assert!(env.read(0, chunk) == vec![0u8; chunk as usize]);
+
+    env.now("flush", super::requests::flush());
+    let flushes = env.img.counters().snapshot().host_flushes;
+    let w = env.spawn(|img, io| async move {
+        img.write(&io, VirtOffset(3 * chunk), write_buf(BS, 4))
+            .await
+    });
+    env.run();
+    let r = w.lock().take();
+    assert!(
+        matches!(r, Some(Err(fvd::engine::EngineError::NoSpace(_)))),
+        "{r:?}"
+    );
+    assert_eq!(env.img.counters().snapshot().host_flushes - flushes, 1);
+}
