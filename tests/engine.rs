@@ -469,3 +469,91 @@ fn invalid_parameters_and_a_closed_image_are_their_own_kinds() {
     let e = block_on(img.write(&SyncIo, VirtOffset(0), buf)).unwrap_err();
     assert!(matches!(e, EngineError::Closed), "{e:?}");
 }
+
+/// Parameters a header cannot hold are refused as the caller's mistake (EINVAL) before
+/// anything is written, and each limit itself is accepted: a block or chunk size past 32 bits
+/// (which would otherwise be cut to a valid but different size), a block size of 0, a base path
+/// longer than the header's room, a maximum size below the size or above 64 PiB.
+#[test]
+fn create_parameters_are_checked_at_each_limit() {
+    use fvd::engine::InvalidParams;
+    use fvd::format::header::{MAX_BASE_PATH, MAX_VIRTUAL_SIZE};
+    let base = |len: usize| {
+        Some(BaseRef {
+            path: "b".repeat(len),
+            format: BaseFormat::Raw,
+            size: 1 << 20,
+        })
+    };
+    let p = |f: &dyn Fn(&mut CreateParams)| {
+        let mut p = params(1 << 20, true, None);
+        f(&mut p);
+        p.header()
+    };
+    let refused = |what: &str, r: fvd::engine::Result<fvd::format::Header>| match r {
+        Err(e @ EngineError::Invalid(_)) => {
+            assert_eq!(e.errno(), libc::EINVAL, "{what}");
+            e
+        }
+        other => panic!("{what}: {other:?}, not refused as invalid"),
+    };
+    let too_large = |what: &str, r| {
+        let e = refused(what, r);
+        assert!(
+            matches!(e, EngineError::Invalid(InvalidParams::SizeTooLarge)),
+            "{what}: {e:?}"
+        );
+    };
+    too_large(
+        "block 4 GiB + 64 KiB",
+        p(&|p| p.block_size = (1 << 32) + (64 << 10)),
+    );
+    too_large(
+        "chunk 4 GiB + 1 MiB",
+        p(&|p| p.chunk_size = (1 << 32) + (1 << 20)),
+    );
+    too_large("block 0", p(&|p| p.block_size = 0));
+    // At 2^32 - 1 the sizes fit in the header: the format says what a size must be.
+    for (what, r) in [
+        ("block 2^32 - 1", p(&|p| p.block_size = u32::MAX as u64)),
+        ("chunk 2^32 - 1", p(&|p| p.chunk_size = u32::MAX as u64)),
+    ] {
+        let e = refused(what, r);
+        assert!(
+            matches!(e, EngineError::Invalid(InvalidParams::Header { .. })),
+            "{what}: {e:?}"
+        );
+    }
+
+    let h = p(&|p| p.base = base(MAX_BASE_PATH)).expect("the longest base path");
+    assert_eq!(h.base.unwrap().path.len(), MAX_BASE_PATH);
+    let e = refused(
+        "base path one byte too long",
+        p(&|p| p.base = base(MAX_BASE_PATH + 1)),
+    );
+    assert!(
+        matches!(
+            e,
+            EngineError::Invalid(InvalidParams::BasePathTooLong { max: MAX_BASE_PATH })
+        ),
+        "{e:?}"
+    );
+
+    for max in [1 << 20, 2 << 20, MAX_VIRTUAL_SIZE] {
+        let h = p(&|p| p.max_size = Some(max)).unwrap_or_else(|e| panic!("max size {max}: {e}"));
+        // The metadata describes at least the maximum size (rounded up to whole sectors of it).
+        assert_eq!(h.virtual_size, 1 << 20);
+        assert!(
+            h.capacity() >= max,
+            "max size {max}: capacity {}",
+            h.capacity()
+        );
+    }
+    for max in [(1 << 20) - 512, MAX_VIRTUAL_SIZE + 512] {
+        let e = refused("max size", p(&|p| p.max_size = Some(max)));
+        assert!(
+            matches!(e, EngineError::Invalid(InvalidParams::MaxSize { max_size, .. }) if max_size == max),
+            "max size {max}: {e:?}"
+        );
+    }
+}
