@@ -557,3 +557,21 @@ fn create_parameters_are_checked_at_each_limit() {
         );
     }
 }
+
+/// A new image is a cleanly closed one: its header says so before any open, and `fvd check`
+/// finds a clean shutdown, an empty journal and nothing present.
+#[test]
+fn a_new_image_is_marked_cleanly_closed() {
+    for compact in [false, true] {
+        let dir = tmpdir();
+        let path = dir.path().join("new.fvd");
+        create(&path, params(1 << 20, compact, None));
+        let f = HostFile::open(&path, OpenMode::ReadOnly).unwrap();
+        let h = block_on(Image::<SyncIo>::read_header(&SyncIo, &f)).unwrap();
+        assert!(h.clean(), "compact={compact}");
+        let r = block_on(fvd::engine::check::check(&SyncIo, f)).unwrap();
+        assert_eq!(r.clean_shutdown, Some(true), "compact={compact}");
+        assert_eq!((r.journal_records, r.present_blocks), (0, 0));
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    }
+}
