@@ -2,8 +2,8 @@
 //! mutants that survived the other suites (docs/TESTING.md lists them).
 
 use super::requests::Requests;
-use fvd::engine::CreateParams;
-use fvd::io::sim::{SimConfig, SimWorld};
+use fvd::engine::{Corruption, CreateParams, EngineError, Image, NoSpace};
+use fvd::io::sim::{SimConfig, SimFile, SimWorld};
 
 const BS: u64 = 4096;
 
@@ -35,4 +35,59 @@ fn an_image_created_over_an_older_one_ignores_its_journal() {
     let new = Requests::new(world.clone(), dev.clone(), img);
     assert!(new.read(0, 4 * BS) == vec![0u8; 4 * BS as usize]);
     super::assert_not_corrupt(&world, &dev, "the new image");
+}
+
+/// Creates an image with `p` on a new block device of `size` bytes.
+fn create_on_device(size: u64, p: &CreateParams) -> (SimFile, fvd::engine::Result<()>) {
+    let world = SimWorld::new(41, SimConfig::default());
+    let dev = world.create_block_device(size);
+    let (io, f, p) = (world.io(), dev.clone(), p.clone());
+    let r = world.block_on(async move { Image::create(&io, f, &p).await });
+    (dev, r)
+}
+
+/// A block device must hold an image's metadata plus its whole data area (flat) or one chunk
+/// (compact) to be created on, and a flat image's whole data area to be opened: exactly that
+/// is enough, a sector less is refused with the sizes (ENOSPC at create, corruption at open:
+/// the device lost the end of the image).
+#[test]
+fn a_block_device_must_hold_the_whole_data_area_of_a_flat_image() {
+    for compact in [false, true] {
+        let p = CreateParams {
+            virtual_size: 64 * BS,
+            block_size: BS,
+            chunk_size: 4 * BS,
+            journal_size: 16 * 4096,
+            compact,
+            ..Default::default()
+        };
+        let data_offset = p.header().unwrap().data_offset;
+        let need = data_offset + if compact { 4 * BS } else { 64 * BS };
+        let (dev, r) = create_on_device(need, &p);
+        r.unwrap_or_else(|e| panic!("compact={compact}: {e}"));
+        match create_on_device(need - 512, &p).1 {
+            Err(EngineError::NoSpace(NoSpace::DeviceTooSmall { have, need: n })) => {
+                assert_eq!((have, n), (need - 512, need), "compact={compact}")
+            }
+            r => panic!("compact={compact}: {r:?}"),
+        }
+        // The same image on a device a sector short of its data area.
+        let short = dev.world().create_block_device(need - 512);
+        short.write_now(0, &dev.read_now(0, data_offset as usize));
+        let open = |f: SimFile| {
+            let io = f.world().io();
+            f.world()
+                .clone()
+                .block_on(async move { Image::open(&io, f, None, false).await.map(|_| ()) })
+        };
+        open(dev.clone()).unwrap();
+        match open(short) {
+            Err(EngineError::Corrupt(Corruption::DeviceTooSmall { have, need: n })) => {
+                assert!(!compact);
+                assert_eq!((have, n), (need - 512, need));
+            }
+            Ok(()) => assert!(compact, "a flat image opened on a device too small"),
+            Err(e) => panic!("compact={compact}: {e}"),
+        }
+    }
 }
