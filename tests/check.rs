@@ -413,3 +413,43 @@ fn repair_of_a_cut_flat_image_drops_only_what_lies_past_the_cut() {
     let (code, out) = check(p, &[]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// An image whose metadata copies are larger than one write (1 MiB: 300 GiB in 64 KiB blocks
+/// and 1 MiB chunks has 452 sectors per copy) is created whole, checks clean, and a repair
+/// rewrites both copies whole (an image damaged in its last table sector checks clean after).
+#[test]
+fn metadata_larger_than_one_write_is_created_and_repaired_whole() {
+    let d = dir();
+    let p = d.path();
+    assert!(fvd(p, &["create", "img.fvd", "--size", "300G"])
+        .status
+        .success());
+    let img = p.join("img.fvd");
+    let h = header(&img);
+    assert!(h.bitmap_sectors + h.table_sectors > 256);
+    let (code, out) = check(p, &[]);
+    assert_eq!(code, 0, "{out}");
+    write_and_close(&img, &[((300 << 30) - 65536, &pattern(3, 65536))]);
+    // Damage the last table sector of both copies: the last chunk's data is lost.
+    let last = (h.bitmap_sectors + h.table_sectors - 1) as usize * SECTOR;
+    edit(&img, |raw| {
+        raw[h.meta_offset[0] as usize + last + 20] ^= 0x10;
+        raw[h.meta_offset[1] as usize + last + 20] ^= 0x10;
+    });
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Lost:"), "{out}");
+    // Each repair makes the other copy the active one: twice covers both orders.
+    for round in 0..3 {
+        let (code, out) = check(p, &["--output", "json"]);
+        assert_eq!(code, 0, "round {round}: {out}");
+        assert!(
+            out.contains("\"inactive_copy_valid\": true"),
+            "round {round}: {out}"
+        );
+        if round < 2 {
+            let (code, out) = check(p, &["--repair"]);
+            assert_eq!(code, 0, "{out}");
+        }
+    }
+}
