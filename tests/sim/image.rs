@@ -91,3 +91,36 @@ fn a_block_device_must_hold_the_whole_data_area_of_a_flat_image() {
         }
     }
 }
+
+/// Create writes the image's own regions and nothing else, also when a metadata copy is larger
+/// than one write (452 sectors here): on a reused device, the journal past its first sector
+/// (which create invalidates) and the data area keep the old bytes.
+#[test]
+fn create_writes_only_the_header_metadata_and_first_journal_sector() {
+    let p = CreateParams {
+        virtual_size: 300 << 30,
+        block_size: 64 << 10,
+        chunk_size: 1 << 20,
+        journal_size: 1 << 20,
+        compact: true,
+        ..Default::default()
+    };
+    let h = p.header().unwrap();
+    assert!(h.bitmap_sectors + h.table_sectors > 256);
+    let size = h.data_offset + (1 << 20);
+    let world = SimWorld::new(43, SimConfig::default());
+    let dev = world.create_block_device(size);
+    dev.write_now(0, &vec![0xEE; size as usize]);
+    let (io, f, p2) = (world.io(), dev.clone(), p.clone());
+    world
+        .block_on(async move { Image::create(&io, f, &p2).await })
+        .unwrap();
+    let j = h.journal_offset;
+    let after = dev.read_now(j + 4096, (size - j - 4096) as usize);
+    assert!(
+        after.iter().all(|&b| b == 0xEE),
+        "create wrote past the first journal sector, at {:#x}",
+        j + 4096 + after.iter().position(|&b| b != 0xEE).unwrap() as u64
+    );
+    super::assert_not_corrupt(&world, &dev, "the new image");
+}
