@@ -4,6 +4,7 @@ mod discard;
 pub mod driver;
 mod fill;
 mod flush;
+mod growth;
 pub mod model;
 pub mod ops;
 pub mod pattern;

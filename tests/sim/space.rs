@@ -1,6 +1,7 @@
 //! The space policy of a thin image (F4) on a simulated block device: asking for space at the
 //! watermark before the device is full, writes that find it full waiting for `notify_space`
-//! (counted by `space_waiting`), and failing with ENOSPC once the policy's wait is over.
+//! (counted by `space_waiting`), failing with ENOSPC once the policy's wait is over, and the
+//! free space reported once the device grew.
 
 use fvd::engine::space::SpacePolicy;
 use fvd::engine::{CreateParams, EngineError, Image};
@@ -230,4 +231,27 @@ fn a_write_fails_with_enospc_after_the_policys_wait() {
     no_space(&w);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     assert_eq!(img.space_waiting(), 0);
+}
+
+/// After the device grew, a notify (what the server does once its grow command succeeded)
+/// re-reads its size: the free space reported right away (in the server's STORAGE_GROWN event,
+/// and compared with the watermark before it runs the command again) counts the new chunks,
+/// before any write needs one.
+#[test]
+fn a_notify_after_the_device_grew_reports_the_new_free_space() {
+    let (world, dev, io, img) = thin(1);
+    write_now(&world, &img, &io, 0);
+    assert_eq!(img.free_bytes(), Some(0));
+    dev.grow(dev.size().unwrap() + 3 * CHUNK);
+    img.notify_space();
+    assert_eq!(
+        img.free_bytes(),
+        Some(3 * CHUNK),
+        "free space after the notify"
+    );
+    write_now(&world, &img, &io, 1);
+    assert_eq!(img.free_bytes(), Some(2 * CHUNK));
+    for c in 0..2 {
+        read_back(&world, &img, &io, c);
+    }
 }
