@@ -276,11 +276,6 @@ impl Allocator {
     pub fn allocated(&self) -> u64 {
         self.allocated
     }
-
-    /// Chunks the storage can hold, if bounded.
-    pub fn capacity(&self) -> Option<u64> {
-        self.capacity
-    }
 }
 
 #[cfg(test)]
