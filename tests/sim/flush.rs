@@ -819,13 +819,15 @@ fn a_table_record_is_journaled_only_after_the_file_growth_it_maps_into() {
 }
 
 /// Records that reach the image's last block are in range: a FLUSH journals them and replay
-/// after a power loss applies them (with and without a partial last block: an image of 16
-/// blocks, and one of 15.5).
+/// after a power loss applies them (with and without a partial last block: images of 16
+/// blocks and of 15.5; and a flat image of 32640 blocks, as many as its one bitmap sector
+/// holds, so the record ends at the end of the metadata).
 #[test]
 fn records_of_the_last_block_are_journaled_and_replayed() {
-    for size in [16 * BS, 16 * BS - 2048] {
+    for (size, compact) in [(16 * BS, true), (16 * BS - 2048, true), (32640 * BS, false)] {
         let mut p = small_image();
         p.virtual_size = size;
+        p.compact = compact;
         let mut env = Env::new(7, p, 0);
         let last = size.div_ceil(BS) - 1;
         env.write_blocks(2, [0]);
@@ -838,6 +840,7 @@ fn records_of_the_last_block_are_journaled_and_replayed() {
             .unwrap();
         env.flush();
         env.crash_and_reopen();
+        assert_eq!(env.img.header().bitmap_sectors, 1);
         env.expect_block(0, 2);
         env.expect_block(last, 3);
     }
