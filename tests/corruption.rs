@@ -265,6 +265,30 @@ fn journal_records_with_huge_values_are_corruption_not_a_hang() {
     assert_eq!(code, Some(2));
 }
 
+/// A bitmap record of zero blocks decodes (no writer makes one): replaying it changes nothing,
+/// at the start of the bitmap or at its end. The image opens and its data reads back.
+#[test]
+fn journal_records_of_zero_blocks_change_nothing() {
+    let blocks = (4 << 20) / BS;
+    for e in [
+        JournalEntry::SetBits { start: 0, count: 0 },
+        JournalEntry::ClearBits { start: 0, count: 0 },
+        JournalEntry::SetBits {
+            start: blocks,
+            count: 0,
+        },
+    ] {
+        let d = tmpdir();
+        let (path, tail) = compact_with_data(d.path(), false);
+        append_journal(&path, tail, &[e]);
+        let img = open(&path, false).unwrap_or_else(|err| panic!("{e:?}: {err}"));
+        for c in 0..3 {
+            assert!(read(&img, c * CS, CS as usize) == pattern(c, CS as usize));
+        }
+        assert!(read(&img, 3 * CS, CS as usize) == vec![0; CS as usize]);
+    }
+}
+
 #[test]
 fn damaged_newest_header_slot_is_corruption_not_a_rollback() {
     let d = tmpdir();

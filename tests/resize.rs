@@ -68,6 +68,40 @@ fn check_clean(path: &Path) {
     assert_eq!(r.exit_code(), 0, "{:?}", r.problems);
 }
 
+/// Resizing to a whole number of bitmap words (128 blocks: grown from 100, shrunk from 150)
+/// keeps the blocks of the last word, flat and compact, across a reopen.
+#[test]
+fn resize_to_a_multiple_of_64_blocks_keeps_the_last_blocks() {
+    for old in [100 * BS, 150 * BS] {
+        for compact in [true, false] {
+            let d = tmpdir();
+            let path = d.path().join("img.fvd");
+            create(&path, old, Some(256 * BS), compact, None);
+            let img = open(&path);
+            write(&img, 64 * BS, &pattern(1, BS as usize));
+            write(&img, 99 * BS, &pattern(2, BS as usize));
+            close(img);
+            let mut img = open(&path);
+            block_on(img.resize(&SyncIo, 128 * BS, old > 128 * BS)).unwrap();
+            for _ in 0..2 {
+                assert_eq!(
+                    read(&img, 64 * BS, BS),
+                    pattern(1, BS as usize),
+                    "{old} {compact}"
+                );
+                assert_eq!(
+                    read(&img, 99 * BS, BS),
+                    pattern(2, BS as usize),
+                    "{old} {compact}"
+                );
+                close(img);
+                img = open(&path);
+            }
+            close(img);
+        }
+    }
+}
+
 /// Grows every layout, with and without a base longer than the image, from a size that ends
 /// inside a block whose data (base data merged by the first write, or a copy-on-read) reaches
 /// past that end: afterwards the old data is kept, the new range reads zeros and takes writes,

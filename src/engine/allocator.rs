@@ -276,17 +276,51 @@ impl Allocator {
     pub fn allocated(&self) -> u64 {
         self.allocated
     }
-
-    /// Chunks the storage can hold, if bounded.
-    pub fn capacity(&self) -> Option<u64> {
-        self.capacity
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::FreeRuns;
+    use super::{Allocator, FreeRuns};
+    use crate::engine::error::{EngineError, NoSpace};
+    use crate::engine::storage::Storage;
+    use crate::io::sim::{SimConfig, SimIo, SimWorld};
+    use crate::units::PhysChunk;
     use std::collections::BTreeSet;
+
+    /// With every chunk index below 2^32 - 2 in use (none free), allocation fails with "chunk
+    /// index space exhausted", again and again: the last index handed out is 2^32 - 3, so
+    /// `next` (an exclusive end) stays below the table's unallocated marker. A chunk released
+    /// later is handed out again.
+    #[test]
+    fn allocation_stops_below_the_unallocated_marker() {
+        let world = SimWorld::new(1, SimConfig::default());
+        let store = Storage::<SimIo>::new(world.create_disk(0, 512));
+        let last = PhysChunk::UNALLOCATED.0 - 2;
+        // What from_table builds for a file whose table maps chunks 0..last.
+        let len = last as u64 * 4096;
+        let mut a = Allocator {
+            next: last,
+            free: FreeRuns::default(),
+            allocated: last as u64,
+            capacity: None,
+            data_offset: 0,
+            chunk_size: 4096,
+            fresh_from: Some(last),
+            file_len: len,
+            durable_len: len,
+        };
+        assert_eq!(a.alloc(&store, None).unwrap().0, PhysChunk(last));
+        for _ in 0..2 {
+            match a.alloc(&store, None) {
+                Err(EngineError::NoSpace(NoSpace::ChunkIndex)) => {}
+                r => panic!("allocation past chunk {last}: {r:?}"),
+            }
+        }
+        assert_eq!(a.allocated(), last as u64 + 1);
+        a.unmapped();
+        a.release([7]);
+        assert_eq!(a.alloc(&store, None).unwrap().0, PhysChunk(7));
+    }
 
     /// The runs behave like a set of chunk numbers under every operation the allocator uses.
     #[test]

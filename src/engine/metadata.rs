@@ -482,4 +482,48 @@ mod tests {
             }])
             .is_err());
     }
+
+    /// A request arriving while its chunk is being unmapped (another queue's thread) waits in
+    /// `enter` until the unmap is done, and then sees the new table, never the physical chunk
+    /// being freed (which may at once be reused for another virtual chunk).
+    #[test]
+    fn a_request_arriving_during_an_unmap_waits_and_sees_the_new_table() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+        let cs = 65536;
+        let geo = Geometry {
+            virtual_size: 4 * cs,
+            block_size: 4096,
+            chunk_size: cs,
+        };
+        let c = Committed::new(&geo, true, 1, 1);
+        let live = Arc::new(LiveMetadata::from_committed(geo, 0, &c));
+        let chunk = ChunkIndex(1);
+        live.set_phys(chunk, PhysChunk(5));
+        let (tx, rx) = mpsc::channel();
+        let entered = Arc::new(AtomicBool::new(false));
+        let unmapped = live.with_idle_chunk(chunk, || {
+            let (l, e) = (live.clone(), entered.clone());
+            std::thread::spawn(move || {
+                let _refs = l.enter(cs, 2 * cs);
+                e.store(true, Ordering::SeqCst);
+                let _ = tx.send(l.phys(chunk));
+            });
+            // Until the request has taken its reference (or, not waiting, is through), then
+            // time for it to run ahead if it did not wait.
+            while live.inflight[1].load(Ordering::SeqCst) != FREEING | 1
+                && !entered.load(Ordering::SeqCst)
+            {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            live.set_phys(chunk, PhysChunk::UNALLOCATED);
+        });
+        assert!(unmapped);
+        let seen = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the request goes on once the unmap is done");
+        assert_eq!(seen, PhysChunk::UNALLOCATED);
+    }
 }

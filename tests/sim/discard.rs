@@ -206,3 +206,38 @@ fn a_discard_leaves_the_next_chunk_fresh() {
     want[..512].fill(3);
     assert_eq!(env.read(CHUNK + BS, BS), want);
 }
+
+/// A DISCARD in the last chunk of an image whose metadata describes a partial last chunk (one
+/// bitmap sector: 32640 blocks of 4 KiB, 127.5 chunks of 1 MiB) empties and unmaps that chunk,
+/// looking only at the blocks the image has; its block reads zeros, the others keep their data.
+#[test]
+fn a_discard_unmaps_a_partial_last_chunk() {
+    const BIG: u64 = 1 << 20;
+    const BLOCKS: u64 = 32640;
+    let world = SimWorld::new(12, SimConfig::default());
+    let file = world.create_disk(0, 512);
+    let p = CreateParams {
+        virtual_size: BLOCKS * BS,
+        block_size: BS,
+        chunk_size: BIG,
+        journal_size: 16 * 4096,
+        compact: true,
+        ..Default::default()
+    };
+    let img = super::create_and_open(&world, &file, p);
+    assert_eq!(img.header().bitmap_sectors, 1);
+    let mut env = Requests::new(world, file, img);
+    let last = (BLOCKS - 1) * BS;
+    env.write(0, BS, 1);
+    env.write(last, BS, 2);
+    let c = last / BIG;
+    assert!(env.phys(c).is_allocated());
+    env.now("discard the last block", discard(last, BS));
+    assert_eq!(
+        env.phys(c),
+        PhysChunk::UNALLOCATED,
+        "the emptied chunk is unmapped"
+    );
+    assert!(env.read(last, BS).iter().all(|&b| b == 0));
+    assert!(env.read(0, BS).iter().all(|&b| b == 1));
+}

@@ -4,6 +4,7 @@ mod discard;
 pub mod driver;
 mod fill;
 mod flush;
+mod growth;
 mod image;
 pub mod model;
 pub mod ops;

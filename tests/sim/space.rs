@@ -1,6 +1,7 @@
 //! The space policy of a thin image (F4) on a simulated block device: asking for space at the
 //! watermark before the device is full, writes that find it full waiting for `notify_space`
-//! (counted by `space_waiting`), and failing with ENOSPC once the policy's wait is over.
+//! (counted by `space_waiting`), failing with ENOSPC once the policy's wait is over (after one
+//! flush, not one per retry), and the free space reported once the device grew.
 
 use fvd::engine::space::SpacePolicy;
 use fvd::engine::{CreateParams, EngineError, Image};
@@ -230,4 +231,52 @@ fn a_write_fails_with_enospc_after_the_policys_wait() {
     no_space(&w);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     assert_eq!(img.space_waiting(), 0);
+}
+
+/// After the device grew, a notify (what the server does once its grow command succeeded)
+/// re-reads its size: the free space reported right away (in the server's STORAGE_GROWN event,
+/// and compared with the watermark before it runs the command again) counts the new chunks,
+/// before any write needs one.
+#[test]
+fn a_notify_after_the_device_grew_reports_the_new_free_space() {
+    let (world, dev, io, img) = thin(1);
+    write_now(&world, &img, &io, 0);
+    assert_eq!(img.free_bytes(), Some(0));
+    dev.grow(dev.size().unwrap() + 3 * CHUNK);
+    img.notify_space();
+    assert_eq!(
+        img.free_bytes(),
+        Some(3 * CHUNK),
+        "free space after the notify"
+    );
+    write_now(&world, &img, &io, 1);
+    assert_eq!(img.free_bytes(), Some(2 * CHUNK));
+    for c in 0..2 {
+        read_back(&world, &img, &io, c);
+    }
+}
+
+/// A write that finds the device full commits once, so that chunks freed by discards (reusable
+/// only once their unmap is durable) can be taken; with none awaiting that, it then fails at
+/// once instead of flushing the device again and again.
+#[test]
+fn a_write_on_a_full_device_flushes_at_most_once_when_no_chunk_awaits_release() {
+    let (world, _dev, io, img) = thin(1);
+    write_now(&world, &img, &io, 0);
+    let (i, o) = (img.clone(), io.clone());
+    world.block_on(async move { i.flush(&o).await }).unwrap();
+    let before = world.counters().flushes;
+    let mut ex = Executor::default();
+    let w = spawn_write(&mut ex, &img, &io, 1);
+    world.run(&mut ex);
+    match w.lock().take() {
+        Some(Err(EngineError::NoSpace(_))) => {}
+        other => panic!("want ENOSPC, got {other:?}"),
+    }
+    let flushes = world.counters().flushes - before;
+    assert!(
+        flushes <= 1,
+        "{flushes} device flushes for one failed write"
+    );
+    read_back(&world, &img, &io, 0);
 }
