@@ -46,6 +46,11 @@ fn env_on(world: Arc<SimWorld>, file: SimFile, compact: bool, block: u64, chunk:
 /// Cuts the power and opens the image again, as the next start would.
 fn power_loss_and_reopen(env: &mut Requests) {
     env.world.power_loss();
+    open_again(env);
+}
+
+/// Opens the image again, as the next start would.
+fn open_again(env: &mut Requests) {
     env.io = env.world.io();
     let (io, f) = (env.world.io(), env.file.clone());
     let img = env
@@ -97,16 +102,24 @@ fn sub_sector_writes_into_one_block_on_4k_storage_do_not_undo_each_other() {
     );
 }
 
-/// Host writes and bytes a request caused, and its intent sectors.
-fn host_writes_of(env: &mut Requests, off: u64, len: u64, fill: u8) -> (u64, u64, u64) {
+/// What one write of `len` bytes of `fill` at `off` cost: host writes, bytes written, intent
+/// sectors, ranges zeroed without writing.
+fn io_of(env: &mut Requests, off: u64, len: u64, fill: u8) -> [u64; 4] {
     let before = env.img.counters().snapshot();
     env.write(off, len, fill);
     let after = env.img.counters().snapshot();
-    (
+    [
         after.host_writes - before.host_writes,
         after.host_bytes_written - before.host_bytes_written,
         after.journal_intents - before.journal_intents,
-    )
+        after.host_zeroes - before.host_zeroes,
+    ]
+}
+
+/// Host writes and bytes a request caused, and its intent sectors.
+fn host_writes_of(env: &mut Requests, off: u64, len: u64, fill: u8) -> (u64, u64, u64) {
+    let [writes, bytes, intents, _] = io_of(env, off, len, fill);
+    (writes, bytes, intents)
 }
 
 /// A guest write over storage that is contiguous on the host is one host write, whether its
@@ -200,24 +213,13 @@ fn reopen(env: &mut Requests) {
     env.world
         .block_on(async move { img.close(&io).await })
         .unwrap();
-    let (io, f) = (env.world.io(), env.file.clone());
-    let img = env
-        .world
-        .block_on(async move { Image::open(&io, f, None, false).await })
-        .unwrap();
-    env.img = Arc::new(img);
+    open_again(env);
 }
 
 /// Host writes, bytes written and ranges zeroed without writing by one write.
 fn host_io_of(env: &mut Requests, off: u64, len: u64, fill: u8) -> (u64, u64, u64) {
-    let before = env.img.counters().snapshot();
-    env.write(off, len, fill);
-    let after = env.img.counters().snapshot();
-    (
-        after.host_writes - before.host_writes,
-        after.host_bytes_written - before.host_bytes_written,
-        after.host_zeroes - before.host_zeroes,
-    )
+    let [writes, bytes, _, zeroes] = io_of(env, off, len, fill);
+    (writes, bytes, zeroes)
 }
 
 /// A first write of part of a 16 KiB block whose storage may hold old bytes: on a file, the
@@ -276,13 +278,7 @@ fn a_first_write_of_many_consecutive_blocks_is_one_journal_record() {
         "the data and one intent sector"
     );
     env.world.process_crash();
-    env.io = env.world.io();
-    let (io, f) = (env.world.io(), env.file.clone());
-    let img = env
-        .world
-        .block_on(async move { Image::open(&io, f, None, false).await })
-        .unwrap();
-    env.img = Arc::new(img);
+    open_again(&mut env);
     assert!(env.read(0, 256 * BS) == vec![7u8; 256 * BS as usize]);
 }
 
