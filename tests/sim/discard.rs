@@ -18,19 +18,24 @@ struct Env(Requests);
 impl Env {
     /// A compact image of 16 chunks of 4 blocks on a growing simulated file.
     fn new() -> Env {
-        let world = SimWorld::new(11, SimConfig::default());
-        let file = world.create_disk(0, 512);
-        let p = CreateParams {
-            virtual_size: 16 * CHUNK,
-            block_size: BS,
-            chunk_size: CHUNK,
-            journal_size: 16 * 4096,
-            compact: true,
-            ..Default::default()
-        };
-        let img = super::create_and_open(&world, &file, p);
-        Env(Requests::new(world, file, img))
+        Env(compact(11, 16 * CHUNK, CHUNK))
     }
+}
+
+/// A compact image of `size` bytes in chunks of `chunk` on a growing simulated file.
+fn compact(seed: u64, size: u64, chunk: u64) -> Requests {
+    let world = SimWorld::new(seed, SimConfig::default());
+    let file = world.create_disk(0, 512);
+    let p = CreateParams {
+        virtual_size: size,
+        block_size: BS,
+        chunk_size: chunk,
+        journal_size: 16 * 4096,
+        compact: true,
+        ..Default::default()
+    };
+    let img = super::create_and_open(&world, &file, p);
+    Requests::new(world, file, img)
 }
 
 impl Deref for Env {
@@ -214,19 +219,8 @@ fn a_discard_leaves_the_next_chunk_fresh() {
 fn a_discard_unmaps_a_partial_last_chunk() {
     const BIG: u64 = 1 << 20;
     const BLOCKS: u64 = 32640;
-    let world = SimWorld::new(12, SimConfig::default());
-    let file = world.create_disk(0, 512);
-    let p = CreateParams {
-        virtual_size: BLOCKS * BS,
-        block_size: BS,
-        chunk_size: BIG,
-        journal_size: 16 * 4096,
-        compact: true,
-        ..Default::default()
-    };
-    let img = super::create_and_open(&world, &file, p);
-    assert_eq!(img.header().bitmap_sectors, 1);
-    let mut env = Requests::new(world, file, img);
+    let mut env = compact(12, BLOCKS * BS, BIG);
+    assert_eq!(env.img.header().bitmap_sectors, 1);
     let last = (BLOCKS - 1) * BS;
     env.write(0, BS, 1);
     env.write(last, BS, 2);
