@@ -321,18 +321,16 @@ impl<I: Io> Image<I> {
     /// policy allows it.
     pub(super) async fn ensure_chunks_waiting(&self, io: &I, first: u64, last: u64) -> Result<()> {
         let mut deadline: Option<Instant> = None;
-        // Bounds the retries when other writers keep taking the chunks our syncs release.
-        let mut syncs = 0;
+        let mut syncs = ReleaseSyncs::default();
         loop {
             let seen = self.space.generation();
             match self.ensure_chunks(first, last) {
                 Err(EngineError::NoSpace(_))
-                    if syncs < 16 && (syncs == 0 || self.space.alloc().awaiting_release() > 0) =>
+                    if syncs.another(self.space.alloc().awaiting_release()) =>
                 {
                     // Chunks freed by discards become reusable once their unmap is durable;
                     // a flush may be committing some right now. Wait for it and commit the rest
                     // rather than fail (an extra flush never breaks a promise).
-                    syncs += 1;
                     self.sync(io).await?;
                 }
                 Err(EngineError::NoSpace(msg)) => {
@@ -408,4 +406,52 @@ fn runs(blocks: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
         i = j;
         Some((start, count))
     })
+}
+
+/// The flushes a write that found no free chunk makes before it turns to the space policy:
+/// one always (it may make chunks freed by discards reusable), more only while chunks still
+/// await release (other writers took what the last one released), at most [`Self::MAX`] so
+/// writers racing for chunks cannot keep each other flushing forever.
+#[derive(Default)]
+struct ReleaseSyncs {
+    done: u32,
+}
+
+impl ReleaseSyncs {
+    const MAX: u32 = 16;
+
+    /// Whether to flush once more, given the chunks now awaiting release.
+    fn another(&mut self, awaiting_release: u64) -> bool {
+        if self.done >= Self::MAX || (self.done > 0 && awaiting_release == 0) {
+            return false;
+        }
+        self.done += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReleaseSyncs;
+
+    #[test]
+    fn a_write_without_space_flushes_once_when_nothing_awaits_release() {
+        let mut s = ReleaseSyncs::default();
+        assert!(s.another(0));
+        assert!(!s.another(0));
+        let mut s = ReleaseSyncs::default();
+        assert!(s.another(3));
+        assert!(
+            !s.another(0),
+            "nothing left to release after the first flush"
+        );
+    }
+
+    #[test]
+    fn flushes_while_chunks_await_release_are_bounded() {
+        let mut s = ReleaseSyncs::default();
+        let n = (0..100).take_while(|_| s.another(1)).count();
+        assert_eq!(n, ReleaseSyncs::MAX as usize);
+        assert!(!s.another(1), "the bound holds on later calls too");
+    }
 }
