@@ -81,24 +81,22 @@ impl CreateParams {
             p.compact,
             p.journal_size,
         );
+        // Generation 0, metadata copy 0 active and no boot id come from `with_layout`; the
+        // size from `set_virtual_size`, which also sets the capacity flag.
         let mut h = Header {
-            generation: 0,
             incompat: if p.compact {
                 crate::format::header::INCOMPAT_COMPACT
             } else {
                 0
             },
             compat: p.compat,
-            virtual_size: p.virtual_size,
             block_size: p.block_size as u32,
             chunk_size: p.chunk_size as u32,
             flags: FLAG_CLEAN,
-            active_meta: 0,
             // A random starting epoch: journal sectors of an earlier image on the same device
             // can never match.
             journal_epoch: rand::random::<u32>() as u64 + 1,
             base: p.base.clone(),
-            boot_id: [0; 16],
             ..Header::with_layout(&l)
         };
         h.set_virtual_size(p.virtual_size);
