@@ -386,30 +386,32 @@ fn a_duplicate_mapping_is_repaired_without_exposing_either_chunk_to_the_other() 
 
 /// A flat image whose file was cut after a block was written past the cut: check finds it,
 /// and repair drops exactly the blocks from the first one past the cut to the end, reports that
-/// range lost, and keeps the blocks before the cut.
+/// range lost, and keeps the blocks before the cut. 256 blocks: the bitmap words past the cut
+/// are not the first (the block found is numbered from its word).
 #[test]
 fn repair_of_a_cut_flat_image_drops_only_what_lies_past_the_cut() {
     let d = dir();
     let p = d.path();
     assert!(
-        fvd(p, &["create", "img.fvd", "--size", "4M", "--no-compact"])
+        fvd(p, &["create", "img.fvd", "--size", "16M", "--no-compact"])
             .status
             .success()
     );
     let img = p.join("img.fvd");
-    let (low, high) = (pattern(1, 1 << 20), pattern(2, 1 << 20));
-    write_and_close(&img, &[(0, &low), (3 << 20, &high)]);
+    let (low, high) = (pattern(1, 6 << 20), pattern(2, 1 << 20));
+    write_and_close(&img, &[(0, &low), (12 << 20, &high)]);
     let h = header(&img);
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    f.set_len(h.data_offset + (2 << 20)).unwrap();
+    // Block 120, inside bitmap word 1; the first present block past it is 192 (word 3).
+    f.set_len(h.data_offset + (15 << 19)).unwrap();
     let out = found_and_repaired(p, "past the end of the file");
-    assert!(out.contains("Lost: bytes 0x300000..0x400000"), "{out}");
+    assert!(out.contains("Lost: bytes 0xc00000..0x1000000"), "{out}");
     let v = contents(p);
     assert!(
-        v[..1 << 20] == low[..],
+        v[..6 << 20] == low[..],
         "the blocks before the cut are kept"
     );
-    assert!(v[1 << 20..].iter().all(|&b| b == 0));
+    assert!(v[6 << 20..].iter().all(|&b| b == 0));
     let (code, out) = check(p, &[]);
     assert_eq!(code, 0, "{out}");
 }
