@@ -416,6 +416,31 @@ fn repair_of_a_cut_flat_image_drops_only_what_lies_past_the_cut() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A bit past the last block of a flat image (65 blocks: the last bitmap word is partial) is
+/// not data: nothing reads it, so check does not call it data past the end of the file.
+#[test]
+fn a_bitmap_bit_past_the_last_block_is_not_data_past_the_end() {
+    let d = dir();
+    let p = d.path();
+    assert!(
+        fvd(p, &["create", "img.fvd", "--size", "4160K", "--no-compact"])
+            .status
+            .success()
+    );
+    let img = p.join("img.fvd");
+    let h = header(&img);
+    assert_eq!(h.geometry().block_count(), 65);
+    // Block 65: bitmap byte 8, bit 1, in both copies.
+    edit(&img, |raw| {
+        for m in h.meta_offset {
+            raw[m as usize + 8] |= 1 << 1;
+            reseal(raw, m as usize);
+        }
+    });
+    let (code, out) = check(p, &[]);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// An image whose metadata copies are larger than one write (1 MiB: 300 GiB in 64 KiB blocks
 /// and 1 MiB chunks has 452 sectors per copy) is created whole, checks clean, and a repair
 /// rewrites both copies whole (an image damaged in its last table sector checks clean after).
