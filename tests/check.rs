@@ -7,7 +7,7 @@ use fvd::format::{Header, SECTOR};
 use fvd::io::executor::block_on;
 use fvd::io::sync::SyncIo;
 use fvd::io::Buf;
-use fvd::units::VirtOffset;
+use fvd::units::{ChunkIndex, VirtOffset};
 use std::path::Path;
 mod serve_support;
 use serve_support::fvd_in as fvd;
@@ -382,6 +382,47 @@ fn a_duplicate_mapping_is_repaired_without_exposing_either_chunk_to_the_other() 
         contents(p).iter().all(|&b| b == 0),
         "both chunks read zeros"
     );
+}
+
+/// A table entry taken from the other metadata copy (the active copy's sector is damaged) that
+/// names the physical chunk a journal record maps: the journal is newer, so its mapping keeps
+/// the chunk and its data, and only the stale entry is dropped (it would read that data).
+#[test]
+fn a_duplicate_mapping_from_the_other_copy_loses_to_the_journal() {
+    let (d, img) = new_image();
+    let p = d.path();
+    let (a, b, c) = (
+        pattern(1, 1 << 20),
+        pattern(2, 1 << 20),
+        pattern(3, 1 << 20),
+    );
+    write_and_close(&img, &[(0, &a), (2 << 20, &b)]);
+    // Chunk 3 is mapped by a journal record only.
+    write_flush_and_abandon(&img, &[(3 << 20, &c)]);
+    let ro: Image<SyncIo> = block_on(fvd::engine::open_image(&SyncIo, &img, true)).unwrap();
+    let phys3 = ro.chunk_phys(ChunkIndex(3)).0;
+    drop(ro);
+    let h = header(&img);
+    let sector =
+        |copy: u64| (h.meta_offset[copy as usize] + h.bitmap_sectors * SECTOR as u64) as usize;
+    let (active, other) = (
+        sector(h.active_meta.into()),
+        sector(1 - u64::from(h.active_meta)),
+    );
+    edit(&img, |raw| {
+        // The other copy: the active table with chunk 0 naming chunk 3's physical chunk.
+        raw.copy_within(active..active + SECTOR, other);
+        raw[other..other + 4].copy_from_slice(&phys3.to_le_bytes());
+        reseal(raw, other);
+        // The active copy's table sector fails its checksum.
+        raw[active + 100] ^= 1;
+    });
+    let out = found_and_repaired(p, "chunk 0");
+    assert!(out.contains("Lost: bytes 0x0..0x100000"), "{out}");
+    let v = contents(p);
+    assert!(v[..1 << 20].iter().all(|&x| x == 0), "chunk 0 reads zeros");
+    assert!(v[2 << 20..3 << 20] == b[..], "chunk 2 is kept");
+    assert!(v[3 << 20..4 << 20] == c[..], "chunk 3 keeps its data");
 }
 
 /// A flat image whose file was cut after a block was written past the cut: check finds it,
