@@ -425,6 +425,30 @@ fn a_duplicate_mapping_from_the_other_copy_loses_to_the_journal() {
     assert!(v[3 << 20..4 << 20] == c[..], "chunk 3 keeps its data");
 }
 
+/// A chunk with no present block mapped past the end of the storage is one corruption, not
+/// also a leak (repair unmaps it once).
+#[test]
+fn a_mapping_past_the_storage_is_not_also_a_leak() {
+    let (d, img) = new_image();
+    let p = d.path();
+    write_and_close(&img, &[(0, &pattern(1, 65536))]);
+    let h = header(&img);
+    let table = (h.meta_offset[h.active_meta as usize] + h.bitmap_sectors * SECTOR as u64) as usize;
+    edit(&img, |raw| {
+        raw[table + 4..table + 8].copy_from_slice(&1000u32.to_le_bytes());
+        reseal(raw, table);
+    });
+    let (code, out) = check(p, &["--output", "json"]);
+    assert_eq!(code, 2, "{out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["corruptions"], 1, "{out}");
+    assert_eq!(j["leaks"], 0, "{out}");
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(check(p, &[]).0, 0);
+    assert_eq!(&contents(p)[..65536], &pattern(1, 65536)[..]);
+}
+
 /// A flat image whose file was cut after a block was written past the cut: check finds it,
 /// and repair drops exactly the blocks from the first one past the cut to the end, reports that
 /// range lost, and keeps the blocks before the cut. 256 blocks: the bitmap words past the cut
