@@ -306,29 +306,71 @@ fn repair_after_a_reboot_keeps_later_flushes_and_drops_intents() {
 
 #[test]
 fn a_damaged_newer_header_slot_is_detected_by_the_journal_and_rebuilt() {
+    // Once from each metadata copy: a clean close before switches the active copy to 1.
+    for closed_before in [false, true] {
+        let d = dir();
+        let p = d.path();
+        assert!(fvd(
+            p,
+            &["create", "img.fvd", "--size", "8M", "--journal-size", "4K"]
+        )
+        .status
+        .success());
+        let img = p.join("img.fvd");
+        let (a, b, c, e) = (
+            pattern(9, 65536),
+            pattern(10, 65536),
+            pattern(11, 65536),
+            pattern(12, 65536),
+        );
+        if closed_before {
+            write_and_close(&img, &[(5 << 20, &e)]);
+        }
+        let old_active = header(&img).active_meta;
+        assert_eq!(old_active, u32::from(closed_before));
+        // A one-sector journal: the first write's records fill it, so the second write
+        // checkpoints (a new epoch and the other metadata copy, in one header slot only), and
+        // the third write's records start the new epoch's journal.
+        write_flush_and_abandon(&img, &[(1 << 20, &a), (2 << 20, &b), (3 << 20, &c)]);
+        let h = header(&img);
+        assert_eq!(h.active_meta, 1 - old_active);
+        // The slot the checkpoint wrote is damaged: the older slot takes over and its epoch
+        // ignores the journal (check used to report a clean image that lost the write).
+        edit(&img, |raw| raw[h.slot_offset() as usize + 300] ^= 0x02);
+        assert_eq!(header(&img).active_meta, old_active);
+        found_and_repaired(p, "older than the journal");
+        let all = contents(p);
+        assert_eq!(&all[1 << 20..(1 << 20) + 65536], &a[..]);
+        assert_eq!(&all[2 << 20..(2 << 20) + 65536], &b[..]);
+        assert_eq!(&all[3 << 20..(3 << 20) + 65536], &c[..]);
+        if closed_before {
+            assert_eq!(&all[5 << 20..(5 << 20) + 65536], &e[..]);
+        }
+    }
+}
+
+/// The header written by the open after a clean close is lost (both slots hold the clean
+/// header of the close): the journal is one epoch on and the open did not checkpoint, so the
+/// header in force names the right metadata copy and repair loses nothing.
+#[test]
+fn a_lost_header_of_the_open_after_a_clean_close_loses_nothing() {
     let d = dir();
     let p = d.path();
-    assert!(fvd(
-        p,
-        &["create", "img.fvd", "--size", "8M", "--journal-size", "4K"]
-    )
-    .status
-    .success());
+    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
+        .status
+        .success());
     let img = p.join("img.fvd");
-    let (a, b, c) = (pattern(9, 65536), pattern(10, 65536), pattern(11, 65536));
-    // A one-sector journal: the first write's records fill it, so the second write checkpoints
-    // (a new epoch, in one header slot only), and the third write's records start the new
-    // epoch's journal.
-    write_flush_and_abandon(&img, &[(1 << 20, &a), (2 << 20, &b), (3 << 20, &c)]);
-    let h = header(&img);
-    // The slot the checkpoint wrote is damaged: the older slot takes over and its epoch ignores
-    // the journal (check used to report a clean image that lost the write).
-    edit(&img, |raw| raw[h.slot_offset() as usize + 300] ^= 0x02);
-    found_and_repaired(p, "older than the journal");
+    let (a, b) = (pattern(13, 1 << 20), pattern(14, 65536));
+    write_and_close(&img, &[(0, &a)]);
+    let clean = std::fs::read(&img).unwrap()[..2 * SECTOR].to_vec();
+    assert!(header(&img).clean());
+    write_flush_and_abandon(&img, &[(4 << 20, &b)]);
+    edit(&img, |raw| raw[..2 * SECTOR].copy_from_slice(&clean));
+    let out = found_and_repaired(p, "older than the journal");
+    assert!(!out.contains("Lost"), "{out}");
     let all = contents(p);
-    assert_eq!(&all[1 << 20..(1 << 20) + 65536], &a[..]);
-    assert_eq!(&all[2 << 20..(2 << 20) + 65536], &b[..]);
-    assert_eq!(&all[3 << 20..(3 << 20) + 65536], &c[..]);
+    assert_eq!(&all[..1 << 20], &a[..]);
+    assert_eq!(&all[4 << 20..(4 << 20) + 65536], &b[..]);
 }
 
 /// A read-write open writes its header to both slots (so that a reader that does not know

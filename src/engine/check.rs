@@ -316,11 +316,12 @@ async fn newer_header<I: Io>(
     {
         return Ok(None);
     }
+    // The lost header's flags are not rebuilt: repair sets the clean flag on what it writes.
     let mut nh = h.clone();
     nh.journal_epoch = epoch;
-    nh.flags &= !FLAG_CLEAN;
-    // A clean shutdown leaves an empty journal, so the next open only bumped the epoch.
-    let exact = h.clean() && epoch == h.journal_epoch + 1;
+    // A clean shutdown leaves an empty journal, so the next open (the guard above: one epoch
+    // on) only bumped the epoch and kept the metadata copy.
+    let exact = h.clean();
     if !exact {
         nh.active_meta = 1 - h.active_meta;
     }
