@@ -166,6 +166,46 @@ fn repair_takes_a_damaged_sector_from_the_other_copy() {
     );
 }
 
+/// A damaged sector of the inactive copy is no problem (the next checkpoint rewrites that copy),
+/// but check says the copy is not valid: a repair could not take sectors from it.
+#[test]
+fn a_damaged_inactive_copy_is_reported_not_valid() {
+    let (d, img) = new_image();
+    let p = d.path();
+    write_and_close(&img, &[(0, &pattern(4, 65536))]);
+    let h = header(&img);
+    let inactive = h.meta_offset[1 - h.active_meta as usize] as usize;
+    edit(&img, |raw| raw[inactive + SECTOR + 20] ^= 0x10);
+    let (code, out) = check(p, &["--output", "json"]);
+    assert_eq!(code, 0, "{out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["inactive_copy_valid"], false, "{out}");
+}
+
+/// Bitmap sector 1 damaged in both copies (4 GiB in 64 KiB blocks: 65536 blocks, 32640 a
+/// sector): exactly its blocks' range is lost.
+#[test]
+fn a_bitmap_sector_lost_in_both_copies_loses_its_range() {
+    let d = dir();
+    let p = d.path();
+    assert!(fvd(p, &["create", "img.fvd", "--size", "4G"])
+        .status
+        .success());
+    let img = p.join("img.fvd");
+    write_and_close(&img, &[(0, &pattern(5, 65536))]);
+    let h = header(&img);
+    assert!(h.bitmap_sectors >= 2);
+    edit(&img, |raw| {
+        for m in h.meta_offset {
+            raw[m as usize + SECTOR + 20] ^= 0x10;
+        }
+    });
+    let (code, out) = check(p, &["--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Lost: bytes 0x7f800000..0xff000000"), "{out}");
+    assert_eq!(check(p, &[]).0, 0);
+}
+
 #[test]
 fn repair_reports_what_is_lost_and_never_exposes_other_data() {
     let (d, img) = new_image();
