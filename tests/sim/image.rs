@@ -3,6 +3,7 @@
 
 use super::requests::Requests;
 use fvd::engine::{Corruption, CreateParams, EngineError, Image, NoSpace};
+use fvd::format::{checksum, SECTOR};
 use fvd::io::sim::{SimConfig, SimFile, SimWorld};
 
 const BS: u64 = 4096;
@@ -123,4 +124,55 @@ fn create_writes_only_the_header_metadata_and_first_journal_sector() {
         j + 4096 + after.iter().position(|&b| b != 0xEE).unwrap() as u64
     );
     super::assert_not_corrupt(&world, &dev, "the new image");
+}
+
+/// The simulator's corruption oracle (`assert_not_corrupt`) can fail: two chunks mapping one
+/// physical chunk (written to both metadata copies, sealed) are corruption to `check` (exit 2),
+/// and open refuses the image with the first problem and the number of the others.
+#[test]
+fn a_duplicate_mapping_is_corruption_to_check_and_to_open() {
+    let world = SimWorld::new(43, SimConfig::default());
+    let dev = world.create_block_device(4 << 20);
+    let p = CreateParams {
+        virtual_size: 16 * BS,
+        block_size: BS,
+        chunk_size: 4 * BS,
+        journal_size: 16 * 4096,
+        compact: true,
+        ..Default::default()
+    };
+    let img = super::create_and_open(&world, &dev, p);
+    let mut r = Requests::new(world.clone(), dev.clone(), img.clone());
+    r.write(0, BS, 1);
+    r.write(8 * BS, BS, 2);
+    let phys0 = r.phys(0).0;
+    drop(r);
+    let io = world.io();
+    world.block_on(async move { img.close(&io).await }).unwrap();
+    super::assert_not_corrupt(&world, &dev, "before the damage");
+
+    let (io, f) = (world.io(), dev.clone());
+    let h = world
+        .block_on(async move { Image::read_header(&io, &f).await })
+        .unwrap();
+    for m in h.meta_offset {
+        let at = m + h.bitmap_sectors * SECTOR as u64;
+        let mut s = dev.read_now(at, SECTOR);
+        // Chunk 2 names chunk 0's physical chunk.
+        s[8..12].copy_from_slice(&phys0.to_le_bytes());
+        let crc = checksum(&s[..SECTOR - 4]);
+        s[SECTOR - 4..].copy_from_slice(&crc.to_le_bytes());
+        dev.write_now(at, &s);
+    }
+    let (io, f) = (world.io(), dev.clone());
+    let report = world
+        .block_on(async move { fvd::engine::check::check(&io, f).await })
+        .unwrap();
+    assert!(report.corrupt(), "{:?}", report.problems);
+    assert_eq!(report.exit_code(), 2);
+    let (io, f) = (world.io(), dev.clone());
+    match world.block_on(async move { Image::open(&io, f, None, false).await.map(|_| ()) }) {
+        Err(EngineError::Corrupt(Corruption::Problems { more, .. })) => assert_eq!(more, 1),
+        r => panic!("open of an image with a duplicate mapping: {r:?}"),
+    }
 }
