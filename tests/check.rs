@@ -182,10 +182,10 @@ fn a_damaged_inactive_copy_is_reported_not_valid() {
     assert_eq!(j["inactive_copy_valid"], false, "{out}");
 }
 
-/// Bitmap sector 1 damaged in both copies (4 GiB in 64 KiB blocks: 65536 blocks, 32640 a
-/// sector): exactly its blocks' range is lost.
+/// Bitmap sector 1 and table sector 1 damaged in both copies (4 GiB in 64 KiB blocks and
+/// 1 MiB chunks: 32640 blocks and 1020 chunks a sector): exactly their ranges are lost.
 #[test]
-fn a_bitmap_sector_lost_in_both_copies_loses_its_range() {
+fn metadata_sectors_lost_in_both_copies_lose_their_ranges() {
     let d = dir();
     let p = d.path();
     assert!(fvd(p, &["create", "img.fvd", "--size", "4G"])
@@ -194,15 +194,17 @@ fn a_bitmap_sector_lost_in_both_copies_loses_its_range() {
     let img = p.join("img.fvd");
     write_and_close(&img, &[(0, &pattern(5, 65536))]);
     let h = header(&img);
-    assert!(h.bitmap_sectors >= 2);
+    assert!(h.bitmap_sectors >= 2 && h.table_sectors >= 2);
     edit(&img, |raw| {
         for m in h.meta_offset {
             raw[m as usize + SECTOR + 20] ^= 0x10;
+            raw[m as usize + (h.bitmap_sectors as usize + 1) * SECTOR + 20] ^= 0x10;
         }
     });
     let (code, out) = check(p, &["--repair"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Lost: bytes 0x7f800000..0xff000000"), "{out}");
+    assert!(out.contains("Lost: bytes 0x3fc00000..0x7f800000"), "{out}");
     assert_eq!(check(p, &[]).0, 0);
 }
 
