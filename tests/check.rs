@@ -142,6 +142,9 @@ fn repair_takes_a_damaged_sector_from_the_other_copy() {
     write_and_close(&img, &[]);
     let want = contents(p);
     let h = header(&img);
+    let (_, out) = check(p, &["--output", "json"]);
+    let before: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(before["generation"], h.generation);
     let active = h.meta_offset[h.active_meta as usize] as usize;
     // One bad byte in the active bitmap sector and one in the active table sector.
     edit(&img, |raw| {
@@ -159,6 +162,15 @@ fn repair_takes_a_damaged_sector_from_the_other_copy() {
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["header_slots_valid"], serde_json::json!([true, true]));
     assert_eq!(j["inactive_copy_valid"], true);
+    // Repair wrote both header slots, each a generation on, and left the image clean.
+    assert_eq!(j["generation"], h.generation + 2, "{out}");
+    assert_eq!(j["clean_shutdown"], true, "{out}");
+    // The 3 blocks written, in one chunk.
+    assert_eq!(
+        (&j["allocated_chunks"], &j["present_blocks"]),
+        (&1.into(), &3.into()),
+        "{out}"
+    );
     assert_eq!(
         contents(p),
         want,
