@@ -309,6 +309,10 @@ fn a_damaged_journal_sector_followed_by_later_flushes_is_corruption() {
     edit(&img, |raw| raw[h.journal_offset as usize + 40] ^= 0x08);
     let out = found_and_repaired(p, "after sector 0, which is damaged");
     assert!(out.contains("Possibly lost"), "{out}");
+    // The image was left open; the repaired one is clean.
+    let (_, out) = check(p, &["--output", "json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["clean_shutdown"], true, "{out}");
     let v = contents(p);
     assert!(v[..65536].iter().all(|&b| b == 0), "first flush lost");
     for (i, piece) in pieces.iter().enumerate().skip(1) {
