@@ -176,3 +176,51 @@ fn a_duplicate_mapping_is_corruption_to_check_and_to_open() {
         r => panic!("open of an image with a duplicate mapping: {r:?}"),
     }
 }
+
+/// A read-only open says so, refuses writes and writes nothing, also when closed; a second
+/// close of a read-write image writes nothing either.
+#[test]
+fn read_only_images_and_closed_images_write_nothing_on_close() {
+    let world = SimWorld::new(47, SimConfig::default());
+    let dev = world.create_block_device(4 << 20);
+    let p = CreateParams {
+        virtual_size: 16 * BS,
+        block_size: BS,
+        chunk_size: 4 * BS,
+        journal_size: 16 * 4096,
+        compact: true,
+        ..Default::default()
+    };
+    let img = super::create_and_open(&world, &dev, p);
+    let mut r = Requests::new(world.clone(), dev.clone(), img.clone());
+    r.write(0, BS, 1);
+    drop(r);
+    let io = world.io();
+    let img2 = img.clone();
+    world
+        .block_on(async move { img2.close(&io).await })
+        .unwrap();
+    let closed = dev.read_now(0, 4 << 20);
+    let io = world.io();
+    world.block_on(async move { img.close(&io).await }).unwrap();
+    assert!(dev.read_now(0, 4 << 20) == closed, "a second close wrote");
+
+    let (io, f) = (world.io(), dev.clone());
+    let ro = world
+        .block_on(async move { Image::open(&io, f, None, true).await })
+        .unwrap();
+    assert!(ro.read_only());
+    let ro = std::sync::Arc::new(ro);
+    let (io, ro2) = (world.io(), ro.clone());
+    let w = world.block_on(async move {
+        let b = fvd::io::Buf::alloc(BS as usize);
+        ro2.write(&io, fvd::units::VirtOffset(0), b).await
+    });
+    assert!(w.is_err(), "a write to a read-only image: {w:?}");
+    let io = world.io();
+    world.block_on(async move { ro.close(&io).await }).unwrap();
+    assert!(
+        dev.read_now(0, 4 << 20) == closed,
+        "a read-only image wrote"
+    );
+}
