@@ -224,3 +224,23 @@ fn read_only_images_and_closed_images_write_nothing_on_close() {
         "a read-only image wrote"
     );
 }
+
+/// An image reports its storage's logical block size, which the server advertises to guests
+/// as the disk's block size: 4096 on 4 KiB-sector storage, and never below 512.
+#[test]
+fn an_image_reports_the_logical_block_size_of_its_storage() {
+    for (align, want) in [(4096, 4096), (512, 512), (1, 512)] {
+        let world = SimWorld::new(53, SimConfig::default());
+        let file = world.create_disk(0, align);
+        let p = CreateParams {
+            virtual_size: 16 * BS,
+            block_size: BS,
+            chunk_size: 4 * BS,
+            journal_size: 16 * 4096,
+            compact: true,
+            ..Default::default()
+        };
+        let img = super::create_and_open(&world, &file, p);
+        assert_eq!(img.alignment(), want, "storage alignment {align}");
+    }
+}
