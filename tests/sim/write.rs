@@ -83,6 +83,8 @@ fn sub_sector_writes_into_one_block_on_4k_storage_do_not_undo_each_other() {
         first.lock().is_none(),
         "the first write waits at its data write"
     );
+    // It holds block 0's lock (what the idle checks expect to be 0 again).
+    assert_eq!(env.img.locked_blocks(), 1);
     let second = env
         .spawn(|img, io| async move { img.write(&io, VirtOffset(512), write_buf(512, 3)).await });
     env.run();
@@ -90,6 +92,7 @@ fn sub_sector_writes_into_one_block_on_4k_storage_do_not_undo_each_other() {
     env.run();
     finished(&first, "the first write");
     finished(&second, "the second write");
+    assert_eq!(env.img.locked_blocks(), 0);
     let got = env.read(0, BS);
     let mut want = vec![1u8; BS as usize];
     want[..512].fill(2);
