@@ -28,14 +28,18 @@ fn dir() -> tempfile::TempDir {
     tempfile::tempdir_in("/var/tmp").unwrap()
 }
 
-/// A directory holding a new 8 MiB compact image `img.fvd`, and the image's path.
-fn new_image() -> (tempfile::TempDir, std::path::PathBuf) {
+/// A directory holding a new image `img.fvd` made by `fvd create` with `args`, and its path.
+fn created(args: &[&str]) -> (tempfile::TempDir, std::path::PathBuf) {
     let d = dir();
-    assert!(fvd(d.path(), &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
+    let o = fvd(d.path(), &[&["create", "img.fvd"], args].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = d.path().join("img.fvd");
     (d, img)
+}
+
+/// A directory holding a new 8 MiB compact image `img.fvd`, and the image's path.
+fn new_image() -> (tempfile::TempDir, std::path::PathBuf) {
+    created(&["--size", "8M"])
 }
 
 fn header(path: &Path) -> Header {
@@ -198,12 +202,8 @@ fn a_damaged_inactive_copy_is_reported_not_valid() {
 /// 1 MiB chunks: 32640 blocks and 1020 chunks a sector): exactly their ranges are lost.
 #[test]
 fn metadata_sectors_lost_in_both_copies_lose_their_ranges() {
-    let d = dir();
+    let (d, img) = created(&["--size", "4G"]);
     let p = d.path();
-    assert!(fvd(p, &["create", "img.fvd", "--size", "4G"])
-        .status
-        .success());
-    let img = p.join("img.fvd");
     write_and_close(&img, &[(0, &pattern(5, 65536))]);
     let h = header(&img);
     assert!(h.bitmap_sectors >= 2 && h.table_sectors >= 2);
@@ -366,15 +366,8 @@ fn repair_after_a_reboot_keeps_later_flushes_and_drops_intents() {
 fn a_damaged_newer_header_slot_is_detected_by_the_journal_and_rebuilt() {
     // Once from each metadata copy: a clean close before switches the active copy to 1.
     for closed_before in [false, true] {
-        let d = dir();
+        let (d, img) = created(&["--size", "8M", "--journal-size", "4K"]);
         let p = d.path();
-        assert!(fvd(
-            p,
-            &["create", "img.fvd", "--size", "8M", "--journal-size", "4K"]
-        )
-        .status
-        .success());
-        let img = p.join("img.fvd");
         let (a, b, c, e) = (
             pattern(9, 65536),
             pattern(10, 65536),
@@ -412,12 +405,8 @@ fn a_damaged_newer_header_slot_is_detected_by_the_journal_and_rebuilt() {
 /// header in force names the right metadata copy and repair loses nothing.
 #[test]
 fn a_lost_header_of_the_open_after_a_clean_close_loses_nothing() {
-    let d = dir();
+    let (d, img) = new_image();
     let p = d.path();
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8M"])
-        .status
-        .success());
-    let img = p.join("img.fvd");
     let (a, b) = (pattern(13, 1 << 20), pattern(14, 65536));
     write_and_close(&img, &[(0, &a)]);
     let clean = std::fs::read(&img).unwrap()[..2 * SECTOR].to_vec();
@@ -460,12 +449,8 @@ fn a_damaged_header_slot_written_at_open_loses_nothing() {
 /// bits only up to the last block).
 #[test]
 fn a_duplicate_mapping_is_repaired_without_exposing_either_chunk_to_the_other() {
-    let d = dir();
+    let (d, img) = created(&["--size", "8256K"]);
     let p = d.path();
-    assert!(fvd(p, &["create", "img.fvd", "--size", "8256K"])
-        .status
-        .success());
-    let img = p.join("img.fvd");
     write_and_close(
         &img,
         &[(0, &pattern(1, 1 << 20)), (8 << 20, &pattern(2, 1 << 16))],
@@ -562,14 +547,8 @@ fn a_mapping_past_the_storage_is_not_also_a_leak() {
 /// are not the first (the block found is numbered from its word).
 #[test]
 fn repair_of_a_cut_flat_image_drops_only_what_lies_past_the_cut() {
-    let d = dir();
+    let (d, img) = created(&["--size", "16M", "--no-compact"]);
     let p = d.path();
-    assert!(
-        fvd(p, &["create", "img.fvd", "--size", "16M", "--no-compact"])
-            .status
-            .success()
-    );
-    let img = p.join("img.fvd");
     let (low, high) = (pattern(1, 6 << 20), pattern(2, 1 << 20));
     write_and_close(&img, &[(0, &low), (12 << 20, &high)]);
     let h = header(&img);
@@ -592,14 +571,8 @@ fn repair_of_a_cut_flat_image_drops_only_what_lies_past_the_cut() {
 /// not data: nothing reads it, so check does not call it data past the end of the file.
 #[test]
 fn a_bitmap_bit_past_the_last_block_is_not_data_past_the_end() {
-    let d = dir();
+    let (d, img) = created(&["--size", "4160K", "--no-compact"]);
     let p = d.path();
-    assert!(
-        fvd(p, &["create", "img.fvd", "--size", "4160K", "--no-compact"])
-            .status
-            .success()
-    );
-    let img = p.join("img.fvd");
     let h = header(&img);
     assert_eq!(h.geometry().block_count(), 65);
     // Block 65: bitmap byte 8, bit 1, in both copies.
@@ -618,12 +591,8 @@ fn a_bitmap_bit_past_the_last_block_is_not_data_past_the_end() {
 /// rewrites both copies whole (an image damaged in its last table sector checks clean after).
 #[test]
 fn metadata_larger_than_one_write_is_created_and_repaired_whole() {
-    let d = dir();
+    let (d, img) = created(&["--size", "300G"]);
     let p = d.path();
-    assert!(fvd(p, &["create", "img.fvd", "--size", "300G"])
-        .status
-        .success());
-    let img = p.join("img.fvd");
     let h = header(&img);
     assert!(h.bitmap_sectors + h.table_sectors > 256);
     let (code, out) = check(p, &[]);

@@ -16,14 +16,7 @@ const BS: u64 = 4096;
 fn an_image_created_over_an_older_one_ignores_its_journal() {
     let world = SimWorld::new(37, SimConfig::default());
     let dev = world.create_block_device(4 << 20);
-    let p = CreateParams {
-        virtual_size: 16 * BS,
-        block_size: BS,
-        chunk_size: 4 * BS,
-        journal_size: 16 * 4096,
-        compact: true,
-        ..Default::default()
-    };
+    let p = small_compact();
     let img = super::create_and_open(&world, &dev, p.clone());
     let mut old = Requests::new(world.clone(), dev.clone(), img);
     for i in 0..3 {
@@ -36,6 +29,18 @@ fn an_image_created_over_an_older_one_ignores_its_journal() {
     let new = Requests::new(world.clone(), dev.clone(), img);
     assert!(new.read(0, 4 * BS) == vec![0u8; 4 * BS as usize]);
     super::assert_not_corrupt(&world, &dev, "the new image");
+}
+
+/// A compact image of 16 blocks, 4 to a chunk.
+fn small_compact() -> CreateParams {
+    CreateParams {
+        virtual_size: 16 * BS,
+        block_size: BS,
+        chunk_size: 4 * BS,
+        journal_size: 16 * 4096,
+        compact: true,
+        ..Default::default()
+    }
 }
 
 /// Creates an image with `p` on a new block device of `size` bytes.
@@ -133,14 +138,7 @@ fn create_writes_only_the_header_metadata_and_first_journal_sector() {
 fn a_duplicate_mapping_is_corruption_to_check_and_to_open() {
     let world = SimWorld::new(43, SimConfig::default());
     let dev = world.create_block_device(4 << 20);
-    let p = CreateParams {
-        virtual_size: 16 * BS,
-        block_size: BS,
-        chunk_size: 4 * BS,
-        journal_size: 16 * 4096,
-        compact: true,
-        ..Default::default()
-    };
+    let p = small_compact();
     let img = super::create_and_open(&world, &dev, p);
     let mut r = Requests::new(world.clone(), dev.clone(), img.clone());
     r.write(0, BS, 1);
@@ -183,14 +181,7 @@ fn a_duplicate_mapping_is_corruption_to_check_and_to_open() {
 fn read_only_images_and_closed_images_write_nothing_on_close() {
     let world = SimWorld::new(47, SimConfig::default());
     let dev = world.create_block_device(4 << 20);
-    let p = CreateParams {
-        virtual_size: 16 * BS,
-        block_size: BS,
-        chunk_size: 4 * BS,
-        journal_size: 16 * 4096,
-        compact: true,
-        ..Default::default()
-    };
+    let p = small_compact();
     let img = super::create_and_open(&world, &dev, p);
     let mut r = Requests::new(world.clone(), dev.clone(), img.clone());
     r.write(0, BS, 1);
@@ -232,14 +223,7 @@ fn an_image_reports_the_logical_block_size_of_its_storage() {
     for (align, want) in [(4096, 4096), (512, 512), (1, 512)] {
         let world = SimWorld::new(53, SimConfig::default());
         let file = world.create_disk(0, align);
-        let p = CreateParams {
-            virtual_size: 16 * BS,
-            block_size: BS,
-            chunk_size: 4 * BS,
-            journal_size: 16 * 4096,
-            compact: true,
-            ..Default::default()
-        };
+        let p = small_compact();
         let img = super::create_and_open(&world, &file, p);
         assert_eq!(img.alignment(), want, "storage alignment {align}");
     }
