@@ -150,7 +150,7 @@ impl<I: Io> Image<I> {
         if !p.is_allocated() || !self.live.chunk_empty(c) {
             return;
         }
-        self.live.with_idle_chunk(c, || {
+        let idle = self.live.with_idle_chunk(c, || {
             // No request holds the chunk and new ones wait, so its bits cannot change now.
             if !self.live.chunk_empty(c) {
                 return;
@@ -159,6 +159,16 @@ impl<I: Io> Image<I> {
             alloc.unmapped();
             self.journal.queue_unmap(c.0, p.0);
         });
+        if !idle {
+            self.space.unmap_later(c.0);
+        }
+    }
+
+    /// Tries again the unmaps a DISCARD left for later because a request was using the chunk.
+    pub(super) fn retry_unmaps(&self) {
+        for c in self.space.take_unmap_later() {
+            self.try_unmap(ChunkIndex(c));
+        }
     }
 
     fn clear_blocks(&self, first: u64, count: u64) {

@@ -57,6 +57,8 @@ impl<I: Io> Image<I> {
     }
 
     pub(super) async fn sync_locked(&self, io: &I, fs: &mut FlushState) -> Result<()> {
+        // Their unmap records go with this flush.
+        self.retry_unmaps();
         let taken = self.journal.take();
         let (records, data_first, taken_from) = (&taken.records, taken.data_first, taken.from);
         // Taken after the records (the allocator grows the file before queueing a table

@@ -58,6 +58,9 @@ pub(super) struct Space {
     alloc: Ordered<Allocator>,
     policy: Ordered<Option<SpacePolicy>>,
     waiters: SpaceWaiters,
+    /// Virtual chunks a DISCARD emptied while another request referenced them: the next flush
+    /// tries their unmap again (without it the chunk stays mapped, empty, until a repair).
+    unmap_later: Ordered<Vec<u64>>,
 }
 
 impl Space {
@@ -66,7 +69,21 @@ impl Space {
             alloc: Ordered::new(Level::Alloc, "alloc", alloc),
             policy: Ordered::default_at(Level::Leaf, "space_policy"),
             waiters: SpaceWaiters::default(),
+            unmap_later: Ordered::default_at(Level::Leaf, "unmap_later"),
         }
+    }
+
+    /// Remembers that chunk `c` was left mapped, empty, because a request was using it.
+    pub(super) fn unmap_later(&self, c: u64) {
+        let mut l = self.unmap_later.lock();
+        if !l.contains(&c) {
+            l.push(c);
+        }
+    }
+
+    /// The chunks [`Space::unmap_later`] remembered, forgotten here.
+    pub(super) fn take_unmap_later(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.unmap_later.lock())
     }
 
     /// The allocator, locked (level `Alloc` in the lock order).

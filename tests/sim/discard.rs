@@ -235,3 +235,46 @@ fn a_discard_unmaps_a_partial_last_chunk() {
     assert!(env.read(last, BS).iter().all(|&b| b == 0));
     assert!(env.read(0, BS).iter().all(|&b| b == 1));
 }
+
+/// A DISCARD that empties a chunk another request is using (here an overwrite in flight, which
+/// takes no block lock) cannot unmap it then; the next FLUSH does, so no empty chunk stays
+/// mapped (a leak to `fvd check`) after the requests are done.
+#[test]
+fn a_chunk_a_discard_found_busy_is_unmapped_by_the_next_flush() {
+    let mut env = Env::new();
+    env.write(0, BS, 1);
+    env.now("flush", |img, io| async move { img.flush(&io).await });
+    assert_eq!(env.img.allocated_chunks(), 1);
+    env.world.hold_next_write_at(env.img.header().data_offset);
+    let write = env.spawn(|img, io| async move {
+        let b = fvd::io::Buf::alloc(BS as usize);
+        b.copy_from_slice(0, &[2; BS as usize]);
+        img.write(&io, VirtOffset(0), b).await
+    });
+    env.run();
+    assert!(write.lock().is_none(), "the overwrite is held");
+    env.now("discard", discard(0, CHUNK));
+    assert!(env.phys(0).is_allocated(), "chunk 0 is busy: still mapped");
+    env.world.release_writes();
+    env.run();
+    super::requests::finished(&write, "the overwrite");
+    env.now("flush", |img, io| async move { img.flush(&io).await });
+    assert!(!env.phys(0).is_allocated(), "the flush unmapped chunk 0");
+    assert_eq!(env.img.allocated_chunks(), 0);
+    assert!(env.read(0, CHUNK).iter().all(|&b| b == 0));
+    let (img, io) = (env.img.clone(), env.world.io());
+    env.world
+        .block_on(async move { img.close(&io).await })
+        .unwrap();
+    let (io, f) = (env.world.io(), env.file.clone());
+    let report = env
+        .world
+        .block_on(async move { fvd::engine::check::check(&io, f).await })
+        .unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks),
+        (0, 0),
+        "{:?}",
+        report.problems
+    );
+}
