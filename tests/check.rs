@@ -83,6 +83,22 @@ fn reseal(raw: &mut [u8], off: usize) {
     raw[off + SECTOR - 4..off + SECTOR].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Byte offset of the first table sector of metadata copy `copy`.
+fn table_sector(h: &Header, copy: u32) -> usize {
+    (h.meta_offset[copy as usize] + h.bitmap_sectors * SECTOR as u64) as usize
+}
+
+/// Sets table entry `chunk` (of the first table sector) of the active copy to `phys`, resealed:
+/// a well-formed but wrong mapping.
+fn map_chunk(img: &Path, chunk: usize, phys: u32) {
+    let h = header(img);
+    let t = table_sector(&h, h.active_meta);
+    edit(img, |raw| {
+        raw[t + 4 * chunk..t + 4 * chunk + 4].copy_from_slice(&phys.to_le_bytes());
+        reseal(raw, t);
+    });
+}
+
 #[test]
 fn exit_codes_follow_qemu_img() {
     let (d, img) = new_image();
@@ -122,11 +138,7 @@ fn exit_codes_follow_qemu_img() {
 
     // 3: a leak, a chunk mapped with none of its blocks present (check said 0).
     std::fs::write(&img, &clean).unwrap();
-    let table = active + h.bitmap_sectors as usize * SECTOR;
-    edit(&img, |raw| {
-        raw[table + 4..table + 8].copy_from_slice(&7u32.to_le_bytes());
-        reseal(raw, table);
-    });
+    map_chunk(&img, 1, 7);
     let (code, out) = check(p, &[]);
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("leak"), "{out}");
@@ -455,15 +467,16 @@ fn a_duplicate_mapping_is_repaired_without_exposing_either_chunk_to_the_other() 
         &img,
         &[(0, &pattern(1, 1 << 20)), (8 << 20, &pattern(2, 1 << 16))],
     );
-    let h = header(&img);
-    let table = (h.meta_offset[h.active_meta as usize] + h.bitmap_sectors * SECTOR as u64) as usize;
     // A well-formed table sector in which chunk 0 names chunk 8's physical chunk (repair used
     // to unmap only one of them, and the other then read its data).
-    edit(&img, |raw| {
-        let e8: [u8; 4] = raw[table + 32..table + 36].try_into().unwrap();
-        raw[table..table + 4].copy_from_slice(&e8);
-        reseal(raw, table);
-    });
+    let h = header(&img);
+    let t = table_sector(&h, h.active_meta);
+    let e8 = u32::from_le_bytes(
+        std::fs::read(&img).unwrap()[t + 32..t + 36]
+            .try_into()
+            .unwrap(),
+    );
+    map_chunk(&img, 0, e8);
     assert_eq!(check(p, &[]).0, 2);
     let (code, out) = check(p, &["--repair"]);
     assert_eq!(code, 0, "{out}");
@@ -495,11 +508,9 @@ fn a_duplicate_mapping_from_the_other_copy_loses_to_the_journal() {
     let phys3 = ro.chunk_phys(ChunkIndex(3)).0;
     drop(ro);
     let h = header(&img);
-    let sector =
-        |copy: u64| (h.meta_offset[copy as usize] + h.bitmap_sectors * SECTOR as u64) as usize;
     let (active, other) = (
-        sector(h.active_meta.into()),
-        sector(1 - u64::from(h.active_meta)),
+        table_sector(&h, h.active_meta),
+        table_sector(&h, 1 - h.active_meta),
     );
     edit(&img, |raw| {
         // The other copy: the active table with chunk 0 naming chunk 3's physical chunk.
@@ -524,12 +535,7 @@ fn a_mapping_past_the_storage_is_not_also_a_leak() {
     let (d, img) = new_image();
     let p = d.path();
     write_and_close(&img, &[(0, &pattern(1, 65536))]);
-    let h = header(&img);
-    let table = (h.meta_offset[h.active_meta as usize] + h.bitmap_sectors * SECTOR as u64) as usize;
-    edit(&img, |raw| {
-        raw[table + 4..table + 8].copy_from_slice(&1000u32.to_le_bytes());
-        reseal(raw, table);
-    });
+    map_chunk(&img, 1, 1000);
     let (code, out) = check(p, &["--output", "json"]);
     assert_eq!(code, 2, "{out}");
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
