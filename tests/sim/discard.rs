@@ -262,15 +262,8 @@ fn a_chunk_a_discard_found_busy_is_unmapped_by_the_next_flush() {
     assert!(!env.phys(0).is_allocated(), "the flush unmapped chunk 0");
     assert_eq!(env.img.allocated_chunks(), 0);
     assert!(env.read(0, CHUNK).iter().all(|&b| b == 0));
-    let (img, io) = (env.img.clone(), env.world.io());
-    env.world
-        .block_on(async move { img.close(&io).await })
-        .unwrap();
-    let (io, f) = (env.world.io(), env.file.clone());
-    let report = env
-        .world
-        .block_on(async move { fvd::engine::check::check(&io, f).await })
-        .unwrap();
+    env.now("close", super::requests::close());
+    let report = super::check(&env.world, &env.file);
     assert_eq!(
         (report.corruptions, report.leaks),
         (0, 0),

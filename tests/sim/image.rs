@@ -1,7 +1,7 @@
 //! Creating and opening images (src/engine/image.rs) on a simulated disk. Each test kills
 //! mutants that survived the other suites (docs/TESTING.md lists them).
 
-use super::requests::Requests;
+use super::requests::{close, Requests};
 use fvd::engine::{Corruption, CreateParams, EngineError, Image, NoSpace};
 use fvd::format::{checksum, SECTOR};
 use fvd::io::sim::{SimConfig, SimFile, SimWorld};
@@ -144,9 +144,8 @@ fn a_duplicate_mapping_is_corruption_to_check_and_to_open() {
     r.write(0, BS, 1);
     r.write(8 * BS, BS, 2);
     let phys0 = r.phys(0).0;
+    r.now("close", close());
     drop(r);
-    let io = world.io();
-    world.block_on(async move { img.close(&io).await }).unwrap();
     super::assert_not_corrupt(&world, &dev, "before the damage");
 
     let (io, f) = (world.io(), dev.clone());
@@ -162,10 +161,7 @@ fn a_duplicate_mapping_is_corruption_to_check_and_to_open() {
         s[SECTOR - 4..].copy_from_slice(&crc.to_le_bytes());
         dev.write_now(at, &s);
     }
-    let (io, f) = (world.io(), dev.clone());
-    let report = world
-        .block_on(async move { fvd::engine::check::check(&io, f).await })
-        .unwrap();
+    let report = super::check(&world, &dev);
     assert!(report.corrupt(), "{:?}", report.problems);
     assert_eq!(report.exit_code(), 2);
     let (io, f) = (world.io(), dev.clone());
@@ -183,18 +179,13 @@ fn read_only_images_and_closed_images_write_nothing_on_close() {
     let dev = world.create_block_device(4 << 20);
     let p = small_compact();
     let img = super::create_and_open(&world, &dev, p);
-    let mut r = Requests::new(world.clone(), dev.clone(), img.clone());
+    let mut r = Requests::new(world.clone(), dev.clone(), img);
     r.write(0, BS, 1);
-    drop(r);
-    let io = world.io();
-    let img2 = img.clone();
-    world
-        .block_on(async move { img2.close(&io).await })
-        .unwrap();
+    r.now("close", close());
     let closed = dev.read_now(0, 4 << 20);
-    let io = world.io();
-    world.block_on(async move { img.close(&io).await }).unwrap();
+    r.now("second close", close());
     assert!(dev.read_now(0, 4 << 20) == closed, "a second close wrote");
+    drop(r);
 
     let (io, f) = (world.io(), dev.clone());
     let ro = world

@@ -16,6 +16,17 @@ pub mod scenario;
 mod space;
 mod write;
 
+/// What `fvd check` reports on the image `file` as the simulated disk holds it now.
+pub fn check(
+    world: &std::sync::Arc<fvd::io::sim::SimWorld>,
+    file: &fvd::io::sim::SimFile,
+) -> fvd::engine::check::CheckReport {
+    let (io, f) = (world.io(), file.clone());
+    world
+        .block_on(async move { fvd::engine::check::check(&io, f).await })
+        .unwrap()
+}
+
 /// Asserts that `fvd check` finds no corruption in the image `file` as the simulated disk holds
 /// it now (after a crash: what the next open would find).
 pub fn assert_not_corrupt(
@@ -23,10 +34,7 @@ pub fn assert_not_corrupt(
     file: &fvd::io::sim::SimFile,
     what: &str,
 ) {
-    let (io, f) = (world.io(), file.clone());
-    let report = world
-        .block_on(async move { fvd::engine::check::check(&io, f).await })
-        .unwrap();
+    let report = check(world, file);
     assert!(
         !report.corrupt(),
         "{what}: check finds {:?}",

@@ -103,3 +103,7 @@ pub fn discard(off: u64, len: u64) -> impl FnOnce(Arc<Image<SimIo>>, SimIo) -> R
 pub fn flush() -> impl FnOnce(Arc<Image<SimIo>>, SimIo) -> ReqFut {
     |img, io| Box::pin(async move { img.flush(&io).await })
 }
+
+pub fn close() -> impl FnOnce(Arc<Image<SimIo>>, SimIo) -> ReqFut {
+    |img, io| Box::pin(async move { img.close(&io).await })
+}
